@@ -1,0 +1,103 @@
+"""`squeezer.quantize`: post-training quantization of any ``nn.Module``.
+
+Steps: copy the model (unless ``inplace``), swap the selected layers, fix each weight's
+parameters by round-to-nearest, and, when calibration batches are given,
+(1) observe activation ranges (static mode), (2) measure each layer's output error in
+isolation, (3) measure the whole model's output error. The report is attached to the
+returned model as ``model.squeezer_report``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from .calibration import Batch, check_batches, run_batches
+from .config import QuantConfig, resolve_config
+from .errors import DataError
+from .modules import quant_layers, set_mode, swap_layers
+from .modules.base import QuantMixin
+from .quant.metrics import ErrorAccumulator, ErrorStats
+from .report import LayerReport, QuantReport
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _layer_report(name: str, layer: QuantMixin) -> LayerReport:
+    spec = layer.weight_spec
+    qt = layer.weight_qtensor()
+    w = layer.weight.detach()
+    act = None if layer.act_spec is None else f"{layer.act_spec.describe()} {layer.config.activation_mode}"
+    return LayerReport(
+        name=name, kind=type(layer).__name__, format=spec.describe(), mapping=spec.mapping, bits=spec.bits,
+        granularity=spec.granularity.describe(), activation=act, params=w.numel(),
+        bytes_before=w.numel() * w.element_size(), bytes_after=qt.nbytes(),
+        weight_error=ErrorStats.between(w, qt.dequantize(w.dtype)),
+        output_error=layer.output_error.stats() if layer.output_error.count else None,
+    )
+
+
+def _calibrate(model: nn.Module, batches: list[Batch], progress: bool) -> ErrorStats | None:
+    layers = quant_layers(model)
+    if any(layer.act_observer is not None for layer in layers.values()):
+        set_mode(model, "observe")
+        run_batches(model, batches, "observing activations", progress)
+        for name, layer in layers.items():
+            if layer.act_observer is not None:
+                try:
+                    layer.freeze_activation()
+                except DataError as exc:
+                    raise DataError(f"layer {name!r} was not reached by the calibration data ({exc})") from None
+    set_mode(model, "compare")
+    reference = run_batches(model, batches, "measuring layer errors", progress)
+    set_mode(model, "simulate")
+    quantized = run_batches(model, batches, "measuring model error", progress)
+    acc = ErrorAccumulator()
+    for ref, out in zip(reference, quantized):
+        for r, q in zip(ref, out):
+            acc.update(r, q)
+    return acc.stats() if acc.count else None
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | str | dict[str, Any] = "w8",
+    calib: Iterable[Batch] | None = None,
+    *,
+    inplace: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize ``model`` with a preset name, a dict / YAML path or a :class:`QuantConfig`.
+
+    ``calib``: batches (tensor, tuple for ``model(*b)``, dict for ``model(**b)``); required
+    for static activations, optional otherwise (it adds output errors to the report).
+    Returns the quantized model (a copy unless ``inplace``) with ``.squeezer_report``.
+    """
+    cfg = resolve_config(config)
+    batches = None if calib is None else check_batches(calib)
+    if cfg.activation_mode == "static" and batches is None:
+        raise DataError(f"config {cfg.name!r} has static activations: pass calibration batches with calib=...")
+    if not inplace:
+        model = copy.deepcopy(model)
+    bytes_before = _param_bytes(model)
+    was_training = model.training
+    model.eval()
+    _, skipped = swap_layers(model, cfg)
+    layers = quant_layers(model)
+    for layer in layers.values():
+        layer.calibrate_weight()
+    model_error = None if batches is None else _calibrate(model, batches, progress)
+    set_mode(model, "simulate")
+    model.train(was_training)
+    report = QuantReport(config=cfg.to_dict(), skipped=skipped, calibration_batches=len(batches or []))
+    report.layers = [_layer_report(name, layer) for name, layer in layers.items()]
+    report.model_bytes_before = bytes_before
+    report.model_bytes_after = bytes_before - report.weight_bytes_before + report.weight_bytes_after
+    report.model_output_error = model_error
+    model.squeezer_report = report
+    return model

@@ -1,0 +1,86 @@
+"""Calibration batches: validation, calling the model, and a progress bar.
+
+A batch is a tensor (``model(batch)``), a tuple / list of tensors (``model(*batch)``) or a
+keyword dict (``model(**batch)``, as tokenizers return).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor, nn
+
+from .errors import DataError
+
+Batch = Tensor | tuple | list | dict
+
+
+def _tensors(batch: Any) -> Iterator[tuple[str, Tensor]]:
+    if isinstance(batch, Tensor):
+        yield "input", batch
+    elif isinstance(batch, (tuple, list)):
+        for i, item in enumerate(batch):
+            for key, t in _tensors(item):
+                yield f"[{i}]" if key == "input" else f"[{i}]{key}", t
+    elif isinstance(batch, dict):
+        for name, item in batch.items():
+            for key, t in _tensors(item):
+                yield str(name) if key == "input" else f"{name}{key}", t
+
+
+def check_batches(calib: Iterable[Batch]) -> list[Batch]:
+    """Materialise and validate: non-empty, every tensor finite. Errors name batch and field."""
+    if isinstance(calib, (Tensor, dict)):
+        raise DataError("calib must be an iterable of batches (e.g. a list or DataLoader), not a single batch")
+    batches = list(calib)
+    if not batches:
+        raise DataError("calibration data is empty: give at least one batch")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (Tensor, tuple, list, dict)):
+            raise DataError(f"calibration batch {i} is a {type(batch).__name__}; expected a tensor, tuple or dict")
+        named = list(_tensors(batch))
+        if not named:
+            raise DataError(f"calibration batch {i} holds no tensors")
+        for key, t in named:
+            if t.numel() == 0:
+                raise DataError(f"calibration batch {i} ({key}) is empty")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise DataError(f"calibration batch {i} ({key}) contains NaN or Inf")
+    return batches
+
+
+def call_model(model: nn.Module, batch: Batch) -> Any:
+    """``model(batch)``, ``model(*batch)`` or ``model(**batch)``."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def output_tensors(output: Any) -> list[Tensor]:
+    """The floating tensors in a model output (tensor, tuple, dict or a ``ModelOutput``)."""
+    if isinstance(output, Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, dict) or hasattr(output, "to_tuple"):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in output_tensors(item)]
+    return []
+
+
+def run_batches(model: nn.Module, batches: list[Batch], label: str, progress: bool = True) -> list[list[Tensor]]:
+    """Run ``model`` on every batch without gradients; returns each batch's output tensors."""
+    outputs: list[list[Tensor]] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    show = progress and len(batches) > 1 and Console(stderr=True).is_terminal
+    with torch.no_grad(), Progress(*columns, console=Console(stderr=True), transient=True, disable=not show) as bar:
+        task = bar.add_task(label, total=len(batches))
+        for batch in batches:
+            outputs.append([t.detach() for t in output_tensors(call_model(model, batch))])
+            bar.advance(task)
+    return outputs

@@ -1,0 +1,152 @@
+"""The ``squeezer`` command line: ``demo``, ``quantize``, ``info``.
+
+Bad input ends with a one-line ``error: ...`` naming the culprit and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import SqueezerError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make PyTorch models smaller and faster, with evidence.")
+console = Console(width=None if Console().is_terminal else 160)
+err_console = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _json_text(data: Any) -> str:
+    from .report import _finite
+
+    return json.dumps(_finite(data), indent=2)
+
+
+@app.command()
+def demo(
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write demo.json into this directory."),
+    seed: int = typer.Option(0, help="Seed for the data split and training."),
+) -> None:
+    """Train the bundled credit-scoring model and quantize it with every preset."""
+    from .examples.demo import run_demo
+    from .io.atomic import _writable_parent, atomic_write_text
+
+    try:
+        if out is not None:
+            _writable_parent(out)
+        result = run_demo(seed=seed, progress=not json_out)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "demo.json", _json_text(result))
+    except SqueezerError as exc:
+        _fail(exc)
+    if json_out:
+        print(_json_text(result))
+        return
+    ds = result["dataset"]
+    table = Table(title=f"squeezer demo: credit-risk MLP ({result['model']['params']:,} params) on {ds['name']}, "
+                        f"{ds['test_rows']} test rows")
+    for col in ("preset", "format", "bits/w", "weight bytes", "smaller", "accuracy", "Δ acc pt",
+                "ROC-AUC", "Δ AUC", "SQNR dB"):
+        table.add_column(col, justify="left" if col in ("preset", "format") else "right")
+    for r in result["rows"]:
+        table.add_row(r["preset"], r["format"], _fmt(r["bits_per_weight"], 2), f"{r['weight_bytes']:,}",
+                      f"×{r['compression']:.2f}", _fmt(r["accuracy"]), _fmt(r["accuracy_delta_pt"], 1),
+                      _fmt(r["roc_auc"], 4), _fmt(r["roc_auc_delta"], 4), _fmt(r["weight_sqnr_db"], 1))
+    console.print(table)
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: str = typer.Option(..., "--model", help="Model factory, pkg.module:function returning an nn.Module."),
+    out: Path = typer.Option(..., "--out", help="Output directory (checkpoint + report.json)."),
+    preset: str = typer.Option("w8", "--preset", help="Preset name or a YAML config file."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Float weights (.safetensors) to load first."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data: .npy, .npz, .safetensors or .csv."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Rows per calibration batch."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Override the preset's weight bits (1..16)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Override with per-group weights of this size."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Quantize your own model and write a checkpoint with its report."""
+    from dataclasses import replace
+
+    from .api import quantize
+    from .config import resolve_config
+    from .io.atomic import _writable_parent
+    from .io.calib_files import load_calibration
+    from .io.checkpoint import save
+    from .io.user_model import load_factory, load_weights
+    from .quant.spec import PerGroup
+
+    try:
+        cfg = resolve_config(preset)
+        if bits is not None or group_size is not None:
+            weight = replace(cfg.weight, bits=cfg.weight.bits if bits is None else bits,
+                             granularity=cfg.weight.granularity if group_size is None else PerGroup(group_size))
+            cfg = replace(cfg, weight=weight, name=f"{cfg.name}+overrides")
+        _writable_parent(out)
+        net = load_factory(model)
+        if weights is not None:
+            load_weights(net, weights)
+        batches = None if calib is None else load_calibration(calib, batch_size)
+        q = quantize(net, cfg, calib=batches, inplace=True, progress=not json_out)
+        report = q.squeezer_report
+        save(q, out, extra={"report": json.loads(report.to_json())})
+    except SqueezerError as exc:
+        _fail(exc)
+    if json_out:
+        print(report.to_json())
+    else:
+        console.print(report.table())
+        console.print(f"checkpoint written to {out}")
+
+
+@app.command()
+def info(directory: Path = typer.Argument(..., help="A checkpoint directory written by squeezer.")) -> None:
+    """Describe a checkpoint: versions, layers, formats and sizes."""
+    from .io.checkpoint import TENSORS, read_manifest
+
+    try:
+        manifest = read_manifest(directory)
+    except SqueezerError as exc:
+        _fail(exc)
+    table = Table(title=f"{directory}: squeezer {manifest['squeezer_version']}, torch {manifest['torch_version']}, "
+                        f"format v{manifest['format_version']}")
+    for col in ("layer", "type", "shape", "weight format"):
+        table.add_column(col)
+    from .config import QuantConfig
+
+    for name, layer in manifest["layers"].items():
+        cfg = QuantConfig.from_dict(layer["config"])
+        table.add_row(name, layer["type"], "×".join(map(str, layer["shape"])), cfg.weight.describe())
+    size = (directory / TENSORS).stat().st_size if (directory / TENSORS).exists() else 0
+    table.caption = f"{TENSORS}: {size:,} bytes"
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

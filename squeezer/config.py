@@ -1,0 +1,151 @@
+"""`QuantConfig`: what to quantize in a model and how, plus the named presets.
+
+A config holds a weight :class:`QuantSpec`, an optional activation spec with its mode
+(``dynamic``: parameters computed per call; ``static``: calibrated by an observer), which
+layer types to take, ``include`` / ``ignore`` regular expressions on module names, and
+``overrides``: ``{regex: {field: value}}`` applied to the layers whose name matches
+(the first matching pattern wins), e.g. ``{"^head$": {"weight": {"bits": 8}}}``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+from .quant.observers import OBSERVERS
+from .quant.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+
+LAYER_TYPES: tuple[str, ...] = ("linear", "conv1d", "conv2d", "embedding")
+ActivationMode = Literal["none", "dynamic", "static"]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a model (see module docstring). Invalid fields raise :class:`ConfigError`."""
+
+    weight: QuantSpec = field(default_factory=QuantSpec)
+    activation: QuantSpec | None = None
+    activation_mode: ActivationMode = "none"
+    observer: str = "minmax"
+    layer_types: tuple[str, ...] = LAYER_TYPES
+    include: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weight, dict):
+            object.__setattr__(self, "weight", QuantSpec.from_dict(self.weight))
+        if isinstance(self.activation, dict):
+            object.__setattr__(self, "activation", QuantSpec.from_dict(self.activation))
+        if self.activation_mode not in ("none", "dynamic", "static"):
+            raise ConfigError(f"activation_mode must be none, dynamic or static, got {self.activation_mode!r}")
+        if (self.activation is None) != (self.activation_mode == "none"):
+            raise ConfigError("activation spec and activation_mode must be given together (mode 'none' has no spec)")
+        if self.activation is not None and self.activation.mapping != "uniform":
+            raise ConfigError(f"activations support the uniform mapping only, got {self.activation.mapping!r}")
+        if self.activation_mode == "static" and isinstance(self.activation.granularity, PerToken):
+            raise ConfigError("static activations need per-tensor (or per-channel) ranges, not per-token")
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"unknown observer {self.observer!r}; valid: {', '.join(OBSERVERS)}")
+        for name in ("layer_types", "include", "ignore"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+        if bad:
+            raise ConfigError(f"unknown layer type(s) {bad}; valid: {', '.join(LAYER_TYPES)}")
+        for pattern in (*self.include, *self.ignore, *self.overrides):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"invalid layer-name pattern {pattern!r}: {exc}") from None
+        for pattern, change in self.overrides.items():
+            self._apply(change, f"overrides[{pattern!r}]")
+
+    def _apply(self, change: dict[str, Any], where: str) -> "QuantConfig":
+        if not isinstance(change, dict):
+            raise ConfigError(f"{where} must be a mapping of config fields, got {type(change).__name__}")
+        allowed = {"weight", "activation", "activation_mode", "observer"}
+        unknown = sorted(set(change) - allowed)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+        values = dict(change)
+        if isinstance(values.get("weight"), dict):
+            values["weight"] = QuantSpec.from_dict({**self.weight.to_dict(), **values["weight"]})
+        return replace(self, **values, overrides={})
+
+    def for_layer(self, name: str) -> "QuantConfig":
+        """The config of one layer: the first override whose pattern matches ``name``, else self."""
+        for pattern, change in self.overrides.items():
+            if re.search(pattern, name):
+                return self._apply(change, f"overrides[{pattern!r}]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["weight"] = self.weight.to_dict()
+        data["activation"] = None if self.activation is None else self.activation.to_dict()
+        for key in ("layer_types", "include", "ignore"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a quant config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "QuantConfig":
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        return cls.from_dict(data)
+
+
+def _w(bits: int, granularity: Any, **kw: Any) -> QuantSpec:
+    return QuantSpec(bits=bits, granularity=granularity, **kw)
+
+
+PRESETS: dict[str, QuantConfig] = {
+    "w8": QuantConfig(_w(8, PerChannel(0)), name="w8"),
+    "w4g128": QuantConfig(_w(4, PerGroup(128), symmetric=False), name="w4g128"),
+    "w8a8": QuantConfig(
+        _w(8, PerChannel(0)), _w(8, PerToken()), activation_mode="dynamic", name="w8a8"
+    ),
+    "w8a8-static": QuantConfig(
+        _w(8, PerChannel(0)), _w(8, PerTensor(), symmetric=False), activation_mode="static", name="w8a8-static"
+    ),
+    "w2g64": QuantConfig(_w(2, PerGroup(64), symmetric=False), name="w2g64"),
+    "ternary": QuantConfig(_w(2, PerChannel(0), mapping="ternary"), name="ternary"),
+    "binary": QuantConfig(_w(1, PerChannel(0), mapping="binary"), name="binary"),
+    "log2-w4": QuantConfig(_w(4, PerChannel(0), mapping="log2"), name="log2-w4"),
+    "kmeans-w4": QuantConfig(_w(4, PerTensor(), mapping="kmeans"), name="kmeans-w4"),
+}
+"""Named configs. Weights: per-output-channel unless a group is named (``g128``: groups of 128
+inputs); ``a8``: int8 activations, dynamic per-token or static per-tensor (min-max observer)."""
+
+
+def resolve_config(config: QuantConfig | str | dict[str, Any]) -> QuantConfig:
+    """A preset name, a dict, a YAML path or a :class:`QuantConfig` -> :class:`QuantConfig`."""
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, dict):
+        return QuantConfig.from_dict(config)
+    if isinstance(config, str):
+        if config in PRESETS:
+            return PRESETS[config]
+        if config.endswith((".yaml", ".yml")):
+            return QuantConfig.from_yaml(config)
+        raise ConfigError(f"unknown preset {config!r}; valid presets: {', '.join(PRESETS)}")
+    raise ConfigError(f"config must be a preset name, dict, YAML path or QuantConfig, got {type(config).__name__}")

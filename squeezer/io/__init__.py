@@ -1,0 +1,1 @@
+"""Reading and writing: user models and weights, calibration files, checkpoints."""

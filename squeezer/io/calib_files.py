@@ -1,0 +1,76 @@
+"""Calibration files for the CLI: ``.npy``, ``.npz``, ``.safetensors``, ``.csv``.
+
+One array gives tensor batches (``model(x)``). Several arrays give keyword batches
+(``model(**batch)``) named by their keys, except numpy's positional names ``arr_0, arr_1, ...``
+which give tuple batches (``model(*batch)``). Every array is split along axis 0.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..calibration import Batch
+from ..errors import DataError
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return {"arr_0": np.load(path, allow_pickle=False)}
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    if suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return dict(load_file(str(path)))
+    if suffix == ".csv":
+        with path.open() as handle:
+            first = handle.readline()
+        try:
+            [float(v) for v in first.strip().split(",")]
+            skip = 0
+        except ValueError:
+            skip = 1
+        return {"arr_0": np.atleast_2d(np.loadtxt(path, delimiter=",", skiprows=skip, dtype=np.float32))}
+    raise DataError(f"calibration file {path}: unsupported type {suffix!r}; use .npy, .npz, .safetensors or .csv")
+
+
+def load_calibration(path: str | Path, batch_size: int = 32) -> list[Batch]:
+    """Read ``path`` and split it into batches of ``batch_size`` rows."""
+    path = Path(path)
+    if batch_size <= 0:
+        raise DataError(f"--batch-size must be positive, got {batch_size}")
+    if not path.is_file():
+        raise DataError(f"calibration file {path} does not exist")
+    try:
+        arrays = _read_arrays(path)
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, Exception) as exc:  # noqa: BLE001 - any parse failure
+        raise DataError(f"cannot read calibration file {path}: {exc}") from None
+    if not arrays:
+        raise DataError(f"calibration file {path} holds no arrays")
+    rows = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
+    if len(set(rows.values())) != 1:
+        raise DataError(f"calibration file {path}: arrays have different numbers of rows {rows}")
+    n = next(iter(rows.values()))
+    if n == 0:
+        raise DataError(f"calibration file {path} is empty")
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    tensors = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
+    positional = all(k == f"arr_{i}" for i, k in enumerate(tensors))
+    batches: list[Batch] = []
+    for start in range(0, n, batch_size):
+        part = {k: t[start:start + batch_size] for k, t in tensors.items()}
+        if len(part) == 1 and positional:
+            batches.append(part["arr_0"])
+        elif positional:
+            batches.append(tuple(part.values()))
+        else:
+            batches.append(part)
+    return batches

@@ -1,0 +1,116 @@
+"""`QuantMixin`: what every quantized layer shares.
+
+A quantized layer keeps its float ``weight`` (so QAT can keep training it), the weight's
+:class:`QParams`, and optionally an activation quantizer. It runs in one of four modes:
+
+* ``float``:    the original layer, untouched (for references and A/B comparisons);
+* ``observe``:  float compute, while the activation observer records the input range;
+* ``simulate``: ``y = op(fq_a(x), fq_w(W))`` with fake quantization (STE gradients);
+* ``compare``:  returns the float output and accumulates the error of the simulated one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..config import QuantConfig
+from ..quant.core import QParams, compute_qparams, fake_quantize, quantize
+from ..quant.metrics import ErrorAccumulator
+from ..quant.observers import Observer, make_observer
+from ..quant.spec import PerChannel, PerToken, QuantSpec
+
+Mode = Literal["float", "observe", "simulate", "compare"]
+
+
+class QuantMixin:
+    """Mixed into a subclass of a torch layer; the subclass defines ``_op(x, weight)``."""
+
+    weight: torch.nn.Parameter
+    token_axis_is_last: bool = True
+
+    def _init_quant(self, config: QuantConfig) -> None:
+        self.config = config
+        self.mode: Mode = "simulate"
+        self.weight_qparams: QParams | None = None
+        self.act_observer: Observer | None = None
+        self.act_qparams: QParams | None = None
+        self.output_error = ErrorAccumulator()
+        self._wq_cache: tuple[int, Tensor] | None = None
+        if config.activation_mode == "static":
+            self.act_observer = make_observer(config.observer, config.activation)
+
+    @property
+    def weight_spec(self) -> QuantSpec:
+        return self.config.weight
+
+    @property
+    def act_spec(self) -> QuantSpec | None:
+        if self.config.activation is None:
+            return None
+        spec = self.config.activation
+        if isinstance(spec.granularity, PerToken) and not self.token_axis_is_last:
+            # A "token" of a convolution is one sample: one scale per batch element.
+            return QuantSpec(**{**spec.to_dict(), "granularity": PerChannel(0)})
+        return spec
+
+    def calibrate_weight(self, qparams: QParams | None = None) -> None:
+        """Fix the weight's parameters: given (by an algorithm) or round-to-nearest from the weight."""
+        self.weight_qparams = qparams if qparams is not None else compute_qparams(self.weight, self.weight_spec)
+        self._wq_cache = None
+
+    def freeze_activation(self) -> None:
+        """Turn the observed input range into fixed activation parameters (static mode)."""
+        if self.act_observer is not None:
+            self.act_qparams = self.act_observer.qparams()
+
+    def quantized_weight(self) -> Tensor:
+        """``fq(W)``; cached while the weight is unchanged and no gradient is needed."""
+        if self.weight_qparams is None:
+            self.calibrate_weight()
+        if self.weight.requires_grad and torch.is_grad_enabled():
+            return fake_quantize(self.weight, self.weight_spec, self.weight_qparams)
+        version = self.weight._version
+        if self._wq_cache is None or self._wq_cache[0] != version:
+            self._wq_cache = (version, fake_quantize(self.weight.detach(), self.weight_spec, self.weight_qparams))
+        return self._wq_cache[1]
+
+    def weight_qtensor(self):
+        """The integer codes of the weight (``QTensor``)."""
+        if self.weight_qparams is None:
+            self.calibrate_weight()
+        return quantize(self.weight.detach(), self.weight_spec, self.weight_qparams)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        spec = self.act_spec
+        if spec is None or not x.is_floating_point():
+            return x
+        if self.config.activation_mode == "dynamic":
+            return fake_quantize(x, spec)
+        if self.act_qparams is None:
+            raise RuntimeError(f"{type(self).__name__}: static activations need calibration data before use")
+        return fake_quantize(x, spec, self.act_qparams)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "float":
+            return self._op(x, self.weight)
+        if self.mode == "observe":
+            if self.act_observer is not None:
+                self.act_observer.update(x)
+            return self._op(x, self.weight)
+        quantized = self._op(self.quantize_input(x), self.quantized_weight())
+        if self.mode == "simulate":
+            return quantized
+        reference = self._op(x, self.weight)
+        self.output_error.update(reference, quantized)
+        return reference
+
+    def _op(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:  # type: ignore[override]
+        base = super().extra_repr()  # type: ignore[misc]
+        act = "" if self.act_spec is None else f", act={self.act_spec.describe()} {self.config.activation_mode}"
+        return f"{base}, weight={self.weight_spec.describe()}{act}, mode={self.mode}"

@@ -1,0 +1,105 @@
+"""Quantized drop-in replacements for ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``.
+
+Each is a subclass of the torch layer (so ``isinstance`` checks and attributes still work)
+plus :class:`QuantMixin`; ``from_float(layer, config)`` moves the layer's parameters over.
+Transformers' ``Conv1D`` (``y = x W + b`` with ``W: (in, out)``) becomes a ``QuantLinear`` with
+``W^T`` so that output channels are on axis 0 like every other weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import QuantConfig
+from .base import QuantMixin
+
+
+def _adopt(new: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
+    new.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+
+
+class QuantLinear(QuantMixin, nn.Linear):
+    """``y = fq_a(x) fq_w(W)^T + b``; ``W: (out, in)``."""
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, config: QuantConfig) -> "QuantLinear":
+        weight = layer.weight
+        if type(layer).__name__ == "Conv1D" and not isinstance(layer, nn.Linear):
+            weight = weight.t().contiguous()
+        new = cls(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device="meta")
+        _adopt(new, weight, layer.bias)
+        new._init_quant(config)
+        return new
+
+    def _op(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.bias)
+
+
+class _QuantConvNd(QuantMixin):
+    token_axis_is_last = False
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, config: QuantConfig):
+        new = cls(
+            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+            padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+            bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta",
+        )
+        _adopt(new, layer.weight, layer.bias)
+        new._init_quant(config)
+        return new
+
+    def _op(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self._conv_forward(x, weight, self.bias)
+
+
+class QuantConv1d(_QuantConvNd, nn.Conv1d):
+    """``y = conv1d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, k)``."""
+
+
+class QuantConv2d(_QuantConvNd, nn.Conv2d):
+    """``y = conv2d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, kh, kw)``."""
+
+
+class QuantEmbedding(QuantMixin, nn.Embedding):
+    """``y = fq_w(W)[idx]``; ``W: (num_embeddings, dim)``, one scale per row (token vector)."""
+
+    @classmethod
+    def from_float(cls, layer: nn.Embedding, config: QuantConfig) -> "QuantEmbedding":
+        new = cls(
+            layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx,
+            max_norm=layer.max_norm, norm_type=layer.norm_type,
+            scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse, device="meta",
+        )
+        _adopt(new, layer.weight, None)
+        new._init_quant(config)
+        return new
+
+    def _op(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.embedding(x, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+
+def quantized_class_for(layer: nn.Module) -> type[QuantMixin] | None:
+    """The quantized class that replaces ``layer``, or None when its type is not supported."""
+    if isinstance(layer, QuantMixin):
+        return None
+    if isinstance(layer, nn.Linear) or (type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")):
+        return QuantLinear
+    if isinstance(layer, nn.Conv2d):
+        return QuantConv2d
+    if isinstance(layer, nn.Conv1d):
+        return QuantConv1d
+    if isinstance(layer, nn.Embedding):
+        return QuantEmbedding
+    return None
+
+
+def layer_type_name(layer: nn.Module) -> str | None:
+    """``linear`` / ``conv1d`` / ``conv2d`` / ``embedding`` for a supported layer, else None."""
+    cls = quantized_class_for(layer)
+    names = {QuantLinear: "linear", QuantConv1d: "conv1d", QuantConv2d: "conv2d", QuantEmbedding: "embedding"}
+    return None if cls is None else names[cls]

@@ -1,0 +1,72 @@
+"""Shared small models for the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 40, hidden: int = 300, d_out: int = 5) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.norm(self.fc1(x))))))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2)
+        self.conv1d = nn.Conv1d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x)))))  # (N, 16, 4, 4)
+        h = torch.relu(self.conv1d(h.flatten(2)))                         # (N, 8, 16)
+        return self.fc(h.flatten(1))
+
+
+class TextModel(nn.Module):
+    """Embedding + Linear, called with keyword batches like a tokenizer's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 32, padding_idx=0)
+        self.proj = nn.Linear(32, 4)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids) * attention_mask[..., None]
+        return self.proj(h.sum(1) / attention_mask.sum(1, keepdim=True))
+
+
+@pytest.fixture
+def mlp() -> MLP:
+    torch.manual_seed(0)
+    return MLP().eval()
+
+
+@pytest.fixture
+def cnn() -> SmallCNN:
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    return model
+
+
+@pytest.fixture
+def mlp_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 40, generator=g) for _ in range(4)]
+
+
+@pytest.fixture
+def cnn_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(4, 1, 8, 8, generator=g) for _ in range(3)]

@@ -1,0 +1,206 @@
+"""squeezer.quantize end to end: every preset on an MLP and a CNN, batches, reports, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import squeezer
+from squeezer import ConfigError, DataError, QuantConfig, QuantSpec
+from squeezer.modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_mode
+from squeezer.quant.metrics import sqnr_db
+
+from .conftest import TextModel
+
+PRESETS = list(squeezer.PRESETS)
+MIN_OUTPUT_SQNR = {"w8": 30, "w8a8": 25, "w8a8-static": 20, "w4g128": 8, "kmeans-w4": 8, "log2-w4": 5}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_on_mlp(preset, mlp, mlp_batches):
+    q = squeezer.quantize(mlp, preset, calib=mlp_batches)
+    report = q.squeezer_report
+    assert [l.name for l in report.layers] == ["fc1", "fc2", "head"]
+    assert [s.name for s in report.skipped] == ["norm"]
+    assert all(isinstance(m, QuantLinear) for m in quant_layers(q).values())
+    assert not any(isinstance(m, QuantLinear) for m in mlp.modules()), "the original model must stay float"
+    x = mlp_batches[0]
+    with torch.no_grad():
+        ref, out = mlp(x), q(x)
+    assert torch.isfinite(out).all() and not torch.equal(ref, out)
+    assert report.model_output_error is not None and report.model_output_error.cosine > 0.5
+    assert math.isclose(report.model_output_error.sqnr_db, sqnr_db(torch.cat([mlp(b) for b in mlp_batches]).detach(),
+                                                                    torch.cat([q(b) for b in mlp_batches]).detach()),
+                        rel_tol=1e-4)
+    if preset in MIN_OUTPUT_SQNR:
+        assert report.model_output_error.sqnr_db > MIN_OUTPUT_SQNR[preset]
+    for layer in report.layers:
+        assert layer.output_error is not None
+        assert layer.bytes_after < layer.bytes_before
+        assert layer.bits == q.get_submodule(layer.name).weight_spec.bits
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_on_cnn(preset, cnn, cnn_batches):
+    q = squeezer.quantize(cnn, preset, calib=cnn_batches)
+    types = {name: type(m) for name, m in quant_layers(q).items()}
+    assert types == {"conv1": QuantConv2d, "conv2": QuantConv2d, "conv1d": QuantConv1d, "fc": QuantLinear}
+    assert q.conv2.groups == 2 and q.conv2.stride == (2, 2)
+    with torch.no_grad():
+        out = q(cnn_batches[0])
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    assert [s.name for s in q.squeezer_report.skipped] == ["bn"]
+
+
+def test_int8_is_close_and_int4_smaller(mlp, mlp_batches):
+    w8 = squeezer.quantize(mlp, "w8").squeezer_report
+    w4 = squeezer.quantize(mlp, "w4g128").squeezer_report
+    assert w8.weight_compression > 3.9
+    assert w4.weight_compression > 7.0
+    assert w8.weight_sqnr_db > w4.weight_sqnr_db + 15
+
+
+def test_weights_equal_fake_quantized_float_weights(mlp):
+    q = squeezer.quantize(mlp, "w4g128")
+    layer = q.fc1
+    expected = squeezer.fake_quantize(mlp.fc1.weight.detach(), layer.weight_spec)
+    assert torch.equal(layer.quantized_weight(), expected)
+    x = torch.randn(3, 40)
+    assert torch.allclose(q.fc1(x), torch.nn.functional.linear(x, expected, mlp.fc1.bias), atol=1e-6)
+
+
+def test_dynamic_activations_are_quantized_per_token(mlp):
+    q = squeezer.quantize(mlp, "w8a8")
+    x = torch.randn(2, 3, 40)
+    x[0, 0] *= 100  # one loud token must not coarsen the others' scales
+    qx = q.fc1.quantize_input(x)
+    spec = q.fc1.act_spec
+    for t in range(3):
+        step = x[1, t].abs().max() / spec.qmax
+        assert (qx[1, t] - x[1, t]).abs().max() <= step / 2 + 1e-6
+
+
+def test_static_activations_use_calibrated_range(mlp, mlp_batches):
+    q = squeezer.quantize(mlp, "w8a8-static", calib=mlp_batches)
+    lo = min(float(b.min()) for b in mlp_batches)
+    hi = max(float(b.max()) for b in mlp_batches)
+    qp = q.fc1.act_qparams
+    assert math.isclose(float(qp.scale), (hi - lo) / 255, rel_tol=1e-5)
+    big = q.fc1.quantize_input(torch.full((1, 40), 1e3))
+    assert torch.allclose(big, torch.full_like(big, (255 - float(qp.zero_point)) * float(qp.scale)))
+
+
+def test_static_without_calibration_fails(mlp):
+    with pytest.raises(DataError, match="calib"):
+        squeezer.quantize(mlp, "w8a8-static")
+
+
+def test_keyword_and_tuple_batches():
+    torch.manual_seed(0)
+    model = TextModel().eval()
+    ids = torch.randint(1, 100, (8, 6))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones(8, 6)}]
+    q = squeezer.quantize(model, "w8a8-static", calib=batches)
+    assert isinstance(q.embed, QuantEmbedding) and q.embed.padding_idx == 0
+    assert q.embed.act_spec is not None and q.proj.act_qparams is not None
+    assert q.squeezer_report.model_output_error.sqnr_db > 20
+    q2 = squeezer.quantize(model, "w8", calib=[(ids, torch.ones(8, 6))])
+    assert q2.squeezer_report.calibration_batches == 1
+
+
+def test_include_ignore_and_layer_types(mlp, cnn):
+    q = squeezer.quantize(mlp, QuantConfig(ignore=[r"^head$"]))
+    assert set(quant_layers(q)) == {"fc1", "fc2"}
+    skipped = {s.name: s.reason for s in q.squeezer_report.skipped}
+    assert "ignored" in skipped["head"] and skipped["norm"] == "type not quantizable"
+    q = squeezer.quantize(mlp, QuantConfig(include=[r"fc\d"]))
+    assert set(quant_layers(q)) == {"fc1", "fc2"}
+    q = squeezer.quantize(cnn, QuantConfig(layer_types=["conv2d"]))
+    assert set(quant_layers(q)) == {"conv1", "conv2"}
+
+
+def test_overrides_change_one_layer(mlp):
+    cfg = QuantConfig(weight=QuantSpec(4, symmetric=False, granularity="group:64"),
+                      overrides={r"^head$": {"weight": {"bits": 8}}})
+    q = squeezer.quantize(mlp, cfg)
+    assert q.head.weight_spec.bits == 8 and q.head.weight_spec.granularity == squeezer.PerGroup(64)
+    assert q.fc1.weight_spec.bits == 4
+    bits = {l.name: l.bits for l in q.squeezer_report.layers}
+    assert bits == {"fc1": 4, "fc2": 4, "head": 8}
+
+
+def test_transformers_style_conv1d_becomes_linear():
+    class Conv1D(nn.Module):  # same contract as transformers.pytorch_utils.Conv1D
+        def __init__(self, nf: int, nx: int) -> None:
+            super().__init__()
+            self.nf = nf
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.randn(nf))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+    model = nn.Sequential(Conv1D(12, 20))
+    q = squeezer.quantize(model, QuantConfig(weight=QuantSpec(16)))
+    assert isinstance(q[0], QuantLinear) and q[0].weight.shape == (12, 20)
+    x = torch.randn(2, 5, 20)
+    assert torch.allclose(q(x), model(x), atol=1e-3)
+
+
+def test_modes_float_and_compare(mlp, mlp_batches):
+    q = squeezer.quantize(mlp, "w4g128")
+    x = mlp_batches[0]
+    set_mode(q, "float")
+    assert torch.equal(q(x), mlp(x))
+    set_mode(q, "simulate")
+    assert not torch.equal(q(x), mlp(x))
+
+
+def test_qat_gradient_flows_through_quantized_module(mlp):
+    q = squeezer.quantize(mlp, "w8")
+    q.train()
+    loss = q(torch.randn(4, 40)).pow(2).sum()
+    loss.backward()
+    assert q.fc1.weight.grad is not None and q.fc1.weight.grad.abs().sum() > 0
+
+
+def test_inplace_changes_the_given_model(mlp):
+    q = squeezer.quantize(mlp, "w8", inplace=True)
+    assert q is mlp and isinstance(mlp.fc1, QuantLinear)
+
+
+@pytest.mark.parametrize(
+    "calib, message",
+    [([], "empty"), ([torch.tensor([[float("nan")] * 40])], "NaN"), ([torch.ones(0, 40)], "empty"),
+     (torch.ones(2, 40), "iterable"), (["text"], "batch 0")],
+)
+def test_bad_calibration_data(mlp, calib, message):
+    with pytest.raises(DataError, match=message):
+        squeezer.quantize(mlp, "w8", calib=calib)
+
+
+def test_nan_weight_names_the_layer(mlp):
+    with torch.no_grad():
+        mlp.fc2.weight[0, 0] = float("inf")
+    with pytest.raises(DataError, match="fc2"):
+        squeezer.quantize(mlp, "w8")
+
+
+def test_unknown_preset_lists_valid_ones(mlp):
+    with pytest.raises(ConfigError, match="unknown preset 'w5'.*w4g128"):
+        squeezer.quantize(mlp, "w5")
+
+
+def test_config_from_yaml_and_dict(tmp_path, mlp):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("weight: {bits: 3, symmetric: false, granularity: 'group:32'}\nignore: ['head']\n")
+    q = squeezer.quantize(mlp, str(path))
+    assert q.fc1.weight_spec.bits == 3 and "head" not in quant_layers(q)
+    assert QuantConfig.from_dict(q.fc1.config.to_dict()) == q.fc1.config
+    with pytest.raises(ConfigError, match="wieght"):
+        QuantConfig.from_dict({"wieght": {}})
+    with pytest.raises(ConfigError, match="observer"):
+        QuantConfig(observer="median")
