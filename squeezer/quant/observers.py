@@ -19,7 +19,8 @@ piecewise-linear CDF ``F``. ``|x|`` has CDF ``F(t) - F(-t)``, so it needs no sec
 * ``entropy`` (TensorRT): on the ``|x|`` histogram, for each bin ``i >= n_levels``,
   ``P = hist[:i]`` plus the outlier mass in ``P[i-1]``; ``Q = hist[:i]`` merged into
   ``n_levels`` near-equal buckets, each spread evenly over the bins where ``P > 0``. The
-  least ``KL(P || Q)`` gives ``t = edge[i]``; range ``[-t, t]`` (symmetric) else
+  least ``KL(P || Q)`` (bins where ``Q`` is 0 but ``P`` is not get ``Q = 1e-4``, as in the
+  reference implementations' smoothing) gives ``t = edge[i]``; range ``[-t, t]`` (symmetric) else
   ``[max(min, -t), min(max, t)]``.
 """
 
@@ -218,6 +219,9 @@ class MSEObserver(HistogramObserver):
         return float(self.ALPHAS[best] * lo), float(self.ALPHAS[best] * hi)
 
 
+SMOOTHING = 1e-4
+
+
 class EntropyObserver(HistogramObserver):
     """TensorRT-style threshold on ``|x|`` that minimises ``KL(P || Q)`` (see module docstring)."""
 
@@ -236,7 +240,11 @@ class EntropyObserver(HistogramObserver):
         sums = np.bincount(bucket, weights=hist[:i], minlength=self.n_levels)
         sizes = np.bincount(bucket, weights=nonzero, minlength=self.n_levels)
         q = nonzero * sums[bucket] / np.maximum(sizes[bucket], 1.0)
-        return float(rel_entr(p / p.sum(), q / q.sum()).sum())  # inf if Q misses mass of P
+        if q.sum() == 0:
+            return float("inf")
+        q = q / q.sum()
+        q = np.where((q == 0) & (p > 0), SMOOTHING, q)  # P mass that Q misses: costly, not infinite
+        return float(rel_entr(p / p.sum(), q / q.sum()).sum())
 
     def _clip_range(self) -> tuple[float, float]:
         hist, edges = self.abs_histogram()

@@ -1,0 +1,1 @@
+"""Data files bundled with squeezer (see README.md here for sources and licences)."""
