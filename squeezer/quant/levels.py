@@ -40,7 +40,7 @@ def nearest_code(values: Tensor, levels: Tensor) -> Tensor:
     """Index of the nearest level. ``values (B, n)``, ``levels (L,)`` or ``(B, L)`` sorted -> ``(B, n)`` int64."""
     mids = (levels[..., 1:] + levels[..., :-1]) / 2
     if mids.dim() == 1:
-        return torch.bucketize(values, mids)
+        return torch.bucketize(values.contiguous(), mids)
     return torch.searchsorted(mids.contiguous(), values.contiguous())
 
 

@@ -56,7 +56,7 @@ class ErrorAccumulator:
     """Running sums over many batches, so error stats of a layer's output need no stored outputs."""
 
     def __init__(self) -> None:
-        self.noise = self.signal = self.dot = self.ref_sq = self.approx_sq = 0.0
+        self.noise = self.signal = self.dot = self.approx_sq = 0.0
         self.count = 0
 
     def update(self, x: Tensor, y: Tensor) -> None:
@@ -73,5 +73,5 @@ class ErrorAccumulator:
         noise_mse = self.noise / self.count
         sq = math.inf if self.noise == 0 else (10 * math.log10(self.signal / self.noise) if self.signal else -math.inf)
         denom = math.sqrt(self.signal * self.approx_sq)
-        cos = self.dot / denom if denom else 1.0
+        cos = self.dot / denom if denom else (1.0 if self.noise == 0 else 0.0)
         return ErrorStats(noise_mse, sq, cos)

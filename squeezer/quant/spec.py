@@ -12,7 +12,7 @@ Vocabulary (small frozen dataclasses, validated on construction):
   - ``uniform``: ``q = clip(round(x / S) + Z, qmin, qmax)``, ``x^ = (q - Z) * S``;
   - ``log2``: levels ``{0, +-S * 2^-k}``; ``exp``: levels ``{0, +-S * b^-k}`` with base ``b``
     fitted to the tensor; ``kmeans``: ``2^bits`` learned centroids (weight sharing);
-  - ``binary``: ``x^ = alpha * sign(x)``, ``alpha = mean |x|``;
+  - ``binary``: ``x^ = alpha * sign(x)``, ``alpha = mean |x|`` (0 maps to ``-alpha``: no zero level);
   - ``ternary``: ``x^ = alpha * sign(x) * [|x| > delta]``, ``delta = 0.7 mean |x|``.
 """
 
@@ -84,17 +84,15 @@ def granularity_from(value: Any) -> Granularity:
         return granularity_from(f"{key}:{arg}")
     if isinstance(value, str):
         kind, _, arg = value.partition(":")
-        try:
-            if kind == "tensor" and not arg:
-                return PerTensor()
-            if kind == "token" and not arg:
-                return PerToken()
-            if kind == "channel":
-                return PerChannel(int(arg) if arg else 0)
-            if kind == "group" and arg:
-                return PerGroup(int(arg))
-        except ValueError:
-            pass
+        if kind == "tensor" and not arg:
+            return PerTensor()
+        if kind == "token" and not arg:
+            return PerToken()
+        number = arg.lstrip("-")
+        if kind == "channel" and (not arg or number.isdigit()):
+            return PerChannel(int(arg) if arg else 0)
+        if kind == "group" and number.isdigit():
+            return PerGroup(int(arg))
     raise ConfigError(f"granularity must be tensor, token, channel[:axis] or group:SIZE, got {value!r}")
 
 
