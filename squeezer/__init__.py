@@ -3,6 +3,7 @@
 from .api import quantize
 from .config import PRESETS, QuantConfig
 from .io.checkpoint import load, save
+from .kernels import pack
 from .errors import ConfigError, DataError, ModelError, SqueezerError
 from .quant.core import QParams, QTensor, dequantize, fake_quantize
 from .quant.core import quantize as quantize_tensor
@@ -12,7 +13,7 @@ from .version import __version__
 
 
 __all__ = [
-    "quantize", "save", "load", "QuantConfig", "QuantSpec", "PRESETS", "QuantReport",
+    "quantize", "pack", "save", "load", "QuantConfig", "QuantSpec", "PRESETS", "QuantReport",
     "PerTensor", "PerChannel", "PerGroup", "PerToken",
     "QParams", "QTensor", "quantize_tensor", "dequantize", "fake_quantize",
     "SqueezerError", "ConfigError", "DataError", "ModelError", "__version__",

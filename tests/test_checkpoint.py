@@ -14,7 +14,7 @@ import squeezer
 from squeezer import ModelError, QuantSpec
 from squeezer.io.atomic import atomic_directory
 from squeezer.io.checkpoint import MANIFEST, TENSORS
-from squeezer.io.packing import pack_codes, unpack_codes
+from squeezer.quant.packing import pack_codes, unpack_codes
 from squeezer.quant.core import quantize
 
 from .conftest import MLP, SmallCNN, TextModel

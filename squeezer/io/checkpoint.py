@@ -28,7 +28,7 @@ from ..modules.layers import quantized_class_for
 from ..modules.swap import set_child
 from ..quant.core import QParams, QTensor, dequantize
 from .atomic import atomic_directory
-from .packing import pack_codes, unpack_codes
+from ..quant.packing import pack_codes, unpack_codes
 
 FORMAT = "squeezer-checkpoint"
 FORMAT_VERSION = 1
@@ -66,7 +66,7 @@ def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None =
         if layer.act_qparams is not None:
             tensors.update(_qparam_tensors(f"{name}.act", layer.act_qparams))
         manifest_layers[name] = {
-            "type": type(layer).__name__, "shape": list(qt.shape), "dtype": str(layer.weight.dtype).removeprefix("torch."),
+            "type": type(layer).__name__, "shape": list(qt.shape), "dtype": "float32" if layer.is_packed else str(layer.weight.dtype).removeprefix("torch."),
             "config": layer.config.to_dict(),
         }
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
@@ -112,9 +112,10 @@ def _read_tensors(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.
         raise ModelError(f"checkpoint tensors {path} cannot be read: {exc}") from None
 
 
-def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module], packed: bool = False) -> nn.Module:
     """Restore a checkpoint into ``model`` (an fp32 skeleton of the same architecture, changed
-    in place, or a factory returning one). Outputs equal the saved model's bit for bit."""
+    in place, or a factory returning one). Outputs equal the saved model's bit for bit.
+    ``packed=True`` returns it packed on integer kernels (see :func:`squeezer.pack`)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     tensors = _read_tensors(directory, manifest)
@@ -150,4 +151,8 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module]) -> n
     if missing or unexpected:
         raise ModelError(f"checkpoint {directory} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.eval()
+    if packed:
+        from ..kernels import pack
+
+        pack(model)
     return model

@@ -6,12 +6,14 @@ A quantized layer keeps its float ``weight`` (so QAT can keep training it), the 
 * ``float``:    the original layer, untouched (for references and A/B comparisons);
 * ``observe``:  float compute, while the activation observer records the input range;
 * ``simulate``: ``y = op(fq_a(x), fq_w(W))`` with fake quantization (STE gradients);
-* ``compare``:  returns the float output and accumulates the error of the simulated one.
+* ``compare``:  returns the float output and accumulates the error of the simulated one;
+* ``packed``:   the float weight is gone; a runtime installed by :func:`squeezer.pack` (real
+  integer kernels on bit-packed weights) computes the output.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -22,7 +24,7 @@ from ..quant.metrics import ErrorAccumulator
 from ..quant.observers import Observer, make_observer
 from ..quant.spec import PerChannel, PerToken, QuantSpec
 
-Mode = Literal["float", "observe", "simulate", "compare"]
+Mode = Literal["float", "observe", "simulate", "compare", "packed"]
 
 
 class QuantMixin:
@@ -39,6 +41,7 @@ class QuantMixin:
         self.act_qparams: QParams | None = None
         self.output_error = ErrorAccumulator()
         self._wq_cache: tuple[int, Tensor] | None = None
+        self.runtime: Any = None
         if config.activation_mode == "static":
             self.act_observer = make_observer(config.observer, config.activation)
 
@@ -66,8 +69,21 @@ class QuantMixin:
         if self.act_observer is not None:
             self.act_qparams = self.act_observer.qparams()
 
+    @property
+    def is_packed(self) -> bool:
+        return self.runtime is not None
+
+    def install_runtime(self, runtime: Any) -> None:
+        """Switch to ``packed`` mode: ``runtime(x)`` computes the output; the float weight is freed."""
+        self.runtime = runtime
+        self.register_parameter("weight", None)
+        self._wq_cache = None
+        self.mode = "packed"
+
     def quantized_weight(self) -> Tensor:
         """``fq(W)``; cached while the weight is unchanged and no gradient is needed."""
+        if self.is_packed:
+            return self.runtime.weight.dequantize()
         if self.weight_qparams is None:
             self.calibrate_weight()
         if self.weight.requires_grad and torch.is_grad_enabled():
@@ -79,6 +95,8 @@ class QuantMixin:
 
     def weight_qtensor(self):
         """The integer codes of the weight (``QTensor``)."""
+        if self.is_packed:
+            return self.runtime.weight.qtensor()
         if self.weight_qparams is None:
             self.calibrate_weight()
         return quantize(self.weight.detach(), self.weight_spec, self.weight_qparams)
@@ -94,6 +112,10 @@ class QuantMixin:
         return fake_quantize(x, spec, self.act_qparams)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.is_packed:
+            if self.mode != "packed":
+                raise RuntimeError(f"{type(self).__name__} is packed (float weight freed): only mode 'packed' runs")
+            return self.runtime(x)
         if self.mode == "float":
             return self._op(x, self.weight)
         if self.mode == "observe":

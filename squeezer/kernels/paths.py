@@ -1,0 +1,170 @@
+"""Execution paths for packed linear layers, on PyTorch's own CPU integer ops.
+
+* ``int_mm``: ``y = s_x s_w (X_q W_q^T - z_x colsum(W_q)) + b`` with ``torch._int_mm`` (int8 x int8
+  -> int32); activations quantized exactly as the layer specifies (dynamic per token or
+  static per tensor), so the result equals the simulated layer up to float rounding.
+  ``_int_mm`` needs more than 16 rows: smaller inputs are zero-padded to 17.
+* ``fbgemm_dynamic``: ``quantized::linear_dynamic`` (fbgemm, VNNI): one asymmetric uint8 scale
+  for the whole input, which equals (or beats) per-token int8 only for one row; eligible there.
+* ``int8_weight_bf16``: ``aten._weight_int8pack_mm`` on bf16 activations (weight-only int8,
+  per-channel symmetric); the op is slow on fp32 inputs, so inputs are cast to bf16.
+* ``int4_weight_bf16``: ``aten._weight_int4pack_mm_for_cpu`` (weight-only uint4, groups of 32..256,
+  ``K % g == 0``, ``N % 16 == 0``); its dequantization is ``(q - 8) s + z_f`` so squeezer's
+  ``(q - Z) S`` maps to ``s = S``, ``z_f = (8 - Z) S``; bf16 activations.
+* ``dequant_matmul``: any format: unpack, reconstruct ``W^``, fake-quantize the activations as
+  the config says and multiply in fp32 (no integer kernel; the report says so).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..quant.core import fake_quantize
+from ..quant.spec import PerChannel, PerGroup, PerTensor, PerToken
+from .base import KernelPath, LinearProblem, available
+
+
+def _int8_symmetric_channel(problem: LinearProblem) -> bool:
+    spec = problem.weight.spec
+    return (spec.mapping == "uniform" and spec.bits == 8 and spec.symmetric and spec.signed
+            and isinstance(spec.granularity, PerChannel) and spec.granularity.axis == 0)
+
+
+def _int8_codes(problem: LinearProblem) -> Tensor:
+    return problem.weight.qtensor().codes.to(torch.int8).contiguous()
+
+
+class IntMM(KernelPath):
+    name = "int_mm"
+
+    def eligible(self, problem: LinearProblem, m: int) -> bool:
+        act = problem.config.activation
+        if not (_int8_symmetric_channel(problem) and act is not None and act.bits == 8 and available("_int_mm")):
+            return False
+        if problem.config.activation_mode == "dynamic":
+            return isinstance(act.granularity, PerToken) and act.symmetric
+        return isinstance(act.granularity, PerTensor) and problem.act_qparams is not None
+
+    def prepare(self, problem: LinearProblem) -> dict[str, Any]:
+        w = _int8_codes(problem)
+        state = {"w_t": w.t(), "scale": problem.weight.qparams.scale.float().reshape(1, -1),
+                 "bias": problem.bias, "config": problem.config}
+        if problem.config.activation_mode == "static":
+            qp = problem.act_qparams
+            shift = 128 if not problem.config.activation.signed else 0  # uint8 codes -> int8 codes
+            state.update(x_scale=float(qp.scale), x_zero=int(qp.zero_point if qp.zero_point is not None else 0) - shift,
+                         shift=shift, colsum=w.to(torch.int32).sum(dim=1).reshape(1, -1),
+                         qmin=problem.config.activation.qmin, qmax=problem.config.activation.qmax)
+        return state
+
+    def run(self, state: dict[str, Any], x: Tensor) -> Tensor:
+        x = x.float()
+        m = x.shape[0]
+        if "x_scale" in state:
+            s_x = state["x_scale"]
+            q = torch.clamp(torch.round(x / s_x) + state["x_zero"] + state["shift"], state["qmin"], state["qmax"])
+            q = (q - state["shift"]).to(torch.int8)
+        else:
+            s_x = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+            q = torch.clamp(torch.round(x / s_x), -127, 127).to(torch.int8)
+        if m <= 16:
+            q = F.pad(q, (0, 0, 0, 17 - m))
+        acc = torch._int_mm(q, state["w_t"])[:m]
+        if "x_scale" in state:
+            acc = acc - state["x_zero"] * state["colsum"]
+        y = acc.float() * (s_x * state["scale"])
+        return y if state["bias"] is None else y + state["bias"]
+
+
+class FbgemmDynamic(KernelPath):
+    name = "fbgemm_dynamic"
+
+    def eligible(self, problem: LinearProblem, m: int) -> bool:
+        act = problem.config.activation
+        return (m == 1 and _int8_symmetric_channel(problem) and problem.config.activation_mode == "dynamic"
+                and act is not None and isinstance(act.granularity, PerToken)
+                and "fbgemm" in torch.backends.quantized.supported_engines)
+
+    def prepare(self, problem: LinearProblem) -> Any:
+        w = _int8_codes(problem)
+        scale = problem.weight.qparams.scale.double().reshape(-1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(w, scale, torch.zeros_like(scale, dtype=torch.long), 0)
+            bias = None if problem.bias is None else problem.bias.detach().float()
+            return torch.ops.quantized.linear_prepack(qw, bias)
+
+    def run(self, state: Any, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), state, False)
+
+
+class Int8WeightBF16(KernelPath):
+    name = "int8_weight_bf16"
+
+    def eligible(self, problem: LinearProblem, m: int) -> bool:
+        return (_int8_symmetric_channel(problem) and problem.config.activation_mode == "none"
+                and available("_weight_int8pack_mm"))
+
+    def prepare(self, problem: LinearProblem) -> dict[str, Any]:
+        return {"w": _int8_codes(problem), "scale": problem.weight.qparams.scale.reshape(-1).to(torch.bfloat16),
+                "bias": problem.bias}
+
+    def run(self, state: dict[str, Any], x: Tensor) -> Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), state["w"], state["scale"]).float()
+        return y if state["bias"] is None else y + state["bias"]
+
+
+class Int4WeightBF16(KernelPath):
+    name = "int4_weight_bf16"
+    GROUPS = (32, 64, 128, 256)
+
+    def eligible(self, problem: LinearProblem, m: int) -> bool:
+        spec = problem.weight.spec
+        g = spec.granularity
+        return (spec.mapping == "uniform" and spec.bits == 4 and not spec.symmetric and not spec.signed
+                and isinstance(g, PerGroup) and g.size in self.GROUPS and problem.in_features % g.size == 0
+                and problem.out_features % 16 == 0 and problem.config.activation_mode == "none"
+                and available("_weight_int4pack_mm_for_cpu"))
+
+    def prepare(self, problem: LinearProblem) -> dict[str, Any]:
+        qt = problem.weight.qtensor()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qt.codes.to(torch.int32).contiguous(), 2)
+        scale = qt.qparams.scale.float()                        # (N, K / g)
+        zero = (8 - qt.qparams.zero_point.float()) * scale      # float zero of the (q - 8) s + z form
+        scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        return {"w": packed, "group": qt.spec.granularity.size, "sz": scales_zeros, "bias": problem.bias}
+
+    def run(self, state: dict[str, Any], x: Tensor) -> Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), state["w"], state["group"], state["sz"])
+        y = y.float()
+        return y if state["bias"] is None else y + state["bias"]
+
+
+class DequantMatmul(KernelPath):
+    name = "dequant_matmul"
+    integer = False
+    note = "no integer kernel for this format/shape: weights are unpacked and multiplied in fp32"
+
+    def eligible(self, problem: LinearProblem, m: int) -> bool:
+        return True
+
+    def prepare(self, problem: LinearProblem) -> LinearProblem:
+        return problem
+
+    def run(self, state: LinearProblem, x: Tensor) -> Tensor:
+        cfg = state.config
+        x = x.float()
+        if cfg.activation_mode == "dynamic":
+            x = fake_quantize(x, cfg.activation)
+        elif cfg.activation_mode == "static":
+            x = fake_quantize(x, cfg.activation, state.act_qparams)
+        return F.linear(x, state.weight.dequantize(), state.bias)
+
+
+PATHS: tuple[KernelPath, ...] = (IntMM(), FbgemmDynamic(), Int8WeightBF16(), Int4WeightBF16(), DequantMatmul())
+"""Every linear path, in order of preference when timings tie."""

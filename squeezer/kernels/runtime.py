@@ -1,0 +1,110 @@
+"""Packed runtimes: what a quantized layer calls in ``packed`` mode.
+
+* linear: ``x (..., K)`` is flattened to ``(m, K)`` and sent to the path chosen for ``m``'s
+  bucket; only the chosen paths' prepared weights are kept.
+* conv: the packed weight is reconstructed per call and convolved in fp32 (no integer conv
+  kernel here); activations are fake-quantized as configured.
+* embedding: codes are kept one byte each so rows can be gathered, then only the gathered
+  rows are reconstructed: ``out = (codes[idx] - Z[idx]) * S[idx]`` (or ``levels[codes[idx]]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..quant.core import QParams, QTensor, dequantize
+from ..quant.spec import PerChannel
+from .base import KernelPath, LinearProblem, PackedWeight
+from .paths import PATHS
+from .select import BUCKETS, bucket_of, choose
+
+
+@dataclass
+class PackedLinear:
+    """Chosen path per rows-bucket for one linear layer."""
+
+    problem: LinearProblem
+    choice: list[str]
+    states: dict[str, Any]
+    paths: dict[str, KernelPath] = field(default_factory=lambda: {p.name: p for p in PATHS})
+
+    @classmethod
+    def build(cls, problem: LinearProblem, paths: tuple[KernelPath, ...] = PATHS) -> "PackedLinear":
+        eligible = [p for p in paths if any(p.eligible(problem, m) for _, m in BUCKETS)]
+        states = {p.name: p.prepare(problem) for p in eligible}
+        choice = [choose(problem, paths, states, b) for b in range(len(BUCKETS))]
+        return cls(problem, choice, {name: states[name] for name in set(choice)}, {p.name: p for p in paths})
+
+    def __call__(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        name = self.choice[bucket_of(x2.shape[0])]
+        y = self.paths[name].run(self.states[name], x2)
+        return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
+
+    @property
+    def weight(self) -> PackedWeight:
+        return self.problem.weight
+
+    def describe(self) -> dict[str, str]:
+        return {f"m<={top}" if top < 1 << 62 else f"m>{BUCKETS[-2][0]}": name
+                for (top, _), name in zip(BUCKETS, self.choice)}
+
+    def nbytes(self) -> int:
+        """Bytes held at run time: the packed weight (for fallback / saving) + chosen states."""
+        total = self.weight.nbytes
+        for state in self.states.values():
+            if isinstance(state, dict):
+                total += sum(t.numel() * t.element_size() for t in state.values()
+                             if isinstance(t, Tensor) and t is not self.problem.bias)
+        return total
+
+
+@dataclass
+class PackedConv:
+    """Reconstruct the packed weight and run the layer's own conv op."""
+
+    layer: Any
+    weight: PackedWeight
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.layer._op(self.layer.quantize_input(x), self.weight.dequantize().to(x.dtype))
+
+    def describe(self) -> dict[str, str]:
+        return {"all": "dequant_conv"}
+
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+
+@dataclass
+class PackedEmbedding:
+    """Gather one-byte codes by index and reconstruct only those rows."""
+
+    layer: Any
+    weight: PackedWeight
+    codes: Tensor
+
+    @classmethod
+    def build(cls, layer: Any, qt: QTensor) -> "PackedEmbedding":
+        return cls(layer, PackedWeight.from_qtensor(qt), qt.codes.contiguous())
+
+    def __call__(self, idx: Tensor) -> Tensor:
+        spec, qp = self.weight.spec, self.weight.qparams
+        rows = idx.reshape(-1)
+        if isinstance(spec.granularity, PerChannel) and spec.granularity.axis == 0 and (qp.levels is None or qp.levels.dim() == 1):
+            zero = None if qp.zero_point is None else qp.zero_point[rows]
+            out = dequantize(QTensor(self.codes[rows], QParams(qp.scale[rows], zero, qp.levels), spec))
+        else:
+            out = F.embedding(rows, self.weight.dequantize())
+        return out.reshape(*idx.shape, out.shape[-1])
+
+    def describe(self) -> dict[str, str]:
+        return {"all": "gather_rows"}
+
+    def nbytes(self) -> int:
+        return self.codes.numel() * self.codes.element_size() + self.weight.nbytes - self.weight.packed.numel()
