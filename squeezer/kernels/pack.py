@@ -12,11 +12,13 @@ from ..modules import QuantEmbedding, QuantLinear, quant_layers
 from .base import KernelPath, LinearProblem, PackedWeight
 from .paths import PATHS
 from .runtime import PackedConv, PackedEmbedding, PackedLinear
+from .select import BUCKETS
 
 
 @dataclass
 class PackedLayer:
-    """One packed layer: kernel per rows-bucket, real bytes, and a warning when no integer kernel fits."""
+    """One packed layer: the kernel timed fastest per rows-bucket, real bytes, and a warning when
+    no integer kernel fits the layer's format or shape (a float fallback timed faster is no warning)."""
 
     name: str
     format: str
@@ -30,7 +32,6 @@ def pack(model: nn.Module, paths: tuple[KernelPath, ...] = PATHS) -> list[Packed
     layers = quant_layers(model)
     if not layers:
         raise ModelError("model has no quantized layers: call squeezer.quantize first")
-    by_name = {p.name: p for p in paths}
     out: list[PackedLayer] = []
     for name, layer in layers.items():
         if layer.is_packed:
@@ -42,7 +43,8 @@ def pack(model: nn.Module, paths: tuple[KernelPath, ...] = PATHS) -> list[Packed
         if isinstance(layer, QuantLinear):
             bias = None if layer.bias is None else layer.bias.detach()
             runtime = PackedLinear.build(LinearProblem(PackedWeight.from_qtensor(qt), bias, layer.config, layer.act_qparams), paths)
-            if not any(by_name[k].integer for k in runtime.choice):
+            problem = runtime.problem
+            if not any(p.integer and p.eligible(problem, m) for p in paths for _, m in BUCKETS):
                 warning = next(p.note for p in paths if not p.integer)
         elif isinstance(layer, QuantEmbedding):
             if layer.max_norm is not None:

@@ -3,11 +3,13 @@
 * ``int_mm``: ``y = s_x s_w (X_q W_q^T - z_x colsum(W_q)) + b`` with ``torch._int_mm`` (int8 x int8
   -> int32); activations quantized exactly as the layer specifies (dynamic per token or
   static per tensor), so the result equals the simulated layer up to float rounding.
-  ``_int_mm`` needs more than 16 rows: smaller inputs are zero-padded to 17.
+  ``_int_mm`` needs more than 16 rows: smaller inputs are zero-padded to 17. Taken only for
+  ``K % 8 == 0`` (measured here: wrong sums for ``K = 1``).
 * ``fbgemm_dynamic``: ``quantized::linear_dynamic`` (fbgemm, VNNI): one asymmetric uint8 scale
   for the whole input, which equals (or beats) per-token int8 only for one row; eligible there.
 * ``int8_weight_bf16``: ``aten._weight_int8pack_mm`` on bf16 activations (weight-only int8,
-  per-channel symmetric); the op is slow on fp32 inputs, so inputs are cast to bf16.
+  per-channel symmetric); the op is slow on fp32 inputs, so inputs are cast to bf16. Taken only
+  for ``K % 16 == 0``: measured here, other ``K`` give wrong results or crash the process.
 * ``int4_weight_bf16``: ``aten._weight_int4pack_mm_for_cpu`` (weight-only uint4, groups of 32..256,
   ``K % g == 0``, ``N % 16 == 0``); its dequantization is ``(q - 8) s + z_f`` so squeezer's
   ``(q - Z) S`` maps to ``s = S``, ``z_f = (8 - Z) S``; bf16 activations.
@@ -44,7 +46,8 @@ class IntMM(KernelPath):
 
     def eligible(self, problem: LinearProblem, m: int) -> bool:
         act = problem.config.activation
-        if not (_int8_symmetric_channel(problem) and act is not None and act.bits == 8 and available("_int_mm")):
+        if not (_int8_symmetric_channel(problem) and act is not None and act.bits == 8 and available("_int_mm")
+                and problem.in_features % 8 == 0):
             return False
         if problem.config.activation_mode == "dynamic":
             return isinstance(act.granularity, PerToken) and act.symmetric
@@ -108,7 +111,7 @@ class Int8WeightBF16(KernelPath):
 
     def eligible(self, problem: LinearProblem, m: int) -> bool:
         return (_int8_symmetric_channel(problem) and problem.config.activation_mode == "none"
-                and available("_weight_int8pack_mm"))
+                and problem.in_features % 16 == 0 and available("_weight_int8pack_mm"))
 
     def prepare(self, problem: LinearProblem) -> dict[str, Any]:
         return {"w": _int8_codes(problem), "scale": problem.weight.qparams.scale.reshape(-1).to(torch.bfloat16),
