@@ -103,7 +103,7 @@ class FbgemmDynamic(KernelPath):
             return torch.ops.quantized.linear_prepack(qw, bias)
 
     def run(self, state: Any, x: Tensor) -> Tensor:
-        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), state, False)
+        return torch.ops.quantized.linear_dynamic(x if x.dtype == torch.float32 else x.float(), state, False)
 
 
 class Int8WeightBF16(KernelPath):

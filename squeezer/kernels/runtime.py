@@ -39,12 +39,19 @@ class PackedLinear:
         choice = [choose(problem, paths, states, b) for b in range(len(BUCKETS))]
         return cls(problem, choice, {name: states[name] for name in set(choice)}, {p.name: p for p in paths})
 
+    def __post_init__(self) -> None:
+        # (run, state) per bucket, resolved once: the call below is on the hot path.
+        self._calls = [(self.paths[name].run, self.states[name]) for name in self.choice]
+
     def __call__(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        name = self.choice[bucket_of(x2.shape[0])]
-        y = self.paths[name].run(self.states[name], x2)
-        return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
+        m = x.numel() // x.shape[-1]
+        run, state = self._calls[bucket_of(m)]
+        if x.dim() == 2:
+            y = run(state, x)
+        else:
+            y = run(state, x.reshape(m, x.shape[-1]))
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @property
     def weight(self) -> PackedWeight:

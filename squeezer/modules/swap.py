@@ -76,5 +76,7 @@ def quant_layers(model: nn.Module) -> dict[str, QuantMixin]:
 
 def set_mode(model: nn.Module, mode: str) -> None:
     """Put every quantized layer of ``model`` in ``mode`` (float / observe / simulate / compare)."""
-    for layer in quant_layers(model).values():
+    for name, layer in quant_layers(model).items():
+        if layer.is_packed and mode != "packed":
+            raise RuntimeError(f"layer {name!r} is packed (its float weight is freed): it only runs in mode 'packed'")
         layer.mode = mode
