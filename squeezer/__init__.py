@@ -3,6 +3,7 @@
 from .api import quantize
 from .config import PRESETS, QuantConfig
 from .io.checkpoint import load, save
+from .io.onnx_export import export_onnx
 from .kernels import pack
 from .errors import ConfigError, DataError, ModelError, SqueezerError
 from .quant.core import QParams, QTensor, dequantize, fake_quantize
@@ -10,11 +11,12 @@ from .quant.core import quantize as quantize_tensor
 from .quant.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 from .report import QuantReport
 from .version import __version__
+from . import runtime
 
 
 __all__ = [
-    "quantize", "pack", "save", "load", "QuantConfig", "QuantSpec", "PRESETS", "QuantReport",
+    "quantize", "pack", "save", "load", "export_onnx", "QuantConfig", "QuantSpec", "PRESETS", "QuantReport",
     "PerTensor", "PerChannel", "PerGroup", "PerToken",
     "QParams", "QTensor", "quantize_tensor", "dequantize", "fake_quantize",
-    "SqueezerError", "ConfigError", "DataError", "ModelError", "__version__",
+    "runtime", "SqueezerError", "ConfigError", "DataError", "ModelError", "__version__",
 ]

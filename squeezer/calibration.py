@@ -84,3 +84,20 @@ def run_batches(model: nn.Module, batches: list[Batch], label: str, progress: bo
             outputs.append([t.detach() for t in output_tensors(call_model(model, batch))])
             bar.advance(task)
     return outputs
+
+
+def batch_signature(batch: Batch) -> dict[str, Any]:
+    """Kind (tensor / tuple / dict) and each input's per-row shape and dtype, JSON-ready."""
+    kind = "dict" if isinstance(batch, dict) else "tuple" if isinstance(batch, (tuple, list)) else "tensor"
+    items = batch.items() if isinstance(batch, dict) else enumerate(batch if kind == "tuple" else [batch])
+    return {"kind": kind, "inputs": [{"name": str(k), "shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
+                                     for k, t in items]}
+
+
+def example_from_signature(signature: dict[str, Any], rows: int = 1) -> Batch:
+    """Zero-filled example batch of ``rows`` rows matching :func:`batch_signature`."""
+    tensors = {i["name"]: torch.zeros(rows, *i["shape"], dtype=getattr(torch, i["dtype"])) for i in signature["inputs"]}
+    if signature["kind"] == "dict":
+        return tensors
+    values = tuple(tensors.values())
+    return values if signature["kind"] == "tuple" else values[0]

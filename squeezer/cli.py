@@ -91,6 +91,7 @@ def quantize_cmd(
     from dataclasses import replace
 
     from .api import quantize
+    from .calibration import batch_signature
     from .config import resolve_config
     from .io.atomic import _writable_parent
     from .io.calib_files import load_calibration
@@ -111,7 +112,10 @@ def quantize_cmd(
         batches = None if calib is None else load_calibration(calib, batch_size)
         q = quantize(net, cfg, calib=batches, inplace=True, progress=not json_out)
         report = q.squeezer_report
-        save(q, out, extra={"report": json.loads(report.to_json())})
+        extra = {"report": json.loads(report.to_json()), "model_factory": model}
+        if batches:
+            extra["example_inputs"] = batch_signature(batches[0])
+        save(q, out, extra=extra)
     except SqueezerError as exc:
         _fail(exc)
     if json_out:
@@ -142,6 +146,62 @@ def info(directory: Path = typer.Argument(..., help="A checkpoint directory writ
     size = (directory / TENSORS).stat().st_size if (directory / TENSORS).exists() else 0
     table.caption = f"{TENSORS}: {size:,} bytes"
     console.print(table)
+
+
+@app.command("export")
+def export_cmd(
+    directory: Path = typer.Argument(..., help="A checkpoint directory written by squeezer."),
+    out: Path = typer.Option(..., "--out", help="Output file, e.g. model.onnx."),
+    fmt: str = typer.Option("onnx", "--format", help="Export format: onnx."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model factory (default: the one recorded by quantize)."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Shape of one example input, e.g. 1x61."),
+    json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
+) -> None:
+    """Export a checkpoint for a runtime (ONNX: QDQ / MatMulNBits, runs in ONNX Runtime)."""
+    from dataclasses import asdict
+
+    import torch
+
+    from .calibration import example_from_signature
+    from .errors import ConfigError, DataError
+    from .io.checkpoint import load, read_manifest
+    from .io.onnx_export import export_onnx
+    from .io.user_model import load_factory
+
+    try:
+        if fmt != "onnx":
+            raise ConfigError(f"--format {fmt!r} is not supported; supported: onnx")
+        manifest = read_manifest(directory)
+        factory = model or manifest.get("model_factory")
+        if not factory:
+            raise ConfigError("the checkpoint records no model factory: pass --model pkg.module:factory")
+        if input_shape:
+            try:
+                dims = [int(d) for d in input_shape.lower().replace(",", "x").split("x")]
+            except ValueError:
+                raise ConfigError(f"--input-shape must look like 1x61, got {input_shape!r}") from None
+            example = torch.zeros(*dims)
+        elif "example_inputs" in manifest:
+            example = example_from_signature(manifest["example_inputs"])
+        else:
+            raise ConfigError("the checkpoint records no example input: pass --input-shape, e.g. 1x61")
+        net = load(directory, model=load_factory(factory))
+        if out.exists() and out.is_dir():
+            raise DataError(f"--out {out} is a directory; give a file name such as model.onnx")
+        report = export_onnx(net, example, out)
+    except SqueezerError as exc:
+        _fail(exc)
+    if json_out:
+        print(json.dumps(asdict(report), indent=2))
+        return
+    table = Table(title=f"ONNX export: {out}")
+    table.add_column("layer")
+    table.add_column("exported as")
+    for name, kind in report.layers.items():
+        table.add_row(name, kind)
+    console.print(table)
+    for warning in report.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
 
 
 def main() -> None:

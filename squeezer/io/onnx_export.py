@@ -1,0 +1,352 @@
+"""ONNX export that carries squeezer's integers and runs on ONNX Runtime's integer kernels.
+
+Each quantized layer is exported by a symbolic function that writes its own nodes:
+
+* uniform weights of <= 8 bits per channel / tensor: ``DequantizeLinear(int8|uint8 codes, S, Z, axis=0)``
+  in front of ``MatMul`` / ``Conv`` (QDQ; ONNX Runtime fuses it into integer kernels);
+* uniform 4-bit per-group weights, float activations: ``com.microsoft.MatMulNBits`` (``B: (N, ceil(K/g),
+  g/2)`` two codes a byte, low nibble first; scales ``(N * ceil(K/g))``; zero points packed the same way);
+* codebook weights with one level table (log2, exp, binary, ternary, per-tensor k-means):
+  ``Gather(levels, codes) * S``, codes stored as uint8;
+* other per-group uniform weights of <= 8 bits: uint8 codes decoded in the graph,
+  ``(q - Z) * S`` per ``(N, G, g)`` block (ONNX Runtime folds these two forms into float weights
+  when it loads the model: the file is small, the arithmetic is fp32);
+* static activations: ``QuantizeLinear`` / ``DequantizeLinear`` on the input;
+* dynamic per-token int8 activations with int8 weights: ``s = max|x| / 127`` per row,
+  ``x_q = int8(clip(round(x / s)))``, ``MatMulInteger(x_q, W_q^T) * s * S_w``: integer GEMM with the
+  exact per-token semantics (ONNX has no per-token ``DynamicQuantizeLinear``).
+Anything else is written as its reconstructed float weight and listed in the export report
+as a warning naming the layer (never silently).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..calibration import call_model, output_tensors
+from ..errors import ConfigError, DataError, ModelError
+from ..modules import QuantEmbedding, QuantLinear, quant_layers
+from ..modules.base import QuantMixin
+from ..quant.core import QTensor
+from ..quant.spec import PerChannel, PerGroup, PerTensor, PerToken
+
+_LAYERS: dict[int, tuple[QuantMixin, "ExportReport", str]] = {}
+KIND_LABEL = {"qdq": "DequantizeLinear", "codebook": "uint8 codes -> Gather(levels) * scale",
+              "group": "uint8 codes -> (q - Z) * S per group", "float": "float weight"}
+
+
+@dataclass
+class ExportReport:
+    """What each layer became in the ONNX graph, and the layers stored in float."""
+
+    path: str
+    layers: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _const(g: Any, t: Tensor) -> Any:
+    return g.op("Constant", value_t=t.detach().contiguous())
+
+
+def _scalar(g: Any, value: float, dtype: torch.dtype = torch.float32) -> Any:
+    return _const(g, torch.tensor(value, dtype=dtype))
+
+
+def _unsqueeze_last(g: Any, v: Any) -> Any:
+    return g.op("Unsqueeze", v, _const(g, torch.tensor([-1], dtype=torch.int64)))
+
+
+def _dq_weight(g: Any, qt: QTensor) -> Any:
+    """``DequantizeLinear`` of uniform codes, per tensor (scalar params) or per channel (axis 0)."""
+    spec = qt.spec
+    dtype = torch.int8 if spec.signed else torch.uint8
+    scale = qt.qparams.scale.float().reshape(-1)
+    zero = torch.zeros_like(scale, dtype=dtype) if qt.qparams.zero_point is None else qt.qparams.zero_point.reshape(-1).to(dtype)
+    if isinstance(spec.granularity, PerTensor):
+        return g.op("DequantizeLinear", _const(g, qt.codes.to(dtype)), _const(g, scale[0]), _const(g, zero[0]))
+    return g.op("DequantizeLinear", _const(g, qt.codes.to(dtype)), _const(g, scale), _const(g, zero), axis_i=0)
+
+
+def _codebook_weight(g: Any, qt: QTensor) -> Any:
+    """``Gather(levels, codes) * S`` with one shared level table."""
+    w = g.op("Gather", _const(g, qt.qparams.levels.float().reshape(-1)), g.op("Cast", _const(g, qt.codes.to(torch.uint8)), to_i=6))
+    scale = qt.qparams.scale.float()
+    shape = [-1] + [1] * (qt.codes.dim() - 1) if isinstance(qt.spec.granularity, PerChannel) else [1] * qt.codes.dim()
+    return g.op("Mul", w, _const(g, scale.reshape(shape)))
+
+
+def _group_weight(g: Any, qt: QTensor) -> Any:
+    """Per-group uniform codes decoded in the graph: ``((codes - Z) * S)`` on ``(N, G, g)`` blocks."""
+    n = qt.codes.shape[0]
+    k = qt.codes[0].numel()
+    size = qt.spec.granularity.size
+    blocks = -(-k // size)
+    codes = torch.zeros(n, blocks * size, dtype=torch.int16)
+    codes[:, :k] = qt.codes.reshape(n, k).to(torch.int16) - qt.spec.qmin  # shift to unsigned
+    w = g.op("Cast", _const(g, codes.to(torch.uint8).reshape(n, blocks, size)), to_i=1)
+    zero = torch.zeros(n, blocks) if qt.qparams.zero_point is None else qt.qparams.zero_point.float()
+    w = g.op("Mul", g.op("Sub", w, _const(g, (zero - qt.spec.qmin).reshape(n, blocks, 1))),
+             _const(g, qt.qparams.scale.float().reshape(n, blocks, 1)))
+    w = g.op("Reshape", w, _const(g, torch.tensor([n, blocks * size], dtype=torch.int64)))
+    w = g.op("Slice", w, _const(g, torch.tensor([0], dtype=torch.int64)), _const(g, torch.tensor([k], dtype=torch.int64)),
+             _const(g, torch.tensor([1], dtype=torch.int64)))
+    return g.op("Reshape", w, _const(g, torch.tensor(list(qt.codes.shape), dtype=torch.int64)))
+
+
+def _weight_kind(layer: QuantMixin) -> str:
+    spec = layer.weight_spec
+    g = spec.granularity
+    axis0 = isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0)
+    if spec.mapping == "uniform" and spec.bits <= 8 and axis0:
+        return "qdq"
+    if (spec.mapping == "uniform" and spec.bits == 4 and isinstance(g, PerGroup) and isinstance(layer, QuantLinear)
+            and layer.config.activation_mode == "none" and g.size >= 16 and g.size & (g.size - 1) == 0):
+        return "nbits"
+    if spec.mapping == "uniform" and spec.bits <= 8 and isinstance(g, PerGroup):
+        return "group"
+    levels = layer.weight_qtensor().qparams.levels
+    if spec.is_codebook and axis0 and (levels.dim() == 1 or levels.shape[0] == 1):
+        return "codebook"
+    return "float"
+
+
+def _weight_node(g: Any, layer: QuantMixin, qt: QTensor, kind: str) -> Any:
+    if kind == "qdq":
+        return _dq_weight(g, qt)
+    if kind == "codebook":
+        return _codebook_weight(g, qt)
+    if kind == "group":
+        return _group_weight(g, qt)
+    return _const(g, qt.dequantize())
+
+
+def _quantize_input_static(g: Any, x: Any, layer: QuantMixin) -> Any:
+    spec, qp = layer.act_spec, layer.act_qparams
+    dtype = torch.int8 if spec.signed else torch.uint8
+    zero = torch.tensor(0 if qp.zero_point is None else int(qp.zero_point.reshape(-1)[0]), dtype=dtype)
+    scale = _scalar(g, float(qp.scale.reshape(-1)[0]))
+    return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, _const(g, zero)), scale, _const(g, zero))
+
+
+def _per_row_scale(g: Any, x: Any, qmax: int) -> Any:
+    amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
+    return g.op("Max", g.op("Div", amax, _scalar(g, float(qmax))), _scalar(g, 1e-12))
+
+
+def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin) -> Any:
+    """Per-token symmetric fake quantization in float ops (no integer kernel)."""
+    spec = layer.act_spec
+    s = _per_row_scale(g, x, spec.qmax)
+    q = g.op("Clip", g.op("Round", g.op("Div", x, s)), _scalar(g, float(spec.qmin)), _scalar(g, float(spec.qmax)))
+    return g.op("Mul", q, s)
+
+
+def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, name: str) -> Any:
+    qt = layer.weight_qtensor()
+    kind = _weight_kind(layer)
+    bias = None if layer.bias is None else _const(g, layer.bias.detach().float())
+    mode = layer.config.activation_mode
+    act = layer.act_spec
+    if mode == "dynamic" and kind == "qdq" and act.bits == 8 and act.symmetric and qt.spec.symmetric and qt.spec.signed:
+        s = _per_row_scale(g, x, 127)
+        xq = g.op("Cast", g.op("Clip", g.op("Round", g.op("Div", x, s)), _scalar(g, -127.0), _scalar(g, 127.0)),
+                  to_i=3)  # 3 = INT8
+        acc = g.op("MatMulInteger", xq, _const(g, qt.codes.to(torch.int8).t()))
+        scale_w = qt.qparams.scale.float().reshape(-1) if isinstance(qt.spec.granularity, PerChannel) else qt.qparams.scale.float().reshape(1)
+        y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), s), _const(g, scale_w))
+        report.layers[name] = "MatMulInteger (int8 weights, dynamic per-token int8 activations)"
+        return y if bias is None else g.op("Add", y, bias)
+    if mode == "static":
+        x = _quantize_input_static(g, x, layer)
+    elif mode == "dynamic":
+        x = _fake_quantize_dynamic(g, x, layer)
+        report.warnings.append(f"layer {name!r}: dynamic activations exported as float fake-quantization")
+    if kind == "nbits":
+        y = _matmul_nbits(g, x, qt)
+        report.layers[name] = f"MatMulNBits (uint4, block {qt.spec.granularity.size})"
+    else:
+        w = _weight_node(g, layer, qt, kind)
+        y = g.op("MatMul", x, g.op("Transpose", w, perm_i=[1, 0]))
+        report.layers[name] = KIND_LABEL[kind] + " + MatMul" + (" (static QDQ activations)" if mode == "static" else "")
+        if kind == "float":
+            report.warnings.append(f"layer {name!r}: {qt.spec.describe()} has no ONNX integer form; stored as float")
+    return y if bias is None else g.op("Add", y, bias)
+
+
+def nbits_tensors(qt: QTensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``MatMulNBits`` inputs ``(B, scales, zero_points)`` for 4-bit per-group codes of shape ``(N, K)``."""
+    n, k = qt.codes.shape
+    gsize = qt.spec.granularity.size
+    blocks = -(-k // gsize)
+    offset = 0 if not qt.spec.signed else 8  # signed symmetric codes -> unsigned with zero point 8
+    codes = torch.zeros(n, blocks * gsize, dtype=torch.uint8)
+    codes[:, :k] = (qt.codes.to(torch.int16) + offset).to(torch.uint8)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, blocks, gsize // 2)
+    zp = torch.full((n, blocks), 8, dtype=torch.uint8) if qt.qparams.zero_point is None else (
+        qt.qparams.zero_point.to(torch.int16) + offset).to(torch.uint8).reshape(n, blocks)
+    zp = torch.nn.functional.pad(zp, (0, blocks % 2))
+    zp_packed = (zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1)
+    return packed.contiguous(), qt.qparams.scale.float().reshape(-1).contiguous(), zp_packed.contiguous()
+
+
+def _matmul_nbits(g: Any, x: Any, qt: QTensor, accuracy_level: int = 4) -> Any:
+    b, scales, zp = nbits_tensors(qt)
+    n, k = qt.codes.shape
+    return g.op("com.microsoft::MatMulNBits", x, _const(g, b), _const(g, scales), _const(g, zp),
+                K_i=k, N_i=n, bits_i=4, block_size_i=qt.spec.granularity.size, accuracy_level_i=accuracy_level)
+
+
+def _conv_symbolic(g: Any, x: Any, layer: QuantMixin, report: ExportReport, name: str) -> Any:
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        raise ConfigError(f"layer {name!r}: ONNX export supports zero padding given as numbers, got "
+                          f"padding={layer.padding!r}, padding_mode={layer.padding_mode!r}")
+    qt = layer.weight_qtensor()
+    kind = _weight_kind(layer)
+    if layer.config.activation_mode == "static":
+        x = _quantize_input_static(g, x, layer)
+    elif layer.config.activation_mode == "dynamic":
+        raise ConfigError(f"layer {name!r}: dynamic activations of a convolution have no ONNX form; use static")
+    w = _weight_node(g, layer, qt, kind)
+    pads = list(layer.padding) * 2
+    args = [x, w] + ([] if layer.bias is None else [_const(g, layer.bias.detach().float())])
+    report.layers[name] = KIND_LABEL[kind] + " + Conv"
+    if kind == "float":
+        report.warnings.append(f"layer {name!r}: {qt.spec.describe()} has no ONNX integer form; stored as float")
+    return g.op("Conv", *args, kernel_shape_i=list(layer.kernel_size), strides_i=list(layer.stride),
+                pads_i=pads, dilations_i=list(layer.dilation), group_i=layer.groups)
+
+
+def _embedding_symbolic(g: Any, idx: Any, layer: QuantEmbedding, report: ExportReport, name: str) -> Any:
+    qt = layer.weight_qtensor()
+    spec = qt.spec
+    per_row = isinstance(spec.granularity, PerChannel) and spec.granularity.axis == 0
+    if spec.mapping == "uniform" and per_row and spec.bits <= 8:
+        rows = g.op("Cast", g.op("Gather", _const(g, qt.codes.to(torch.int8 if spec.signed else torch.uint8)), idx), to_i=1)
+        if qt.qparams.zero_point is not None:
+            zero = g.op("Gather", _const(g, qt.qparams.zero_point.float().reshape(-1)), idx)
+            rows = g.op("Sub", rows, _unsqueeze_last(g, zero))
+        report.layers[name] = "Gather int8 rows, then dequantize"
+        return g.op("Mul", rows, _unsqueeze_last(g, g.op("Gather", _const(g, qt.qparams.scale.float().reshape(-1)), idx)))
+    kind = _weight_kind(layer)
+    report.layers[name] = KIND_LABEL[kind] + " + Gather"
+    if kind == "float":
+        report.warnings.append(f"layer {name!r}: {spec.describe()} has no ONNX integer form; stored as float")
+    return g.op("Gather", _weight_node(g, layer, qt, kind), idx)
+
+
+class _QuantLayerOp(torch.autograd.Function):
+    """Runs the layer for tracing; ``symbolic`` writes its ONNX nodes."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, key: int) -> Tensor:  # type: ignore[override]
+        layer = _LAYERS[key][0]
+        tracing = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)  # the symbolic below stands for this computation
+        try:
+            with torch.no_grad():
+                if layer.is_packed:
+                    return layer.runtime(x).detach()
+                return layer._op(layer.quantize_input(x), layer.quantized_weight()).detach()
+        finally:
+            torch._C._set_tracing_state(tracing)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, key: int) -> Any:
+        layer, report, name = _LAYERS[key]
+        if isinstance(layer, QuantLinear):
+            return _linear_symbolic(g, x, layer, report, name)
+        if isinstance(layer, QuantEmbedding):
+            return _embedding_symbolic(g, x, layer, report, name)
+        return _conv_symbolic(g, x, layer, report, name)
+
+
+@contextlib.contextmanager
+def _export_forwards(model: nn.Module, report: ExportReport) -> Iterator[None]:
+    layers = quant_layers(model)
+    saved = {name: layer.__dict__.get("forward") for name, layer in layers.items()}
+    try:
+        for name, layer in layers.items():
+            if layer.config.activation_mode == "static" and layer.act_qparams is None:
+                raise ConfigError(f"layer {name!r}: static activations are not calibrated")
+            key = len(_LAYERS) + 1
+            _LAYERS[key] = (layer, report, name)
+            layer.forward = (lambda k: (lambda x: _QuantLayerOp.apply(x, k)))(key)
+        yield
+    finally:
+        for key in [k for k, v in _LAYERS.items() if v[1] is report]:
+            del _LAYERS[key]
+        for name, layer in layers.items():
+            if saved[name] is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = saved[name]
+
+
+def _names_and_axes(example: Any) -> tuple[tuple, list[str], dict[str, dict[int, str]], dict[str, Tensor], bool]:
+    if isinstance(example, Tensor):
+        example = (example,)
+    if isinstance(example, dict):
+        args, names, kwargs = (), list(example), dict(example)
+        tensors = list(example.values())
+    else:
+        args, kwargs = tuple(example), {}
+        names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+        tensors = list(args)
+    for name, t in zip(names, tensors):
+        if not isinstance(t, Tensor):
+            raise DataError(f"example input {name!r} must be a tensor, got {type(t).__name__}")
+    # token ids (integer, 2-D+) have a dynamic sequence axis, and so does every input sharing its length
+    seq = {t.shape[1] for t in tensors if not t.is_floating_point() and t.dim() >= 2}
+    axes = {name: {0: "batch", 1: "sequence"} if t.dim() >= 2 and t.shape[1] in seq else {0: "batch"}
+            for name, t in zip(names, tensors)}
+    return args, names, axes, kwargs, bool(seq)
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int = 17,
+                dynamic_axes: dict[str, dict[int, str]] | None = None) -> ExportReport:
+    """Write ``model`` (quantized, simulated or packed) to ``path`` as ONNX; returns what each layer became.
+
+    ``example_inputs``: a tensor, a tuple (``model(*args)``) or a dict (``model(**kwargs)``); the
+    batch axis (and the sequence axis of integer inputs) is dynamic unless ``dynamic_axes`` says otherwise.
+    """
+    if not quant_layers(model):
+        raise ModelError("model has no quantized layers: call squeezer.quantize first")
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise DataError(f"ONNX output directory {path.parent} does not exist")
+    report = ExportReport(str(path))
+    uses_nbits = any(_weight_kind(layer) == "nbits" for layer in quant_layers(model).values())
+    args, names, axes, kwargs, has_sequence = _names_and_axes(example_inputs)
+    with torch.no_grad():
+        outputs = call_model(model, example_inputs if isinstance(example_inputs, (dict, tuple, list)) else (example_inputs,))
+    out_tensors = output_tensors(outputs)
+    out_names = ["output"] if len(out_tensors) == 1 else [f"output_{i}" for i in range(len(out_tensors))]
+    axes.update({name: {0: "batch", 1: "sequence"} if has_sequence and t.dim() >= 3 else {0: "batch"}
+                 for name, t in zip(out_names, out_tensors)})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent or ".")
+    os.close(fd)
+    was_training = model.training
+    model.eval()
+    try:
+        with _export_forwards(model, report), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, args + ((kwargs,) if kwargs else ()), tmp, dynamo=False, opset_version=opset,
+                              input_names=names, output_names=out_names, dynamic_axes=dynamic_axes or axes,
+                              do_constant_folding=False,
+                              custom_opsets={"com.microsoft": 1} if uses_nbits else None)
+        os.replace(tmp, path)
+    finally:
+        model.train(was_training)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return report

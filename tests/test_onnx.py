@@ -1,0 +1,156 @@
+"""ONNX export: ONNX Runtime loads it, outputs match squeezer's model, integer nodes are present."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+import squeezer
+from squeezer import ConfigError, ModelError
+from squeezer.io.onnx_export import nbits_tensors
+
+from .conftest import SmallCNN, TextModel
+
+# relative tolerance vs squeezer's PyTorch model: ORT's MatMulNBits (accuracy_level 4) and its
+# fused int8 weight kernels quantize activations internally, which costs up to ~1-2 %; ORT
+# rounds x / s of static activations its own way (a few codes differ)
+TOLERANCE = {"w4g128": 0.03, "w8": 0.02, "w8a8-static": 0.01}
+EXPECTED_OPS = {
+    "w8": {"DequantizeLinear"}, "w4g128": {"MatMulNBits"}, "w8a8": {"MatMulInteger"},
+    "w8a8-static": {"QuantizeLinear", "DequantizeLinear"}, "w2g64": {"Cast", "Sub"},
+    "ternary": {"Gather"}, "binary": {"Gather"}, "log2-w4": {"Gather"}, "kmeans-w4": {"Gather"},
+}
+
+
+def _ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(96, 256), nn.ReLU(), nn.Linear(256, 200), nn.ReLU(), nn.Linear(200, 48)).eval()
+
+
+@pytest.mark.parametrize("preset", list(squeezer.PRESETS))
+def test_export_runs_in_onnxruntime(tmp_path, preset):
+    model = _model()
+    q = squeezer.quantize(model, preset, calib=[torch.randn(16, 96) for _ in range(2)])
+    path = tmp_path / "m.onnx"
+    report = squeezer.export_onnx(q, torch.randn(1, 96), path)
+    assert EXPECTED_OPS[preset] <= _ops(path)
+    assert set(report.layers) == {"0", "2", "4"} and not report.warnings
+    run = squeezer.runtime.load(path)
+    for x in (torch.randn(1, 96), torch.randn(7, 96)):  # dynamic batch
+        with torch.no_grad():
+            ref = q(x)
+        out = run(x)
+        assert isinstance(out, torch.Tensor) and out.shape == ref.shape
+        assert (out - ref).norm() / ref.norm() < TOLERANCE.get(preset, 1e-4), preset
+    assert isinstance(run(x.numpy()), np.ndarray)
+
+
+def test_onnx_file_is_small(tmp_path):
+    model = _model()
+    fp32 = tmp_path / "fp32.onnx"
+    torch.onnx.export(model, (torch.randn(1, 96),), str(fp32), dynamo=False)
+    sizes = {}
+    for preset in ("w8", "w4g128"):
+        squeezer.export_onnx(squeezer.quantize(model, preset), torch.randn(1, 96), tmp_path / f"{preset}.onnx")
+        sizes[preset] = (tmp_path / f"{preset}.onnx").stat().st_size
+    assert fp32.stat().st_size / sizes["w8"] > 3.5
+    assert fp32.stat().st_size / sizes["w4g128"] > 5.5
+
+
+def test_weights_in_file_are_squeezers_integers(tmp_path):
+    model = _model()
+    q = squeezer.quantize(model, "w8")
+    path = tmp_path / "m.onnx"
+    squeezer.export_onnx(q, torch.randn(1, 96), path)
+    graph = onnx.load(str(path)).graph
+    consts = [numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"]
+    int8 = [c for c in consts if c.dtype == np.int8 and c.ndim == 2]
+    expected = [q.get_submodule(name).weight_qtensor().codes.numpy() for name in ("0", "2", "4")]
+    assert len(int8) == 3 and all(any(np.array_equal(c, e) for c in int8) for e in expected)
+
+
+def test_matmul_nbits_layout_short_last_group():
+    from squeezer.quant.core import quantize
+    from squeezer.quant.spec import QuantSpec
+
+    w = torch.randn(16, 200)
+    qt = quantize(w, QuantSpec(4, symmetric=False, granularity="group:64"))
+    b, scales, zp = nbits_tensors(qt)
+    assert b.shape == (16, 4, 32) and scales.shape == (64,) and zp.shape == (16 * 2,)
+    codes = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(16, 256)[:, :200]
+    assert torch.equal(codes.to(torch.int8), qt.codes)
+    zps = torch.stack([zp & 0xF, zp >> 4], dim=-1).reshape(16, 4)
+    assert torch.equal(zps.to(torch.int32), qt.qparams.zero_point)
+
+
+def test_cnn_static_and_packed_export(tmp_path, cnn, cnn_batches):
+    q = squeezer.quantize(cnn, "w8a8-static", calib=cnn_batches)
+    squeezer.pack(q)
+    path = tmp_path / "cnn.onnx"
+    report = squeezer.export_onnx(q, cnn_batches[0][:1], path)
+    assert report.layers["conv1"].startswith("DequantizeLinear") and "Conv" in _ops(path)
+    with torch.no_grad():
+        ref = q(cnn_batches[0])
+    out = squeezer.runtime.load(path)(cnn_batches[0])
+    assert (out - ref).norm() / ref.norm() < 0.02
+
+
+def test_keyword_inputs_and_embedding(tmp_path):
+    torch.manual_seed(0)
+    model = TextModel().eval()
+    q = squeezer.quantize(model, "w8")
+    ids = torch.randint(1, 100, (2, 6))
+    example = {"input_ids": ids, "attention_mask": torch.ones(2, 6)}
+    path = tmp_path / "t.onnx"
+    report = squeezer.export_onnx(q, example, path)
+    assert "Gather int8 rows" in report.layers["embed"]
+    run = squeezer.runtime.load(path)
+    longer = {"input_ids": torch.randint(1, 100, (3, 9)), "attention_mask": torch.ones(3, 9)}
+    with torch.no_grad():
+        ref = q(**longer)
+    assert (run(**longer) - ref).norm() / ref.norm() < 0.02
+    with pytest.raises(ModelError, match="no input 'ids'"):
+        run(ids=ids)
+
+
+def test_export_errors(tmp_path, mlp):
+    with pytest.raises(ModelError, match="no quantized layers"):
+        squeezer.export_onnx(mlp, torch.randn(1, 40), tmp_path / "x.onnx")
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ConfigError, match="'0'.*padding"):
+        squeezer.export_onnx(squeezer.quantize(conv, "w8"), torch.randn(1, 1, 5, 5), tmp_path / "c.onnx")
+    assert not list(tmp_path.iterdir()), "a failed export leaves no file behind"
+    with pytest.raises(ModelError, match="does not exist"):
+        squeezer.runtime.load(tmp_path / "missing.onnx")
+
+
+def test_cli_export_from_quantize_checkpoint(tmp_path):
+    from typer.testing import CliRunner
+
+    from squeezer.cli import app
+
+    runner = CliRunner()
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((20, 40)).astype(np.float32))
+    ckpt, onnx_path = tmp_path / "ckpt", tmp_path / "m.onnx"
+    result = runner.invoke(app, ["quantize", "--model", "tests.conftest:MLP", "--preset", "w8a8",
+                                 "--calib", str(tmp_path / "calib.npy"), "--out", str(ckpt)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["export", str(ckpt), "--format", "onnx", "--out", str(onnx_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)["layers"]) == {"fc1", "fc2", "head"}
+    loaded = squeezer.load(ckpt, model=__import__("tests.conftest", fromlist=["MLP"]).MLP)
+    x = torch.randn(4, 40)
+    with torch.no_grad():
+        assert torch.allclose(squeezer.runtime.load(onnx_path)(x), loaded(x), rtol=1e-3, atol=1e-4)
+    bad = runner.invoke(app, ["export", str(ckpt), "--format", "tflite", "--out", str(tmp_path / "m.tflite")])
+    assert bad.exit_code == 2 and "--format 'tflite' is not supported" in bad.output
