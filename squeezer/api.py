@@ -1,7 +1,8 @@
 """`squeezer.quantize`: post-training quantization of any ``nn.Module``.
 
 Steps: copy the model (unless ``inplace``), swap the selected layers, fix each weight's
-parameters by round-to-nearest, and, when calibration batches are given,
+parameters by round-to-nearest, run the config's weight algorithm (GPTQ, AWQ, ...) stage by
+stage on the calibration batches, and, when calibration batches are given,
 (1) observe activation ranges (static mode), (2) measure each layer's output error in
 isolation, (3) measure the whole model's output error. The report is attached to the
 returned model as ``model.squeezer_report``.
@@ -15,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from .algorithms import make_algorithm, run_algorithm
 from .calibration import Batch, check_batches, run_batches
 from .config import QuantConfig, resolve_config
 from .errors import DataError
@@ -91,6 +93,11 @@ def quantize(
     layers = quant_layers(model)
     for layer in layers.values():
         layer.calibrate_weight()
+    if cfg.algorithm != "rtn":
+        algorithm = make_algorithm(cfg.algorithm, cfg.algorithm_options)
+        if batches is None and algorithm.needs_stats:
+            raise DataError(f"algorithm {cfg.algorithm!r} needs calibration batches: pass calib=...")
+        run_algorithm(model, algorithm, batches or [], progress)
     model_error = None if batches is None else _calibrate(model, batches, progress)
     set_mode(model, "simulate")
     model.train(was_training)

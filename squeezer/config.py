@@ -4,7 +4,9 @@ A config holds a weight :class:`QuantSpec`, an optional activation spec with its
 (``dynamic``: parameters computed per call; ``static``: calibrated by an observer), which
 layer types to take, ``include`` / ``ignore`` regular expressions on module names, and
 ``overrides``: ``{regex: {field: value}}`` applied to the layers whose name matches
-(the first matching pattern wins), e.g. ``{"^head$": {"weight": {"bits": 8}}}``.
+(the first matching pattern wins), e.g. ``{"^head$": {"weight": {"bits": 8}}}``, and the
+weight ``algorithm`` (``rtn``, ``gptq``, ``awq``, ... with ``algorithm_options``). A preset name
+takes an algorithm suffix: ``"w4g128-gptq"`` is ``w4g128`` with GPTQ.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class QuantConfig:
     include: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    algorithm: str = "rtn"
+    algorithm_options: dict[str, Any] = field(default_factory=dict)
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -51,6 +55,8 @@ class QuantConfig:
             raise ConfigError(f"activations support the uniform mapping only, got {self.activation.mapping!r}")
         if self.activation_mode == "static" and isinstance(self.activation.granularity, PerToken):
             raise ConfigError("static activations need per-tensor (or per-channel) ranges, not per-token")
+        if not isinstance(self.algorithm, str) or not isinstance(self.algorithm_options, dict):
+            raise ConfigError("algorithm must be a name and algorithm_options a mapping")
         if self.observer not in OBSERVERS:
             raise ConfigError(f"unknown observer {self.observer!r}; valid: {', '.join(OBSERVERS)}")
         for name in ("layer_types", "include", "ignore"):
@@ -126,6 +132,7 @@ PRESETS: dict[str, QuantConfig] = {
     "w8a8-static": QuantConfig(
         _w(8, PerChannel(0)), _w(8, PerTensor(), symmetric=False), activation_mode="static", name="w8a8-static"
     ),
+    "w3g128": QuantConfig(_w(3, PerGroup(128), symmetric=False), name="w3g128"),
     "w2g64": QuantConfig(_w(2, PerGroup(64), symmetric=False), name="w2g64"),
     "ternary": QuantConfig(_w(2, PerChannel(0), mapping="ternary"), name="ternary"),
     "binary": QuantConfig(_w(1, PerChannel(0), mapping="binary"), name="binary"),
@@ -145,6 +152,14 @@ def resolve_config(config: QuantConfig | str | dict[str, Any]) -> QuantConfig:
     if isinstance(config, str):
         if config in PRESETS:
             return PRESETS[config]
+        base, _, suffix = config.rpartition("-")
+        if base in PRESETS and suffix:
+            from .algorithms import ALGORITHMS  # late: algorithms build on this module
+
+            if suffix in ALGORITHMS:
+                return replace(PRESETS[base], algorithm=suffix, name=config)
+            raise ConfigError(f"unknown algorithm suffix {suffix!r} in preset {config!r}; "
+                              f"valid: {', '.join(sorted(ALGORITHMS))}")
         if config.endswith((".yaml", ".yml")):
             return QuantConfig.from_yaml(config)
         raise ConfigError(f"unknown preset {config!r}; valid presets: {', '.join(PRESETS)}")

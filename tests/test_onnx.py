@@ -23,7 +23,7 @@ from .conftest import SmallCNN, TextModel
 TOLERANCE = {"w4g128": 0.03, "w8": 0.02, "w8a8-static": 0.01}
 EXPECTED_OPS = {
     "w8": {"DequantizeLinear"}, "w4g128": {"MatMulNBits"}, "w8a8": {"MatMulInteger"},
-    "w8a8-static": {"QuantizeLinear", "DequantizeLinear"}, "w2g64": {"Cast", "Sub"},
+    "w8a8-static": {"QuantizeLinear", "DequantizeLinear"}, "w2g64": {"Cast", "Sub"}, "w3g128": {"Cast", "Sub"},
     "ternary": {"Gather"}, "binary": {"Gather"}, "log2-w4": {"Gather"}, "kmeans-w4": {"Gather"},
 }
 

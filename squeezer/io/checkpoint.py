@@ -138,6 +138,8 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module], pack
         with torch.no_grad():
             new.weight.copy_(dequantize(qt, new.weight.dtype))
         new.calibrate_weight(qt.qparams)
+        if f"{name}.input_scale" in tensors:
+            new.input_scale = tensors.pop(f"{name}.input_scale")
         if f"{name}.act.scale" in tensors:
             new.act_qparams = _qparams_from(f"{name}.act", tensors)
         for key in [k for k in tensors if k.startswith(f"{name}.weight.") or k.startswith(f"{name}.act.")]:

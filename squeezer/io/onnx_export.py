@@ -155,6 +155,8 @@ def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, n
     qt = layer.weight_qtensor()
     kind = _weight_kind(layer)
     bias = None if layer.bias is None else _const(g, layer.bias.detach().float())
+    if layer.input_scale is not None:
+        x = g.op("Mul", x, _const(g, layer.input_scale.float()))
     mode = layer.config.activation_mode
     act = layer.act_spec
     if mode == "dynamic" and kind == "qdq" and act.bits == 8 and act.symmetric and qt.spec.symmetric and qt.spec.signed:
@@ -256,7 +258,7 @@ class _QuantLayerOp(torch.autograd.Function):
             with torch.no_grad():
                 if layer.is_packed:
                     return layer.runtime(x).detach()
-                return layer._op(layer.quantize_input(x), layer.quantized_weight()).detach()
+                return layer._op(layer.quantize_input(layer.smooth(x)), layer.quantized_weight()).detach()
         finally:
             torch._C._set_tracing_state(tracing)
 

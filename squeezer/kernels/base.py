@@ -54,6 +54,7 @@ class LinearProblem:
     bias: Tensor | None
     config: QuantConfig
     act_qparams: QParams | None
+    input_scale: Tensor | None = None
 
     @property
     def out_features(self) -> int:

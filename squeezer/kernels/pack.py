@@ -42,7 +42,8 @@ def pack(model: nn.Module, paths: tuple[KernelPath, ...] = PATHS) -> list[Packed
         warning = None
         if isinstance(layer, QuantLinear):
             bias = None if layer.bias is None else layer.bias.detach()
-            runtime = PackedLinear.build(LinearProblem(PackedWeight.from_qtensor(qt), bias, layer.config, layer.act_qparams), paths)
+            runtime = PackedLinear.build(LinearProblem(PackedWeight.from_qtensor(qt), bias, layer.config, layer.act_qparams,
+                                                    layer.input_scale), paths)
             problem = runtime.problem
             if not any(p.integer and p.eligible(problem, m) for p in paths for _, m in BUCKETS):
                 warning = next(p.note for p in paths if not p.integer)

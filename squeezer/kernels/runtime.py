@@ -44,6 +44,8 @@ class PackedLinear:
         self._calls = [(self.paths[name].run, self.states[name]) for name in self.choice]
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.problem.input_scale is not None:
+            x = x * self.problem.input_scale
         m = x.numel() // x.shape[-1]
         run, state = self._calls[bucket_of(m)]
         if x.dim() == 2:

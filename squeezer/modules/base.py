@@ -3,7 +3,7 @@
 A quantized layer keeps its float ``weight`` (so QAT can keep training it), the weight's
 :class:`QParams`, and optionally an activation quantizer. It runs in one of four modes:
 
-* ``float``:    the original layer, untouched (for references and A/B comparisons);
+* ``float``:    the original layer's function (for references and A/B comparisons);
 * ``observe``:  float compute, while the activation observer records the input range;
 * ``simulate``: ``y = op(fq_a(x), fq_w(W))`` with fake quantization (STE gradients);
 * ``compare``:  returns the float output and accumulates the error of the simulated one;
@@ -42,6 +42,7 @@ class QuantMixin:
         self.output_error = ErrorAccumulator()
         self._wq_cache: tuple[int, Tensor] | None = None
         self.runtime: Any = None
+        self.register_buffer("input_scale", None)
         if config.activation_mode == "static":
             self.act_observer = make_observer(config.observer, config.activation)
 
@@ -63,6 +64,12 @@ class QuantMixin:
         """Fix the weight's parameters: given (by an algorithm) or round-to-nearest from the weight."""
         self.weight_qparams = qparams if qparams is not None else compute_qparams(self.weight, self.weight_spec)
         self._wq_cache = None
+
+    def set_quantized(self, weight: Tensor, qparams: QParams) -> None:
+        """Adopt an algorithm's result: ``quantize(weight, qparams)`` gives the chosen codes."""
+        with torch.no_grad():
+            self.weight.copy_(weight.to(self.weight.dtype).reshape(self.weight.shape))
+        self.calibrate_weight(qparams)
 
     def freeze_activation(self) -> None:
         """Turn the observed input range into fixed activation parameters (static mode)."""
@@ -112,7 +119,13 @@ class QuantMixin:
             raise RuntimeError(f"{type(self).__name__}: static activations need calibration data before use")
         return fake_quantize(x, spec, self.act_qparams)
 
+    def smooth(self, x: Tensor) -> Tensor:
+        """``x * input_scale`` when an algorithm (SmoothQuant, AWQ) moved a per-input-channel factor
+        ``s`` into the weight (``W <- W diag(s)``, ``input_scale = 1 / s``); the float function is unchanged."""
+        return x if self.input_scale is None else x * self.input_scale
+
     def forward(self, x: Tensor) -> Tensor:
+        x = self.smooth(x)
         if self.mode == "float":
             return self._op(x, self.weight)
         if self.mode == "observe":

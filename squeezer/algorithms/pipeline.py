@@ -1,0 +1,101 @@
+"""Sequential, block-by-block calibration for weight algorithms.
+
+Layers are grouped into stages: each child of the model's block list (the first
+``nn.ModuleList`` whose children hold several quantized layers, e.g. transformer layers)
+is one stage, and every other quantized layer is a stage of its own, in module order. For each
+stage the calibration batches run through the model with the earlier stages already quantized
+(``simulate``) and this and later stages in float; hooks gather :class:`LayerStats` of the stage's
+inputs and the forward stops as soon as every layer of the stage has been seen, so only the
+prefix of the model runs. The algorithm then quantizes the stage, whose quantized outputs feed
+the next one: errors do not compound unseen, and no activations are stored between stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from ..calibration import Batch, call_model
+from ..modules import QuantEmbedding, quant_layers
+from ..modules.base import QuantMixin
+from .base import Algorithm
+from .stats import LayerStats, input_rows
+
+
+class _StageDone(Exception):
+    """Raised by a hook once every layer of the stage has seen its input."""
+
+
+def stages(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """Group quantized layer ``names`` (module order) into stages (see module docstring)."""
+    blocks: list[str] = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            children = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(module))]
+            if sum(any(n.startswith(c + ".") for n in names) for c in children) > 1:
+                blocks = children
+                break
+    groups: list[list[str]] = []
+    for name in names:
+        block = next((b for b in blocks if name.startswith(b + ".")), None)
+        if block is not None and groups and groups[-1][0].startswith(block + "."):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+def collect_stats(model: nn.Module, layers: dict[str, QuantMixin], batches: list[Batch]) -> dict[str, LayerStats]:
+    """Input statistics of ``layers`` over ``batches``, stopping each forward once all were seen."""
+    stats = {name: None for name in layers}
+    seen: set[str] = set()
+
+    def hook(name: str) -> Callable:
+        def pre(layer: nn.Module, args: tuple) -> None:
+            rows = input_rows(layer, layer.smooth(args[0]))
+            if stats[name] is None:
+                stats[name] = LayerStats(rows.shape[1])
+            stats[name].update(rows)
+            seen.add(name)
+            if len(seen) == len(layers):
+                raise _StageDone
+        return pre
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        for batch in batches:
+            seen.clear()
+            try:
+                call_model(model, batch)
+            except _StageDone:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], progress: bool = True) -> list[str]:
+    """Apply ``algorithm`` stage by stage; returns the layers it treated (others keep RTN)."""
+    all_layers = quant_layers(model)
+    targets = [n for n, l in all_layers.items() if not isinstance(l, QuantEmbedding) and algorithm.applies_to(l)]
+    groups = stages(model, targets)
+    for layer in all_layers.values():
+        layer.mode = "float"
+    for layer in (l for n, l in all_layers.items() if n not in targets):
+        layer.mode = "simulate"
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    show = progress and Console(stderr=True).is_terminal
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not show) as bar:
+        task = bar.add_task(f"{algorithm.name}", total=len(groups))
+        for group in groups:
+            layers = {n: all_layers[n] for n in group}
+            stats = collect_stats(model, layers, batches) if algorithm.needs_stats else {n: None for n in group}
+            for name, layer in layers.items():
+                algorithm.quantize_layer(layer, stats[name])
+                layer.mode = "simulate"
+            bar.advance(task)
+    return targets

@@ -1,0 +1,67 @@
+"""Statistics of a layer's inputs over calibration data, in the weight's column space.
+
+A linear layer's input rows are ``x (n, K)``; a convolution's are its im2col patches
+``(n, C_in/groups * kh * kw)`` (first group), matching ``W.reshape(out, -1)``. Kept: ``X^T X``
+(for the GPTQ Hessian ``H = 2 X^T X / n``), column sums, mean |x|, max |x|, and up to
+``max_rows`` rows sampled uniformly at random (for output-error searches).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LayerStats:
+    """Running input statistics of one layer (see module docstring)."""
+
+    def __init__(self, columns: int, max_rows: int = 2048, seed: int = 0) -> None:
+        self.xtx = torch.zeros(columns, columns, dtype=torch.float64)
+        self.sum = torch.zeros(columns, dtype=torch.float64)
+        self.abs_sum = torch.zeros(columns, dtype=torch.float64)
+        self.abs_max = torch.zeros(columns)
+        self.count = 0
+        self.max_rows = max_rows
+        self.sample = torch.zeros(0, columns)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def update(self, rows: Tensor) -> None:
+        """Add input rows ``(n, K)``."""
+        rows = rows.detach().float()
+        r64 = rows.double()
+        self.xtx += r64.T @ r64
+        self.sum += r64.sum(0)
+        self.abs_sum += r64.abs().sum(0)
+        self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0))
+        self.count += rows.shape[0]
+        # reservoir-style: keep a uniform random subset of at most max_rows rows
+        pool = torch.cat([self.sample, rows])
+        if pool.shape[0] > self.max_rows:
+            keep = torch.randperm(pool.shape[0], generator=self._generator)[: self.max_rows]
+            pool = pool[keep.sort().values]
+        self.sample = pool
+
+    def hessian(self) -> Tensor:
+        """``H = 2 X^T X / n`` (float64), the curvature of ``||X W^T - X W'^T||^2`` in ``W``."""
+        return 2 * self.xtx / max(self.count, 1)
+
+    def mean(self) -> Tensor:
+        return (self.sum / max(self.count, 1)).float()
+
+    def mean_abs(self) -> Tensor:
+        return (self.abs_sum / max(self.count, 1)).float()
+
+
+def input_rows(layer: nn.Module, x: Tensor) -> Tensor:
+    """A layer's input as rows in the weight's column space: ``(n, K)``."""
+    if isinstance(layer, nn.Conv2d):
+        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        per_group = cols.shape[1] // layer.groups
+        return cols[:, :per_group].transpose(1, 2).reshape(-1, per_group)
+    if isinstance(layer, nn.Conv1d):
+        cols = F.unfold(x.unsqueeze(-1), (layer.kernel_size[0], 1), dilation=(layer.dilation[0], 1),
+                        padding=(layer.padding[0], 0), stride=(layer.stride[0], 1))
+        per_group = cols.shape[1] // layer.groups
+        return cols[:, :per_group].transpose(1, 2).reshape(-1, per_group)
+    return x.reshape(-1, x.shape[-1])
