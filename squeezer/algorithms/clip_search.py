@@ -77,7 +77,8 @@ class ClipSearch(Algorithm):
 
     def applies_to(self, layer: QuantMixin) -> bool:
         g = layer.weight_spec.granularity
-        return layer.weight_spec.mapping == "uniform" and not isinstance(g, PerTensor)
+        grouped_conv = getattr(layer, "groups", 1) > 1  # statistics cover the first group's inputs only
+        return layer.weight_spec.mapping == "uniform" and not isinstance(g, PerTensor) and not grouped_conv
 
     def quantize_layer(self, layer: QuantMixin, stats: LayerStats | None) -> None:
         w = layer.weight.detach().reshape(layer.weight.shape[0], -1)

@@ -88,16 +88,22 @@ class GPTQResult(NamedTuple):
 
 
 def inverse_hessian_factor(hessian: Tensor, damp: float, tries: int = 6) -> Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (float64), ``lambda = damp * mean diag H``."""
+    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1 = U^T U`` (float64), ``lambda = damp * mean diag H``.
+
+    Computed without forming the inverse: with ``J`` the order-reversing permutation and the
+    lower factor ``J H J = L L^T``, ``H = R R^T`` for the upper ``R = J L J``, hence
+    ``H^-1 = (R^-1)^T R^-1`` and ``U = R^-1 = J L^-1 J``: one Cholesky and one triangular solve
+    (the reference's ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``, same matrix).
+    """
     h = hessian.double()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean_diag = float(torch.diagonal(h).mean())
     lam = damp * mean_diag
     for _ in range(tries):
-        lower, info = torch.linalg.cholesky_ex(h + lam * eye)
+        lower, info = torch.linalg.cholesky_ex(h.flip(0, 1) + lam * eye)
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if int(info) == 0:
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(upper).all()):
                 return upper
         lam = max(10 * lam, 1e-6 * mean_diag)
     raise DataError(f"gptq: the input Hessian is not positive definite even with damping {lam:.3g}")

@@ -17,9 +17,10 @@ from .base import QuantMixin
 
 
 def _adopt(new: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
-    new.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
+    """Own copies: algorithms change the weight in place and must not touch the source layer."""
+    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
     if bias is not None:
-        new.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
 
 class QuantLinear(QuantMixin, nn.Linear):
