@@ -1,0 +1,13 @@
+"""Low-rank factorisation: replace Linear / conv layers by two thinner ones (truncated SVD).
+
+:func:`low_rank` changes the given model in place and returns a :class:`LowRankReport`.
+"""
+
+from .svd import (
+    LowRankLayer, LowRankReport, factorize_conv, factorize_linear, low_rank, rank_for_budget, rank_for_energy, weight_svd,
+)
+
+__all__ = [
+    "low_rank", "factorize_linear", "factorize_conv", "rank_for_energy", "rank_for_budget", "weight_svd",
+    "LowRankReport", "LowRankLayer",
+]
