@@ -6,8 +6,10 @@ is one stage, and every other quantized layer is a stage of its own, in module o
 stage the calibration batches run through the model with the earlier stages already quantized
 (``simulate``) and this and later stages in float; hooks gather :class:`LayerStats` of the stage's
 inputs and the forward stops as soon as every layer of the stage has been seen, so only the
-prefix of the model runs. The algorithm then quantizes the stage, whose quantized outputs feed
-the next one: errors do not compound unseen, and no activations are stored between stages.
+prefix of the model runs. The algorithm then quantizes the stage, static activation ranges of
+the stage are observed (provisionally: the final ranges are observed on the finished model), and
+its quantized outputs feed the next one: errors do not compound unseen, and no activations are
+stored between stages.
 """
 
 from __future__ import annotations
@@ -48,23 +50,22 @@ def stages(model: nn.Module, names: list[str]) -> list[list[str]]:
     return groups
 
 
-def collect_stats(model: nn.Module, layers: dict[str, QuantMixin], batches: list[Batch]) -> dict[str, LayerStats]:
-    """Input statistics of ``layers`` over ``batches``, stopping each forward once all were seen."""
-    stats = {name: None for name in layers}
+def _run_prefix(model: nn.Module, layers: dict[str, QuantMixin], batches: list[Batch],
+                visit: Callable[[str, nn.Module, tuple], None], after: bool = False) -> None:
+    """Run ``batches`` through ``model``; ``visit(name, layer, args)`` sees each of ``layers``' inputs
+    (``after=True``: once the layer itself has run), and each forward stops when all were seen."""
     seen: set[str] = set()
 
     def hook(name: str) -> Callable:
-        def pre(layer: nn.Module, args: tuple) -> None:
-            rows = input_rows(layer, layer.smooth(args[0]))
-            if stats[name] is None:
-                stats[name] = LayerStats(rows.shape[1])
-            stats[name].update(rows)
+        def call(layer: nn.Module, args: tuple, *_: object) -> None:
+            visit(name, layer, args)
             seen.add(name)
             if len(seen) == len(layers):
                 raise _StageDone
-        return pre
+        return call
 
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    handles = [layer.register_forward_hook(hook(name)) if after else layer.register_forward_pre_hook(hook(name))
+               for name, layer in layers.items()]
     try:
         for batch in batches:
             seen.clear()
@@ -75,7 +76,33 @@ def collect_stats(model: nn.Module, layers: dict[str, QuantMixin], batches: list
     finally:
         for h in handles:
             h.remove()
+
+
+def collect_stats(model: nn.Module, layers: dict[str, QuantMixin], batches: list[Batch]) -> dict[str, LayerStats]:
+    """Input statistics of ``layers`` over ``batches`` (smoothed inputs, as the weight sees them)."""
+    stats: dict[str, LayerStats | None] = {name: None for name in layers}
+
+    def visit(name: str, layer: nn.Module, args: tuple) -> None:
+        rows = input_rows(layer, layer.smooth(args[0]))
+        if stats[name] is None:
+            stats[name] = LayerStats(rows.shape[1])
+        stats[name].update(rows)
+
+    _run_prefix(model, layers, batches, visit)
     return stats
+
+
+def observe_stage(model: nn.Module, layers: dict[str, QuantMixin], batches: list[Batch]) -> None:
+    """Static activation ranges of a just-quantized stage, so that later stages see quantized inputs."""
+    static = {n: l for n, l in layers.items() if l.act_observer is not None}
+    if not static:
+        return
+    for layer in static.values():
+        layer.mode = "observe"
+    _run_prefix(model, static, batches, lambda *_: None, after=True)
+    for layer in static.values():
+        layer.freeze_activation()
+        layer.reset_observer()
 
 
 def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], progress: bool = True) -> list[str]:
@@ -96,6 +123,8 @@ def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], 
             stats = collect_stats(model, layers, batches) if algorithm.needs_stats else {n: None for n in group}
             for name, layer in layers.items():
                 algorithm.quantize_layer(layer, stats[name])
+            observe_stage(model, layers, batches)
+            for layer in layers.values():
                 layer.mode = "simulate"
             bar.advance(task)
     return targets

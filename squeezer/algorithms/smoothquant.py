@@ -52,9 +52,12 @@ def smooth_scales(act_max: Tensor, weight: Tensor, alpha: float) -> Tensor:
     return torch.where(dead, torch.ones_like(s), s.clamp_min(_MIN_SCALE))
 
 
-def layer_output_error(layer: QuantMixin, rows: Tensor, weight: Tensor, s: Tensor | None) -> float:
-    """``||X W^T - fq_a(X / s) fq_w(W diag(s))^T||^2`` on ``rows`` (``s = None``: no smoothing)."""
-    reference = rows @ weight.T
+def layer_output_error(layer: QuantMixin, rows: Tensor, weight: Tensor, s: Tensor | None,
+                       reference: Tensor | None = None) -> float:
+    """``||X W^T - fq_a(X / s) fq_w(W diag(s))^T||^2`` on ``rows`` (``s = None``: no smoothing);
+    ``reference``: ``X W^T`` when already computed."""
+    if reference is None:
+        reference = rows @ weight.T
     x = rows if s is None else rows / s
     ws = weight if s is None else weight * s
     spec = layer.act_spec
@@ -93,12 +96,13 @@ class SmoothQuant(Algorithm):
 
     def search(self, layer: QuantMixin, rows: Tensor, weight: Tensor, act_max: Tensor) -> tuple[float | None, Tensor | None, dict]:
         """Best ``(alpha, s)`` (``(None, None)``: the identity won) and the error of each candidate."""
-        errors: dict = {None: layer_output_error(layer, rows, weight, None)}
+        reference = rows @ weight.T
+        errors: dict = {None: layer_output_error(layer, rows, weight, None, reference)}
         best: tuple[float | None, Tensor | None] = (None, None)
         best_err = errors[None]
         for alpha in self.alphas():
             s = smooth_scales(act_max, weight, alpha)
-            err = layer_output_error(layer, rows, weight, s)
+            err = layer_output_error(layer, rows, weight, s, reference)
             errors[alpha] = err
             if err < best_err:
                 best, best_err = (alpha, s), err

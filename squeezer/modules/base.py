@@ -9,6 +9,11 @@ A quantized layer keeps its float ``weight`` (so QAT can keep training it), the 
 * ``compare``:  returns the float output and accumulates the error of the simulated one;
 * ``packed``:   the float weight is gone; a runtime installed by :func:`squeezer.pack` (real
   integer kernels on bit-packed weights) computes the output.
+
+Quantization-aware training (:mod:`squeezer.qat`) may install trainable fake-quantizers as the
+child modules ``weight_fake_quant`` / ``act_fake_quant`` (learned step sizes); while present they
+replace the fixed-parameter ``fq_w`` / ``fq_a``, and ``squeezer.qat.convert`` folds them back
+into ``weight_qparams`` / ``act_qparams``.
 """
 
 from __future__ import annotations
@@ -43,8 +48,7 @@ class QuantMixin:
         self._wq_cache: tuple[int, Tensor] | None = None
         self.runtime: Any = None
         self.register_buffer("input_scale", None)
-        if config.activation_mode == "static":
-            self.act_observer = make_observer(config.observer, config.activation)
+        self.reset_observer()
 
     @property
     def weight_spec(self) -> QuantSpec:
@@ -71,6 +75,11 @@ class QuantMixin:
             self.weight.copy_(weight.to(self.weight.dtype).reshape(self.weight.shape))
         self.calibrate_weight(qparams)
 
+    def reset_observer(self) -> None:
+        """A fresh activation observer (static mode), forgetting what was observed so far."""
+        if self.config.activation_mode == "static":
+            self.act_observer = make_observer(self.config.observer, self.config.activation)
+
     def freeze_activation(self) -> None:
         """Turn the observed input range into fixed activation parameters (static mode)."""
         if self.act_observer is not None:
@@ -92,6 +101,9 @@ class QuantMixin:
         """``fq(W)``; cached while the weight is unchanged and no gradient is needed."""
         if self.is_packed:
             return self.runtime.weight.dequantize()
+        learned = self._modules.get("weight_fake_quant")
+        if learned is not None:
+            return learned(self.weight)
         if self.weight_qparams is None:
             self.calibrate_weight()
         if self.weight.requires_grad and torch.is_grad_enabled():
@@ -113,6 +125,9 @@ class QuantMixin:
         spec = self.act_spec
         if spec is None or not x.is_floating_point():
             return x
+        learned = self._modules.get("act_fake_quant")
+        if learned is not None:
+            return learned(x)
         if self.config.activation_mode == "dynamic":
             return fake_quantize(x, spec)
         if self.act_qparams is None:
