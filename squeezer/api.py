@@ -4,7 +4,8 @@ Steps: copy the model (unless ``inplace``), swap the selected layers, fix each w
 parameters by round-to-nearest, run the config's weight algorithm (GPTQ, AWQ, ...) stage by
 stage on the calibration batches, and, when calibration batches are given,
 (1) observe activation ranges (static mode), (2) measure each layer's output error in
-isolation, (3) measure the whole model's output error. The report is attached to the
+isolation, (3) measure the whole model's output error against its float outputs (taken
+before any algorithm replaced float weights by its rounded choice). The report is attached to the
 returned model as ``model.squeezer_report``.
 """
 
@@ -14,7 +15,7 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .algorithms import make_algorithm, run_algorithm
 from .calibration import Batch, check_batches, run_batches
@@ -31,6 +32,8 @@ def _param_bytes(model: nn.Module) -> int:
 
 
 def _layer_report(name: str, layer: QuantMixin) -> LayerReport:
+    """Weight error against the float weight the user gave (an algorithm may have replaced
+    ``layer.weight`` by its rounded choice and moved a factor into ``input_scale``)."""
     spec = layer.weight_spec
     qt = layer.weight_qtensor()
     w = layer.weight.detach()
@@ -39,12 +42,14 @@ def _layer_report(name: str, layer: QuantMixin) -> LayerReport:
         name=name, kind=type(layer).__name__, format=spec.describe(), mapping=spec.mapping, bits=spec.bits,
         granularity=spec.granularity.describe(), activation=act, params=w.numel(),
         bytes_before=w.numel() * w.element_size(), bytes_after=qt.nbytes(),
-        weight_error=ErrorStats.between(w, qt.dequantize(w.dtype)),
+        weight_error=layer.weight_error or ErrorStats.between(w, qt.dequantize(w.dtype)),
         output_error=layer.output_error.stats() if layer.output_error.count else None,
     )
 
 
-def _calibrate(model: nn.Module, batches: list[Batch], progress: bool) -> ErrorStats | None:
+def _calibrate(model: nn.Module, batches: list[Batch], reference: list[list[Tensor]], progress: bool) -> ErrorStats | None:
+    """Observe static activation ranges, measure each layer's output error in isolation
+    (``compare`` mode), and the model's output error against the float ``reference`` outputs."""
     layers = quant_layers(model)
     if any(layer.act_observer is not None for layer in layers.values()):
         set_mode(model, "observe")
@@ -56,7 +61,7 @@ def _calibrate(model: nn.Module, batches: list[Batch], progress: bool) -> ErrorS
                 except DataError as exc:
                     raise DataError(f"layer {name!r} was not reached by the calibration data ({exc})") from None
     set_mode(model, "compare")
-    reference = run_batches(model, batches, "measuring layer errors", progress)
+    run_batches(model, batches, "measuring layer errors", progress)
     set_mode(model, "simulate")
     quantized = run_batches(model, batches, "measuring model error", progress)
     acc = ErrorAccumulator()
@@ -93,12 +98,16 @@ def quantize(
     layers = quant_layers(model)
     for layer in layers.values():
         layer.calibrate_weight()
+    reference = None
+    if batches is not None:  # float outputs, before any algorithm replaces float weights
+        set_mode(model, "float")
+        reference = run_batches(model, batches, "float reference", progress)
     if cfg.algorithm != "rtn":
         algorithm = make_algorithm(cfg.algorithm, cfg.algorithm_options)
         if batches is None and algorithm.needs_stats:
             raise DataError(f"algorithm {cfg.algorithm!r} needs calibration batches: pass calib=...")
         run_algorithm(model, algorithm, batches or [], progress)
-    model_error = None if batches is None else _calibrate(model, batches, progress)
+    model_error = None if batches is None else _calibrate(model, batches, reference, progress)
     set_mode(model, "simulate")
     model.train(was_training)
     report = QuantReport(config=cfg.to_dict(), skipped=skipped, calibration_batches=len(batches or []))

@@ -18,12 +18,14 @@ from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..calibration import Batch, call_model
-from ..modules import QuantEmbedding, quant_layers
+from ..modules import QuantEmbedding, QuantLinear, quant_layers
 from ..modules.base import QuantMixin
 from .base import Algorithm
+from ..quant.metrics import ErrorStats
 from .stats import LayerStats, input_rows
 
 
@@ -105,6 +107,19 @@ def observe_stage(model: nn.Module, layers: dict[str, QuantMixin], batches: list
         layer.reset_observer()
 
 
+def _measure(layer: QuantMixin, original: Tensor, stats: LayerStats | None) -> None:
+    """Errors against the float weight the algorithm replaced: the weight's, and the layer's output
+    on the sampled calibration rows (``original`` and the result both see the raw rows)."""
+    layer.weight_error = ErrorStats.between(original, layer.effective_weight())
+    if stats is None or not stats.count or not isinstance(layer, QuantLinear):
+        return
+    rows = stats.sample
+    raw = rows if layer.input_scale is None else rows / layer.input_scale  # rows were collected smoothed
+    with torch.no_grad():
+        reference = torch.nn.functional.linear(raw, original.reshape(original.shape[0], -1), layer.bias)
+        layer.output_error.update(reference, layer._op(layer.quantize_input(layer.smooth(raw)), layer.quantized_weight()))
+
+
 def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], progress: bool = True) -> list[str]:
     """Apply ``algorithm`` stage by stage; returns the layers it treated (others keep RTN)."""
     all_layers = quant_layers(model)
@@ -121,9 +136,12 @@ def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], 
         for group in groups:
             layers = {n: all_layers[n] for n in group}
             stats = collect_stats(model, layers, batches) if algorithm.needs_stats else {n: None for n in group}
+            originals = {name: layer.weight.detach().clone() for name, layer in layers.items()}  # one stage
             for name, layer in layers.items():
                 algorithm.quantize_layer(layer, stats[name])
             observe_stage(model, layers, batches)
+            for name, layer in layers.items():
+                _measure(layer, originals.pop(name), stats[name])
             for layer in layers.values():
                 layer.mode = "simulate"
             bar.advance(task)

@@ -138,6 +138,8 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module], pack
         with torch.no_grad():
             new.weight.copy_(dequantize(qt, new.weight.dtype))
         new.calibrate_weight(qt.qparams)
+        if f"{name}.bias" in tensors and new.bias is None:  # added by bias correction
+            new.bias = torch.nn.Parameter(torch.zeros_like(tensors[f"{name}.bias"]))
         if f"{name}.input_scale" in tensors:
             new.input_scale = tensors.pop(f"{name}.input_scale")
         if f"{name}.act.scale" in tensors:

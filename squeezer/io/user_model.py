@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,20 +14,26 @@ from torch import nn
 from ..errors import DataError, ModelError
 
 
-def load_factory(spec: str) -> nn.Module:
-    """Import ``pkg.module:factory`` (the current directory is importable) and call it."""
+def load_attribute(spec: str, flag: str = "--model") -> Callable[..., Any]:
+    """Import the callable ``pkg.module:name`` (the current directory is importable)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ModelError(f"--model must look like pkg.module:factory, got {spec!r}")
+        raise ModelError(f"{flag} must look like pkg.module:function, got {spec!r}")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's module
-        raise ModelError(f"cannot import model module {module_name!r}: {type(exc).__name__}: {exc}") from None
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise ModelError(f"model factory {spec!r}: {module_name} has no callable {attr!r}")
+        raise ModelError(f"{flag}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from None
+    target = getattr(module, attr, None)
+    if target is None or not callable(target):
+        raise ModelError(f"{flag} {spec!r}: {module_name} has no callable {attr!r}")
+    return target
+
+
+def load_factory(spec: str) -> nn.Module:
+    """Import ``pkg.module:factory`` and call it; the result must be an ``nn.Module``."""
+    factory = load_attribute(spec)
     try:
         model = factory()
     except Exception as exc:  # noqa: BLE001

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..config import QuantConfig
 from ..quant.core import QParams, compute_qparams, fake_quantize, quantize
-from ..quant.metrics import ErrorAccumulator
+from ..quant.metrics import ErrorAccumulator, ErrorStats
 from ..quant.observers import Observer, make_observer
 from ..quant.spec import PerChannel, PerToken, QuantSpec
 
@@ -48,6 +48,7 @@ class QuantMixin:
         self._wq_cache: tuple[int, Tensor] | None = None
         self.runtime: Any = None
         self.register_buffer("input_scale", None)
+        self.weight_error: ErrorStats | None = None  # set by an algorithm that rewrote the weight
         self.reset_observer()
 
     @property
@@ -74,6 +75,11 @@ class QuantMixin:
         with torch.no_grad():
             self.weight.copy_(weight.to(self.weight.dtype).reshape(self.weight.shape))
         self.calibrate_weight(qparams)
+
+    def effective_weight(self) -> Tensor:
+        """The float weight the layer applies to its raw input: ``fq(W) * input_scale`` (per column)."""
+        w = self.quantized_weight().detach()
+        return w if self.input_scale is None else w * self.input_scale.reshape(1, -1, *[1] * (w.dim() - 2))
 
     def reset_observer(self) -> None:
         """A fresh activation observer (static mode), forgetting what was observed so far."""
@@ -151,7 +157,8 @@ class QuantMixin:
         if self.mode == "simulate":
             return quantized
         reference = self._op(x, self.weight)
-        self.output_error.update(reference, quantized)
+        if self.weight_error is None:  # else the float weight is the algorithm's choice: measured by the pipeline
+            self.output_error.update(reference, quantized)
         return reference
 
     def _op(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
