@@ -9,13 +9,14 @@ from .errors import ConfigError, DataError, ModelError, SqueezerError
 from .quant.core import QParams, QTensor, dequantize, fake_quantize
 from .quant.core import quantize as quantize_tensor
 from .quant.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from .recipe import compress
 from .report import QuantReport
 from .version import __version__
 from . import runtime
 
 
 __all__ = [
-    "quantize", "pack", "save", "load", "export_onnx", "QuantConfig", "QuantSpec", "PRESETS", "QuantReport",
+    "quantize", "compress", "pack", "save", "load", "export_onnx", "QuantConfig", "QuantSpec", "PRESETS", "QuantReport",
     "PerTensor", "PerChannel", "PerGroup", "PerToken",
     "QParams", "QTensor", "quantize_tensor", "dequantize", "fake_quantize",
     "runtime", "SqueezerError", "ConfigError", "DataError", "ModelError", "__version__",

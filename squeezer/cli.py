@@ -204,6 +204,56 @@ def export_cmd(
         err_console.print(f"[yellow]warning:[/] {warning}")
 
 
+@app.command("compress")
+def compress_cmd(
+    recipe: str = typer.Option(..., "--recipe", help="A bundled recipe name or a YAML file."),
+    model: str = typer.Option(..., "--model", help="Model factory, pkg.module:function returning an nn.Module."),
+    data: Path = typer.Option(..., "--data", help=".npz with arrays x (inputs) and y (targets)."),
+    out: Path = typer.Option(..., "--out", help="Output directory: report.json (+ checkpoint when quantized)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Float weights (.safetensors) to load first."),
+    evaluate: Optional[str] = typer.Option(None, "--eval", help="pkg.module:function(model) -> float, run after each step."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Rows per batch."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Run a compression recipe (prune, lowrank, quantize, qat, distill, finetune) on your model."""
+    from .errors import DataError
+    from .io.atomic import _writable_parent, atomic_directory
+    from .io.calib_files import load_calibration
+    from .io.checkpoint import save
+    from .io.user_model import load_attribute, load_factory, load_weights
+    from .modules import quant_layers
+    from .recipe import compress
+
+    try:
+        _writable_parent(out)
+        net = load_factory(model)
+        if weights is not None:
+            load_weights(net, weights)
+        arrays = load_calibration(data, batch_size)
+        if not isinstance(arrays[0], dict) or set(arrays[0]) != {"x", "y"}:
+            raise DataError(f"--data {data} must be an .npz with exactly the arrays 'x' and 'y'")
+        batches = [(b["x"], b["y"]) for b in arrays]
+        metric = None if evaluate is None else load_attribute(evaluate, "--eval")
+        result = compress(net, recipe, data=batches, evaluate=metric)
+        report = result.squeezer_compression.to_dict()
+        with atomic_directory(out) as tmp:
+            (tmp / "report.json").write_text(_json_text(report))
+            if quant_layers(result):
+                save(result, tmp / "checkpoint", extra={"model_factory": model})
+    except SqueezerError as exc:
+        _fail(exc)
+    if json_out:
+        print(_json_text(report))
+        return
+    table = Table(title=f"squeezer compress: {recipe}")
+    for col in ("step", "params", "non-zero", "bytes", "metric", "seconds"):
+        table.add_column(col, justify="left" if col == "step" else "right")
+    for row in report["rows"]:
+        table.add_row(row["step"], f"{row['params']:,}", f"{row['nonzero_params']:,}", f"{row['bytes']:,}",
+                      _fmt(row["metric"], 4), f"{row['seconds']:.1f}")
+    console.print(table)
+
+
 def main() -> None:
     app()
 

@@ -97,9 +97,9 @@ BAD = [
     (["--bits", "17"], "bits must be an integer in 1..16"),
     (["--bits", "0"], "bits must be an integer in 1..16"),
     (["--group-size", "0"], "group size must be a positive integer"),
-    (["--model", "no_such_module:make"], "cannot import model module 'no_such_module'"),
+    (["--model", "no_such_module:make"], "--model: cannot import module 'no_such_module'"),
     (["--model", "tests.conftest:nothing"], "no callable 'nothing'"),
-    (["--model", "justaname"], "pkg.module:factory"),
+    (["--model", "justaname"], "--model must look like pkg.module:function"),
 ]
 
 
@@ -151,3 +151,36 @@ def test_unwritable_output_directory(tmp_path):
     assert result.exit_code == 2 and str(blocker / "sub") in result.output
     result = invoke("quantize", "--model", FACTORY, "--out", str(blocker))
     assert result.exit_code == 2 and "not a directory" in result.output
+
+
+def credit_auc(model) -> float:
+    """--eval target for the compress test."""
+    from squeezer.examples.credit import evaluate_credit, make_credit_task
+
+    return evaluate_credit(model, make_credit_task())["roc_auc"]
+
+
+def credit_model():
+    from squeezer.examples.credit import CreditMLP
+
+    torch.manual_seed(0)
+    return CreditMLP(61)
+
+
+def test_compress_command(tmp_path):
+    from squeezer.examples.credit import make_credit_task
+
+    task = make_credit_task()
+    np.savez(tmp_path / "d.npz", x=task.x_train.numpy(), y=task.y_train.numpy())
+    out = tmp_path / "out"
+    result = invoke("compress", "--recipe", "prune50-int8-finetune", "--model", "tests.test_cli:credit_model",
+                    "--data", str(tmp_path / "d.npz"), "--eval", "tests.test_cli:credit_auc", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["step"] for r in rows] == ["baseline", "prune", "finetune", "quantize"]
+    assert all(r["metric"] is not None for r in rows)
+    assert (out / "report.json").exists() and (out / "checkpoint" / "manifest.json").exists()
+    np.savez(tmp_path / "bad.npz", inputs=task.x_train.numpy())
+    bad = invoke("compress", "--recipe", "prune50-int8-finetune", "--model", "tests.test_cli:credit_model",
+                 "--data", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "o2"))
+    assert bad.exit_code == 2 and "'x' and 'y'" in bad.output and not (tmp_path / "o2").exists()
