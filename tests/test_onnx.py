@@ -15,7 +15,7 @@ import squeezer
 from squeezer import ConfigError, ModelError
 from squeezer.io.onnx_export import nbits_tensors
 
-from .conftest import SmallCNN, TextModel
+from .conftest import TextModel
 
 # relative tolerance vs squeezer's PyTorch model: ORT's MatMulNBits (accuracy_level 4) and its
 # fused int8 weight kernels quantize activations internally, which costs up to ~1-2 %; ORT

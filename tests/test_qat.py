@@ -352,3 +352,19 @@ def test_fit_errors():
         fit(model, [(torch.randn(4, 12), torch.randn(4, 3))], 1)
     with pytest.raises(ConfigError, match="'loss'"):
         fit(model, _task(), 1, loss_fn=lambda out, y: {"task": out.sum()})
+
+
+def test_unconverted_qat_model_cannot_be_deployed(tmp_path):
+    import pytest as _pytest
+
+    import squeezer
+    from squeezer.qat import prepare_qat
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)).eval()
+    q = prepare_qat(model, "w4g128", learnable_scales=True)
+    for action, call in (("save", lambda: squeezer.save(q, tmp_path / "c")), ("pack", lambda: squeezer.pack(q)),
+                         ("export_onnx", lambda: squeezer.export_onnx(q, torch.randn(1, 16), tmp_path / "m.onnx"))):
+        with _pytest.raises(squeezer.ModelError, match=f"{action}: .*convert"):
+            call()
+    assert not (tmp_path / "c").exists()

@@ -23,9 +23,8 @@ from torch import nn
 from ..version import __version__
 from ..config import QuantConfig
 from ..errors import ModelError
-from ..modules import quant_layers
 from ..modules.layers import quantized_class_for
-from ..modules.swap import set_child
+from ..modules.swap import ensure_deployable, set_child
 from ..quant.core import QParams, QTensor, dequantize
 from .atomic import atomic_directory
 from ..quant.packing import pack_codes, unpack_codes
@@ -50,9 +49,7 @@ def _qparams_from(prefix: str, tensors: dict[str, torch.Tensor]) -> QParams:
 
 def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write a quantized ``model`` to ``directory`` atomically; returns the directory."""
-    layers = quant_layers(model)
-    if not layers:
-        raise ModelError("model has no quantized layers: call squeezer.quantize first")
+    layers = ensure_deployable(model, "save")
     tensors: dict[str, torch.Tensor] = {}
     manifest_layers: dict[str, Any] = {}
     skip = {f"{name}.weight" for name in layers}

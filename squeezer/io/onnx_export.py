@@ -34,11 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration import call_model, output_tensors
-from ..errors import ConfigError, DataError, ModelError
+from ..errors import ConfigError, DataError
 from ..modules import QuantEmbedding, QuantLinear, quant_layers
+from ..modules.swap import ensure_deployable
 from ..modules.base import QuantMixin
 from ..quant.core import QTensor
-from ..quant.spec import PerChannel, PerGroup, PerTensor, PerToken
+from ..quant.spec import PerChannel, PerGroup, PerTensor
 
 _LAYERS: dict[int, tuple[QuantMixin, "ExportReport", str]] = {}
 KIND_LABEL = {"qdq": "DequantizeLinear", "codebook": "uint8 codes -> Gather(levels) * scale",
@@ -321,8 +322,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     ``example_inputs``: a tensor, a tuple (``model(*args)``) or a dict (``model(**kwargs)``); the
     batch axis (and the sequence axis of integer inputs) is dynamic unless ``dynamic_axes`` says otherwise.
     """
-    if not quant_layers(model):
-        raise ModelError("model has no quantized layers: call squeezer.quantize first")
+    ensure_deployable(model, "export_onnx")
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise DataError(f"ONNX output directory {path.parent} does not exist")

@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from ..errors import ConfigError, ModelError
-from ..modules import QuantEmbedding, QuantLinear, quant_layers
+from ..errors import ConfigError
+from ..modules import QuantEmbedding, QuantLinear
+from ..modules.swap import ensure_deployable
 from .base import KernelPath, LinearProblem, PackedWeight
 from .paths import PATHS
 from .runtime import PackedConv, PackedEmbedding, PackedLinear
@@ -29,9 +30,7 @@ class PackedLayer:
 
 def pack(model: nn.Module, paths: tuple[KernelPath, ...] = PATHS) -> list[PackedLayer]:
     """Pack every quantized layer of ``model`` in place (its float weights are freed)."""
-    layers = quant_layers(model)
-    if not layers:
-        raise ModelError("model has no quantized layers: call squeezer.quantize first")
+    layers = ensure_deployable(model, "pack")
     out: list[PackedLayer] = []
     for name, layer in layers.items():
         if layer.is_packed:

@@ -8,7 +8,6 @@ Transformers' ``Conv1D`` (``y = x W + b`` with ``W: (in, out)``) becomes a ``Qua
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

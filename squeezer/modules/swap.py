@@ -80,3 +80,17 @@ def set_mode(model: nn.Module, mode: str) -> None:
         if layer.is_packed and mode != "packed":
             raise RuntimeError(f"layer {name!r} is packed (its float weight is freed): it only runs in mode 'packed'")
         layer.mode = mode
+
+
+def ensure_deployable(model: nn.Module, action: str) -> dict[str, QuantMixin]:
+    """The quantized layers of ``model``, or a clear error when it has none or is still in QAT."""
+    from ..errors import ModelError
+
+    layers = quant_layers(model)
+    if not layers:
+        raise ModelError(f"{action}: the model has no quantized layers: call squeezer.quantize first")
+    training = [n for n, l in layers.items() if "weight_fake_quant" in l._modules or "act_fake_quant" in l._modules]
+    if hasattr(model, "squeezer_qat") or training:
+        raise ModelError(f"{action}: the model is prepared for QAT (layers {training[:3]}): "
+                         "call squeezer.qat.convert(model) first")
+    return layers
