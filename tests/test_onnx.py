@@ -22,7 +22,7 @@ from .conftest import TextModel
 # rounds x / s of static activations its own way (a few codes differ)
 TOLERANCE = {"w4g128": 0.03, "w8": 0.02, "w8a8-static": 0.01}
 EXPECTED_OPS = {
-    "w8": {"DequantizeLinear"}, "w4g128": {"MatMulNBits"}, "w8a8": {"MatMulInteger"},
+    "w8": {"MatMulNBits"}, "w4g128": {"MatMulNBits"}, "w8a8": {"MatMulInteger"},
     "w8a8-static": {"QuantizeLinear", "DequantizeLinear"}, "w2g64": {"Cast", "Sub"}, "w3g128": {"Cast", "Sub"},
     "ternary": {"Gather"}, "binary": {"Gather"}, "log2-w4": {"Gather"}, "kmeans-w4": {"Gather"},
 }
@@ -69,14 +69,21 @@ def test_onnx_file_is_small(tmp_path):
 
 def test_weights_in_file_are_squeezers_integers(tmp_path):
     model = _model()
-    q = squeezer.quantize(model, "w8")
-    path = tmp_path / "m.onnx"
-    squeezer.export_onnx(q, torch.randn(1, 96), path)
-    graph = onnx.load(str(path)).graph
-    consts = [numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"]
-    int8 = [c for c in consts if c.dtype == np.int8 and c.ndim == 2]
-    expected = [q.get_submodule(name).weight_qtensor().codes.numpy() for name in ("0", "2", "4")]
-    assert len(int8) == 3 and all(any(np.array_equal(c, e) for c in int8) for e in expected)
+    names = ("0", "2", "4")
+    for preset in ("w8a8", "w8"):
+        q = squeezer.quantize(model, preset)
+        path = tmp_path / f"{preset}.onnx"
+        squeezer.export_onnx(q, torch.randn(1, 96), path)
+        graph = onnx.load(str(path)).graph
+        consts = [numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"]
+        expected = [q.get_submodule(name).weight_qtensor().codes.numpy() for name in names]
+        if preset == "w8a8":  # MatMulInteger: W^T as int8
+            found = [c.T for c in consts if c.dtype == np.int8 and c.ndim == 2]
+        else:  # MatMulNBits 8 bits: (N, blocks, block) uint8, codes + 128
+            found = [c.reshape(c.shape[0], -1).astype(np.int16) - 128 for c in consts if c.dtype == np.uint8 and c.ndim == 3]
+        assert len(found) == 3
+        for e in expected:
+            assert any(f.shape[0] == e.shape[0] and np.array_equal(f[:, : e.shape[1]], e) for f in found), preset
 
 
 def test_matmul_nbits_layout_short_last_group():

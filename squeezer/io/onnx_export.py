@@ -2,10 +2,12 @@
 
 Each quantized layer is exported by a symbolic function that writes its own nodes:
 
-* uniform weights of <= 8 bits per channel / tensor: ``DequantizeLinear(int8|uint8 codes, S, Z, axis=0)``
-  in front of ``MatMul`` / ``Conv`` (QDQ; ONNX Runtime fuses it into integer kernels);
-* uniform 4-bit per-group weights, float activations: ``com.microsoft.MatMulNBits`` (``B: (N, ceil(K/g),
-  g/2)`` two codes a byte, low nibble first; scales ``(N * ceil(K/g))``; zero points packed the same way);
+* uniform weights of <= 8 bits per channel / tensor: ``DequantizeLinear(int8|uint8 codes, S, Z)`` in
+  front of ``MatMul`` (codes stored ``W^T (K, N)``, ``axis=1``) / ``Conv`` (``axis=0``) (QDQ; ONNX Runtime
+  fuses it into integer kernels);
+* uniform 4- or 8-bit weight-only layers (per group of a power of two >= 16, or per channel with the
+  scale repeated over blocks of 128): ``com.microsoft.MatMulNBits`` (``accuracy_level=4``: ONNX Runtime
+  quantizes activations per block internally, its fastest CPU path); see :func:`nbits_tensors`;
 * codebook weights with one level table (log2, exp, binary, ternary, per-tensor k-means):
   ``Gather(levels, codes) * S``, codes stored as uint8;
 * other per-group uniform weights of <= 8 bits: uint8 codes decoded in the graph,
@@ -13,8 +15,8 @@ Each quantized layer is exported by a symbolic function that writes its own node
   when it loads the model: the file is small, the arithmetic is fp32);
 * static activations: ``QuantizeLinear`` / ``DequantizeLinear`` on the input;
 * dynamic per-token int8 activations with int8 weights: ``s = max|x| / 127`` per row,
-  ``x_q = int8(clip(round(x / s)))``, ``MatMulInteger(x_q, W_q^T) * s * S_w``: integer GEMM with the
-  exact per-token semantics (ONNX has no per-token ``DynamicQuantizeLinear``).
+  ``x_q = clip(round(x / s)) + 128`` as uint8 with zero point 128, ``MatMulInteger(x_q, W_q^T) * s * S_w``:
+  integer GEMM with the exact per-token semantics (ONNX has no per-token ``DynamicQuantizeLinear``).
 Anything else is written as its reconstructed float weight and listed in the export report
 as a warning naming the layer (never silently).
 """
@@ -67,15 +69,18 @@ def _unsqueeze_last(g: Any, v: Any) -> Any:
     return g.op("Unsqueeze", v, _const(g, torch.tensor([-1], dtype=torch.int64)))
 
 
-def _dq_weight(g: Any, qt: QTensor) -> Any:
-    """``DequantizeLinear`` of uniform codes, per tensor (scalar params) or per channel (axis 0)."""
+def _dq_weight(g: Any, qt: QTensor, transposed: bool = False) -> Any:
+    """``DequantizeLinear`` of uniform codes, per tensor (scalar params) or per output channel.
+    ``transposed``: a Linear weight stored as ``W^T (K, N)`` with ``axis=1``, ONNX Runtime's QDQ
+    MatMul layout, so that ``DequantizeLinear -> MatMul`` fuses into an integer kernel."""
     spec = qt.spec
     dtype = torch.int8 if spec.signed else torch.uint8
     scale = qt.qparams.scale.float().reshape(-1)
     zero = torch.zeros_like(scale, dtype=dtype) if qt.qparams.zero_point is None else qt.qparams.zero_point.reshape(-1).to(dtype)
+    codes = qt.codes.to(dtype).t() if transposed else qt.codes.to(dtype)
     if isinstance(spec.granularity, PerTensor):
-        return g.op("DequantizeLinear", _const(g, qt.codes.to(dtype)), _const(g, scale[0]), _const(g, zero[0]))
-    return g.op("DequantizeLinear", _const(g, qt.codes.to(dtype)), _const(g, scale), _const(g, zero), axis_i=0)
+        return g.op("DequantizeLinear", _const(g, codes), _const(g, scale[0]), _const(g, zero[0]))
+    return g.op("DequantizeLinear", _const(g, codes), _const(g, scale), _const(g, zero), axis_i=1 if transposed else 0)
 
 
 def _codebook_weight(g: Any, qt: QTensor) -> Any:
@@ -108,11 +113,12 @@ def _weight_kind(layer: QuantMixin) -> str:
     spec = layer.weight_spec
     g = spec.granularity
     axis0 = isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0)
+    pow2_group = isinstance(g, PerGroup) and g.size >= 16 and g.size & (g.size - 1) == 0
+    if (spec.mapping == "uniform" and spec.bits in (4, 8) and (pow2_group or (axis0 and not isinstance(g, PerTensor)))
+            and isinstance(layer, QuantLinear) and layer.config.activation_mode == "none"):
+        return "nbits"
     if spec.mapping == "uniform" and spec.bits <= 8 and axis0:
         return "qdq"
-    if (spec.mapping == "uniform" and spec.bits == 4 and isinstance(g, PerGroup) and isinstance(layer, QuantLinear)
-            and layer.config.activation_mode == "none" and g.size >= 16 and g.size & (g.size - 1) == 0):
-        return "nbits"
     if spec.mapping == "uniform" and spec.bits <= 8 and isinstance(g, PerGroup):
         return "group"
     levels = layer.weight_qtensor().qparams.levels
@@ -162,9 +168,10 @@ def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, n
     act = layer.act_spec
     if mode == "dynamic" and kind == "qdq" and act.bits == 8 and act.symmetric and qt.spec.symmetric and qt.spec.signed:
         s = _per_row_scale(g, x, 127)
-        xq = g.op("Cast", g.op("Clip", g.op("Round", g.op("Div", x, s)), _scalar(g, -127.0), _scalar(g, 127.0)),
-                  to_i=3)  # 3 = INT8
-        acc = g.op("MatMulInteger", xq, _const(g, qt.codes.to(torch.int8).t()))
+        # int8 codes shifted to uint8 with zero point 128: ONNX Runtime's fast kernels are u8 x s8
+        xq = g.op("Cast", g.op("Add", g.op("Clip", g.op("Round", g.op("Div", x, s)), _scalar(g, -127.0), _scalar(g, 127.0)),
+                               _scalar(g, 128.0)), to_i=2)  # 2 = UINT8
+        acc = g.op("MatMulInteger", xq, _const(g, qt.codes.to(torch.int8).t()), _const(g, torch.tensor(128, dtype=torch.uint8)))
         scale_w = qt.qparams.scale.float().reshape(-1) if isinstance(qt.spec.granularity, PerChannel) else qt.qparams.scale.float().reshape(1)
         y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), s), _const(g, scale_w))
         report.layers[name] = "MatMulInteger (int8 weights, dynamic per-token int8 activations)"
@@ -176,37 +183,56 @@ def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, n
         report.warnings.append(f"layer {name!r}: dynamic activations exported as float fake-quantization")
     if kind == "nbits":
         y = _matmul_nbits(g, x, qt)
-        report.layers[name] = f"MatMulNBits (uint4, block {qt.spec.granularity.size})"
+        report.layers[name] = f"MatMulNBits ({qt.spec.bits} bits, block {nbits_block(qt)})"
     else:
-        w = _weight_node(g, layer, qt, kind)
-        y = g.op("MatMul", x, g.op("Transpose", w, perm_i=[1, 0]))
+        w = _dq_weight(g, qt, transposed=True) if kind == "qdq" else g.op("Transpose", _weight_node(g, layer, qt, kind), perm_i=[1, 0])
+        y = g.op("MatMul", x, w)
         report.layers[name] = KIND_LABEL[kind] + " + MatMul" + (" (static QDQ activations)" if mode == "static" else "")
         if kind == "float":
             report.warnings.append(f"layer {name!r}: {qt.spec.describe()} has no ONNX integer form; stored as float")
     return y if bias is None else g.op("Add", y, bias)
 
 
+def nbits_block(qt: QTensor) -> int:
+    """``MatMulNBits`` block size: the group size, or for per-channel weights the one of 128, 64, 32,
+    16 that stores a row in the fewest bytes (the channel's scale is repeated over its blocks)."""
+    g = qt.spec.granularity
+    if isinstance(g, PerGroup):
+        return g.size
+    k = qt.codes.shape[1]
+    bytes_per_code = qt.spec.bits / 8
+    # bytes of one row: padded codes + a 4-byte scale and a zero point per block
+    return min((128, 64, 32, 16), key=lambda b: (-(-k // b) * (b * bytes_per_code + 5), -b))
+
+
 def nbits_tensors(qt: QTensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``MatMulNBits`` inputs ``(B, scales, zero_points)`` for 4-bit per-group codes of shape ``(N, K)``."""
+    """``MatMulNBits`` inputs ``(B, scales, zero_points)`` for 4- or 8-bit codes of shape ``(N, K)``:
+    ``B (N, ceil(K / block), block * bits / 8)`` (4 bits: two codes a byte, low nibble first),
+    one scale and one zero point per block (4 bits: zero points packed two a byte). Signed
+    symmetric codes ``q`` are stored as ``q + 2^(bits-1)`` with that zero point: the same values."""
     n, k = qt.codes.shape
-    gsize = qt.spec.granularity.size
-    blocks = -(-k // gsize)
-    offset = 0 if not qt.spec.signed else 8  # signed symmetric codes -> unsigned with zero point 8
-    codes = torch.zeros(n, blocks * gsize, dtype=torch.uint8)
+    bits, block = qt.spec.bits, nbits_block(qt)
+    blocks = -(-k // block)
+    offset = 2 ** (bits - 1) if qt.spec.signed else 0
+    codes = torch.zeros(n, blocks * block, dtype=torch.uint8)
     codes[:, :k] = (qt.codes.to(torch.int16) + offset).to(torch.uint8)
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, blocks, gsize // 2)
-    zp = torch.full((n, blocks), 8, dtype=torch.uint8) if qt.qparams.zero_point is None else (
-        qt.qparams.zero_point.to(torch.int16) + offset).to(torch.uint8).reshape(n, blocks)
+    per_block = lambda t: t.reshape(n, -1).expand(n, blocks) if t.reshape(n, -1).shape[1] == 1 else t.reshape(n, blocks)  # noqa: E731
+    scales = per_block(qt.qparams.scale.float()).contiguous()
+    zp = torch.full((n, blocks), offset, dtype=torch.uint8) if qt.qparams.zero_point is None else \
+        (per_block(qt.qparams.zero_point).to(torch.int16) + offset).to(torch.uint8)
+    if bits == 8:
+        return codes.reshape(n, blocks, block), scales.reshape(-1), zp.reshape(-1).contiguous()
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, blocks, block // 2)
     zp = torch.nn.functional.pad(zp, (0, blocks % 2))
     zp_packed = (zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1)
-    return packed.contiguous(), qt.qparams.scale.float().reshape(-1).contiguous(), zp_packed.contiguous()
+    return packed.contiguous(), scales.reshape(-1), zp_packed.contiguous()
 
 
 def _matmul_nbits(g: Any, x: Any, qt: QTensor, accuracy_level: int = 4) -> Any:
     b, scales, zp = nbits_tensors(qt)
     n, k = qt.codes.shape
     return g.op("com.microsoft::MatMulNBits", x, _const(g, b), _const(g, scales), _const(g, zp),
-                K_i=k, N_i=n, bits_i=4, block_size_i=qt.spec.granularity.size, accuracy_level_i=accuracy_level)
+                K_i=k, N_i=n, bits_i=qt.spec.bits, block_size_i=nbits_block(qt), accuracy_level_i=accuracy_level)
 
 
 def _conv_symbolic(g: Any, x: Any, layer: QuantMixin, report: ExportReport, name: str) -> Any:
