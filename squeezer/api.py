@@ -47,9 +47,11 @@ def _layer_report(name: str, layer: QuantMixin) -> LayerReport:
     )
 
 
-def _calibrate(model: nn.Module, batches: list[Batch], reference: list[list[Tensor]], progress: bool) -> ErrorStats | None:
+def _calibrate(model: nn.Module, batches: list[Batch], reference: list[list[Tensor]] | None,
+               progress: bool) -> ErrorStats | None:
     """Observe static activation ranges, measure each layer's output error in isolation
-    (``compare`` mode), and the model's output error against the float ``reference`` outputs."""
+    (``compare`` mode, whose outputs are the float model's), and the model's output error against
+    the float ``reference`` outputs (taken earlier when an algorithm changed the float weights)."""
     layers = quant_layers(model)
     if any(layer.act_observer is not None for layer in layers.values()):
         set_mode(model, "observe")
@@ -61,7 +63,8 @@ def _calibrate(model: nn.Module, batches: list[Batch], reference: list[list[Tens
                 except DataError as exc:
                     raise DataError(f"layer {name!r} was not reached by the calibration data ({exc})") from None
     set_mode(model, "compare")
-    run_batches(model, batches, "measuring layer errors", progress)
+    compared = run_batches(model, batches, "measuring layer errors", progress)
+    reference = compared if reference is None else reference
     set_mode(model, "simulate")
     quantized = run_batches(model, batches, "measuring model error", progress)
     acc = ErrorAccumulator()
@@ -99,7 +102,7 @@ def quantize(
     for layer in layers.values():
         layer.calibrate_weight()
     reference = None
-    if batches is not None:  # float outputs, before any algorithm replaces float weights
+    if batches is not None and cfg.algorithm != "rtn":  # float outputs, before an algorithm replaces weights
         set_mode(model, "float")
         reference = run_batches(model, batches, "float reference", progress)
     if cfg.algorithm != "rtn":

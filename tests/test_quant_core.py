@@ -639,9 +639,10 @@ def test_error_accumulator_matches_concatenation(n1, n2, seed, noise):
     acc.update(x2, y2)
     got = acc.stats()
     ref = ErrorStats.between(torch.cat([x1, x2]), torch.cat([y1, y2]))
-    assert got.mse == pytest.approx(ref.mse, rel=1e-9, abs=1e-15)
-    assert got.sqnr_db == pytest.approx(ref.sqnr_db, rel=1e-9, abs=1e-9)
-    assert got.cosine == pytest.approx(ref.cosine, rel=1e-9, abs=1e-12)
+    # the accumulator takes float32 dot products per batch (it runs on every calibration output)
+    assert got.mse == pytest.approx(ref.mse, rel=1e-5, abs=1e-12)
+    assert got.sqnr_db == pytest.approx(ref.sqnr_db, rel=1e-5, abs=1e-6)
+    assert got.cosine == pytest.approx(ref.cosine, rel=1e-6, abs=1e-6)
 
 
 def test_error_accumulator_empty_raises():

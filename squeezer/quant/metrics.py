@@ -60,11 +60,13 @@ class ErrorAccumulator:
         self.count = 0
 
     def update(self, x: Tensor, y: Tensor) -> None:
-        a, b = x.detach().double().flatten(), y.detach().double().flatten()
-        self.noise += float(((a - b) ** 2).sum())
-        self.signal += float((a * a).sum())
+        """Add one batch (float32 dot products: this runs on every layer output of a calibration pass)."""
+        a, b = x.detach().float().flatten(), y.detach().float().flatten()
+        d = a - b
+        self.noise += float(d @ d)
+        self.signal += float(a @ a)
         self.dot += float(a @ b)
-        self.approx_sq += float((b * b).sum())
+        self.approx_sq += float(b @ b)
         self.count += a.numel()
 
     def stats(self) -> ErrorStats:
