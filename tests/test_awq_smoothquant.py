@@ -315,7 +315,7 @@ def test_algorithm_options_through_config(e2e):
 
 def test_awq_with_static_activations_runs_stage_by_stage(e2e, quantized):
     """Treated layers run in ``simulate`` while later stages are calibrated: static activations
-    need a (provisional) range by then; the observer's range replaces it afterwards."""
+    get a range from the pipeline by then; the final observer range replaces it afterwards."""
     model, calib, test, ref = e2e
     q = squeezer.quantize(model, "w8a8-static-awq", calib=calib, progress=False)
     rtn = quantized["w8a8-static"]

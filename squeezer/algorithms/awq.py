@@ -67,13 +67,6 @@ def scaled_error(weight: Tensor, s: Tensor, spec: QuantSpec, hessian: Tensor) ->
     return hessian_error(weight, w_hat, hessian)
 
 
-def provisional_act_qparams(layer: QuantMixin, rows: Tensor) -> None:
-    """Static activations: give the layer a min-max range of its (smoothed) sampled input so that it
-    can run in ``simulate`` while later stages are calibrated; the pipeline's observer replaces it."""
-    if layer.act_observer is not None and layer.act_qparams is None and rows.numel():
-        layer.act_qparams = compute_qparams(rows, layer.act_spec)
-
-
 def has_data(stats: LayerStats | None) -> bool:
     return stats is not None and stats.count > 0
 
@@ -137,5 +130,4 @@ class AWQ(Algorithm):
             inv = (1.0 / s).to(layer.weight.dtype)
             old = layer.input_scale
             layer.input_scale = inv if old is None else old * inv
-        provisional_act_qparams(layer, stats.sample.to(device) / s)
         layer.set_quantized(ws, qparams)

@@ -36,7 +36,7 @@ from ..errors import ConfigError
 from ..modules.base import QuantMixin
 from ..modules.layers import QuantLinear
 from ..quant.core import compute_qparams, fake_quantize
-from .awq import has_data, provisional_act_qparams
+from .awq import has_data
 from .base import Algorithm, register
 from .stats import LayerStats
 
@@ -121,12 +121,10 @@ class SmoothQuant(Algorithm):
             alpha, s = float(self.alpha), smooth_scales(act_max, w, float(self.alpha))
         self.last_alpha = alpha
         if s is None:
-            provisional_act_qparams(layer, rows)
             layer.set_quantized(w, compute_qparams(w, layer.weight_spec))
             return
         ws = w * s
         inv = (1.0 / s).to(layer.weight.dtype)
         old = layer.input_scale
         layer.input_scale = inv if old is None else old * inv
-        provisional_act_qparams(layer, rows / s)
         layer.set_quantized(ws, compute_qparams(ws, layer.weight_spec))
