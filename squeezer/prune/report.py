@@ -14,17 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from ..modules.swap import SkippedLayer  # noqa: F401  (re-exported: the one record of a skipped layer)
 from .mask import weight_mask
-
-
-@dataclass
-class SkippedLayer:
-    """A candidate layer that was left unchanged, and why."""
-
-    name: str
-    kind: str
-    params: int
-    reason: str
 
 
 @dataclass
