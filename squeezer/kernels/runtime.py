@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..quant.core import QParams, QTensor, dequantize
-from ..quant.spec import PerChannel
+from ..quant.spec import PerChannel, PerGroup, PerTensor
 from .base import KernelPath, LinearProblem, PackedWeight
 from .paths import PATHS
 from .select import BUCKETS, bucket_of, choose
@@ -105,9 +105,13 @@ class PackedEmbedding:
     def __call__(self, idx: Tensor) -> Tensor:
         spec, qp = self.weight.spec, self.weight.qparams
         rows = idx.reshape(-1)
-        if isinstance(spec.granularity, PerChannel) and spec.granularity.axis == 0 and (qp.levels is None or qp.levels.dim() == 1):
-            zero = None if qp.zero_point is None else qp.zero_point[rows]
-            out = dequantize(QTensor(self.codes[rows], QParams(qp.scale[rows], zero, qp.levels), spec))
+        g = spec.granularity
+        per_row = (isinstance(g, PerChannel) and g.axis == 0) or isinstance(g, PerGroup)
+        if isinstance(g, PerTensor) or (per_row and (qp.levels is None or qp.levels.dim() == 1)):
+            if per_row:  # parameters of the gathered rows only: (rows,) per channel, (rows, G) per group
+                zero = None if qp.zero_point is None else qp.zero_point[rows]
+                qp = QParams(qp.scale[rows], zero, qp.levels)
+            out = dequantize(QTensor(self.codes[rows], qp, spec))
         else:
             out = F.embedding(rows, self.weight.dequantize())
         return out.reshape(*idx.shape, out.shape[-1])
