@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .algorithms import make_algorithm, run_algorithm
 from .calibration import Batch, check_batches, run_batches
 from .config import QuantConfig, resolve_config
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .modules import quant_layers, set_mode, swap_layers
 from .modules.base import QuantMixin
 from .quant.metrics import ErrorAccumulator, ErrorStats
@@ -81,13 +81,21 @@ def quantize(
     *,
     inplace: bool = False,
     progress: bool = True,
+    budget: Any = None,
 ) -> nn.Module:
     """Quantize ``model`` with a preset name, a dict / YAML path or a :class:`QuantConfig`.
 
     ``calib``: batches (tensor, tuple for ``model(*b)``, dict for ``model(**b)``); required
     for static activations, optional otherwise (it adds output errors to the report).
+    ``config="auto"`` (or ``"auto-<algorithm>"``) chooses one format per layer from measured
+    sensitivities under ``budget`` (a :class:`squeezer.search.Budget`, a mapping of its fields, or
+    mean bits per weight); it needs ``calib``. The allocation is in ``report.config["allocation"]``.
     Returns the quantized model (a copy unless ``inplace``) with ``.squeezer_report``.
     """
+    if isinstance(config, str) and (config == "auto" or config.startswith("auto-")):
+        return _auto(model, config, calib, budget, progress)
+    if budget is not None:
+        raise ConfigError("budget=... is only used with config='auto' (mixed precision under a budget)")
     cfg = resolve_config(config)
     batches = None if calib is None else check_batches(calib)
     if cfg.activation_mode == "static" and batches is None:
@@ -119,4 +127,17 @@ def quantize(
     report.model_bytes_after = bytes_before - report.weight_bytes_before + report.weight_bytes_after
     report.model_output_error = model_error
     model.squeezer_report = report
+    return model
+
+
+def _auto(model: nn.Module, config: str, calib: Iterable[Batch] | None, budget: Any, progress: bool) -> nn.Module:
+    from .search.auto import auto_quantize  # late: the search builds on this module
+
+    if budget is None:
+        raise ConfigError(f"config {config!r} needs budget=... (e.g. 4.0 mean bits, or {{'bytes': 200_000}})")
+    if calib is None:
+        raise DataError(f"config {config!r} measures per-layer sensitivity: pass calibration batches with calib=...")
+    algorithm = config.partition("-")[2] or "rtn"
+    model, allocation = auto_quantize(model, check_batches(calib), budget, algorithm=algorithm, progress=progress)
+    model.squeezer_report.config["allocation"] = allocation.to_dict()
     return model

@@ -1,0 +1,279 @@
+"""Per-layer sensitivity: how much the model's output moves when one layer alone is quantized.
+
+For every quantizable layer ``l`` and candidate format ``f`` the model runs the calibration batches
+with ``l`` in format ``f`` and every other layer in float, and compares its outputs ``y_lf`` with
+the float outputs ``y``:
+
+* ``rel_mse[l][f] = sum ||y_lf - y||^2 / sum ||y||^2`` over all output elements;
+* ``kl[l][f]``: mean over rows of ``KL(p(y) || p(y_lf))``, ``p = softmax`` over the last axis
+  (a sigmoid Bernoulli for single-logit outputs);
+* ``metric[l][f] = evaluate(model)`` when the user gives ``evaluate`` (their own metric).
+
+Layers are quantized by the given algorithm (``rtn`` by default) from the same weights for every
+format, so one quantized copy per format serves all layers. The result is cached on disk under a
+key made of the model's weights, the calibration data, the formats and the algorithm, so a
+second search on the same model and data skips the measurement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..calibration import Batch, check_batches, run_batches
+from ..config import QuantConfig
+from ..errors import ConfigError, DataError
+from ..io.atomic import atomic_write_text
+from ..modules import quant_layers, set_mode
+from ..version import __version__
+from .formats import (
+    DEFAULT_FORMATS,
+    FLOAT,
+    check_formats,
+    format_bits,
+    format_bytes,
+    format_config,
+)
+
+CACHE_DIR = Path.home() / ".cache" / "squeezer" / "sensitivity"
+SCORES = ("rel_mse", "kl", "metric", "hessian")
+
+
+@dataclass
+class Sensitivity:
+    """Measured sensitivities plus what an allocation needs per layer (all keyed by layer name).
+
+    ``bytes[l][f]``: packed weight bytes; ``bits[l][f]``: code width; ``macs[l]``: multiply-adds per
+    calibration batch row; ``fixed_bytes``: every parameter and buffer outside the candidate weights.
+    ``baseline``: ``evaluate(float model)`` when given; ``metric`` scores are drops from it.
+    """
+
+    layers: list[str]
+    formats: list[str]
+    algorithm: str
+    params: dict[str, int]
+    bytes: dict[str, dict[str, int]]
+    bits: dict[str, dict[str, int]]
+    macs: dict[str, float]
+    fixed_bytes: int
+    rel_mse: dict[str, dict[str, float]]
+    kl: dict[str, dict[str, float]]
+    metric: dict[str, dict[str, float]] | None = None
+    hessian: dict[str, dict[str, float]] | None = None
+    baseline: float | None = None
+    key: str = ""
+    seconds: float = 0.0
+    from_cache: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def scores(self, kind: str = "rel_mse") -> dict[str, dict[str, float]]:
+        """``{layer: {format: score}}`` of one kind (``rel_mse``, ``kl``, ``metric``, ``hessian``)."""
+        if kind not in SCORES:
+            raise ConfigError(f"unknown sensitivity score {kind!r}; valid: {', '.join(SCORES)}")
+        table = getattr(self, kind)
+        if table is None:
+            raise ConfigError(f"sensitivity score {kind!r} was not measured "
+                              f"({'pass evaluate=...' if kind == 'metric' else 'pass hessian=True'})")
+        return table
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sensitivity:
+        return cls(**data)
+
+
+def _fingerprint(model: nn.Module, batches: list[Batch], parts: dict[str, Any]) -> str:
+    """SHA-256 over the state dict (names, dtypes, shapes, bytes), the batches and ``parts``."""
+    h = hashlib.sha256(json.dumps({**parts, "version": __version__}, sort_keys=True).encode())
+
+    def feed(t: Tensor) -> None:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        feed(value)
+    for batch in batches:
+        items = batch.items() if isinstance(batch, dict) else enumerate(batch if isinstance(batch, (tuple, list)) else [batch])
+        for key, t in items:
+            h.update(str(key).encode())
+            feed(t)
+    return h.hexdigest()[:32]
+
+
+def _divergence(ref: Tensor, out: Tensor) -> tuple[float, float]:
+    """Summed ``||out - ref||^2`` and summed row KL of the output distributions."""
+    ref, out = ref.float(), out.float()
+    sq = float((out - ref).pow(2).sum())
+    if ref.dim() == 0 or ref.shape[-1] == 1 or ref.dim() == 1:
+        p, q = torch.sigmoid(ref).clamp(1e-7, 1 - 1e-7), torch.sigmoid(out).clamp(1e-7, 1 - 1e-7)
+        kl = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+    else:
+        kl = F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="none").sum(-1)
+    return sq, float(kl.sum())
+
+
+def _compare(reference: list[list[Tensor]], outputs: list[list[Tensor]]) -> tuple[float, float]:
+    sq = norm = kl = rows = 0.0
+    for ref_batch, out_batch in zip(reference, outputs):
+        for ref, out in zip(ref_batch, out_batch):
+            s, k = _divergence(ref, out)
+            sq, kl = sq + s, kl + k
+            norm += float(ref.float().pow(2).sum())
+            rows += ref.numel() / max(ref.shape[-1], 1) if ref.dim() > 1 else ref.numel()
+    return sq / max(norm, 1e-30), kl / max(rows, 1)
+
+
+def _macs_per_row(model: nn.Module, names: list[str], batch: Batch) -> dict[str, float]:
+    """Multiply-adds of each layer per batch row, from the output shapes of one float pass:
+    Linear ``numel(y) * in``, Conv ``numel(y) * in / groups * prod(kernel)``, Embedding 0."""
+    macs: dict[str, float] = {}
+    hooks = []
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, out: Tensor) -> None:
+            rows = args[0].shape[0] if args and isinstance(args[0], Tensor) and args[0].dim() else 1
+            if isinstance(module, nn.Embedding):
+                macs[name] = 0.0
+                return
+            w = module.weight
+            per_out = w[0].numel()
+            macs[name] = out.numel() * per_out / max(rows, 1)
+        return record
+
+    modules = dict(model.named_modules())
+    for name in names:
+        hooks.append(modules[name].register_forward_hook(hook(name)))
+    try:
+        run_batches(model, [batch], "measuring shapes", progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: macs.get(name, 0.0) for name in names}
+
+
+def _evaluate(evaluate: Callable[[nn.Module], float], model: nn.Module, what: str) -> float:
+    try:
+        value = float(evaluate(model))
+    except Exception as exc:  # the user's function: name it and what it was doing
+        raise DataError(f"the evaluate function raised {type(exc).__name__} on {what}: {exc}") from exc
+    if not math.isfinite(value):
+        raise DataError(f"the evaluate function returned {value} on {what}: it must return a finite number")
+    return value
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    calib: Iterable[Batch],
+    formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS,
+    *,
+    config: QuantConfig | None = None,
+    algorithm: str = "rtn",
+    evaluate: Callable[[nn.Module], float] | None = None,
+    hessian: bool = False,
+    cache_dir: str | Path | None = CACHE_DIR,
+    progress: bool = True,
+) -> Sensitivity:
+    """Measure (or load from ``cache_dir``) each layer's sensitivity to each format.
+
+    ``config`` selects the candidate layers (its layer types / include / ignore; default: every
+    supported layer); ``cache_dir=None`` disables the cache. ``hessian=True`` adds the
+    Hutchinson proxy of :mod:`squeezer.search.hessian`.
+    """
+    from ..api import (
+        quantize,  # late: the API builds on the modules this package also uses
+    )
+
+    formats = check_formats(formats)
+    batches = check_batches(calib)
+    selector = config or QuantConfig()
+    started = time.perf_counter()
+    key = _fingerprint(model, batches, {"formats": formats, "algorithm": algorithm, "select": selector.to_dict(),
+                                         "evaluate": evaluate is not None, "hessian": hessian})
+    cached = None if cache_dir is None else Path(cache_dir) / f"{key}.json"
+    if cached is not None and cached.is_file():
+        try:
+            sens = Sensitivity.from_dict(json.loads(cached.read_text()))
+            sens.from_cache, sens.seconds = True, time.perf_counter() - started
+            return sens
+        except (ValueError, TypeError):
+            pass  # a damaged cache entry is measured again and overwritten
+
+    was_training = model.training
+    model.eval()
+    probe = quantize(model, selector, progress=False)
+    names = list(quant_layers(probe))
+    if not names:
+        raise ConfigError("no quantizable layer selected: nothing to allocate")
+    modules = dict(model.named_modules())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    fixed = total - sum(modules[n].weight.numel() * modules[n].weight.element_size() for n in names)
+    reference = run_batches(model, batches, "float reference", progress)
+    baseline = None if evaluate is None else _evaluate(evaluate, model, "the float model")
+    table: dict[str, dict[str, dict[str, float]]] = {k: {n: {} for n in names} for k in ("rel_mse", "kl", "metric")}
+    for fmt in formats:
+        if fmt == FLOAT:
+            for n in names:
+                table["rel_mse"][n][fmt] = table["kl"][n][fmt] = table["metric"][n][fmt] = 0.0
+            continue
+        base = format_config(fmt)
+        cfg = replace(selector, weight=base.weight, activation=base.activation, activation_mode=base.activation_mode,
+                      observer=base.observer, algorithm=algorithm, name=fmt)
+        needs = cfg.activation_mode == "static" or algorithm != "rtn"
+        q = quantize(model, cfg, batches if needs else None, progress=False)
+        layers = quant_layers(q)
+        for n in names:
+            set_mode(q, "float")
+            layers[n].mode = "simulate"
+            outputs = run_batches(q, batches, f"{fmt}: {n}", progress)
+            table["rel_mse"][n][fmt], table["kl"][n][fmt] = _compare(reference, outputs)
+            if evaluate is not None:
+                table["metric"][n][fmt] = baseline - _evaluate(evaluate, q, f"layer {n!r} in {fmt}")
+        del q
+    model.train(was_training)
+    sens = Sensitivity(
+        layers=names, formats=list(formats), algorithm=algorithm,
+        params={n: modules[n].weight.numel() for n in names},
+        bytes={n: {f: format_bytes(f, modules[n]) for f in formats} for n in names},
+        bits={n: {f: format_bits(f, modules[n]) for f in formats} for n in names},
+        macs=_macs_per_row(model, names, batches[0]), fixed_bytes=fixed,
+        rel_mse=table["rel_mse"], kl=table["kl"], metric=table["metric"] if evaluate is not None else None,
+        baseline=baseline, key=key,
+    )
+    if hessian:
+        from .hessian import hessian_sensitivity
+
+        sens.hessian = hessian_sensitivity(model, batches, names, formats)
+    sens.seconds = time.perf_counter() - started
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cached, json.dumps(_finite_table(sens.to_dict())))
+        except (OSError, DataError):
+            pass  # an unwritable cache only costs time
+    return sens
+
+
+def _finite_table(data: Any) -> Any:
+    """Non-finite floats (a diverged layer) become a large number: JSON has no inf."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return 1e30
+    if isinstance(data, dict):
+        return {k: _finite_table(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_finite_table(v) for v in data]
+    return data
