@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import SqueezerError
+from .search.formats import DEFAULT_FORMATS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make PyTorch models smaller and faster, with evidence.")
 console = Console(width=None if Console().is_terminal else 160)
@@ -85,6 +86,7 @@ def quantize_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help="Rows per calibration batch."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Override the preset's weight bits (1..16)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Override with per-group weights of this size."),
+    html: bool = typer.Option(False, "--html", help="Also write report.html next to the checkpoint."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Quantize your own model and write a checkpoint with its report."""
@@ -93,6 +95,7 @@ def quantize_cmd(
     from .api import quantize
     from .calibration import batch_signature
     from .config import resolve_config
+    from .html_report import quant_report_data
     from .io.atomic import _writable_parent
     from .io.calib_files import load_calibration
     from .io.checkpoint import save
@@ -116,6 +119,7 @@ def quantize_cmd(
         if batches:
             extra["example_inputs"] = batch_signature(batches[0])
         save(q, out, extra=extra)
+        _write_report(out, quant_report_data(report), html)
     except SqueezerError as exc:
         _fail(exc)
     if json_out:
@@ -213,18 +217,27 @@ def compress_cmd(
     weights: Optional[Path] = typer.Option(None, "--weights", help="Float weights (.safetensors) to load first."),
     evaluate: Optional[str] = typer.Option(None, "--eval", help="pkg.module:function(model) -> float, run after each step."),
     batch_size: int = typer.Option(64, "--batch-size", help="Rows per batch."),
+    html: bool = typer.Option(False, "--html", help="Also write report.html into --out."),
+    robust_metric: Optional[str] = typer.Option(None, "--robust-metric",
+                                                help="accuracy or roc_auc: add the robustness section on --data."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Run a compression recipe (prune, lowrank, quantize, qat, distill, finetune) on your model."""
+    import copy
+
     from .errors import DataError
     from .io.atomic import _writable_parent, atomic_directory
+    from .report_data import task_metric
     from .io.calib_files import load_calibration
     from .io.checkpoint import save
     from .io.user_model import load_attribute, load_factory, load_weights
     from .modules import quant_layers
     from .recipe import compress
+    from .report_data import add_robustness, compression_data
 
     try:
+        if robust_metric is not None:
+            task_metric(robust_metric)
         _writable_parent(out)
         net = load_factory(model)
         if weights is not None:
@@ -234,12 +247,17 @@ def compress_cmd(
             raise DataError(f"--data {data} must be an .npz with exactly the arrays 'x' and 'y'")
         batches = [(b["x"], b["y"]) for b in arrays]
         metric = None if evaluate is None else load_attribute(evaluate, "--eval")
+        original = copy.deepcopy(net).eval() if robust_metric else None
         result = compress(net, recipe, data=batches, evaluate=metric)
         report = result.squeezer_compression.to_dict()
+        data = compression_data(report, f"squeezer compress: {recipe}")
+        if original is not None:
+            add_robustness(data, {"fp32": original, "compressed": result.eval()}, batches, robust_metric)
         with atomic_directory(out) as tmp:
             (tmp / "report.json").write_text(_json_text(report))
             if quant_layers(result):
                 save(result, tmp / "checkpoint", extra={"model_factory": model})
+            _write_report(tmp, data, html)
     except SqueezerError as exc:
         _fail(exc)
     if json_out:
@@ -252,6 +270,150 @@ def compress_cmd(
         table.add_row(row["step"], f"{row['params']:,}", f"{row['nonzero_params']:,}", f"{row['bytes']:,}",
                       _fmt(row["metric"], 4), f"{row['seconds']:.1f}")
     console.print(table)
+
+
+@app.command("search")
+def search_cmd(
+    model: str = typer.Option(..., "--model", help="Model factory, pkg.module:function returning an nn.Module."),
+    evaluate: str = typer.Option(..., "--eval", help="pkg.module:function(model) -> float, the metric to keep."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration data: .npy, .npz, .safetensors or .csv."),
+    out: Path = typer.Option(..., "--out", help="Output directory: checkpoint/, search.json, report_data.json."),
+    max_drop: float = typer.Option(..., "--max-drop", help="Tolerated metric drop, in the units --eval returns."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Float weights (.safetensors) to load first."),
+    budget_bits: Optional[float] = typer.Option(None, "--budget-bits", help="Mean code bits per weight to start from."),
+    budget_bytes: Optional[float] = typer.Option(None, "--budget-bytes", help="Model bytes to start from."),
+    trials: int = typer.Option(30, "--trials", help="Most models to evaluate."),
+    strategy: str = typer.Option("tune", "--strategy", help="tune (fallback from the budget) or pareto (Optuna study)."),
+    formats: str = typer.Option(",".join(DEFAULT_FORMATS), "--formats", help="Candidate formats, comma-separated."),
+    algorithm: str = typer.Option("rtn", "--algorithm", help="PTQ algorithm for every layer (rtn, gptq, awq, ...)."),
+    relative: bool = typer.Option(False, "--relative", help="--max-drop is a fraction of the float metric."),
+    lower_is_better: bool = typer.Option(False, "--lower-is-better", help="The metric is a loss / error."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the study in --out (strategy pareto)."),
+    sparsity: str = typer.Option("0", "--sparsity", help="Pareto: channel-pruning fractions to try, e.g. 0,0.25,0.5."),
+    rank: str = typer.Option("none", "--rank", help="Pareto: SVD parameter fractions to try, e.g. none,0.5."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the study's sampler."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Rows per calibration batch."),
+    html: bool = typer.Option(False, "--html", help="Also write report.html into --out."),
+    robust_data: Optional[Path] = typer.Option(None, "--robust-data",
+                                               help=".npz with arrays x and y: add the robustness section."),
+    robust_metric: str = typer.Option("accuracy", "--robust-metric", help="accuracy or roc_auc (with --robust-data)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Find the smallest mixed-precision model whose metric stays within --max-drop."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .calibration import batch_signature
+    from .errors import ConfigError
+    from .io.atomic import _writable_parent
+    from .io.calib_files import load_calibration
+    from .io.user_model import load_attribute, load_factory, load_weights
+    from .report_data import add_robustness, task_metric
+    from .search.session import run_search
+
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        task_metric(robust_metric)
+        _writable_parent(out)
+        budget = {k: v for k, v in (("bits", budget_bits), ("bytes", budget_bytes)) if v is not None} or None
+        names = tuple(f.strip() for f in formats.split(",") if f.strip())
+        sparsities = _numbers(sparsity, "--sparsity")
+        ranks = _numbers(rank, "--rank")
+        if trials < 1:
+            raise ConfigError(f"--trials must be at least 1, got {trials}")
+        net = load_factory(model).eval()
+        if weights is not None:
+            load_weights(net, weights)
+        batches = load_calibration(calib, batch_size)
+        metric = load_attribute(evaluate, "--eval")
+        columns = (TextColumn("searching"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[last]}"))
+        with Progress(*columns, console=err_console, transient=True, disable=json_out) as bar:
+            task = bar.add_task("trials", total=trials, last="")
+
+            def show(trial: Any) -> None:
+                bar.update(task, advance=1, last=f"last: {getattr(trial, 'bytes', '')} B, "
+                                                 f"metric {_fmt(getattr(trial, 'metric', None), 4)}")
+            run = run_search(net, batches, metric, out, max_drop=max_drop, budget=budget, strategy=strategy,
+                             trials=trials, formats=names, algorithm=algorithm, relative=relative,
+                             higher_is_better=not lower_is_better, resume=resume, seed=seed, sparsity=sparsities,
+                             rank=ranks, progress=not json_out,
+                             on_trial=show,
+                             extra={"model_factory": model, "example_inputs": batch_signature(batches[0])})
+        if robust_data is not None:
+            pairs = load_calibration(robust_data, batch_size)
+            if not isinstance(pairs[0], dict) or set(pairs[0]) != {"x", "y"}:
+                raise ConfigError(f"--robust-data {robust_data} must be an .npz with exactly the arrays 'x' and 'y'")
+            add_robustness(run.data, {"fp32": net, "compressed": run.model}, [(b["x"], b["y"]) for b in pairs],
+                           robust_metric)
+        _write_report(out, run.data, html)
+    except SqueezerError as exc:
+        _fail(exc)
+    if json_out:
+        print(_json_text(run.data))
+        return
+    _print_search(run.data, out)
+
+
+def _numbers(text: str, flag: str) -> tuple[Any, ...]:
+    """``"0,0.25"`` -> ``(0.0, 0.25)``; ``none`` -> ``None``."""
+    from .errors import ConfigError
+
+    try:
+        return tuple(None if v.strip().lower() == "none" else float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated numbers (or none), got {text!r}") from None
+
+
+def _write_report(directory: Path, data: dict[str, Any], html: bool) -> None:
+    """``report_data.json`` (what ``squeezer report`` renders) and, with ``html``, ``report.html``."""
+    from .html_report import write_html
+    from .io.atomic import atomic_write_text
+
+    atomic_write_text(directory / "report_data.json", _json_text(data))
+    if html:
+        write_html(data, directory / "report.html")
+
+
+def _print_search(data: dict[str, Any], out: Path) -> None:
+    table = Table(title="squeezer search: chosen model")
+    for col in ("", "bytes", "batch-1 ms", "metric"):
+        table.add_column(col, justify="left" if not col else "right")
+    for key in ("before", "after"):
+        row = data["summary"][key]
+        table.add_row(key, f"{row['bytes']:,}", _fmt(row["latency_ms"], 3), _fmt(row["metric"], 4))
+    config = data["config"]
+    counts: dict[str, int] = {}
+    for fmt in config["choice"].values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    table.caption = (f"{'met' if config['met'] else 'NOT met'} max drop {config['max_drop']:g} after "
+                     f"{config['trials']} trials; formats: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+    console.print(table)
+    console.print(f"checkpoint written to {out / 'checkpoint'}")
+
+
+@app.command("report")
+def report_cmd(
+    directory: Path = typer.Argument(..., help="An output directory of quantize, compress or search."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: DIRECTORY/report.html)."),
+) -> None:
+    """Write the self-contained HTML report of a quantize, compress or search run."""
+    from .errors import DataError
+    from .html_report import write_html
+
+    source = directory / "report_data.json"
+    try:
+        if not source.is_file():
+            raise DataError(f"{directory} holds no report_data.json: run quantize, compress or search with --out first")
+        try:
+            data = json.loads(source.read_text())
+        except ValueError as exc:
+            raise DataError(f"{source} is not valid JSON: {exc}") from None
+        target = write_html(data, out or directory / "report.html")
+    except SqueezerError as exc:
+        _fail(exc)
+    console.print(f"report written to {target}")
 
 
 def main() -> None:

@@ -32,6 +32,16 @@ def pack_codes(codes: Tensor, spec: QuantSpec) -> Tensor:
     return (bits * weights).sum(dim=1).to(torch.uint8)
 
 
+def _unpack_words(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Fast path for ``bits < 8``: every 8 codes fill exactly ``bits`` bytes, read as one
+    little-endian integer ``w``; code ``j`` of the group is ``(w >> (bits * j)) & (2^bits - 1)``."""
+    groups = -(-n // 8)
+    data = torch.nn.functional.pad(packed, (0, groups * bits - packed.numel())).reshape(groups, bits).to(torch.int64)
+    word = (data << (8 * torch.arange(bits, dtype=torch.int64, device=packed.device))).sum(dim=1)
+    shifts = bits * torch.arange(8, dtype=torch.int64, device=packed.device)
+    return ((word[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n].to(torch.int32)
+
+
 def unpack_codes(packed: Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> Tensor:
     """Inverse of :func:`pack_codes`: codes of ``shape`` in :func:`code_dtype`."""
     n = 1
@@ -39,6 +49,8 @@ def unpack_codes(packed: Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> Ten
         n *= d
     if spec.bits == 8:
         u = packed[:n].to(torch.int32)
+    elif spec.bits < 8:
+        u = _unpack_words(packed, spec.bits, n)
     else:
         shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
         bits = ((packed.to(torch.int32)[:, None] >> shifts) & 1).reshape(-1)[: n * spec.bits].reshape(n, spec.bits)

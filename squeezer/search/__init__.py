@@ -1,19 +1,14 @@
-"""Mixed precision and automatic compression: sensitivity, bit allocation, accuracy-driven tuning."""
+"""Mixed precision and automatic compression: per-layer sensitivity, bit allocation under a budget,
+accuracy-driven tuning, the joint Pareto search, and one search run with its report."""
 
 from .allocate import Allocation, Budget, allocate, costs
 from .formats import DEFAULT_FORMATS, FLOAT
+from .joint import SearchResult, SearchSpace, pareto_search
 from .latency import LatencyTable, measure_latency
 from .sensitivity import Sensitivity, measure_sensitivity
+from .tune import TuneResult, tune
 
 __all__ = [
-           "DEFAULT_FORMATS",
-           "FLOAT",
-           "Allocation",
-           "Budget",
-           "LatencyTable",
-           "Sensitivity",
-           "allocate",
-           "costs",
-           "measure_latency",
-           "measure_sensitivity",
+    "DEFAULT_FORMATS", "FLOAT", "Allocation", "Budget", "LatencyTable", "SearchResult", "SearchSpace", "Sensitivity",
+    "TuneResult", "allocate", "costs", "measure_latency", "measure_sensitivity", "pareto_search", "tune",
 ]

@@ -166,10 +166,15 @@ def _macs_per_row(model: nn.Module, names: list[str], batch: Batch) -> dict[str,
 
 
 def _evaluate(evaluate: Callable[[nn.Module], float], model: nn.Module, what: str) -> float:
+    """``evaluate(model)`` with the model in eval mode (restored after); errors name ``what``."""
+    was_training = model.training
+    model.eval()
     try:
         value = float(evaluate(model))
     except Exception as exc:  # the user's function: name it and what it was doing
         raise DataError(f"the evaluate function raised {type(exc).__name__} on {what}: {exc}") from exc
+    finally:
+        model.train(was_training)
     if not math.isfinite(value):
         raise DataError(f"the evaluate function returned {value} on {what}: it must return a finite number")
     return value

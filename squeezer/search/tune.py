@@ -67,10 +67,10 @@ def check_tolerance(max_drop: float) -> float:
 
 
 def build(model: nn.Module, choice: dict[str, str], calib: list[Batch], algorithm: str = "rtn") -> nn.Module:
-    """The model quantized with one format per layer (a copy; ``model`` is unchanged)."""
+    """The model quantized with one format per layer (a copy in eval mode; ``model`` is unchanged)."""
     from ..api import quantize
 
-    return quantize(model, choice_config(choice, algorithm), calib, progress=False)
+    return quantize(model, choice_config(choice, algorithm), calib, progress=False).eval()
 
 
 def _ladder(sens: Sensitivity, layer: str, formats: list[str]) -> list[str]:
@@ -94,8 +94,9 @@ def tune(
     max_trials: int = 30,
     timeout_s: float | None = None,
     progress: bool = True,
+    on_trial: Callable[[Trial], None] | None = None,
 ) -> TuneResult:
-    """Run the search described in the module docstring."""
+    """Run the search described in the module docstring; ``on_trial`` sees every finished trial."""
     max_drop = check_tolerance(max_drop)
     if max_trials < 1:
         raise ConfigError(f"max_trials must be at least 1, got {max_trials}")
@@ -124,6 +125,8 @@ def tune(
         trials.append(trial)
         if best[0] is None or rank(trial) < rank(best[0]):
             best[:] = [trial, q]
+        if on_trial is not None:
+            on_trial(trial)
         return trial
 
     def budget_left() -> bool:
