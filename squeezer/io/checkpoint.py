@@ -25,7 +25,8 @@ from ..config import QuantConfig
 from ..errors import ModelError
 from ..modules.layers import quantized_class_for
 from ..modules.swap import ensure_deployable, set_child
-from ..quant.core import QParams, QTensor, dequantize
+from ..quant.core import QParams, QTensor, code_dtype, dequantize
+from ..quant.spec import QuantSpec
 from .atomic import atomic_directory
 from ..quant.packing import pack_codes, unpack_codes
 
@@ -34,17 +35,20 @@ FORMAT_VERSION = 1
 TENSORS, MANIFEST = "model.safetensors", "manifest.json"
 
 
-def _qparam_tensors(prefix: str, qp: QParams) -> dict[str, torch.Tensor]:
+def _qparam_tensors(prefix: str, qp: QParams, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Scales (float), zero points in the spec's code dtype (they lie in ``[qmin, qmax]``), levels."""
     out = {f"{prefix}.scale": qp.scale}
     if qp.zero_point is not None:
-        out[f"{prefix}.zero_point"] = qp.zero_point
+        out[f"{prefix}.zero_point"] = qp.zero_point.to(code_dtype(spec))
     if qp.levels is not None:
         out[f"{prefix}.levels"] = qp.levels
     return out
 
 
 def _qparams_from(prefix: str, tensors: dict[str, torch.Tensor]) -> QParams:
-    return QParams(tensors[f"{prefix}.scale"], tensors.get(f"{prefix}.zero_point"), tensors.get(f"{prefix}.levels"))
+    zero = tensors.get(f"{prefix}.zero_point")
+    return QParams(tensors[f"{prefix}.scale"], None if zero is None else zero.to(torch.int32),
+                   tensors.get(f"{prefix}.levels"))
 
 
 def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -59,9 +63,9 @@ def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None =
     for name, layer in layers.items():
         qt = layer.weight_qtensor()
         tensors[f"{name}.weight.codes"] = pack_codes(qt.codes, qt.spec)
-        tensors.update(_qparam_tensors(f"{name}.weight", qt.qparams))
+        tensors.update(_qparam_tensors(f"{name}.weight", qt.qparams, qt.spec))
         if layer.act_qparams is not None:
-            tensors.update(_qparam_tensors(f"{name}.act", layer.act_qparams))
+            tensors.update(_qparam_tensors(f"{name}.act", layer.act_qparams, layer.act_spec))
         manifest_layers[name] = {
             "type": type(layer).__name__, "shape": list(qt.shape), "dtype": "float32" if layer.is_packed else str(layer.weight.dtype).removeprefix("torch."),
             "config": layer.config.to_dict(),
