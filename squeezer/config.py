@@ -4,7 +4,8 @@ A config holds a weight :class:`QuantSpec`, an optional activation spec with its
 (``dynamic``: parameters computed per call; ``static``: calibrated by an observer), which
 layer types to take, ``include`` / ``ignore`` regular expressions on module names, and
 ``overrides``: ``{regex: {field: value}}`` applied to the layers whose name matches
-(the first matching pattern wins), e.g. ``{"^head$": {"weight": {"bits": 8}}}``, and the
+(the first matching pattern wins), e.g. ``{"^head$": {"weight": {"bits": 8}}}``, or
+``{"type:embedding": {...}}`` for every layer of a type, and the
 weight ``algorithm`` (``rtn``, ``gptq``, ``awq``, ... with ``algorithm_options``). A preset name
 takes an algorithm suffix: ``"w4g128-gptq"`` is ``w4g128`` with GPTQ.
 """
@@ -23,6 +24,7 @@ from .quant.observers import OBSERVERS
 from .quant.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 LAYER_TYPES: tuple[str, ...] = ("linear", "conv1d", "conv2d", "embedding")
+TYPE_KEY = "type:"  # an overrides key "type:embedding" selects layers by type instead of by name
 ActivationMode = Literal["none", "dynamic", "static"]
 
 
@@ -65,6 +67,10 @@ class QuantConfig:
         bad = [t for t in self.layer_types if t not in LAYER_TYPES]
         if bad:
             raise ConfigError(f"unknown layer type(s) {bad}; valid: {', '.join(LAYER_TYPES)}")
+        bad_types = [p for p in self.overrides if p.startswith(TYPE_KEY) and p[len(TYPE_KEY):] not in LAYER_TYPES]
+        if bad_types:
+            raise ConfigError(f"unknown layer type in overrides {bad_types}; valid: "
+                              f"{', '.join(TYPE_KEY + t for t in LAYER_TYPES)}")
         for pattern in (*self.include, *self.ignore, *self.overrides):
             try:
                 re.compile(pattern)
@@ -85,10 +91,12 @@ class QuantConfig:
             values["weight"] = QuantSpec.from_dict({**self.weight.to_dict(), **values["weight"]})
         return replace(self, **values, overrides={})
 
-    def for_layer(self, name: str) -> "QuantConfig":
-        """The config of one layer: the first override whose pattern matches ``name``, else self."""
+    def for_layer(self, name: str, kind: str | None = None) -> "QuantConfig":
+        """The config of one layer: the first override whose pattern matches ``name`` (a key
+        ``"type:<layer type>"`` matches every layer of that type, e.g. ``"type:embedding"``), else self."""
         for pattern, change in self.overrides.items():
-            if re.search(pattern, name):
+            hit = pattern == f"type:{kind}" if pattern.startswith(TYPE_KEY) else re.search(pattern, name)
+            if hit:
                 return self._apply(change, f"overrides[{pattern!r}]")
         return self
 
@@ -123,24 +131,29 @@ def _w(bits: int, granularity: Any, **kw: Any) -> QuantSpec:
     return QuantSpec(bits=bits, granularity=granularity, **kw)
 
 
+EMBEDDINGS_INT8 = {"type:embedding": {"weight": _w(8, PerChannel(0)).to_dict()}}
+"""Sub-8-bit presets keep embedding tables at int8 per row: a lookup table is a small share of the
+compute, often the most sensitive layer, and its rows are gathered, not multiplied."""
+
 PRESETS: dict[str, QuantConfig] = {
     "w8": QuantConfig(_w(8, PerChannel(0)), name="w8"),
-    "w4g128": QuantConfig(_w(4, PerGroup(128), symmetric=False), name="w4g128"),
+    "w4g128": QuantConfig(_w(4, PerGroup(128), symmetric=False), overrides=EMBEDDINGS_INT8, name="w4g128"),
     "w8a8": QuantConfig(
         _w(8, PerChannel(0)), _w(8, PerToken()), activation_mode="dynamic", name="w8a8"
     ),
     "w8a8-static": QuantConfig(
         _w(8, PerChannel(0)), _w(8, PerTensor(), symmetric=False), activation_mode="static", name="w8a8-static"
     ),
-    "w3g128": QuantConfig(_w(3, PerGroup(128), symmetric=False), name="w3g128"),
-    "w2g64": QuantConfig(_w(2, PerGroup(64), symmetric=False), name="w2g64"),
+    "w3g128": QuantConfig(_w(3, PerGroup(128), symmetric=False), overrides=EMBEDDINGS_INT8, name="w3g128"),
+    "w2g64": QuantConfig(_w(2, PerGroup(64), symmetric=False), overrides=EMBEDDINGS_INT8, name="w2g64"),
     "ternary": QuantConfig(_w(2, PerChannel(0), mapping="ternary"), name="ternary"),
     "binary": QuantConfig(_w(1, PerChannel(0), mapping="binary"), name="binary"),
     "log2-w4": QuantConfig(_w(4, PerChannel(0), mapping="log2"), name="log2-w4"),
     "kmeans-w4": QuantConfig(_w(4, PerTensor(), mapping="kmeans"), name="kmeans-w4"),
 }
 """Named configs. Weights: per-output-channel unless a group is named (``g128``: groups of 128
-inputs); ``a8``: int8 activations, dynamic per-token or static per-tensor (min-max observer)."""
+inputs); ``a8``: int8 activations, dynamic per-token or static per-tensor (min-max observer).
+``w4g128``, ``w3g128`` and ``w2g64`` keep embeddings at int8 (:data:`EMBEDDINGS_INT8`)."""
 
 
 def resolve_config(config: QuantConfig | str | dict[str, Any]) -> QuantConfig:

@@ -132,6 +132,17 @@ def test_overrides_change_one_layer(mlp):
     assert bits == {"fc1": 4, "fc2": 4, "head": 8}
 
 
+def test_type_overrides_and_low_bit_presets_keep_embeddings_int8():
+    q = squeezer.quantize(TextModel(), "w4g128")
+    assert q.embed.weight_spec == squeezer.PRESETS["w8"].weight
+    assert q.proj.weight_spec == squeezer.PRESETS["w4g128"].weight
+    cfg = QuantConfig(overrides={"type:linear": {"weight": {"bits": 3}}, "embed": {"weight": {"bits": 5}}})
+    q = squeezer.quantize(TextModel(), cfg)
+    assert (q.proj.weight_spec.bits, q.embed.weight_spec.bits) == (3, 5)
+    with pytest.raises(ConfigError, match="unknown layer type in overrides.*type:lstm"):
+        QuantConfig(overrides={"type:lstm": {"weight": {"bits": 4}}})
+
+
 def test_transformers_style_conv1d_becomes_linear():
     class Conv1D(nn.Module):  # same contract as transformers.pytorch_utils.Conv1D
         def __init__(self, nf: int, nx: int) -> None:

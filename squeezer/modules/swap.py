@@ -65,7 +65,7 @@ def swap_layers(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[
         elif own:
             skipped.append(SkippedLayer(name, type(module).__name__, own, reason))
     for name, module in chosen:
-        set_child(model, name, quantized_class_for(module).from_float(module, config.for_layer(name)))
+        set_child(model, name, quantized_class_for(module).from_float(module, config.for_layer(name, layer_type_name(module))))
     return [name for name, _ in chosen], skipped
 
 
