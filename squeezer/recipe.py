@@ -4,7 +4,9 @@ A recipe is a list of one-key mappings (YAML or Python), each ``{step: options}`
 
 * ``prune``: ``kind`` = ``unstructured`` (per layer) | ``global`` | ``nm`` (``n``, ``m``) |
   ``structured`` (whole output channels, ``sparsity`` = fraction removed, ``norm``) |
-  ``features`` (input columns, ``sparsity`` = fraction dropped; the model keeps taking full rows);
+  ``features`` (input columns, ``sparsity`` = fraction dropped; the model keeps taking full rows) |
+  ``heads`` (whole attention heads, ``sparsity`` = fraction removed, ``norm`` (default l2),
+  ``scope`` = layer | global, ``min_heads``; see :mod:`squeezer.prune.heads`);
   ``steps`` > 1 with ``finetune_epochs``: gradual cubic schedule with fine-tuning in between.
 * ``lowrank``: SVD factorisation, ``energy`` or ``budget`` (+ ``min_params``, include / ignore).
 * ``quantize``: ``preset`` or ``config`` (a :class:`QuantConfig` dict); calibration = the inputs of
@@ -38,7 +40,8 @@ from .modules import quant_layers
 Step = tuple[str, dict[str, Any]]
 
 OPTIONS: dict[str, set[str]] = {
-    "prune": {"kind", "sparsity", "n", "m", "norm", "steps", "finetune_epochs", "lr", "include", "ignore"},
+    "prune": {"kind", "sparsity", "n", "m", "norm", "scope", "min_heads", "steps", "finetune_epochs", "lr", "include",
+              "ignore"},
     "lowrank": {"energy", "budget", "min_params", "include", "ignore"},
     "quantize": {"preset", "config", "include", "ignore"},
     "qat": {"preset", "config", "epochs", "lr", "lam", "learnable_scales"},
@@ -176,8 +179,12 @@ class _Runner:
         elif kind == "features":
             report = P.prune_features(model, sparsity, norm=o.get("norm", "l2"))
             return P.SelectColumns(model, report.kept), asdict(report)
+        elif kind == "heads":
+            report = P.prune_heads(model, sparsity, norm=o.get("norm", "l2"), scope=o.get("scope", "layer"),
+                                   min_heads=o.get("min_heads", 1), **_select(o))
         else:
-            raise ConfigError(f"prune: unknown kind {kind!r}; valid: unstructured, global, nm, structured, features")
+            raise ConfigError(f"prune: unknown kind {kind!r}; valid: unstructured, global, nm, structured, features, "
+                              "heads")
         return model, report.to_dict()
 
     def lowrank(self, model: nn.Module, o: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:

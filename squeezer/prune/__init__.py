@@ -1,9 +1,23 @@
-"""Pruning: masks (unstructured, N:M, gradual) and real shrinking (channels, input features).
+"""Pruning: masks (unstructured, N:M, gradual) and real shrinking (channels, attention heads,
+input features).
 
 Every function changes the given model in place and returns a report with ``to_dict()``.
 """
 
-from .features import FeaturePruneReport, SelectColumns, feature_importance, input_layer, prune_features
+from .features import (
+    FeaturePruneReport,
+    SelectColumns,
+    feature_importance,
+    input_layer,
+    prune_features,
+)
+from .heads import (
+    HeadGroup,
+    HeadPruneReport,
+    attention_groups,
+    head_scores,
+    prune_heads,
+)
 from .magnitude import magnitude_prune, nm_prune, weight_sparsity
 from .mask import remove_masks, weight_mask
 from .report import LayerPruneReport, PruneReport, SkippedLayer, count_params
@@ -11,8 +25,29 @@ from .schedule import GradualPruneReport, PruneStep, cubic_sparsity, gradual_pru
 from .structured import channel_scores, prune_channels
 
 __all__ = [
-    "magnitude_prune", "nm_prune", "remove_masks", "weight_mask", "weight_sparsity",
-    "prune_channels", "channel_scores", "prune_features", "feature_importance", "input_layer", "SelectColumns",
-    "gradual_prune", "cubic_sparsity", "PruneReport", "LayerPruneReport", "SkippedLayer", "FeaturePruneReport",
-    "GradualPruneReport", "PruneStep", "count_params",
+    "FeaturePruneReport",
+    "GradualPruneReport",
+    "HeadGroup",
+    "HeadPruneReport",
+    "LayerPruneReport",
+    "PruneReport",
+    "PruneStep",
+    "SelectColumns",
+    "SkippedLayer",
+    "attention_groups",
+    "channel_scores",
+    "count_params",
+    "cubic_sparsity",
+    "feature_importance",
+    "gradual_prune",
+    "head_scores",
+    "input_layer",
+    "magnitude_prune",
+    "nm_prune",
+    "prune_channels",
+    "prune_features",
+    "prune_heads",
+    "remove_masks",
+    "weight_mask",
+    "weight_sparsity",
 ]
