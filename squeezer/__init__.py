@@ -4,6 +4,7 @@ from .api import quantize
 from .config import PRESETS, QuantConfig
 from .io.checkpoint import load, save
 from .io.onnx_export import export_onnx
+from .io.export import export
 from .kernels import pack
 from .errors import ConfigError, DataError, ModelError, SqueezerError
 from .quant.core import QParams, QTensor, dequantize, fake_quantize
@@ -16,7 +17,7 @@ from . import runtime
 
 
 __all__ = [
-    "quantize", "compress", "pack", "save", "load", "export_onnx", "QuantConfig", "QuantSpec", "PRESETS", "QuantReport",
+    "quantize", "compress", "pack", "save", "load", "export", "export_onnx", "QuantConfig", "QuantSpec", "PRESETS", "QuantReport",
     "PerTensor", "PerChannel", "PerGroup", "PerToken",
     "QParams", "QTensor", "quantize_tensor", "dequantize", "fake_quantize",
     "runtime", "SqueezerError", "ConfigError", "DataError", "ModelError", "__version__",

@@ -155,26 +155,27 @@ def info(directory: Path = typer.Argument(..., help="A checkpoint directory writ
 @app.command("export")
 def export_cmd(
     directory: Path = typer.Argument(..., help="A checkpoint directory written by squeezer."),
-    out: Path = typer.Option(..., "--out", help="Output file, e.g. model.onnx."),
-    fmt: str = typer.Option("onnx", "--format", help="Export format: onnx."),
+    out: Path = typer.Option(..., "--out", help="Output file: model.onnx, model.tflite or model.pte."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="onnx, tflite or executorch (default: from --out's suffix)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model factory (default: the one recorded by quantize)."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Shape of one example input, e.g. 1x61."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="TFLite full-integer models: data for the output grids."),
+    unsupported: str = typer.Option("error", "--unsupported", help="A layer with no int8 form: error, or float."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
 ) -> None:
-    """Export a checkpoint for a runtime (ONNX: QDQ / MatMulNBits, runs in ONNX Runtime)."""
+    """Export a checkpoint for a runtime (ONNX Runtime / TensorRT, TFLite, ExecuTorch) with squeezer's integers."""
     from dataclasses import asdict
 
     import torch
 
     from .calibration import example_from_signature
     from .errors import ConfigError, DataError
+    from .io.calib_files import load_calibration
     from .io.checkpoint import load, read_manifest
-    from .io.onnx_export import export_onnx
+    from .io.export import export
     from .io.user_model import load_factory
 
     try:
-        if fmt != "onnx":
-            raise ConfigError(f"--format {fmt!r} is not supported; supported: onnx")
         manifest = read_manifest(directory)
         factory = model or manifest.get("model_factory")
         if not factory:
@@ -192,13 +193,18 @@ def export_cmd(
         net = load(directory, model=load_factory(factory))
         if out.exists() and out.is_dir():
             raise DataError(f"--out {out} is a directory; give a file name such as model.onnx")
-        report = export_onnx(net, example, out)
+        options: dict[str, Any] = {}
+        if unsupported != "error":
+            options["unsupported"] = unsupported
+        if calib is not None:
+            options["calib"] = load_calibration(calib, 64)
+        report = export(net, example, out, format=fmt, **options)
     except SqueezerError as exc:
         _fail(exc)
     if json_out:
         print(json.dumps(asdict(report), indent=2))
         return
-    table = Table(title=f"ONNX export: {out}")
+    table = Table(title=f"{fmt or out.suffix.lstrip('.')} export: {out}")
     table.add_column("layer")
     table.add_column("exported as")
     for name, kind in report.layers.items():

@@ -159,5 +159,5 @@ def test_cli_export_from_quantize_checkpoint(tmp_path):
     x = torch.randn(4, 40)
     with torch.no_grad():
         assert torch.allclose(squeezer.runtime.load(onnx_path)(x), loaded(x), rtol=1e-3, atol=1e-4)
-    bad = runner.invoke(app, ["export", str(ckpt), "--format", "tflite", "--out", str(tmp_path / "m.tflite")])
-    assert bad.exit_code == 2 and "--format 'tflite' is not supported" in bad.output
+    bad = runner.invoke(app, ["export", str(ckpt), "--format", "coreml", "--out", str(tmp_path / "m.mlmodel")])
+    assert bad.exit_code == 2 and "unknown export format 'coreml'" in bad.output

@@ -342,13 +342,15 @@ def _names_and_axes(example: Any) -> tuple[tuple, list[str], dict[str, dict[int,
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int = 17,
-                dynamic_axes: dict[str, dict[int, str]] | None = None) -> ExportReport:
+                dynamic_axes: dict[str, dict[int, str]] | None = None, require_quantized: bool = True) -> ExportReport:
     """Write ``model`` (quantized, simulated or packed) to ``path`` as ONNX; returns what each layer became.
 
     ``example_inputs``: a tensor, a tuple (``model(*args)``) or a dict (``model(**kwargs)``); the
     batch axis (and the sequence axis of integer inputs) is dynamic unless ``dynamic_axes`` says otherwise.
+    ``require_quantized=False`` also writes a model without quantized layers (fp32, pruned) as plain ONNX.
     """
-    ensure_deployable(model, "export_onnx")
+    if require_quantized or quant_layers(model):
+        ensure_deployable(model, "export_onnx")
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise DataError(f"ONNX output directory {path.parent} does not exist")

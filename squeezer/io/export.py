@@ -1,0 +1,277 @@
+"""``squeezer.export`` (:mod:`squeezer.io.export`): write a model (quantized by squeezer, pruned or plain fp32) for a runtime.
+
+Formats (``format=`` or the file suffix): ``onnx`` (``.onnx``, :mod:`squeezer.io.onnx_export`),
+``tflite`` (``.tflite``, :mod:`squeezer.io.export_tflite`, extra ``squeezer[tflite]``) and
+``executorch`` (``.pte``, :mod:`squeezer.io.export_executorch`, extra ``squeezer[executorch]``).
+
+The two ``torch.export``-based formats share the *QDQ form* built here: each quantized layer
+becomes a :class:`QdqLayer` calling PyTorch's ``quantized_decomposed`` ops (the PT2E
+representation that litert-torch and ExecuTorch lower to int8 kernels) with squeezer's numbers:
+
+* weights: int8 codes ``q``, zero point 0, squeezer's scale ``S`` per output channel (axis 0) or
+  per tensor, ``W^ = q * S``: uniform symmetric signed codes of <= 8 bits as they are (int3 / int4
+  codes take a byte each), a codebook whose levels are integers in [-127, 127] (ternary, binary,
+  2-bit log2) as ``levels[code]``; nothing else has an int8 form (see ``unsupported``);
+* static activations: ``dequantize(quantize(x, S_a, Z_a))`` per tensor on squeezer's grid;
+  unsigned codes (``Z_a`` in 0..255) are stored as int8 with ``Z_a - 128`` (the same real values)
+  and clamped to [-128, 127];
+* ``input_scale`` (SmoothQuant / AWQ) as ``x * s`` in float in front of the quantizer;
+* dynamic activations: the format's own (see its module), with a warning where it differs.
+
+``unsupported="error"`` (default) raises :class:`ConfigError` naming a layer whose weights have no
+int8 form; ``"float"`` stores that layer's dequantized weights ``W^`` in float32 (the same outputs,
+a bigger file) and records a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import inspect
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError, DataError
+from ..modules import QuantConv1d, QuantConv2d, QuantEmbedding, quant_layers
+from ..modules.base import QuantMixin
+from ..modules.swap import ensure_deployable
+from ..quant.levels import lookup
+from ..quant.spec import PerChannel, PerTensor
+from .onnx_export import ExportReport, export_onnx
+
+FORMATS = {".onnx": "onnx", ".tflite": "tflite", ".pte": "executorch"}
+Unsupported = Literal["error", "float"]
+
+
+def export(model: nn.Module, example_inputs: Any, path: str | Path, format: str | None = None,
+           **options: Any) -> ExportReport:
+    """Write ``model`` to ``path`` as ``format`` (default: from the suffix ``.onnx`` / ``.tflite`` /
+    ``.pte``); returns what each layer became and the warnings. ``options`` go to the format's
+    exporter (e.g. ``unsupported="float"``, ``calib=batches`` for TFLite, ``max_batch`` for
+    ExecuTorch, ``opset`` for ONNX)."""
+    path = Path(path)
+    fmt = format if format is not None else FORMATS.get(path.suffix)
+    if fmt not in FORMATS.values():
+        raise ConfigError(f"unknown export format {fmt if format is not None else path.suffix!r} for {path}; "
+                          f"valid: {', '.join(FORMATS.values())} (or a path ending in {', '.join(FORMATS)})")
+    if fmt == "onnx":
+        exporter: Callable[..., ExportReport] = functools.partial(export_onnx, require_quantized=False)
+    elif fmt == "tflite":
+        from .export_tflite import export_tflite as exporter
+    else:
+        from .export_executorch import export_executorch as exporter
+    accepted = set(inspect.signature(exporter).parameters) - set(getattr(exporter, "keywords", {}))
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(f"option(s) {unknown} are not understood by the {fmt} export; "
+                          f"it takes: {sorted(k for k in accepted if k not in ('model', 'example_inputs', 'path'))}")
+    return exporter(model, example_inputs, path, **options)
+
+
+def require_extra(module: str, extra: str) -> ModuleType:
+    """Import an optional dependency, or :class:`ConfigError` naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"the {extra} format needs the optional package {module.split('.')[0]!r} "
+                          f"({exc}); install it with: pip install 'squeezer[{extra}]'") from None
+
+
+def deployable_layers(model: nn.Module, action: str) -> dict[str, QuantMixin]:
+    """The quantized layers of ``model`` (none for a float or pruned model); QAT-prepared models are refused."""
+    return ensure_deployable(model, action) if quant_layers(model) else {}
+
+
+def check_output_dir(path: Path, what: str) -> None:
+    if not path.parent.is_dir():
+        raise DataError(f"{what} output directory {path.parent} does not exist")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary sibling, then rename it onto ``path``: never half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def example_call(example_inputs: Any) -> tuple[tuple, dict[str, Tensor]]:
+    """``example_inputs`` (a tensor, a tuple of positional inputs or a keyword dict) as ``(args, kwargs)``."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+# ----------------------------------------------------------------------------- QDQ form
+@functools.cache
+def qd() -> Any:
+    """``torch.ops.quantized_decomposed`` (registered by importing its module)."""
+    importlib.import_module("torch.ao.quantization.fx._decomposed")
+    return torch.ops.quantized_decomposed
+
+
+@dataclass
+class Int8Weight:
+    """A weight as int8 codes (the layer's weight shape) and float32 scales ((N,) per channel or () per tensor)."""
+
+    codes: Tensor
+    scale: Tensor
+    label: str
+
+
+def int8_weight(layer: QuantMixin) -> Int8Weight | None:
+    """Squeezer's weight codes as int8 with zero point 0, or None when the format has no such form."""
+    qt = layer.weight_qtensor()
+    spec, g = qt.spec, qt.spec.granularity
+    per_channel = isinstance(g, PerChannel) and g.axis == 0
+    if not (per_channel or isinstance(g, PerTensor)):
+        return None
+    if spec.mapping == "uniform":
+        if not (spec.symmetric and spec.signed and spec.bits <= 8):
+            return None
+        codes = qt.codes
+    else:
+        levels = qt.qparams.levels
+        if levels.dim() > 1 and levels.shape[0] != 1:
+            return None
+        levels = levels.reshape(-1)
+        if not torch.equal(levels, levels.round()) or levels.abs().max() > 127:
+            return None
+        codes = lookup(qt.codes.long(), levels)
+    scale = qt.qparams.scale.float().reshape(-1) if per_channel else qt.qparams.scale.float().reshape(())
+    return Int8Weight(codes.to(torch.int8), scale.contiguous(), f"int8 codes of {spec.describe()}")
+
+
+def static_input_grid(layer: QuantMixin, name: str) -> tuple[float, int]:
+    """Squeezer's static input ``(scale, zero point)`` on the int8 code range."""
+    spec, qp = layer.act_spec, layer.act_qparams
+    if qp is None:
+        raise ConfigError(f"layer {name!r}: static activations are not calibrated")
+    if spec.bits != 8 or qp.scale.numel() != 1:
+        raise ConfigError(f"layer {name!r}: static activations {spec.describe()} have no int8 per-tensor form")
+    zero = 0 if qp.zero_point is None else int(qp.zero_point.reshape(-1)[0])
+    return float(qp.scale.reshape(-1)[0]), zero - (0 if spec.signed else 128)
+
+
+def fake_quant(x: Tensor, grid: tuple[float, int]) -> Tensor:
+    """``dequantize(quantize(x))`` per tensor, int8 codes in [-128, 127]."""
+    scale, zero = grid
+    q = qd().quantize_per_tensor(x, scale, zero, -128, 127, torch.int8)
+    return qd().dequantize_per_tensor(q, scale, zero, -128, 127, torch.int8)
+
+
+def _op(layer: QuantMixin, name: str) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    """The layer's float function ``op(x, weight, bias)``."""
+    if isinstance(layer, (QuantConv1d, QuantConv2d)):
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise ConfigError(f"layer {name!r}: export supports zero padding given as numbers, got "
+                              f"padding={layer.padding!r}, padding_mode={layer.padding_mode!r}")
+        conv = F.conv1d if isinstance(layer, QuantConv1d) else F.conv2d
+        return functools.partial(conv, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                                 groups=layer.groups)
+    if isinstance(layer, QuantEmbedding):
+        if layer.max_norm is not None:
+            raise ConfigError(f"layer {name!r}: an embedding with max_norm has no exported form")
+        return lambda idx, w, _bias: F.embedding(idx, w, layer.padding_idx)
+    return F.linear
+
+
+class QdqLayer(nn.Module):
+    """A squeezer layer in QDQ form: ``op(quantizer(x * input_scale), dequantize(q, S)) + b``.
+
+    ``weight``: :class:`Int8Weight` or None (float32 ``W^`` stored as is); ``fold_weight``: the graph
+    holds ``quantize(W^)`` for a converter to fold into int8 (litert-torch) instead of the int8
+    codes (ExecuTorch); ``input_grid``: static ``(scale, zero)``; ``dynamic``: per-tensor dynamic
+    int8 q/dq of the input (``choose_qparams``, ExecuTorch's XNNPACK pattern); ``output_grid``:
+    an int8 q/dq of the output (set by the TFLite exporter where its kernels need one).
+    """
+
+    def __init__(self, layer: QuantMixin, name: str, weight: Int8Weight | None, *, fold_weight: bool,
+                 input_grid: tuple[float, int] | None = None, dynamic: bool = False) -> None:
+        super().__init__()
+        self.name, self.op = name, _op(layer, name)
+        self.input_grid, self.dynamic, self.fold_weight = input_grid, dynamic, fold_weight
+        self.output_grid: tuple[float, int] | None = None
+        self.per_channel = weight is not None and weight.scale.dim() == 1
+        if weight is None:
+            self.register_buffer("weight", layer.quantized_weight().detach().float().clone())
+            self.register_buffer("scale", None)
+        else:
+            shape = (-1,) + (1,) * (weight.codes.dim() - 1)
+            stored = weight.codes.float() * weight.scale.reshape(shape if self.per_channel else ()) if fold_weight else weight.codes
+            self.register_buffer("weight", stored.contiguous())
+            self.register_buffer("scale", weight.scale)
+            self.register_buffer("zero", torch.zeros(weight.scale.shape, dtype=torch.int64))
+            self.tensor_scale = float(weight.scale) if not self.per_channel else 0.0
+        bias = getattr(layer, "bias", None)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.detach().float().clone())
+
+    def dequantized_weight(self) -> Tensor:
+        if self.scale is None:
+            return self.weight
+        ops = qd()
+        if self.per_channel:
+            w = self.weight
+            if self.fold_weight:
+                w = ops.quantize_per_channel(w, self.scale, self.zero, 0, -127, 127, torch.int8)
+            return ops.dequantize_per_channel(w, self.scale, self.zero, 0, -127, 127, torch.int8)
+        w = self.weight
+        if self.fold_weight:
+            w = ops.quantize_per_tensor(w, self.tensor_scale, 0, -127, 127, torch.int8)
+        return ops.dequantize_per_tensor(w, self.tensor_scale, 0, -127, 127, torch.int8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        if self.input_grid is not None:
+            x = fake_quant(x, self.input_grid)
+        elif self.dynamic and x.is_floating_point():
+            ops = qd()
+            scale, zero = ops.choose_qparams.tensor(x, -128, 127, torch.finfo(torch.float32).eps, torch.int8)
+            x = ops.dequantize_per_tensor.tensor(ops.quantize_per_tensor.tensor(x, scale, zero, -128, 127, torch.int8),
+                                                 scale, zero, -128, 127, torch.int8)
+        y = self.op(x, self.dequantized_weight(), self.bias)
+        return y if self.output_grid is None else fake_quant(y, self.output_grid)
+
+
+def checked_weight(layer: QuantMixin, name: str, fmt: str, unsupported: Unsupported,
+                   report: ExportReport) -> Int8Weight | None:
+    """:func:`int8_weight`, or per ``unsupported`` a :class:`ConfigError` / a float32 fallback with a warning."""
+    if unsupported not in ("error", "float"):
+        raise ConfigError(f"unsupported must be 'error' or 'float', got {unsupported!r}")
+    weight = int8_weight(layer)
+    if weight is None:
+        what = layer.weight_qtensor().spec.describe()
+        if unsupported == "error":
+            raise ConfigError(f"layer {name!r}: {what} weights have no {fmt} int8 form (int8 symmetric per "
+                              "channel / per tensor, integer codebooks); quantize it with an int8 preset, or pass "
+                              "unsupported='float' to store its dequantized weights in float32")
+        report.warnings.append(f"layer {name!r}: {what} weights have no {fmt} int8 form; stored as float32 "
+                               "(the same outputs, no integer kernel)")
+    return weight
+
+
+def qdq_model(model: nn.Module, make: Callable[[str, QuantMixin], nn.Module]) -> nn.Module:
+    """A copy of ``model`` (in eval mode) whose quantized layers are replaced by ``make(name, layer)``;
+    other modules are copied, the quantized layers themselves are not."""
+    memo: dict[int, Any] = {id(layer): make(name, layer) for name, layer in quant_layers(model).items()}
+    return copy.deepcopy(model, memo).eval()

@@ -1,0 +1,203 @@
+"""TFLite export through litert-torch (extra ``squeezer[tflite]``) that carries squeezer's integers.
+
+The model's QDQ form (:mod:`squeezer.io.export`) goes to ``litert_torch.convert``, which folds
+``quantize(W^)`` into int8 weight tensors holding squeezer's codes and scales (zero point 0; per
+output channel, ``quantized_dimension`` following TFLite's layout). Two modes, by the layers' activations:
+
+* no static layer (``w8``, ``w8a8``, integer codebooks): dynamic range. TFLite's hybrid kernels
+  quantize each input row to int8 symmetrically at run time, ``s = max|x_row| / 127``: squeezer's
+  dynamic per-token int8 for Linear layers (``w8a8``: outputs equal to float rounding with TFLite's
+  built-in kernels). For a weight-only layer, a dynamic convolution or a dynamic spec other than
+  int8 symmetric per token this quantization is not squeezer's: a warning names the layer.
+* static layers (``w8a8-static``): full integer; int8 tensors between layers on squeezer's
+  activation grids; biases int32 at scale ``S_x S_w`` (TFLite's rule). An int8 kernel needs an output
+  grid: a layer whose output reaches the next layer's input quantizer only through ReLU, reshapes
+  or max-pooling gets that grid (the same values as squeezer); any other output is quantized to
+  int8 over its min-max range on ``example_inputs`` and ``calib`` (not part of squeezer's model:
+  a warning names the layer and the grid). A model whose first op quantizes the input / last op
+  dequantizes the output takes / returns int8; :mod:`squeezer.runtime` applies the scale and zero point.
+
+Every quantized layer of a static model must be static: the converter stores the weights of a
+weight-only layer there in float (ConfigError naming it). In dynamic-range mode the converter
+quantizes large float weights (layers squeezer left in float) to int8 on its own: a warning names
+each such tensor. Embeddings have no TFLite form here.
+The batch size is the example's; the runner resizes (or runs in chunks) for other sizes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..calibration import call_model, check_batches
+from ..errors import ConfigError
+from .export import (
+    QdqLayer,
+    Unsupported,
+    check_output_dir,
+    checked_weight,
+    deployable_layers,
+    example_call,
+    qdq_model,
+    require_extra,
+    static_input_grid,
+    write_atomic,
+)
+from ..modules import QuantEmbedding, QuantLinear
+from ..modules.base import QuantMixin
+from ..quant.core import uniform_qparams
+from ..quant.spec import PerTensor, PerToken, QuantSpec
+from .onnx_export import ExportReport
+
+INT8_ASYM = QuantSpec(bits=8, symmetric=False, signed=True, granularity=PerTensor())
+_ATEN = torch.ops.aten
+# ops through which an int8 grid passes unchanged (TFLite keeps their input's quantization)
+PASS_THROUGH = {_ATEN.relu.default, _ATEN.relu_.default, _ATEN.view.default, _ATEN.reshape.default,
+                _ATEN.flatten.using_ints, _ATEN.squeeze.dim, _ATEN.unsqueeze.default, _ATEN.permute.default,
+                _ATEN.transpose.int, _ATEN.max_pool1d.default, _ATEN.max_pool2d.default, _ATEN.clone.default,
+                _ATEN.contiguous.default, _ATEN.dropout.default}
+GEMMS = {_ATEN.linear.default, _ATEN.conv1d.default, _ATEN.conv2d.default}
+
+
+def _weight_buffer(ep: Any, node: Any) -> str | None:
+    """The buffer behind a GEMM's weight argument, through ``dequantize(quantize(.))``."""
+    while node.op == "call_function":
+        node = node.args[0]
+    return ep.graph_signature.inputs_to_buffers.get(node.name)
+
+
+def _requantized(ep: Any) -> set[str]:
+    """Layers of an exported QDQ model whose output reaches an input quantizer through ``PASS_THROUGH``
+    ops, each with a single user; named by their weight buffer (``<layer>.weight``)."""
+    quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    found = set()
+    for node in ep.graph.nodes:
+        if node.target not in GEMMS:
+            continue
+        user = node
+        while len(user.users) == 1 and next(iter(user.users)).target in PASS_THROUGH:
+            user = next(iter(user.users))
+        name = _weight_buffer(ep, node.args[1]) or ""
+        if len(user.users) == 1 and next(iter(user.users)).target == quantize and name.endswith("weight"):
+            found.add(name.removesuffix("weight").removesuffix("."))
+    return found
+
+
+def _output_grids(model: nn.Module, names: list[str], batches: list[Any]) -> dict[str, tuple[float, int, float, float]]:
+    """``(scale, zero, lo, hi)``: int8 asymmetric min-max grid of each named layer's output over ``batches``."""
+    ranges: dict[str, list[Tensor]] = {}
+    layers = {n: model.get_submodule(n) for n in names}
+    hooks = [layer.register_forward_hook(lambda _m, _i, y, n=n: ranges.setdefault(n, []).append(y.detach().aminmax()))
+             for n, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                call_model(model, batch)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    grids = {}
+    for name, seen in ranges.items():
+        lo = torch.stack([s.min for s in seen]).min()
+        hi = torch.stack([s.max for s in seen]).max()
+        qp = uniform_qparams(lo, hi, INT8_ASYM)
+        grids[name] = (float(qp.scale), int(qp.zero_point), float(lo), float(hi))
+    return grids
+
+
+def _converter_quantized(content: bytes, qmodel: nn.Module) -> list[str]:
+    """Names of the int8 constants in a converted model whose scales are not those of a squeezer layer:
+    float weights that the dynamic-range converter quantized on its own."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    ours = [m.scale.reshape(-1).numpy() for m in qmodel.modules() if isinstance(m, QdqLayer) and m.scale is not None]
+    foreign = []
+    for d in Interpreter(model_content=content).get_tensor_details():
+        scales = d["quantization_parameters"]["scales"]
+        if d["dtype"] == np.int8 and len(d["shape"]) >= 2 and not any(np.array_equal(scales, s) for s in ours):
+            foreign.append(d["name"])
+    return foreign
+
+
+def _mode(layers: dict[str, QuantMixin]) -> str:
+    static = [n for n, layer in layers.items() if layer.config.activation_mode == "static"]
+    other = [n for n in layers if n not in static]
+    if static and other:
+        raise ConfigError(f"layer {other[0]!r}: TFLite cannot mix it ({layers[other[0]].config.activation_mode} "
+                          f"activations) with static layers such as {static[0]!r}: the converter would store its "
+                          "weights in float; quantize every layer with static activations, or none")
+    return "static" if static else "dynamic"
+
+
+def _dynamic_note(layer: QuantMixin, name: str) -> str | None:
+    """The warning for a layer whose run-time row quantization in TFLite is not squeezer's, else None."""
+    act = layer.act_spec
+    if layer.config.activation_mode == "none":
+        return (f"layer {name!r}: weight-only in squeezer, but TFLite's dynamic-range kernels also quantize "
+                "its input rows to int8 at run time (not in squeezer's model)")
+    exact = isinstance(layer, QuantLinear) and isinstance(act.granularity, PerToken) and act.bits == 8 and act.symmetric
+    if exact:
+        return None
+    return (f"layer {name!r}: dynamic {act.describe()} activations run as TFLite's int8 symmetric per-row "
+            "quantization (the nearest supported)")
+
+
+def export_tflite(model: nn.Module, example_inputs: Any, path: str | Path, *, calib: Any = None,
+                  unsupported: Unsupported = "error") -> ExportReport:
+    """Write ``model`` (quantized by squeezer, pruned or fp32) to ``path`` as TFLite; see the module doc.
+
+    ``example_inputs``: a tensor, a tuple (``model(*args)``) or a dict (``model(**kwargs)``);
+    ``calib``: batches for the ranges of static layers' outputs that need a grid of their own.
+    """
+    litert = require_extra("litert_torch", "tflite")
+    from litert_torch.quantize import pt2e_quantizer, quant_config
+
+    path = Path(path)
+    check_output_dir(path, "TFLite")
+    layers = deployable_layers(model, "export_tflite")
+    report = ExportReport(str(path))
+    mode = _mode(layers)
+
+    def make(name: str, layer: QuantMixin) -> QdqLayer:
+        if isinstance(layer, QuantEmbedding):
+            raise ConfigError(f"layer {name!r}: quantized embeddings have no TFLite form in squeezer's export")
+        weight = checked_weight(layer, name, "TFLite", unsupported, report)
+        grid = static_input_grid(layer, name) if mode == "static" else None
+        note = _dynamic_note(layer, name) if mode == "dynamic" and weight is not None else None
+        if note:
+            report.warnings.append(note)
+        kind = "float32 weights" if weight is None else weight.label
+        report.layers[name] = f"{kind}, " + ("static int8 activations" if mode == "static" else "dynamic-range kernel")
+        return QdqLayer(layer, name, weight, fold_weight=True, input_grid=grid)
+
+    qmodel = qdq_model(model, make)
+    args, kwargs = example_call(example_inputs)
+    if mode == "static":
+        with torch.no_grad():
+            requantized = _requantized(torch.export.export(qmodel, args, kwargs))
+        own = [n for n, m in qmodel.named_modules() if isinstance(m, QdqLayer) and m.scale is not None
+               and n not in requantized]
+        batches = [example_inputs] + ([] if calib is None else check_batches(calib))
+        for name, (scale, zero, lo, hi) in _output_grids(model, own, batches).items():
+            qmodel.get_submodule(name).output_grid = (scale, zero)
+            report.warnings.append(f"layer {name!r}: TFLite's int8 kernel needs an output grid; output quantized "
+                                   f"with scale {scale:.3g}, zero point {zero} (range [{lo:.3g}, {hi:.3g}] over "
+                                   f"{len(batches)} batch(es)), not part of squeezer's model")
+    config = None
+    if layers:  # the quantizer only picks the converter's q / dq mode: the graph already holds squeezer's q / dq
+        global_config = pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=mode == "dynamic")
+        config = quant_config.QuantConfig(pt2e_quantizer=pt2e_quantizer.PT2EQuantizer().set_global(global_config))
+    with torch.no_grad():
+        content = litert.convert(qmodel, args, kwargs or None, quant_config=config).model_content()
+    if mode == "dynamic" and layers:
+        report.warnings += [f"TFLite's dynamic-range converter quantized the float weight {name!r} to int8 "
+                            "itself (not squeezer's quantization)" for name in _converter_quantized(content, qmodel)]
+    write_atomic(path, content)
+    return report

@@ -1,0 +1,180 @@
+"""TFLite export: squeezer's int8 codes and scales are in the file, the runner matches the model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import itertools
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import squeezer
+from squeezer import ConfigError, QuantConfig
+from squeezer import export
+from squeezer.modules import quant_layers
+from squeezer.prune import magnitude_prune
+from squeezer.quant.levels import lookup
+
+from .conftest import MLP
+
+needs_tflite = pytest.mark.skipif(
+    importlib.util.find_spec("litert_torch") is None or importlib.util.find_spec("ai_edge_litert") is None,
+    reason="needs the tflite extra: pip install 'squeezer[tflite]'")
+
+
+def _rel(out, ref) -> float:
+    return float((torch.as_tensor(out) - ref).norm() / ref.norm())
+
+
+def _expected_codes(layer) -> np.ndarray:
+    """Squeezer's int8 codes: uniform codes, or a codebook's integer levels."""
+    qt = layer.weight_qtensor()
+    codes = qt.codes if qt.spec.mapping == "uniform" else lookup(qt.codes.long(), qt.qparams.levels.reshape(-1))
+    return codes.to(torch.int8).numpy()
+
+
+def _int8_weights(path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(codes moved to (O, ...) with size-1 axes dropped, per-channel scales)`` of every int8 constant."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    found = []
+    for d in interpreter.get_tensor_details():
+        q = d["quantization_parameters"]
+        if d["dtype"] != np.int8 or len(q["scales"]) < 2:
+            continue
+        codes = np.moveaxis(interpreter.get_tensor(d["index"]), q["quantized_dimension"], 0)
+        found.append((codes.reshape(codes.shape[0], *[s for s in codes.shape[1:] if s > 1]), q["scales"]))
+    return found
+
+
+def _assert_file_holds_squeezers_integers(path, model) -> None:
+    """Each layer's codes (up to TFLite's layout: OHWI, depthwise 1HWO, conv1d as 2-D) and float32 scales."""
+    stored = _int8_weights(path)
+    for name, layer in quant_layers(model).items():
+        expected = _expected_codes(layer)
+        expected = expected.reshape(expected.shape[0], *[s for s in expected.shape[1:] if s > 1])
+        scale = layer.weight_qtensor().qparams.scale.float().reshape(-1).numpy()
+        matches = [codes for codes, s in stored if np.array_equal(s, scale)]
+        assert matches, f"{name}: no int8 tensor with squeezer's scales"
+        layouts = [expected.transpose(0, *p) for p in itertools.permutations(range(1, expected.ndim))]
+        assert any(np.array_equal(c, e) for c in matches for e in layouts), f"{name}: codes differ"
+
+
+@needs_tflite
+def test_mlp_w8a8_matches_to_float_rounding(tmp_path, mlp, mlp_batches):
+    q = squeezer.quantize(mlp, "w8a8")
+    path = tmp_path / "mlp.tflite"
+    report = export(q, mlp_batches[0], path)
+    assert set(report.layers) == {"fc1", "fc2", "head"} and not report.warnings
+    _assert_file_holds_squeezers_integers(path, q)
+    run = squeezer.runtime.load(path)
+    for x in (mlp_batches[1], mlp_batches[2][:5]):  # the exported batch, then another one
+        with torch.no_grad():
+            ref = q(x)
+        out = run(x)
+        assert isinstance(out, torch.Tensor) and out.shape == ref.shape
+        assert _rel(out, ref) < 1e-5
+    assert isinstance(run(mlp_batches[1].numpy()), np.ndarray)
+
+
+@needs_tflite
+def test_cnn_static_full_integer_hides_int8_io(tmp_path, cnn, cnn_batches):
+    from ai_edge_litert.interpreter import Interpreter
+
+    q = squeezer.quantize(cnn, "w8a8-static", calib=cnn_batches)
+    path = tmp_path / "cnn.tflite"
+    report = export(q, cnn_batches[0][:1], path, calib=cnn_batches)
+    interpreter = Interpreter(model_path=str(path))
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8  # the file takes and returns int8
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    # conv2 -> relu -> conv1d -> relu -> fc reuse squeezer's grids; conv1 (then BatchNorm) and fc need their own
+    assert sorted(w.split("'")[1] for w in report.warnings) == ["conv1", "fc"]
+    _assert_file_holds_squeezers_integers(path, q)
+    x = cnn_batches[1]
+    with torch.no_grad():
+        ref = q(x)
+    assert _rel(squeezer.runtime.load(path)(x), ref) < 0.03  # float in, float out; 4 rows through a 1-row model
+
+
+@needs_tflite
+def test_weight_only_codebook_and_float_fallback(tmp_path, mlp, mlp_batches):
+    cfg = QuantConfig(weight={"bits": 2, "mapping": "ternary"},
+                      overrides={"^head$": {"weight": {"bits": 4, "mapping": "uniform", "symmetric": False, "signed": False,
+                                                    "granularity": "group:64"}}})
+    q = squeezer.quantize(mlp, cfg)
+    with pytest.raises(ConfigError, match="'head'.*uint4 asym group\\(64\\).*unsupported='float'"):
+        export(q, mlp_batches[0], tmp_path / "bad.tflite")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    path = tmp_path / "ternary.tflite"
+    report = export(q, mlp_batches[0], path, unsupported="float")
+    assert "float32" in report.layers["head"] and any("'head'" in w and "float32" in w for w in report.warnings)
+    assert all(any(f"'{n}'" in w and "run time" in w for w in report.warnings) for n in ("fc1", "fc2"))
+    # TFLite's dynamic-range converter then quantizes the float head itself: said, not silent
+    assert any("converter quantized" in w and "head" in w for w in report.warnings)
+    stored = _int8_weights(path)
+    for name in ("fc1", "fc2"):
+        expected = _expected_codes(q.get_submodule(name))
+        assert set(np.unique(expected)) <= {-1, 0, 1}
+        assert any(np.array_equal(c, expected) for c, _ in stored), name
+    with torch.no_grad():
+        ref = q(mlp_batches[1])
+    assert _rel(squeezer.runtime.load(path)(mlp_batches[1]), ref) < 0.03  # TFLite also quantizes activations
+
+
+@needs_tflite
+def test_pruned_float_model_and_refusals(tmp_path, mlp_batches):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    magnitude_prune(model, 0.5)  # masks as parametrizations: float export of the effective weight
+    path = tmp_path / "pruned.tflite"
+    report = export(model, mlp_batches[0], path)
+    assert report.layers == {} and not report.warnings
+    with torch.no_grad():
+        ref = model(mlp_batches[1])
+    assert _rel(squeezer.runtime.load(path)(mlp_batches[1]), ref) < 1e-5
+    mixed = squeezer.quantize(model, QuantConfig(weight={"bits": 8}, activation={"bits": 8, "symmetric": False, "granularity": "tensor"},
+                                                 activation_mode="static", overrides={"^head$": {"activation": None, "activation_mode": "none"}}),
+                              calib=mlp_batches)
+    with pytest.raises(ConfigError, match="'head'.*static"):
+        export(mixed, mlp_batches[0], tmp_path / "mixed.tflite")
+
+
+def test_missing_extra_names_it(tmp_path, monkeypatch, mlp, mlp_batches):
+    q = squeezer.quantize(mlp, "w8")
+    monkeypatch.setitem(sys.modules, "litert_torch", None)  # import fails
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    with pytest.raises(ConfigError, match=r"pip install 'squeezer\[tflite\]'"):
+        export(q, mlp_batches[0], tmp_path / "m.tflite")
+    (tmp_path / "m.tflite").write_bytes(b"TFL3")
+    with pytest.raises(ConfigError, match=r"pip install 'squeezer\[tflite\]'"):
+        squeezer.runtime.load(tmp_path / "m.tflite")
+    with pytest.raises(ConfigError, match="unknown export format"):
+        export(q, mlp_batches[0], tmp_path / "m.bin")
+
+
+@needs_tflite
+def test_cli_exports_a_checkpoint_to_tflite(tmp_path):
+    from typer.testing import CliRunner
+
+    from squeezer.cli import app
+
+    x = torch.randn(64, 40, generator=torch.Generator().manual_seed(3))
+    np.save(tmp_path / "x.npy", x.numpy())
+    runner = CliRunner()
+    done = runner.invoke(app, ["quantize", "--model", "tests.conftest:MLP", "--preset", "w8a8", "--calib",
+                               str(tmp_path / "x.npy"), "--out", str(tmp_path / "ck")])
+    assert done.exit_code == 0, done.output
+    out = tmp_path / "m.tflite"
+    result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and set(json.loads(result.stdout[result.stdout.index("{"):])["layers"]) == {"fc1", "fc2", "head"}
+    q = squeezer.load(tmp_path / "ck", model=MLP)
+    run = squeezer.runtime.load(out)
+    assert _rel(run(x[:1]), q(x[:1]).detach()) < 1e-4
+    bad = runner.invoke(app, ["export", str(tmp_path / "ck"), "--out", str(tmp_path / "m.onnx"), "--unsupported", "float"])
+    assert bad.exit_code == 2 and "not understood by the onnx export" in bad.output
