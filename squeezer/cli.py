@@ -335,7 +335,8 @@ def search_cmd(
         metric = load_attribute(evaluate, "--eval")
         columns = (TextColumn("searching"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[last]}"))
-        with Progress(*columns, console=err_console, transient=True, disable=json_out) as bar:
+        # the pareto study reports its trials itself
+        with Progress(*columns, console=err_console, transient=True, disable=json_out or strategy == "pareto") as bar:
             task = bar.add_task("trials", total=trials, last="")
 
             def show(trial: Any) -> None:
