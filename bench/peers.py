@@ -119,20 +119,12 @@ def call_torch(model: nn.Module) -> Callable[[Any], Callable[[], Any]]:
 def call_onnx(path: Path) -> tuple[Callable[[Any], Callable[[], Any]], Any]:
     """An ONNX file loaded with ``squeezer.runtime.load`` (intra-op threads = THREADS), fed numpy.
 
-    Its session is re-created with the same options plus ``allow_spinning=0`` (unless
-    ``ORT_SPINNING``): with a dozen sessions called in turn, the worker threads each session
-    leaves spinning after a call take the 2 cores from the next path (measured here: torch fp32
-    and ORT calls ran up to ~2-3x slower in the round-robin than alone; without spinning, as fast
-    as alone). ``squeezer.runtime.load`` has no parameter for session options.
+    Sessions are made with ``spinning=False`` (unless ``ORT_SPINNING``): with a dozen sessions
+    called in turn, the worker threads each session leaves spinning after a call take the 2 cores
+    from the next path (measured here: torch fp32 and ORT calls ran up to ~2-3x slower in the
+    round-robin than alone; without spinning, as fast as alone).
     """
-    import onnxruntime as ort
-
-    session = squeezer.runtime.load(path, threads=THREADS)
-    if not ORT_SPINNING:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = THREADS
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = squeezer.runtime.load(path, threads=THREADS, spinning=ORT_SPINNING)
     names = [n for n, _ in session.inputs]
 
     def make(batch: Any) -> Callable[[], Any]:

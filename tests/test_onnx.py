@@ -122,10 +122,13 @@ def test_keyword_inputs_and_embedding(tmp_path):
     report = squeezer.export_onnx(q, example, path)
     assert "Gather int8 rows" in report.layers["embed"]
     run = squeezer.runtime.load(path)
+    quiet = squeezer.runtime.load(path, threads=1, spinning=False)
+    assert quiet.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     longer = {"input_ids": torch.randint(1, 100, (3, 9)), "attention_mask": torch.ones(3, 9)}
     with torch.no_grad():
         ref = q(**longer)
     assert (run(**longer) - ref).norm() / ref.norm() < 0.02
+    assert torch.equal(quiet(**longer), run(**longer))
     with pytest.raises(ModelError, match="no input 'ids'"):
         run(ids=ids)
 
