@@ -732,9 +732,10 @@ def reading(results: dict[str, Any]) -> list[str]:
     if sq:
         lines.append(f"* squeezer's presets quantize {sq['layers']} layers of MiniLM: the 36 encoder Linear layers, the "
                      "pooler (unused by the mean-pooled embedding) and the three embedding tables (`nn.Embedding` is a "
-                     "supported layer), so `w8` / `w4g128` also round the 45 MiB of token / position embeddings; the torch.ao, "
-                     "ORT, torchao and quanto peers quantize Linear / MatMul only. The peers' errors are therefore from "
-                     "fewer quantized weights, and their saved sizes keep fp32 embeddings.")
+                     "supported layer), so squeezer also rounds the 45 MiB of token / position embeddings: to int8 per "
+                     "row in every preset (the sub-8-bit presets keep embeddings at int8, `EMBEDDINGS_INT8`); the "
+                     "torch.ao, ORT, torchao and quanto peers quantize Linear / MatMul only. The peers' errors are "
+                     "therefore from fewer quantized weights, and their saved sizes keep fp32 embeddings.")
     failed = [r for r in rows if r.get("error")]
     if failed:
         lines.append("* Failed configurations / peers: " + "; ".join(f"{r['name']} (`{r['error'][:120]}`)" for r in failed) + ".")
