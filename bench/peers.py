@@ -45,7 +45,6 @@ import datetime as dt
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -66,6 +65,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import squeezer  # noqa: E402
+from machine import cpu_info, loadavg, versions  # noqa: E402
 
 THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
@@ -598,35 +598,11 @@ def wait_quiet(max_wait_s: float, threshold: float = 0.3) -> float | None:
     return load
 
 
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
-
-
 def machine_info() -> dict[str, Any]:
-    import onnxruntime
-
-    cpu, flags = "unknown", []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        cpu = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        have = set(next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")))
-        flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in have]
-    except (OSError, StopIteration):
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                "squeezer": squeezer.__version__, "numpy": np.__version__}
-    for mod in ("onnx", "transformers"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            versions[mod] = None
-    return {"cpu": cpu, "cpu_flags": flags, "logical_cpus": os.cpu_count(), "threads": THREADS,
-            "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": THREADS,
-            "quantized_engine": torch.backends.quantized.engine, "platform": platform.platform(),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions,
+    return {**cpu_info(), "threads": THREADS, "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": THREADS,
+            "quantized_engine": torch.backends.quantized.engine,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions("torch", "onnxruntime", "squeezer", "numpy", "onnx", "transformers"),
             "loadavg_start": loadavg()}
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import squeezer  # noqa: E402
+from machine import cpu_info  # noqa: E402
 from squeezer.examples.credit import evaluate_credit, make_credit_task, train_credit_model  # noqa: E402
 from squeezer.search import Budget, allocate, costs, measure_sensitivity  # noqa: E402
 from squeezer.search.auto import checkpoint_bytes  # noqa: E402
@@ -200,7 +200,7 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     np.random.seed(0)
-    results: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(),
+    results: dict[str, Any] = {"machine": {"cpu": cpu_info()["cpu"],
                                            "threads": torch.get_num_threads(), "torch": torch.__version__,
                                            "squeezer": squeezer.__version__}}
     with tempfile.TemporaryDirectory() as tmp:
