@@ -65,7 +65,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import squeezer  # noqa: E402
-from machine import cpu_info, loadavg, versions  # noqa: E402
+from machine import CpuMeter, cpu_info, loadavg, versions  # noqa: E402
 
 THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
@@ -555,31 +555,6 @@ def bert_inputs(tokenizer: Any, model_dir: str, batches: tuple[int, ...]) -> tup
 
 # --------------------------------------------------------------------------------------------
 # report
-
-
-class CpuMeter:
-    """CPU used by *other* processes (in cores) between ``start`` and ``stop``: the machine's busy time
-    from /proc/stat minus this process's own time. About 0 on a quiet machine."""
-
-    def _read(self) -> tuple[float, float, float] | None:
-        try:
-            fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-            mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, ValueError, IndexError):
-            return None
-        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)  # minus idle and iowait
-        return time.perf_counter(), busy, float(mine[11]) + float(mine[12])  # utime + stime
-
-    def start(self) -> "CpuMeter":
-        self.begin = self._read()
-        return self
-
-    def stop(self) -> float | None:
-        end = self._read()
-        if self.begin is None or end is None or end[0] - self.begin[0] <= 0:
-            return None
-        hz = os.sysconf("SC_CLK_TCK")
-        return max(0.0, ((end[1] - self.begin[1]) - (end[2] - self.begin[2])) / hz / (end[0] - self.begin[0]))
 
 
 def foreign_load(seconds: float = 2.0) -> float | None:
