@@ -58,7 +58,7 @@ def test_positive_rate_is_fraud_like(seed):
 def test_split_is_stratified_and_standardised(task):
     n_test, n_train = len(task.y_test), len(task.y_train)
     assert n_test + n_train == 40_000 and n_test == pytest.approx(10_000, abs=2)
-    assert task.y_test.mean() == pytest.approx(task.y_train.mean(), abs=0.002)
+    assert float(task.y_test.mean()) == pytest.approx(float(task.y_train.mean()), abs=0.002)
     mean = task.x_train.double().mean(0)
     torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-4, rtol=0)
     again = make_fraud_task(seed=0)
