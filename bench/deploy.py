@@ -92,7 +92,7 @@ EVAL_THREADS = 1
 BLOCK = 10                      # consecutive calls of one path per round-robin turn
 WARMUP = 20
 WARMUP_S = 10.0                 # warm-up stops after this long (slow paths)
-SLOW_PATH_S = 60.0              # a path whose calls would take longer than this gets fewer (>= MIN_CALLS)
+SLOW_PATH_S = 300.0             # a path whose calls would take longer than this gets fewer (>= MIN_CALLS)
 MIN_CALLS = 30
 EVAL_SLOW_S = 90.0              # a path whose accuracy run would take longer is evaluated on fewer inputs
 EVAL_MIN = 40
@@ -102,6 +102,7 @@ SERVE_CHUNK = 250
 QUIET_CORES = 0.25
 SIZE_GOAL = 3.5
 ACC_TOL_PT = 0.2
+NO_WORSE_TOL_PT = 0.005         # "no worse": Δ >= 0 at the precision the tables show (0.01 pt)
 BUILD_LIMIT_S = {"minilm": 900}  # per path; others 300
 MINILM_TOKENS = 128
 MINILM_REVIEWS = 200
@@ -550,7 +551,7 @@ def squeezer_paths(task: Task, work: Path, limit: float) -> list[DPath]:
                 p.size_bytes, p.size_what = (ckpt / "model.safetensors").stat().st_size, "squeezer.save model.safetensors"
                 kernels = sorted({k for r in rows for k in r.kernels.values()})
                 warns = sorted({r.warning for r in rows if r.warning})
-                p.note = (f"quantize {state['quantize_s']:.1f}s; kernels: {', '.join(kernels) or '—'}"
+                p.note = (f"quantize {state['quantize_s']:.2f}s; kernels: {', '.join(kernels) or '—'}"
                           + (f"; pack warnings: {'; '.join(warns)}" if warns else ""))
             out.append(build(DPath(f"squeezer {label} (packed)", "PyTorch", "squeezer", label, timed=spec["timed"],
                                    carries="squeezer's own kernels"), packed, limit))
@@ -818,6 +819,23 @@ def evaluate(task: Task, paths: list[DPath]) -> dict[str, dict[str, Any]]:
     return res
 
 
+WAIT_QUIET_S = 0.0  # --wait-quiet
+
+
+def wait_quiet(max_wait_s: float, threshold: float = 0.3) -> float | None:
+    """Sleep until other processes use less than ``threshold`` cores (or ``max_wait_s`` passes); their load."""
+    def sample(seconds: float) -> float | None:
+        meter = CpuMeter().start()
+        time.sleep(seconds)
+        return meter.stop()
+    deadline = time.perf_counter() + max_wait_s
+    load = sample(2.0)
+    while load is not None and load >= threshold and time.perf_counter() < deadline:
+        log(f"  other processes use {load:.2f} cores; waiting for a quieter machine")
+        load = sample(5.0)
+    return load
+
+
 def percentile(samples: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples), q))
 
@@ -827,7 +845,9 @@ def time_paths(task: Task, paths: list[DPath], calls: int, threads: int) -> tupl
     rounds of ``BLOCK`` calls per path (order rotated each round) until every path has ``calls`` timed calls;
     inputs cycle over up to 32 test inputs. A path whose warm-up says that ``calls`` calls would take more
     than ``SLOW_PATH_S`` gets fewer (at least ``MIN_CALLS``; its record says how many)."""
+    before = wait_quiet(WAIT_QUIET_S) if WAIT_QUIET_S > 0 else None
     info = set_threads(threads)
+    info["foreign_cores_before"] = before
     pool = [forms(b) for b in task.eval_inputs[:32]]
     runners: dict[str, tuple[Callable[..., Any], str]] = {}
     errors: dict[str, str] = {}
@@ -889,7 +909,9 @@ def serve_fraud(task: Task, paths: list[DPath], threads: int, requests: int) -> 
     """The fraud service: one raw transaction per request -> standardise -> model -> sigmoid -> decision.
     Paths take turns serving chunks of ``SERVE_CHUNK`` consecutive requests (order rotated); per path
     p50 / p99 of the request time and throughput = requests / time spent serving them."""
+    before = wait_quiet(WAIT_QUIET_S) if WAIT_QUIET_S > 0 else None
     info = set_threads(threads)
+    info["foreign_cores_before"] = before
     fraud = task.extra["fraud"]
     raw = task.extra["raw_test"]
     mean, std = fraud.mean, fraud.std
@@ -959,6 +981,8 @@ def goals(entry: dict[str, Any]) -> list[dict[str, Any]]:
                 row[key] = {m: p["metrics"][m] - other[m] for m in metrics}
         if "vs_squeezer_torch" in row:
             row["within_0_2pt"] = all(abs(d) <= ACC_TOL_PT + 1e-9 for d in row["vs_squeezer_torch"].values())
+        if "vs_squeezer_sim" in row:
+            row["within_0_2pt_sim"] = all(abs(d) <= ACC_TOL_PT + 1e-9 for d in row["vs_squeezer_sim"].values())
         row["vs_peers"] = {q["name"]: {m: p["metrics"][m] - ref_metrics(q)[m] for m in metrics}
                            for q in entry["paths"] if q["family"] == "peer" and q["runtime"] == p["runtime"] and ref_metrics(q)}
         defaults = [q for q in entry["paths"] if q.get("default_peer") and q["runtime"] == p["runtime"]]
@@ -967,7 +991,7 @@ def goals(entry: dict[str, Any]) -> list[dict[str, Any]]:
             row["no_worse_than_peers"] = None
             row["peer_missing"] = [q["name"] for q in defaults if not ref_metrics(q)]
         elif defaults:
-            row["no_worse_than_peers"] = all(row["vs_peers"][q["name"]][m] >= -1e-9 for q in defaults for m in metrics)
+            row["no_worse_than_peers"] = all(row["vs_peers"][q["name"]][m] >= -NO_WORSE_TOL_PT for q in defaults for m in metrics)
         f = fp32.get(p["runtime"])
         if f and f.get("size_bytes") and p.get("size_bytes"):
             row["size_ratio"] = f["size_bytes"] / p["size_bytes"]
@@ -1082,13 +1106,13 @@ def verdict(ok: bool | None) -> str:
 
 def goals_table(entry: dict[str, Any]) -> list[str]:
     metrics = entry["goal_metrics"]
-    lines = ["| exported model | runtime | Δ vs squeezer PyTorch packed (pt) | ≤ 0.2 pt | Δ vs simulated (pt) | "
+    lines = ["| exported model | runtime | Δ vs squeezer PyTorch packed (pt) | ≤ 0.2 pt | Δ vs simulated (pt) | ≤ 0.2 pt | "
              "Δ vs the runtime's own int8 (pt; * = default, the goal) | no worse than default | × smaller than fp32 export | ≥ 3.5× |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     delta = lambda d: " / ".join(signed(d[m]) for m in metrics) if d else "—"  # noqa: E731
     for g in entry["goals"]:
         if "error" in g:
-            lines.append(f"| {g['path']} | {g['runtime']} | **failed**: {g['error']} | **missed** | | | | | |")
+            lines.append(f"| {g['path']} | {g['runtime']} | **failed**: {g['error']} | **missed** | | **missed** | | **missed** | | **missed** |")
             continue
         peers = "; ".join(f"{name}{'*' if name in g['default_peers'] else ''}: {delta(v)}"
                           for name, v in g["vs_peers"].items()) or "no peer"
@@ -1097,7 +1121,8 @@ def goals_table(entry: dict[str, Any]) -> list[str]:
         ratio = f"{g['size_ratio']:.2f}" if "size_ratio" in g else "—"
         subset = f" (first {g['eval_n']} inputs)" if g.get("eval_n") else ""
         lines.append(f"| {g['path']} | {g['runtime']} | {delta(g.get('vs_squeezer_torch'))}{subset} | {verdict(g.get('within_0_2pt'))} | "
-                     f"{delta(g.get('vs_squeezer_sim'))} | {peers} | {verdict(g.get('no_worse_than_peers'))} | {ratio} | "
+                     f"{delta(g.get('vs_squeezer_sim'))} | {verdict(g.get('within_0_2pt_sim'))} | {peers} | "
+                     f"{verdict(g.get('no_worse_than_peers'))} | {ratio} | "
                      f"{verdict(g.get('size_goal'))} |")
     return lines
 
@@ -1200,8 +1225,9 @@ def serving_markdown(entry: dict[str, Any]) -> list[str]:
 def worst_of(key: str, rows: list[dict[str, Any]]) -> str:
     """`` (worst: ...)`` over the evaluated rows: the largest |Δ| vs squeezer PyTorch, the lowest Δ vs a default
     peer, the smallest size ratio."""
-    if key == "within_0_2pt":
-        vals = [abs(d) for g in rows for d in g.get("vs_squeezer_torch", {}).values()]
+    if key in ("within_0_2pt", "within_0_2pt_sim"):
+        field_ = "vs_squeezer_torch" if key == "within_0_2pt" else "vs_squeezer_sim"
+        vals = [abs(d) for g in rows for d in g.get(field_, {}).values()]
         return f" (largest \\|Δ\\| {max(vals):.2f} pt)" if vals else ""
     if key == "no_worse_than_peers":
         vals = [d for g in rows for name in g.get("default_peers", []) for d in g.get("vs_peers", {}).get(name, {}).values()]
@@ -1212,11 +1238,12 @@ def worst_of(key: str, rows: list[dict[str, Any]]) -> str:
 
 def summary_table(result: dict[str, Any]) -> list[str]:
     """Per model and runtime: the goals over every exported squeezer model of that runtime."""
-    lines = ["| model | runtime | exported configs | accuracy within 0.2 pt of squeezer PyTorch | no worse than the "
-             "runtime's own int8 | ≥ 3.5× smaller than fp32 export |", "|---|---|---|---|---|---|"]
+    lines = ["| model | runtime | exported configs | accuracy within 0.2 pt of squeezer PyTorch (packed) | same, vs the "
+             "simulated model | no worse than the runtime's own default int8 | ≥ 3.5× smaller than fp32 export |",
+             "|---|---|---|---|---|---|---|"]
     for entry in result["models"].values():
         if entry.get("error"):
-            lines.append(f"| {entry['name']} | all | **failed**: {entry['error']} | | | |")
+            lines.append(f"| {entry['name']} | all | **failed**: {entry['error']} | | | | |")
             continue
         for runtime in RUNTIMES[1:]:
             rows = [g for g in entry["goals"] if g["runtime"] == runtime]
@@ -1236,7 +1263,7 @@ def summary_table(result: dict[str, Any]) -> list[str]:
                 worst = worst_of(key, [g for g in rows if "error" not in g])
                 return (text if not miss else f"**{text}**; missed: {', '.join(sorted(set(miss)))}") + worst
             configs = ", ".join(sorted({g["config"] for g in rows}))
-            lines.append(f"| {entry['name']} | {runtime} | {configs} | {count('within_0_2pt')} | "
+            lines.append(f"| {entry['name']} | {runtime} | {configs} | {count('within_0_2pt')} | {count('within_0_2pt_sim')} | "
                          f"{count('no_worse_than_peers')} | {count('size_goal')} |")
     return lines
 
@@ -1255,6 +1282,7 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "python bench/deploy.py                   # full run (writes this page and bench/results/deploy.json)",
         "python bench/deploy.py --quick           # smoke run: 50 calls, no MiniLM; bench/results/quick/, docs untouched",
         "python bench/deploy.py --out DIR         # results elsewhere; --models credit,digits,fraud,minilm for a subset",
+        "python bench/deploy.py --wait-quiet 120  # before each timing block, wait (up to 120 s) for a quiet machine",
         "python bench/deploy.py --render bench/results/deploy.json   # rewrite this page from saved results",
         "```", "",
         "## Machine and settings", "",
@@ -1296,7 +1324,11 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "default int8 quantization of the fp32 model (marked * in the tables: ONNX Runtime `quantize_dynamic`, and "
         "`quantize_static` QDQ for the CNN; LiteRT's documented PT2E dynamic-range config; ExecuTorch's documented "
         "`XNNPACKQuantizer` static config; the other peers are shown for reference); file ≥ 3.5× smaller than the "
-        "same format's fp32 export. A squeezer config that fails to export or to run counts as missed.",
+        "same format's fp32 export. A squeezer config that fails to export or to run counts as missed. \"No worse\" "
+        f"allows {NO_WORSE_TOL_PT} pt (what the tables round to ±0.00). The same accuracy check against the simulated "
+        "model is listed too: the packed PyTorch model is not always the simulated one (weight-only layers run on bf16 "
+        "activations, one-row `w8a8` layers on fbgemm's asymmetric per-row int8), and a file can match one and not the "
+        "other.",
         f"- **Slow paths**: a path whose {result['settings']['calls']} calls would take more than {SLOW_PATH_S:.0f} s is "
         f"timed over fewer calls (at least {MIN_CALLS}; the table says how many).", "",
     ]
@@ -1417,6 +1449,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=None, help="markdown to write (default docs/deployment.md; none with --quick)")
     parser.add_argument("--models", default=None, help="comma-separated subset of credit,digits,fraud,minilm")
     parser.add_argument("--calls", type=int, default=None, help="timed batch-1 calls per path and thread count (default 1000)")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before each timing block, wait up to SECONDS for other processes to go quiet")
     parser.add_argument("--minilm-reviews", type=int, default=MINILM_REVIEWS, help="MiniLM test reviews (default 200)")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON", help="only rewrite the markdown from saved results")
     args = parser.parse_args(argv)
@@ -1431,6 +1465,8 @@ def main(argv: list[str] | None = None) -> int:
         target.write_text(docs_markdown(saved))
         log(f"wrote {target} from {args.render}")
         return 0
+    global WAIT_QUIET_S
+    WAIT_QUIET_S = args.wait_quiet
     calls = args.calls or (QUICK_CALLS if args.quick else 1000)
     serve_requests = 500 if args.quick else SERVE_REQUESTS
     out_dir = args.out or (REPO / "bench" / "results" / ("quick" if args.quick else ""))
@@ -1445,7 +1481,9 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"mode": "quick" if args.quick else "full", "machine": machine_info(), "models": {},
                               "settings": {"calls": calls, "block": BLOCK, "warmup": WARMUP, "threads": list(THREADS),
                                            "eval_threads": EVAL_THREADS, "serve_requests": serve_requests,
-                                           "size_goal": SIZE_GOAL, "accuracy_tolerance_pt": ACC_TOL_PT}}
+                                           "size_goal": SIZE_GOAL, "accuracy_tolerance_pt": ACC_TOL_PT,
+                                           "wait_quiet_s": args.wait_quiet, "slow_path_s": SLOW_PATH_S,
+                                           "eval_slow_s": EVAL_SLOW_S}}
     makers = {"credit": credit_task, "digits": digits_task, "fraud": lambda: fraud_task(args.quick), "minilm": lambda: minilm_task(args.minilm_reviews)}
     with tempfile.TemporaryDirectory(prefix="squeezer-deploy-") as tmp:
         for name in models:
