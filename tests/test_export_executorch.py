@@ -31,7 +31,7 @@ def _assert_file_holds_squeezers_integers(path, model) -> None:
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     pte = deserialize_pte_binary(path.read_bytes())
-    blobs = [bytes(b.storage) for b in pte.program.constant_buffer] + list(pte.named_data.buffers)
+    blobs = [bytes(b.storage) for b in pte.program.constant_buffer] + (list(pte.named_data.buffers) if pte.named_data else [])
 
     def held(t: torch.Tensor) -> bool:
         return any(b.startswith(t.numpy().tobytes()) and len(b) - t.nbytes < 16 for b in blobs)
@@ -114,3 +114,21 @@ def test_missing_extra_names_it(tmp_path, monkeypatch, mlp, mlp_batches):
     (tmp_path / "m.pte").write_bytes(b"ET")
     with pytest.raises(ConfigError, match=r"pip install 'squeezer\[executorch\]'"):
         squeezer.runtime.load(tmp_path / "m.pte")
+
+
+@needs_executorch
+def test_static_model_with_embedding(tmp_path):
+    from .test_onnx import TextModel
+
+    torch.manual_seed(0)
+    model = TextModel().eval()
+    calib = [{"input_ids": torch.randint(1, 100, (2, 6)), "attention_mask": torch.ones(2, 6)} for _ in range(3)]
+    q = squeezer.quantize(model, "w8a8-static", calib=calib)
+    path = tmp_path / "text.pte"
+    report = export(q, calib[0], path)  # token ids reach the embedding unquantized
+    assert "weight-only" in report.layers["embed"] and "static" in report.layers["proj"]
+    assert not any("'embed'" in w for w in report.warnings)
+    _assert_file_holds_squeezers_integers(path, q)
+    with torch.no_grad():
+        ref = q(**calib[1])
+    assert _rel(squeezer.runtime.load(path)(calib[1]["input_ids"], calib[1]["attention_mask"]), ref) < 1e-3

@@ -88,17 +88,53 @@ def test_cnn_static_full_integer_hides_int8_io(tmp_path, cnn, cnn_batches):
 
     q = squeezer.quantize(cnn, "w8a8-static", calib=cnn_batches)
     path = tmp_path / "cnn.tflite"
-    report = export(q, cnn_batches[0][:1], path, calib=cnn_batches)
+    report = export(q, cnn_batches[0][:1], path, calib=cnn_batches, unquantized_outputs="int8")
     interpreter = Interpreter(model_path=str(path))
     assert interpreter.get_input_details()[0]["dtype"] == np.int8  # the file takes and returns int8
     assert interpreter.get_output_details()[0]["dtype"] == np.int8
     # conv2 -> relu -> conv1d -> relu -> fc reuse squeezer's grids; conv1 (then BatchNorm) and fc need their own
     assert sorted(w.split("'")[1] for w in report.warnings) == ["conv1", "fc"]
+    assert all("output grid" in w for w in report.warnings)
     _assert_file_holds_squeezers_integers(path, q)
     x = cnn_batches[1]
     with torch.no_grad():
         ref = q(x)
-    assert _rel(squeezer.runtime.load(path)(x), ref) < 0.03  # float in, float out; 4 rows through a 1-row model
+    own_grids = _rel(squeezer.runtime.load(path)(x), ref)
+    assert own_grids < 0.03  # float in, float out; 4 rows through a 1-row model
+
+    # the default: conv1 and fc, whose outputs squeezer leaves in float, run as float ops on squeezer's W^
+    default = tmp_path / "cnn_float_outputs.tflite"
+    report = export(q, cnn_batches[0][:1], default)
+    assert sorted(w.split("'")[1] for w in report.warnings) == ["conv1", "fc"]
+    assert "float op" in report.layers["fc"] and "static int8" in report.layers["conv2"]
+    assert Interpreter(model_path=str(default)).get_output_details()[0]["dtype"] == np.float32
+    stored = _int8_weights(default)
+    for name in ("conv2", "conv1d"):  # the int8 layers still hold squeezer's codes
+        scale = q.get_submodule(name).weight_qtensor().qparams.scale.float().reshape(-1).numpy()
+        assert any(np.array_equal(s, scale) for _, s in stored), name
+    assert _rel(squeezer.runtime.load(default)(x), ref) < own_grids
+    with pytest.raises(ConfigError, match="unquantized_outputs"):
+        export(q, cnn_batches[0][:1], tmp_path / "bad.tflite", unquantized_outputs="int4")
+
+
+@needs_tflite
+def test_quantized_embeddings_keep_int8_rows(tmp_path):
+    from .test_onnx import TextModel
+
+    torch.manual_seed(0)
+    model = TextModel().eval()
+    ids = torch.randint(1, 100, (1, 6))
+    example = {"input_ids": ids, "attention_mask": torch.ones(1, 6)}
+    for preset in ("w8a8", "w8"):
+        q = squeezer.quantize(model, preset)
+        path = tmp_path / f"{preset}.tflite"
+        report = export(q, example, path)
+        assert "EMBEDDING_LOOKUP" in report.layers["embed"]
+        assert not any("'embed'" in w for w in report.warnings)  # token ids are not quantized: no warning
+        _assert_file_holds_squeezers_integers(path, q)
+        with torch.no_grad():
+            ref = q(**example)
+        assert _rel(squeezer.runtime.load(path)(**example), ref) < (1e-5 if preset == "w8a8" else 0.03)
 
 
 @needs_tflite

@@ -112,6 +112,19 @@ def test_cnn_static_and_packed_export(tmp_path, cnn, cnn_batches):
     assert (out - ref).norm() / ref.norm() < 0.02
 
 
+def test_cnn_dynamic_runs_integer_convolutions(tmp_path, cnn, cnn_batches):
+    q = squeezer.quantize(cnn, "w8a8")  # dynamic int8: one activation scale per sample
+    path = tmp_path / "cnn_dynamic.onnx"
+    report = squeezer.export_onnx(q, cnn_batches[0], path)
+    assert all(report.layers[n].startswith("ConvInteger") for n in ("conv1", "conv2", "conv1d"))
+    assert report.layers["fc"].startswith("MatMulInteger") and not report.warnings
+    assert {"ConvInteger", "MatMulInteger"} <= _ops(path)
+    x = torch.cat([cnn_batches[1][:2] * 10, cnn_batches[1][2:]])  # samples of different ranges
+    with torch.no_grad():
+        ref = q(x)
+    assert (squeezer.runtime.load(path)(x) - ref).norm() / ref.norm() < 1e-5
+
+
 def test_keyword_inputs_and_embedding(tmp_path):
     torch.manual_seed(0)
     model = TextModel().eval()

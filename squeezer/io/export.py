@@ -160,6 +160,12 @@ def int8_weight(layer: QuantMixin) -> Int8Weight | None:
     return Int8Weight(codes.to(torch.int8), scale.contiguous(), f"int8 codes of {spec.describe()}")
 
 
+def activation_mode(layer: QuantMixin) -> str:
+    """``none`` / ``dynamic`` / ``static``: how the layer's input is quantized; an embedding's input is token
+    ids, never quantized, whatever its config says."""
+    return "none" if isinstance(layer, QuantEmbedding) else layer.config.activation_mode
+
+
 def static_input_grid(layer: QuantMixin, name: str) -> tuple[float, int]:
     """Squeezer's static input ``(scale, zero point)`` on the int8 code range."""
     spec, qp = layer.act_spec, layer.act_qparams

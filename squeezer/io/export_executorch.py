@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from .export import (
     QdqLayer,
     Unsupported,
+    activation_mode,
     check_output_dir,
     checked_weight,
     deployable_layers,
@@ -97,7 +98,7 @@ def export_executorch(model: nn.Module, example_inputs: Any, path: str | Path, *
 
     def make(name: str, layer: QuantMixin) -> QdqLayer:
         weight = checked_weight(layer, name, "ExecuTorch", unsupported, report)
-        mode = layer.config.activation_mode
+        mode = activation_mode(layer)
         if mode == "dynamic":
             report.warnings.append(f"layer {name!r}: dynamic {layer.act_spec.describe()} activations run as "
                                    "ExecuTorch's dynamic asymmetric int8 (per row in XNNPACK's GEMMs): the nearest supported")

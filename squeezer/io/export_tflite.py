@@ -12,22 +12,25 @@ output channel, ``quantized_dimension`` following TFLite's layout). Two modes, b
 * static layers (``w8a8-static``): full integer; int8 tensors between layers on squeezer's
   activation grids; biases int32 at scale ``S_x S_w`` (TFLite's rule). An int8 kernel needs an output
   grid: a layer whose output reaches the next layer's input quantizer only through ReLU, reshapes
-  or max-pooling gets that grid (the same values as squeezer); any other output is quantized to
-  int8 over its min-max range on ``example_inputs`` and ``calib`` (not part of squeezer's model:
-  a warning names the layer and the grid). A model whose first op quantizes the input / last op
+  or max-pooling gets that grid (the same values as squeezer); any other (e.g. the last layer) runs
+  as a float op on its dequantized int8 input and squeezer's ``W^`` (the same values, weights in
+  float32), or with ``unquantized_outputs="int8"`` in the int8 kernel with its output quantized
+  over its min-max range on ``example_inputs`` and ``calib`` (not part of squeezer's model: a
+  warning names the layer and the grid). A model whose first op quantizes the input / last op
   dequantizes the output takes / returns int8; :mod:`squeezer.runtime` applies the scale and zero point.
 
 Every quantized layer of a static model must be static: the converter stores the weights of a
 weight-only layer there in float (ConfigError naming it). In dynamic-range mode the converter
 quantizes large float weights (layers squeezer left in float) to int8 on its own: a warning names
-each such tensor. Embeddings have no TFLite form here.
+each such tensor. Embeddings keep their int8 rows and per-row scales (``EMBEDDING_LOOKUP`` dequantizes
+the rows it gathers: squeezer's values exactly), in either mode.
 The batch size is the example's; the runner resizes (or runs in chunks) for other sizes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,6 +41,7 @@ from ..errors import ConfigError
 from .export import (
     QdqLayer,
     Unsupported,
+    activation_mode,
     check_output_dir,
     checked_weight,
     deployable_layers,
@@ -127,8 +131,8 @@ def _converter_quantized(content: bytes, qmodel: nn.Module) -> list[str]:
 
 
 def _mode(layers: dict[str, QuantMixin]) -> str:
-    static = [n for n, layer in layers.items() if layer.config.activation_mode == "static"]
-    other = [n for n in layers if n not in static]
+    static = [n for n, layer in layers.items() if activation_mode(layer) == "static"]
+    other = [n for n, layer in layers.items() if n not in static and not isinstance(layer, QuantEmbedding)]
     if static and other:
         raise ConfigError(f"layer {other[0]!r}: TFLite cannot mix it ({layers[other[0]].config.activation_mode} "
                           f"activations) with static layers such as {static[0]!r}: the converter would store its "
@@ -139,6 +143,8 @@ def _mode(layers: dict[str, QuantMixin]) -> str:
 def _dynamic_note(layer: QuantMixin, name: str) -> str | None:
     """The warning for a layer whose run-time row quantization in TFLite is not squeezer's, else None."""
     act = layer.act_spec
+    if isinstance(layer, QuantEmbedding):
+        return None
     if layer.config.activation_mode == "none":
         return (f"layer {name!r}: weight-only in squeezer, but TFLite's dynamic-range kernels also quantize "
                 "its input rows to int8 at run time (not in squeezer's model)")
@@ -150,12 +156,18 @@ def _dynamic_note(layer: QuantMixin, name: str) -> str | None:
 
 
 def export_tflite(model: nn.Module, example_inputs: Any, path: str | Path, *, calib: Any = None,
-                  unsupported: Unsupported = "error") -> ExportReport:
+                  unsupported: Unsupported = "error",
+                  unquantized_outputs: Literal["float", "int8"] = "float") -> ExportReport:
     """Write ``model`` (quantized by squeezer, pruned or fp32) to ``path`` as TFLite; see the module doc.
 
     ``example_inputs``: a tensor, a tuple (``model(*args)``) or a dict (``model(**kwargs)``);
-    ``calib``: batches for the ranges of static layers' outputs that need a grid of their own.
+    ``unquantized_outputs``: a static layer whose output squeezer leaves in float (e.g. the last one)
+    runs as a float op on squeezer's dequantized weights (``"float"``: no grid of its own, its weights
+    stored in float32) or in TFLite's int8 kernel with an output grid of its own (``"int8"``: int8 weights, an
+    approximation; a warning gives the grid); ``calib``: batches for those grids' ranges.
     """
+    if unquantized_outputs not in ("float", "int8"):
+        raise ConfigError(f"unquantized_outputs must be 'float' or 'int8', got {unquantized_outputs!r}")
     litert = require_extra("litert_torch", "tflite")
     from litert_torch.quantize import pt2e_quantizer, quant_config
 
@@ -166,15 +178,14 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: str | Path, *, ca
     mode = _mode(layers)
 
     def make(name: str, layer: QuantMixin) -> QdqLayer:
-        if isinstance(layer, QuantEmbedding):
-            raise ConfigError(f"layer {name!r}: quantized embeddings have no TFLite form in squeezer's export")
         weight = checked_weight(layer, name, "TFLite", unsupported, report)
-        grid = static_input_grid(layer, name) if mode == "static" else None
+        grid = static_input_grid(layer, name) if activation_mode(layer) == "static" else None
         note = _dynamic_note(layer, name) if mode == "dynamic" and weight is not None else None
         if note:
             report.warnings.append(note)
         kind = "float32 weights" if weight is None else weight.label
-        report.layers[name] = f"{kind}, " + ("static int8 activations" if mode == "static" else "dynamic-range kernel")
+        report.layers[name] = f"{kind}, " + ("EMBEDDING_LOOKUP of int8 rows" if isinstance(layer, QuantEmbedding) else
+                                             "static int8 activations" if mode == "static" else "dynamic-range kernel")
         return QdqLayer(layer, name, weight, fold_weight=True, input_grid=grid)
 
     qmodel = qdq_model(model, make)
@@ -183,8 +194,15 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: str | Path, *, ca
         with torch.no_grad():
             requantized = _requantized(torch.export.export(qmodel, args, kwargs))
         own = [n for n, m in qmodel.named_modules() if isinstance(m, QdqLayer) and m.scale is not None
-               and n not in requantized]
-        batches = [example_inputs] + ([] if calib is None else check_batches(calib))
+               and n not in requantized and not isinstance(layers[n], QuantEmbedding)]
+        if unquantized_outputs == "float":
+            for name in own:
+                report.layers[name] = report.layers[name].replace("static int8 activations", "float op on int8 inputs")
+                report.warnings.append(f"layer {name!r}: its output has no squeezer grid; TFLite runs it as a float op "
+                                       "on its dequantized int8 input and squeezer's dequantized weights (no grid "
+                                       "of its own; its weights stored as float32)")
+            own = []
+        batches = [example_inputs] + ([] if calib is None or not own else check_batches(calib))
         for name, (scale, zero, lo, hi) in _output_grids(model, own, batches).items():
             qmodel.get_submodule(name).output_grid = (scale, zero)
             report.warnings.append(f"layer {name!r}: TFLite's int8 kernel needs an output grid; output quantized "

@@ -16,7 +16,8 @@ Each quantized layer is exported by a symbolic function that writes its own node
 * static activations: ``QuantizeLinear`` / ``DequantizeLinear`` on the input;
 * dynamic per-token int8 activations with int8 weights: ``s = max|x| / 127`` per row,
   ``x_q = clip(round(x / s)) + 128`` as uint8 with zero point 128, ``MatMulInteger(x_q, W_q^T) * s * S_w``:
-  integer GEMM with the exact per-token semantics (ONNX has no per-token ``DynamicQuantizeLinear``).
+  integer GEMM with the exact per-token semantics (ONNX has no per-token ``DynamicQuantizeLinear``);
+  for a convolution one scale per sample and ``ConvInteger`` (weights as uint8 ``q + 128``, zero point 128).
 Anything else is written as its reconstructed float weight and listed in the export report
 as a warning naming the layer (never silently).
 """
@@ -145,15 +146,36 @@ def _quantize_input_static(g: Any, x: Any, layer: QuantMixin) -> Any:
     return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, _const(g, zero)), scale, _const(g, zero))
 
 
-def _per_row_scale(g: Any, x: Any, qmax: int) -> Any:
-    amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
+def _per_row_scale(g: Any, x: Any, qmax: int, axes: list[int] | None = None) -> Any:
+    """``s = max(max|x| / qmax, 1e-12)`` over ``axes`` (default: the last), kept as size-1 dims."""
+    amax = g.op("ReduceMax", g.op("Abs", x), axes_i=axes or [-1], keepdims_i=1)
     return g.op("Max", g.op("Div", amax, _scalar(g, float(qmax))), _scalar(g, 1e-12))
 
 
-def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin) -> Any:
-    """Per-token symmetric fake quantization in float ops (no integer kernel)."""
+def _dynamic_uint8(g: Any, x: Any, s: Any) -> Any:
+    """Symmetric int8 codes ``clip(round(x / s), -127, 127)`` stored as uint8 ``+ 128`` (zero point 128):
+    the same values, in the u8 x s8 form that ONNX Runtime's integer kernels are fastest on."""
+    q = g.op("Clip", g.op("Round", g.op("Div", x, s)), _scalar(g, -127.0), _scalar(g, 127.0))
+    return g.op("Cast", g.op("Add", q, _scalar(g, 128.0)), to_i=2)  # 2 = UINT8
+
+
+def _int8_dynamic(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
+    """Dynamic symmetric int8 activations with symmetric int8 weights: an integer GEMM / convolution."""
+    act = layer.act_spec
+    return (layer.config.activation_mode == "dynamic" and kind == "qdq" and act.bits == 8 and act.symmetric
+            and qt.spec.symmetric and qt.spec.signed and qt.spec.bits <= 8)
+
+
+def _channel_scale(qt: QTensor, dims: int) -> Tensor:
+    """The weight scale shaped to multiply an output with ``dims`` dims whose channels are axis 1 (conv) / -1."""
+    scale = qt.qparams.scale.float().reshape(-1)
+    return scale.reshape([1, -1] + [1] * (dims - 2)) if dims > 2 else scale
+
+
+def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin, axes: list[int] | None = None) -> Any:
+    """Per-token (per-sample over ``axes``) symmetric fake quantization in float ops (no integer kernel)."""
     spec = layer.act_spec
-    s = _per_row_scale(g, x, spec.qmax)
+    s = _per_row_scale(g, x, spec.qmax, axes)
     q = g.op("Clip", g.op("Round", g.op("Div", x, s)), _scalar(g, float(spec.qmin)), _scalar(g, float(spec.qmax)))
     return g.op("Mul", q, s)
 
@@ -165,15 +187,11 @@ def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, n
     if layer.input_scale is not None:
         x = g.op("Mul", x, _const(g, layer.input_scale.float()))
     mode = layer.config.activation_mode
-    act = layer.act_spec
-    if mode == "dynamic" and kind == "qdq" and act.bits == 8 and act.symmetric and qt.spec.symmetric and qt.spec.signed:
+    if _int8_dynamic(layer, qt, kind):
         s = _per_row_scale(g, x, 127)
-        # int8 codes shifted to uint8 with zero point 128: ONNX Runtime's fast kernels are u8 x s8
-        xq = g.op("Cast", g.op("Add", g.op("Clip", g.op("Round", g.op("Div", x, s)), _scalar(g, -127.0), _scalar(g, 127.0)),
-                               _scalar(g, 128.0)), to_i=2)  # 2 = UINT8
-        acc = g.op("MatMulInteger", xq, _const(g, qt.codes.to(torch.int8).t()), _const(g, torch.tensor(128, dtype=torch.uint8)))
-        scale_w = qt.qparams.scale.float().reshape(-1) if isinstance(qt.spec.granularity, PerChannel) else qt.qparams.scale.float().reshape(1)
-        y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), s), _const(g, scale_w))
+        acc = g.op("MatMulInteger", _dynamic_uint8(g, x, s), _const(g, qt.codes.to(torch.int8).t()),
+                   _const(g, torch.tensor(128, dtype=torch.uint8)))
+        y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), s), _const(g, _channel_scale(qt, 2)))
         report.layers[name] = "MatMulInteger (int8 weights, dynamic per-token int8 activations)"
         return y if bias is None else g.op("Add", y, bias)
     if mode == "static":
@@ -241,18 +259,31 @@ def _conv_symbolic(g: Any, x: Any, layer: QuantMixin, report: ExportReport, name
                           f"padding={layer.padding!r}, padding_mode={layer.padding_mode!r}")
     qt = layer.weight_qtensor()
     kind = _weight_kind(layer)
+    attrs = {"kernel_shape_i": list(layer.kernel_size), "strides_i": list(layer.stride),
+             "pads_i": list(layer.padding) * 2, "dilations_i": list(layer.dilation), "group_i": layer.groups}
+    dims = qt.codes.dim()
+    bias = None if layer.bias is None else layer.bias.detach().float()
+    if layer.input_scale is not None:
+        x = g.op("Mul", x, _const(g, layer.input_scale.float().reshape([1, -1] + [1] * (dims - 2))))
+    if _int8_dynamic(layer, qt, kind):
+        # one scale per sample (squeezer's "token" of a convolution); weights as uint8 codes + 128
+        s = _per_row_scale(g, x, 127, axes=list(range(1, dims)))
+        w_u8 = (qt.codes.to(torch.int16) + 128).to(torch.uint8)
+        zero = _const(g, torch.tensor(128, dtype=torch.uint8))
+        acc = g.op("ConvInteger", _dynamic_uint8(g, x, s), _const(g, w_u8), zero, zero, **attrs)
+        y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), s), _const(g, _channel_scale(qt, dims)))
+        report.layers[name] = "ConvInteger (int8 weights, dynamic per-sample int8 activations)"
+        return y if bias is None else g.op("Add", y, _const(g, bias.reshape([1, -1] + [1] * (dims - 2))))
     if layer.config.activation_mode == "static":
         x = _quantize_input_static(g, x, layer)
     elif layer.config.activation_mode == "dynamic":
-        raise ConfigError(f"layer {name!r}: dynamic activations of a convolution have no ONNX form; use static")
-    w = _weight_node(g, layer, qt, kind)
-    pads = list(layer.padding) * 2
-    args = [x, w] + ([] if layer.bias is None else [_const(g, layer.bias.detach().float())])
+        x = _fake_quantize_dynamic(g, x, layer, axes=list(range(1, dims)))
+        report.warnings.append(f"layer {name!r}: dynamic activations exported as float fake-quantization")
+    args = [x, _weight_node(g, layer, qt, kind)] + ([] if bias is None else [_const(g, bias)])
     report.layers[name] = KIND_LABEL[kind] + " + Conv"
     if kind == "float":
         report.warnings.append(f"layer {name!r}: {qt.spec.describe()} has no ONNX integer form; stored as float")
-    return g.op("Conv", *args, kernel_shape_i=list(layer.kernel_size), strides_i=list(layer.stride),
-                pads_i=pads, dilations_i=list(layer.dilation), group_i=layer.groups)
+    return g.op("Conv", *args, **attrs)
 
 
 def _embedding_symbolic(g: Any, idx: Any, layer: QuantEmbedding, report: ExportReport, name: str) -> Any:
