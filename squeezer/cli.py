@@ -159,8 +159,12 @@ def export_cmd(
     fmt: Optional[str] = typer.Option(None, "--format", help="onnx, tflite or executorch (default: from --out's suffix)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model factory (default: the one recorded by quantize)."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Shape of one example input, e.g. 1x61."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="TFLite full-integer models: data for the output grids."),
+    calib: Optional[Path] = typer.Option(None, "--calib",
+                                         help="TFLite full-integer models with --unquantized-outputs int8: data for the output grids."),
     unsupported: str = typer.Option("error", "--unsupported", help="A layer with no int8 form: error, or float."),
+    unquantized_outputs: Optional[str] = typer.Option(
+        None, "--unquantized-outputs",
+        help="TFLite full-integer models, a layer whose output squeezer leaves in float: float (default) or int8."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
 ) -> None:
     """Export a checkpoint for a runtime (ONNX Runtime / TensorRT, TFLite, ExecuTorch) with squeezer's integers."""
@@ -198,6 +202,8 @@ def export_cmd(
             options["unsupported"] = unsupported
         if calib is not None:
             options["calib"] = load_calibration(calib, 64)
+        if unquantized_outputs is not None:
+            options["unquantized_outputs"] = unquantized_outputs
         report = export(net, example, out, format=fmt, **options)
     except SqueezerError as exc:
         _fail(exc)

@@ -214,3 +214,12 @@ def test_cli_exports_a_checkpoint_to_tflite(tmp_path):
     assert _rel(run(x[:1]), q(x[:1]).detach()) < 1e-4
     bad = runner.invoke(app, ["export", str(tmp_path / "ck"), "--out", str(tmp_path / "m.onnx"), "--unsupported", "float"])
     assert bad.exit_code == 2 and "not understood by the onnx export" in bad.output
+    static = runner.invoke(app, ["quantize", "--model", "tests.conftest:MLP", "--preset", "w8a8-static", "--calib",
+                                 str(tmp_path / "x.npy"), "--out", str(tmp_path / "st")])
+    assert static.exit_code == 0, static.output
+    for mode, expected in (("int8", "output grid"), ("float", "float op")):
+        result = runner.invoke(app, ["export", str(tmp_path / "st"), "--out", str(tmp_path / f"{mode}.tflite"), "--json",
+                                     "--unquantized-outputs", mode, "--calib", str(tmp_path / "x.npy")])
+        assert result.exit_code == 0, result.output
+        warnings = json.loads(result.stdout[result.stdout.index("{"):])["warnings"]
+        assert warnings and all(expected in w for w in warnings), warnings
