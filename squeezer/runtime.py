@@ -80,12 +80,18 @@ class OnnxModule(_Runner):
 
     ``spinning=False`` stops the intra-op worker threads from spin-waiting after a call: a little
     slower back to back, but they no longer take the cores from other work between requests
-    (e.g. several sessions, or a server doing more than inference)."""
+    (e.g. several sessions, or a server doing more than inference).
+
+    ONNX Runtime fuses a ``DequantizeLinear`` weight in front of ``MatMul`` into ``MatMulNBits``, which
+    by default (accuracy level 4) also quantizes the activations: the session sets
+    ``session.qdq_matmulnbits_accuracy_level=1`` (fp32 activations), so such layers compute what the
+    file says. squeezer's own ``MatMulNBits`` nodes keep the level written in them."""
 
     def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = True) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         if threads is not None:
             options.intra_op_num_threads = threads
         if not spinning:

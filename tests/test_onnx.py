@@ -125,6 +125,23 @@ def test_cnn_dynamic_runs_integer_convolutions(tmp_path, cnn, cnn_batches):
     assert (squeezer.runtime.load(path)(x) - ref).norm() / ref.norm() < 1e-5
 
 
+@pytest.mark.parametrize("activation", [{"bits": 8, "symmetric": False, "granularity": "token"},
+                                        {"bits": 4, "granularity": "token"},
+                                        {"bits": 8, "signed": False, "granularity": "token"}])
+def test_other_dynamic_activations_are_exact_in_float_ops(tmp_path, mlp, mlp_batches, activation):
+    cfg = squeezer.QuantConfig(weight={"bits": 8, "granularity": "channel"}, activation=activation,
+                               activation_mode="dynamic")
+    q = squeezer.quantize(mlp, cfg)
+    path = tmp_path / "dyn.onnx"
+    report = squeezer.export_onnx(q, mlp_batches[0], path)
+    assert "MatMulInteger" not in _ops(path)  # no int8 x int8 kernel for these: float fake quantization, warned
+    assert any("float fake-quantization" in w for w in report.warnings)
+    with torch.no_grad():
+        ref = q(mlp_batches[1])
+    # ONNX Runtime's DequantizeLinear -> MatMulNBits fusion runs with fp32 activations in the runner
+    assert (squeezer.runtime.load(path)(mlp_batches[1]) - ref).norm() / ref.norm() < 1e-5
+
+
 def test_keyword_inputs_and_embedding(tmp_path):
     torch.manual_seed(0)
     model = TextModel().eval()

@@ -163,7 +163,7 @@ def _int8_dynamic(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
     """Dynamic symmetric int8 activations with symmetric int8 weights: an integer GEMM / convolution."""
     act = layer.act_spec
     return (layer.config.activation_mode == "dynamic" and kind == "qdq" and act.bits == 8 and act.symmetric
-            and qt.spec.symmetric and qt.spec.signed and qt.spec.bits <= 8)
+            and act.signed and qt.spec.symmetric and qt.spec.signed and qt.spec.bits <= 8)
 
 
 def _channel_scale(qt: QTensor, dims: int) -> Tensor:
@@ -173,10 +173,27 @@ def _channel_scale(qt: QTensor, dims: int) -> Tensor:
 
 
 def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin, axes: list[int] | None = None) -> Any:
-    """Per-token (per-sample over ``axes``) symmetric fake quantization in float ops (no integer kernel)."""
+    """Dynamic uniform fake quantization per token (per sample over ``axes``) in float ops, with the
+    min-max parameters of :func:`squeezer.quant.core.uniform_qparams` (no integer kernel):
+    ``x^ = (clip(round(x / S) + Z, qmin, qmax) - Z) * S``."""
     spec = layer.act_spec
-    s = _per_row_scale(g, x, spec.qmax, axes)
-    q = g.op("Clip", g.op("Round", g.op("Div", x, s)), _scalar(g, float(spec.qmin)), _scalar(g, float(spec.qmax)))
+    axes = axes or [-1]
+    qmin, qmax, zero = float(spec.qmin), float(spec.qmax), None
+    floor = _scalar(g, 1e-12)
+    if spec.symmetric:
+        top = g.op("ReduceMax", g.op("Abs", x) if spec.signed else x, axes_i=axes, keepdims_i=1)
+        s = g.op("Max", g.op("Div", g.op("Max", top, _scalar(g, 0.0)), _scalar(g, qmax)), floor)
+    else:
+        lo = g.op("Min", g.op("ReduceMin", x, axes_i=axes, keepdims_i=1), _scalar(g, 0.0))
+        hi = g.op("Max", g.op("ReduceMax", x, axes_i=axes, keepdims_i=1), _scalar(g, 0.0))
+        s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), _scalar(g, qmax - qmin)), floor)
+        zero = g.op("Clip", g.op("Sub", _scalar(g, qmin), g.op("Round", g.op("Div", lo, s))), _scalar(g, qmin), _scalar(g, qmax))
+    q = g.op("Round", g.op("Div", x, s))
+    if zero is not None:
+        q = g.op("Add", q, zero)
+    q = g.op("Clip", q, _scalar(g, qmin), _scalar(g, qmax))
+    if zero is not None:
+        q = g.op("Sub", q, zero)
     return g.op("Mul", q, s)
 
 
