@@ -142,6 +142,19 @@ def test_other_dynamic_activations_are_exact_in_float_ops(tmp_path, mlp, mlp_bat
     assert (squeezer.runtime.load(path)(mlp_batches[1]) - ref).norm() / ref.norm() < 1e-5
 
 
+def test_w8a8_per_token_on_3d_inputs(tmp_path):
+    torch.manual_seed(0)
+    q = squeezer.quantize(TextModel().eval(), "w8a8")
+    path = tmp_path / "t8.onnx"
+    squeezer.export_onnx(q, {"input_ids": torch.randint(1, 100, (2, 6)), "attention_mask": torch.ones(2, 6)}, path)
+    assert {"QuantizeLinear", "MatMulInteger"} <= _ops(path)
+    longer = {"input_ids": torch.randint(1, 100, (3, 9)), "attention_mask": torch.ones(3, 9)}
+    with torch.no_grad():
+        ref = q(**longer)
+    out = squeezer.runtime.load(path)(**longer)
+    assert out.shape == ref.shape and (out - ref).norm() / ref.norm() < 1e-5
+
+
 def test_keyword_inputs_and_embedding(tmp_path):
     torch.manual_seed(0)
     model = TextModel().eval()

@@ -15,8 +15,9 @@ Each quantized layer is exported by a symbolic function that writes its own node
   when it loads the model: the file is small, the arithmetic is fp32);
 * static activations: ``QuantizeLinear`` / ``DequantizeLinear`` on the input;
 * dynamic per-token int8 activations with int8 weights: ``s = max|x| / 127`` per row,
-  ``x_q = clip(round(x / s)) + 128`` as uint8 with zero point 128, ``MatMulInteger(x_q, W_q^T) * s * S_w``:
-  integer GEMM with the exact per-token semantics (ONNX has no per-token ``DynamicQuantizeLinear``);
+  ``x_q = clip(round(x / s)) + 128`` as uint8 with zero point 128 (one ``QuantizeLinear`` per row),
+  ``MatMulInteger(x_q, W_q^T) * s * S_w``: integer GEMM with the exact per-token semantics (ONNX has
+  no per-token ``DynamicQuantizeLinear``);
   for a convolution one scale per sample and ``ConvInteger`` (weights as uint8 ``q + 128``, zero point 128).
 Anything else is written as its reconstructed float weight and listed in the export report
 as a warning naming the layer (never silently).
@@ -197,6 +198,25 @@ def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin, axes: list[int] | 
     return g.op("Mul", q, s)
 
 
+def _per_token_int8_matmul(g: Any, x: Any, qt: QTensor, bias: Any) -> Any:
+    """``y = s * ((q_x - 128) @ q_W^T) * S_w + b`` for ``x (..., K)``: per row ``s = max|x| / 127`` and
+    ``q_x = clip(round(x / s), -127, 127) + 128`` as uint8, one ``QuantizeLinear`` per row of the
+    ``(M, K)`` view (round half to even, as squeezer; ``|x / s| <= 127`` so its saturation never
+    clips), then ``MatMulInteger`` (u8 x s8, ONNX Runtime's fast integer GEMM) and the two scales."""
+    n, k = qt.codes.shape
+    rows = g.op("Reshape", x, _const(g, torch.tensor([-1, k], dtype=torch.int64)))
+    s = g.op("Max", g.op("Div", g.op("ReduceMax", g.op("Abs", rows), axes_i=[1], keepdims_i=0), _scalar(g, 127.0)),
+             _scalar(g, 1e-12))  # (M,)
+    zero = g.op("Expand", _const(g, torch.tensor(128, dtype=torch.uint8)), g.op("Shape", s))
+    acc = g.op("MatMulInteger", g.op("QuantizeLinear", rows, s, zero, axis_i=0), _const(g, qt.codes.to(torch.int8).t()),
+               _const(g, torch.tensor(128, dtype=torch.uint8)))
+    y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), _unsqueeze_last(g, s)), _const(g, _channel_scale(qt, 2)))
+    lead = g.op("Slice", g.op("Shape", x), _const(g, torch.tensor([0], dtype=torch.int64)),
+                _const(g, torch.tensor([-1], dtype=torch.int64)))
+    y = g.op("Reshape", y, g.op("Concat", lead, _const(g, torch.tensor([n], dtype=torch.int64)), axis_i=0))
+    return y if bias is None else g.op("Add", y, bias)  # after the reshape: ONNX Runtime fuses it (BiasGelu, ...)
+
+
 def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, name: str) -> Any:
     qt = layer.weight_qtensor()
     kind = _weight_kind(layer)
@@ -205,12 +225,8 @@ def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, n
         x = g.op("Mul", x, _const(g, layer.input_scale.float()))
     mode = layer.config.activation_mode
     if _int8_dynamic(layer, qt, kind):
-        s = _per_row_scale(g, x, 127)
-        acc = g.op("MatMulInteger", _dynamic_uint8(g, x, s), _const(g, qt.codes.to(torch.int8).t()),
-                   _const(g, torch.tensor(128, dtype=torch.uint8)))
-        y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), s), _const(g, _channel_scale(qt, 2)))
         report.layers[name] = "MatMulInteger (int8 weights, dynamic per-token int8 activations)"
-        return y if bias is None else g.op("Add", y, bias)
+        return _per_token_int8_matmul(g, x, qt, bias)
     if mode == "static":
         x = _quantize_input_static(g, x, layer)
     elif mode == "dynamic":
