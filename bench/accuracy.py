@@ -61,6 +61,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import squeezer  # noqa: E402
+from machine import PeakMemory  # noqa: E402
 
 THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
@@ -385,13 +386,14 @@ def minilm_section(quick: bool, work: Path, n_train: int, with_adaround: bool, a
         row: dict[str, Any] = {"name": preset, "family": "squeezer", "error": None, "note": ""}
         try:
             t = time.perf_counter()
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), PeakMemory() as mem:
                 warnings.simplefilter("ignore")
                 if preset.endswith("adaround"):
                     q = quantize_with_limit(model, preset, calib, ADAROUND_LIMIT_S)
                 else:
                     q = squeezer.quantize(model, preset, calib=calib, progress=False)
             row["quantize_s"] = round(time.perf_counter() - t, 2)
+            row["quantize_peak_extra_bytes"] = mem.extra
             rep = q.squeezer_report
             row["weight_bytes"] = rep.weight_bytes_after
             row["weight_bytes_before"] = rep.weight_bytes_before
@@ -430,10 +432,11 @@ def minilm_section(quick: bool, work: Path, n_train: int, with_adaround: bool, a
         row = {"name": name, "family": "peer", "error": None, "note": "", "weight_bytes": None}
         try:
             t = time.perf_counter()
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), PeakMemory() as mem:
                 warnings.simplefilter("ignore")
                 run, size, what, note = fn()
             row["quantize_s"] = round(time.perf_counter() - t, 2)
+            row["quantize_peak_extra_bytes"] = mem.extra
             row["model_bytes"], row["size_what"], row["note"] = size, what, note
             score(row, run)
         except Exception as exc:  # noqa: BLE001
@@ -586,6 +589,13 @@ def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     add("MiniLM `w4g128-gptq` quantization time < 60 s", None if r is None else r["quantize_s"] < 60,
         "not measured" if r is None else f"{r['quantize_s']:.1f} s on {THREADS} threads, "
         f"{m.get('calibration_texts')} calibration texts")
+    fp32_bytes = next((x.get("model_bytes") for x in rows if x["name"] == "fp32"), None)
+    peak = None if r is None else r.get("quantize_peak_extra_bytes")
+    add("MiniLM `w4g128-gptq` peak memory during quantization < 2x the fp32 model",
+        None if peak is None or not fp32_bytes else peak < 2 * fp32_bytes,
+        "not measured" if peak is None or not fp32_bytes else
+        f"{peak / 2**20:.0f} MiB above the process's memory before quantizing = {peak / fp32_bytes:.2f}x the fp32 "
+        f"model ({fp32_bytes / 2**20:.2f} MiB of parameters)")
     return goals
 
 
@@ -643,21 +653,24 @@ def markdown(results: dict[str, Any]) -> str:
             f"* squeezer calibration: {m['calibration_texts']} training reviews in batches of {m['calibration_batch']} "
             "(tokenizer dicts, padded per batch), `squeezer.quantize(model, preset, calib=...)`, scored in simulation "
             "(fake-quantized weights / activations, as `squeezer.quantize` returns the model).",
+            "* Quantize peak MiB: how far the process's resident memory rose above its level before the call "
+            "(Linux's high-water mark `VmHWM`, reset on entry), i.e. what quantizing needs on top of the loaded fp32 model, "
+            "the quantized copy it returns included.",
             "* Weight bytes (squeezer): `squeezer_report.weight_bytes_after` (codes + scales / zero points of the quantized "
             "layers, which include the embedding tables where the preset quantizes them). Peers: size of what they save "
             "(whole model), so the two size columns are not the same measure.",
             "",
             "## MiniLM sentence embeddings",
             "",
-            "| configuration | family | mean cos | min cos | agreement | accuracy | quantize s | weight MiB (squeezer report) | saved model MiB (peers) | note / error |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| configuration | family | mean cos | min cos | agreement | accuracy | quantize s | quantize peak MiB | weight MiB (squeezer report) | saved model MiB (peers) | note / error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in m["rows"]:
             if r.get("skipped") is True or (not r.get("error") and "mean_cos" not in r):
-                out.append(f"| {r['name']} | {r['family']} | — | — | — | — | — | — | — | {r.get('note', 'not run')} |")
+                out.append(f"| {r['name']} | {r['family']} | — | — | — | — | — | — | — | — | {r.get('note', 'not run')} |")
                 continue
             if r.get("error"):
-                out.append(f"| {r['name']} | {r['family']} | — | — | — | — | {fmt(r.get('quantize_s'), '.1f')} | — | — | "
+                out.append(f"| {r['name']} | {r['family']} | — | — | — | — | {fmt(r.get('quantize_s'), '.1f')} | — | — | — | "
                            f"FAILED: `{r['error'].replace('|', '/')}` |")
                 continue
             wb = mib(r.get("weight_bytes")) if r["family"] == "squeezer" else ("—" if r["family"] == "peer" else mib(r["model_bytes"]) + " (fp32 params)")
@@ -665,8 +678,9 @@ def markdown(results: dict[str, Any]) -> str:
             note = r.get("note") or ""
             if r["family"] == "peer" and r.get("size_what"):
                 note = (note + "; " if note else "") + r["size_what"]
+            peak = mib(r["quantize_peak_extra_bytes"]) if r.get("quantize_peak_extra_bytes") is not None else "—"
             out.append(f"| {r['name']} | {r['family']} | {r['mean_cos']:.5f} | {r['min_cos']:.5f} | {r['agreement']:.4f} | "
-                       f"{r['accuracy']:.4f} | {fmt(r.get('quantize_s'), '.1f')} | {wb} | {pb} | {note.replace('|', '/')} |")
+                       f"{r['accuracy']:.4f} | {fmt(r.get('quantize_s'), '.1f')} | {peak} | {wb} | {pb} | {note.replace('|', '/')} |")
         out.append("")
     c = results.get("credit") or {}
     if c.get("rows"):

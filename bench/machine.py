@@ -66,3 +66,33 @@ class CpuMeter:
             return None
         hz = os.sysconf("SC_CLK_TCK")
         return max(0.0, ((end[1] - self.begin[1]) - (end[2] - self.begin[2])) / hz / (end[0] - self.begin[0]))
+
+
+class PeakMemory:
+    """Peak resident memory of this process above its level at entry, in bytes (``extra``): Linux's
+    high-water mark ``VmHWM`` is reset on entry (``/proc/self/clear_refs`` = 5) and read on exit.
+    ``extra`` is None where /proc does not offer this."""
+
+    extra: int | None = None
+
+    @staticmethod
+    def _status(key: str) -> int | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def __enter__(self) -> "PeakMemory":
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base = self._status("VmRSS")
+        except OSError:
+            self.base = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        peak = self._status("VmHWM")
+        self.extra = None if self.base is None or peak is None else max(0, peak - self.base)
