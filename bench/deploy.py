@@ -450,8 +450,8 @@ def build(path: DPath, fn: Callable[[DPath], None], limit_s: float) -> DPath:
 
 def export_file(model: nn.Module, task: Task, runtime: str, file: Path, p: DPath) -> None:
     options: dict[str, Any] = {}
-    if runtime == "TFLite":
-        options["calib"] = task.calib
+    if runtime == "TFLite":  # scores and embeddings: layers squeezer leaves unquantized stay float ops
+        options["calib"], options["unquantized_outputs"] = task.calib, "float"
     if runtime == "ExecuTorch":
         options["max_batch"] = 1
     report = squeezer.export(model, task.example, file, **options)
@@ -1294,7 +1294,9 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "squeezer are run twice: with LiteRT's builtin kernels (the runner's default: the hybrid kernels quantize rows "
         "exactly as squeezer) and with the XNNPACK delegate (LiteRT's default elsewhere). Peers: each runtime's own int8 "
         "quantization of the same fp32 model (see the details under each table). Files for ExecuTorch are exported "
-        "with a fixed batch of 1 (`max_batch=1`), TFLite files with the example's batch of 1.",
+        "with a fixed batch of 1 (`max_batch=1`), TFLite files with the example's batch of 1 and "
+        "`unquantized_outputs=\"float\"` (a full-integer layer whose output squeezer leaves in float, such as the "
+        "score or the embedding, runs as a float op instead of getting an int8 output grid of its own).",
         f"- **Latency**: batch 1; {WARMUP} warm-up calls per path, then round-robin rounds of {BLOCK} consecutive calls "
         "per path (order rotated each round) until each path has the set number of calls; inputs cycle over 32 test "
         "inputs; each call is timed alone (`perf_counter_ns`) through the runner a user calls (numpy in for the "

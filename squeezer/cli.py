@@ -160,11 +160,11 @@ def export_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Model factory (default: the one recorded by quantize)."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Shape of one example input, e.g. 1x61."),
     calib: Optional[Path] = typer.Option(None, "--calib",
-                                         help="TFLite full-integer models with --unquantized-outputs int8: data for the output grids."),
+                                         help="TFLite full-integer models: data for the output grids of layers squeezer leaves unquantized."),
     unsupported: str = typer.Option("error", "--unsupported", help="A layer with no int8 form: error, or float."),
     unquantized_outputs: Optional[str] = typer.Option(
         None, "--unquantized-outputs",
-        help="TFLite full-integer models, a layer whose output squeezer leaves in float: float (default) or int8."),
+        help="TFLite full-integer models, a layer whose output squeezer leaves in float: int8 (default) or float."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
 ) -> None:
     """Export a checkpoint for a runtime (ONNX Runtime / TensorRT, TFLite, ExecuTorch) with squeezer's integers."""

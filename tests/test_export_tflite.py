@@ -88,7 +88,7 @@ def test_cnn_static_full_integer_hides_int8_io(tmp_path, cnn, cnn_batches):
 
     q = squeezer.quantize(cnn, "w8a8-static", calib=cnn_batches)
     path = tmp_path / "cnn.tflite"
-    report = export(q, cnn_batches[0][:1], path, calib=cnn_batches, unquantized_outputs="int8")
+    report = export(q, cnn_batches[0][:1], path, calib=cnn_batches)  # default: all-int8 graph
     interpreter = Interpreter(model_path=str(path))
     assert interpreter.get_input_details()[0]["dtype"] == np.int8  # the file takes and returns int8
     assert interpreter.get_output_details()[0]["dtype"] == np.int8
@@ -102,9 +102,9 @@ def test_cnn_static_full_integer_hides_int8_io(tmp_path, cnn, cnn_batches):
     own_grids = _rel(squeezer.runtime.load(path)(x), ref)
     assert own_grids < 0.03  # float in, float out; 4 rows through a 1-row model
 
-    # the default: conv1 and fc, whose outputs squeezer leaves in float, run as float ops on squeezer's W^
+    # "float": conv1 and fc, whose outputs squeezer leaves in float, run as float ops on squeezer's W^
     default = tmp_path / "cnn_float_outputs.tflite"
-    report = export(q, cnn_batches[0][:1], default)
+    report = export(q, cnn_batches[0][:1], default, unquantized_outputs="float")
     assert sorted(w.split("'")[1] for w in report.warnings) == ["conv1", "fc"]
     assert "float op" in report.layers["fc"] and "static int8" in report.layers["conv2"]
     assert Interpreter(model_path=str(default)).get_output_details()[0]["dtype"] == np.float32

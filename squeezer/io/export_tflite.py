@@ -13,10 +13,11 @@ output channel, ``quantized_dimension`` following TFLite's layout). Two modes, b
   activation grids; biases int32 at scale ``S_x S_w`` (TFLite's rule). An int8 kernel needs an output
   grid: a layer whose output reaches the next layer's input quantizer only through ReLU, reshapes
   or max-pooling gets that grid (the same values as squeezer); any other (e.g. the last layer) runs
-  as a float op on its dequantized int8 input and squeezer's ``W^`` (the same values, weights in
-  float32), or with ``unquantized_outputs="int8"`` in the int8 kernel with its output quantized
-  over its min-max range on ``example_inputs`` and ``calib`` (not part of squeezer's model: a
-  warning names the layer and the grid). A model whose first op quantizes the input / last op
+  in the int8 kernel with its output quantized over its min-max range on ``example_inputs`` and
+  ``calib`` (TFLite's full-integer convention, what int8-only accelerators need; not part of
+  squeezer's model: a warning names the layer and the grid), or with ``unquantized_outputs="float"``
+  as a float op on its dequantized int8 input and squeezer's ``W^`` (no grid squeezer did not
+  choose; that layer's weights in float32). A model whose first op quantizes the input / last op
   dequantizes the output takes / returns int8; :mod:`squeezer.runtime` applies the scale and zero point.
 
 Every quantized layer of a static model must be static: the converter stores the weights of a
@@ -157,17 +158,17 @@ def _dynamic_note(layer: QuantMixin, name: str) -> str | None:
 
 def export_tflite(model: nn.Module, example_inputs: Any, path: str | Path, *, calib: Any = None,
                   unsupported: Unsupported = "error",
-                  unquantized_outputs: Literal["float", "int8"] = "float") -> ExportReport:
+                  unquantized_outputs: Literal["int8", "float"] = "int8") -> ExportReport:
     """Write ``model`` (quantized by squeezer, pruned or fp32) to ``path`` as TFLite; see the module doc.
 
     ``example_inputs``: a tensor, a tuple (``model(*args)``) or a dict (``model(**kwargs)``);
     ``unquantized_outputs``: a static layer whose output squeezer leaves in float (e.g. the last one)
-    runs as a float op on squeezer's dequantized weights (``"float"``: no grid of its own, its weights
-    stored in float32) or in TFLite's int8 kernel with an output grid of its own (``"int8"``: int8 weights, an
-    approximation; a warning gives the grid); ``calib``: batches for those grids' ranges.
+    runs in TFLite's int8 kernel with an output grid of its own (``"int8"``, default: int8 weights, an
+    approximation; a warning gives the grid) or as a float op on squeezer's dequantized weights
+    (``"float"``: no grid of its own, its weights stored in float32); ``calib``: batches for those grids' ranges.
     """
-    if unquantized_outputs not in ("float", "int8"):
-        raise ConfigError(f"unquantized_outputs must be 'float' or 'int8', got {unquantized_outputs!r}")
+    if unquantized_outputs not in ("int8", "float"):
+        raise ConfigError(f"unquantized_outputs must be 'int8' or 'float', got {unquantized_outputs!r}")
     litert = require_extra("litert_torch", "tflite")
     from litert_torch.quantize import pt2e_quantizer, quant_config
 
