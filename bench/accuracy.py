@@ -655,7 +655,8 @@ def markdown(results: dict[str, Any]) -> str:
             "(fake-quantized weights / activations, as `squeezer.quantize` returns the model).",
             "* Quantize peak MiB: how far the process's resident memory rose above its level before the call "
             "(Linux's high-water mark `VmHWM`, reset on entry), i.e. what quantizing needs on top of the loaded fp32 model, "
-            "the quantized copy it returns included.",
+            "the quantized copy it returns included. A lower bound: memory that earlier configurations freed but the process "
+            "kept is reused without raising it (GPTQ W4 measured alone in a fresh process: within 2 % of its figure here).",
             "* Weight bytes (squeezer): `squeezer_report.weight_bytes_after` (codes + scales / zero points of the quantized "
             "layers, which include the embedding tables where the preset quantizes them). Peers: size of what they save "
             "(whole model), so the two size columns are not the same measure.",

@@ -10,7 +10,7 @@ Outputs vs squeezer's PyTorch model (relative L2 error, test MLP / CNN): ONNX se
 TFLite ``w8a8`` Linear layers <= 1e-5 (TFLite's built-in hybrid kernels quantize rows exactly as
 squeezer), ``w8`` / integer codebooks and dynamic convolutions <= 3 % (TFLite also quantizes the
 activations), quantized embeddings exact, ``w8a8-static`` <= 3 % (TFLite's int8 requantization and
-extra output grids, listed in the export's warnings; fewer with ``unquantized_outputs="float"``);
+extra output grids, listed in the export's warnings; none with ``unquantized_outputs="float"``);
 ExecuTorch weight-only and static <= 1e-3 (portable kernels are exact, XNNPACK's int8 GEMMs round
 the requantization their own way), dynamic <= 3 % (XNNPACK's asymmetric per-row quantization).
 """
