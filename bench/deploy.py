@@ -84,7 +84,7 @@ from torch import nn  # noqa: E402
 
 import squeezer  # noqa: E402
 from accuracy import Encoder  # noqa: E402
-from machine import CpuMeter, cpu_info, loadavg  # noqa: E402
+from machine import CpuMeter, cpu_info, loadavg, wait_quiet  # noqa: E402
 
 THREADS = (1, 2)
 EVAL_THREADS = 1
@@ -808,33 +808,18 @@ def evaluate(task: Task, paths: list[DPath]) -> dict[str, dict[str, Any]]:
     return res
 
 
-WAIT_QUIET_S = 0.0  # --wait-quiet
-
-
-def wait_quiet(max_wait_s: float, threshold: float = 0.3) -> float | None:
-    """Sleep until other processes use less than ``threshold`` cores (or ``max_wait_s`` passes); their load."""
-    def sample(seconds: float) -> float | None:
-        meter = CpuMeter().start()
-        time.sleep(seconds)
-        return meter.stop()
-    deadline = time.perf_counter() + max_wait_s
-    load = sample(2.0)
-    while load is not None and load >= threshold and time.perf_counter() < deadline:
-        log(f"  other processes use {load:.2f} cores; waiting for a quieter machine")
-        load = sample(5.0)
-    return load
-
-
 def percentile(samples: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples), q))
 
 
-def time_paths(task: Task, paths: list[DPath], calls: int, threads: int) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+def time_paths(task: Task, paths: list[DPath], calls: int, threads: int,
+               wait_s: float = 0.0) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Round-robin timing at ``threads`` threads: after ``WARMUP`` calls each (at most ``WARMUP_S`` seconds),
     rounds of ``BLOCK`` calls per path (order rotated each round) until every path has ``calls`` timed calls;
     inputs cycle over up to 32 test inputs. A path whose warm-up says that ``calls`` calls would take more
-    than ``SLOW_PATH_S`` gets fewer (at least ``MIN_CALLS``; its record says how many)."""
-    before = wait_quiet(WAIT_QUIET_S) if WAIT_QUIET_S > 0 else None
+    than ``SLOW_PATH_S`` gets fewer (at least ``MIN_CALLS``; its record says how many). First waits up
+    to ``wait_s`` seconds for a quiet machine."""
+    before = wait_quiet(wait_s, log) if wait_s > 0 else None
     info = set_threads(threads)
     info["foreign_cores_before"] = before
     pool = [forms(b) for b in task.eval_inputs[:32]]
@@ -894,11 +879,13 @@ def time_paths(task: Task, paths: list[DPath], calls: int, threads: int) -> tupl
     return stats, info
 
 
-def serve_fraud(task: Task, paths: list[DPath], threads: int, requests: int) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+def serve_fraud(task: Task, paths: list[DPath], threads: int, requests: int,
+                wait_s: float = 0.0) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """The fraud service: one raw transaction per request -> standardise -> model -> sigmoid -> decision.
     Paths take turns serving chunks of ``SERVE_CHUNK`` consecutive requests (order rotated); per path
-    p50 / p99 of the request time and throughput = requests / time spent serving them."""
-    before = wait_quiet(WAIT_QUIET_S) if WAIT_QUIET_S > 0 else None
+    p50 / p99 of the request time and throughput = requests / time spent serving them (after waiting up
+    to ``wait_s`` seconds for a quiet machine)."""
+    before = wait_quiet(wait_s, log) if wait_s > 0 else None
     info = set_threads(threads)
     info["foreign_cores_before"] = before
     fraud = task.extra["fraud"]
@@ -1401,7 +1388,7 @@ def path_record(p: DPath, ev: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def bench_task(task: Task, work: Path, calls: int, serve_requests: int) -> dict[str, Any]:
+def bench_task(task: Task, work: Path, calls: int, serve_requests: int, wait_s: float = 0.0) -> dict[str, Any]:
     set_threads(EVAL_THREADS)
     paths = build_paths(task, work)
     log(f"{task.title}: evaluating {sum(p.make is not None for p in paths)} paths on {len(task.eval_inputs)} inputs")
@@ -1414,7 +1401,7 @@ def bench_task(task: Task, work: Path, calls: int, serve_requests: int) -> dict[
             p.make = None
     for t in THREADS:
         log(f"{task.title}: timing {sum(p.make is not None and p.timed for p in paths)} paths at {t} thread(s), {calls} calls each")
-        stats, info = time_paths(task, paths, calls, t)
+        stats, info = time_paths(task, paths, calls, t, wait_s)
         entry["timing"][str(t)] = info
         log(f"  other processes used {info['foreign_cores']} cores on average")
         for p, rec in zip(paths, entry["paths"]):
@@ -1424,7 +1411,7 @@ def bench_task(task: Task, work: Path, calls: int, serve_requests: int) -> dict[
         entry["serving"] = {"runs": {}, "stats": {}}
         for t in THREADS:
             log(f"{task.title}: serving loop at {t} thread(s), {serve_requests} requests per path")
-            stats, info = serve_fraud(task, paths, t, serve_requests)
+            stats, info = serve_fraud(task, paths, t, serve_requests, wait_s)
             entry["serving"]["runs"][str(t)] = info
             entry["serving"]["stats"][str(t)] = stats
     entry["goals"] = goals(entry)
@@ -1456,8 +1443,6 @@ def main(argv: list[str] | None = None) -> int:
         target.write_text(docs_markdown(saved))
         log(f"wrote {target} from {args.render}")
         return 0
-    global WAIT_QUIET_S
-    WAIT_QUIET_S = args.wait_quiet
     calls = args.calls or (QUICK_CALLS if args.quick else 1000)
     serve_requests = 500 if args.quick else SERVE_REQUESTS
     out_dir = args.out or (REPO / "bench" / "results" / ("quick" if args.quick else ""))
@@ -1490,7 +1475,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["models"][name] = {"name": name, "title": name, "error": short_error(exc)}
                 continue
             t0 = time.perf_counter()
-            result["models"][name] = bench_task(task, work, calls, serve_requests)
+            result["models"][name] = bench_task(task, work, calls, serve_requests, args.wait_quiet)
             result["models"][name]["wall_s"] = round(time.perf_counter() - t0, 1)
             log(f"{name}: done in {result['models'][name]['wall_s']:.0f}s")
             del task

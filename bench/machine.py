@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,24 @@ class CpuMeter:
             return None
         hz = os.sysconf("SC_CLK_TCK")
         return max(0.0, ((end[1] - self.begin[1]) - (end[2] - self.begin[2])) / hz / (end[0] - self.begin[0]))
+
+
+
+def foreign_load(seconds: float = 2.0) -> float | None:
+    """CPU cores other processes used over the next ``seconds`` (this process sleeps meanwhile)."""
+    meter = CpuMeter().start()
+    time.sleep(seconds)
+    return meter.stop()
+
+
+def wait_quiet(max_wait_s: float, log: Callable[[str], None], threshold: float = 0.3) -> float | None:
+    """Sleep until other processes use less than ``threshold`` cores (or ``max_wait_s`` passes); their load."""
+    deadline = time.perf_counter() + max_wait_s
+    load = foreign_load()
+    while load is not None and load >= threshold and time.perf_counter() < deadline:
+        log(f"  other processes use {load:.2f} cores; waiting for a quieter machine")
+        load = foreign_load(5.0)
+    return load
 
 
 class PeakMemory:

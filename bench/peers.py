@@ -65,7 +65,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import squeezer  # noqa: E402
-from machine import CpuMeter, cpu_info, loadavg, versions  # noqa: E402
+from machine import CpuMeter, cpu_info, foreign_load, loadavg, versions, wait_quiet  # noqa: E402
 
 THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
@@ -557,22 +557,6 @@ def bert_inputs(tokenizer: Any, model_dir: str, batches: tuple[int, ...]) -> tup
 # report
 
 
-def foreign_load(seconds: float = 2.0) -> float | None:
-    meter = CpuMeter().start()
-    time.sleep(seconds)
-    return meter.stop()
-
-
-def wait_quiet(max_wait_s: float, threshold: float = 0.3) -> float | None:
-    """Sleep until other processes use less than ``threshold`` cores (or ``max_wait_s`` passes)."""
-    deadline = time.perf_counter() + max_wait_s
-    load = foreign_load()
-    while load is not None and load >= threshold and time.perf_counter() < deadline:
-        log(f"  other processes use {load:.2f} cores; waiting for a quieter machine")
-        load = foreign_load(5.0)
-    return load
-
-
 def machine_info() -> dict[str, Any]:
     return {**cpu_info(), "threads": THREADS, "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": THREADS,
             "quantized_engine": torch.backends.quantized.engine,
@@ -858,7 +842,7 @@ def bench_model(name: str, title: str, model: nn.Module, timed: dict, calib: lis
     for b, batch in timed.items():
         budget = QUICK_BUDGET if quick else BUDGET[(name, b)]
         log(f"{title}: batch {b}, timing {sum(p.make_call is not None for p in paths)} paths (~{budget:.0f}s)")
-        before = wait_quiet(wait_s) if wait_s > 0 else foreign_load(1.0)
+        before = wait_quiet(wait_s, log) if wait_s > 0 else foreign_load(1.0)
         meter = CpuMeter().start()
         results, info = run_case(paths, batch, budget, quick)
         during = meter.stop()

@@ -195,7 +195,7 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: str | Path, *, ca
         with torch.no_grad():
             requantized = _requantized(torch.export.export(qmodel, args, kwargs))
         own = [n for n, m in qmodel.named_modules() if isinstance(m, QdqLayer) and m.scale is not None
-               and n not in requantized and not isinstance(layers[n], QuantEmbedding)]
+               and n not in requantized and activation_mode(layers[n]) == "static"]
         if unquantized_outputs == "float":
             for name in own:
                 report.layers[name] = report.layers[name].replace("static int8 activations", "float op on int8 inputs")

@@ -147,17 +147,24 @@ def _quantize_input_static(g: Any, x: Any, layer: QuantMixin) -> Any:
     return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, _const(g, zero)), scale, _const(g, zero))
 
 
-def _per_row_scale(g: Any, x: Any, qmax: int, axes: list[int] | None = None) -> Any:
-    """``s = max(max|x| / qmax, 1e-12)`` over ``axes`` (default: the last), kept as size-1 dims."""
-    amax = g.op("ReduceMax", g.op("Abs", x), axes_i=axes or [-1], keepdims_i=1)
-    return g.op("Max", g.op("Div", amax, _scalar(g, float(qmax))), _scalar(g, 1e-12))
+def _per_row_scale(g: Any, x: Any, qmax: int, axes: list[int] | None = None, keepdims: bool = True,
+                   signed: bool = True) -> Any:
+    """``s = max(top / qmax, 1e-12)`` over ``axes`` (default: the last), ``top = max|x|`` (unsigned codes:
+    ``max(max x, 0)``, as :func:`squeezer.quant.core.uniform_qparams`); size-1 dims kept or dropped."""
+    top = g.op("ReduceMax", g.op("Abs", x) if signed else x, axes_i=axes or [-1], keepdims_i=int(keepdims))
+    if not signed:
+        top = g.op("Max", top, _scalar(g, 0.0))
+    return g.op("Max", g.op("Div", top, _scalar(g, float(qmax))), _scalar(g, 1e-12))
 
 
-def _dynamic_uint8(g: Any, x: Any, s: Any) -> Any:
-    """Symmetric int8 codes ``clip(round(x / s), -127, 127)`` stored as uint8 ``+ 128`` (zero point 128):
-    the same values, in the u8 x s8 form that ONNX Runtime's integer kernels are fastest on."""
-    q = g.op("Clip", g.op("Round", g.op("Div", x, s)), _scalar(g, -127.0), _scalar(g, 127.0))
-    return g.op("Cast", g.op("Add", q, _scalar(g, 128.0)), to_i=2)  # 2 = UINT8
+def _quantize_uint8_per_row(g: Any, x: Any, axes: list[int]) -> tuple[Any, Any]:
+    """Symmetric int8 codes ``clip(round(x / s), -127, 127)`` per slice of axis 0, ``s = max|x| / 127``
+    over ``axes``, stored as uint8 ``+ 128`` (zero point 128) by one per-axis ``QuantizeLinear`` (round
+    half to even, as squeezer; ``|x / s| <= 127``, so it never saturates): the u8 x s8 form ONNX
+    Runtime's integer kernels are fastest on. Returns ``(codes, s)`` with ``s`` of shape ``(x.shape[0],)``."""
+    s = _per_row_scale(g, x, 127, axes, keepdims=False)
+    zero = g.op("Expand", _const(g, torch.tensor(128, dtype=torch.uint8)), g.op("Shape", s))
+    return g.op("QuantizeLinear", x, s, zero, axis_i=0), s
 
 
 def _int8_dynamic(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
@@ -180,14 +187,12 @@ def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin, axes: list[int] | 
     spec = layer.act_spec
     axes = axes or [-1]
     qmin, qmax, zero = float(spec.qmin), float(spec.qmax), None
-    floor = _scalar(g, 1e-12)
     if spec.symmetric:
-        top = g.op("ReduceMax", g.op("Abs", x) if spec.signed else x, axes_i=axes, keepdims_i=1)
-        s = g.op("Max", g.op("Div", g.op("Max", top, _scalar(g, 0.0)), _scalar(g, qmax)), floor)
+        s = _per_row_scale(g, x, spec.qmax, axes, signed=spec.signed)
     else:
         lo = g.op("Min", g.op("ReduceMin", x, axes_i=axes, keepdims_i=1), _scalar(g, 0.0))
         hi = g.op("Max", g.op("ReduceMax", x, axes_i=axes, keepdims_i=1), _scalar(g, 0.0))
-        s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), _scalar(g, qmax - qmin)), floor)
+        s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), _scalar(g, qmax - qmin)), _scalar(g, 1e-12))
         zero = g.op("Clip", g.op("Sub", _scalar(g, qmin), g.op("Round", g.op("Div", lo, s))), _scalar(g, qmin), _scalar(g, qmax))
     q = g.op("Round", g.op("Div", x, s))
     if zero is not None:
@@ -199,17 +204,11 @@ def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin, axes: list[int] | 
 
 
 def _per_token_int8_matmul(g: Any, x: Any, qt: QTensor, bias: Any) -> Any:
-    """``y = s * ((q_x - 128) @ q_W^T) * S_w + b`` for ``x (..., K)``: per row ``s = max|x| / 127`` and
-    ``q_x = clip(round(x / s), -127, 127) + 128`` as uint8, one ``QuantizeLinear`` per row of the
-    ``(M, K)`` view (round half to even, as squeezer; ``|x / s| <= 127`` so its saturation never
-    clips), then ``MatMulInteger`` (u8 x s8, ONNX Runtime's fast integer GEMM) and the two scales."""
+    """``y = s * ((q_x - 128) @ q_W^T) * S_w + b`` for ``x (..., K)``: ``q_x`` per row of the ``(M, K)``
+    view (:func:`_quantize_uint8_per_row`), then ``MatMulInteger`` (u8 x s8) and the two scales."""
     n, k = qt.codes.shape
-    rows = g.op("Reshape", x, _const(g, torch.tensor([-1, k], dtype=torch.int64)))
-    s = g.op("Max", g.op("Div", g.op("ReduceMax", g.op("Abs", rows), axes_i=[1], keepdims_i=0), _scalar(g, 127.0)),
-             _scalar(g, 1e-12))  # (M,)
-    zero = g.op("Expand", _const(g, torch.tensor(128, dtype=torch.uint8)), g.op("Shape", s))
-    acc = g.op("MatMulInteger", g.op("QuantizeLinear", rows, s, zero, axis_i=0), _const(g, qt.codes.to(torch.int8).t()),
-               _const(g, torch.tensor(128, dtype=torch.uint8)))
+    xq, s = _quantize_uint8_per_row(g, g.op("Reshape", x, _const(g, torch.tensor([-1, k], dtype=torch.int64))), [1])
+    acc = g.op("MatMulInteger", xq, _const(g, qt.codes.to(torch.int8).t()), _const(g, torch.tensor(128, dtype=torch.uint8)))
     y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), _unsqueeze_last(g, s)), _const(g, _channel_scale(qt, 2)))
     lead = g.op("Slice", g.op("Shape", x), _const(g, torch.tensor([0], dtype=torch.int64)),
                 _const(g, torch.tensor([-1], dtype=torch.int64)))
@@ -300,10 +299,11 @@ def _conv_symbolic(g: Any, x: Any, layer: QuantMixin, report: ExportReport, name
         x = g.op("Mul", x, _const(g, layer.input_scale.float().reshape([1, -1] + [1] * (dims - 2))))
     if _int8_dynamic(layer, qt, kind):
         # one scale per sample (squeezer's "token" of a convolution); weights as uint8 codes + 128
-        s = _per_row_scale(g, x, 127, axes=list(range(1, dims)))
+        xq, s = _quantize_uint8_per_row(g, x, list(range(1, dims)))
         w_u8 = (qt.codes.to(torch.int16) + 128).to(torch.uint8)
         zero = _const(g, torch.tensor(128, dtype=torch.uint8))
-        acc = g.op("ConvInteger", _dynamic_uint8(g, x, s), _const(g, w_u8), zero, zero, **attrs)
+        acc = g.op("ConvInteger", xq, _const(g, w_u8), zero, zero, **attrs)
+        s = g.op("Reshape", s, _const(g, torch.tensor([-1] + [1] * (dims - 1), dtype=torch.int64)))
         y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), s), _const(g, _channel_scale(qt, dims)))
         report.layers[name] = "ConvInteger (int8 weights, dynamic per-sample int8 activations)"
         return y if bias is None else g.op("Add", y, _const(g, bias.reshape([1, -1] + [1] * (dims - 2))))
