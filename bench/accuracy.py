@@ -656,7 +656,8 @@ def markdown(results: dict[str, Any]) -> str:
             "* Quantize peak MiB: how far the process's resident memory rose above its level before the call "
             "(Linux's high-water mark `VmHWM`, reset on entry), i.e. what quantizing needs on top of the loaded fp32 model, "
             "the quantized copy it returns included. A lower bound: memory that earlier configurations freed but the process "
-            "kept is reused without raising it (GPTQ W4 measured alone in a fresh process: within 2 % of its figure here).",
+            "kept is reused without raising it, and it varies from run to run with the allocator (`python bench/probes.py "
+            "memory` measures the parts one by one, each in a fresh process).",
             "* Weight bytes (squeezer): `squeezer_report.weight_bytes_after` (codes + scales / zero points of the quantized "
             "layers, which include the embedding tables where the preset quantizes them). Peers: size of what they save "
             "(whole model), so the two size columns are not the same measure.",

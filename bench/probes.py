@@ -1,0 +1,240 @@
+"""Probes behind the issue notes: small experiments that explain a benchmark figure.
+
+    python bench/probes.py distill      # distillation variants (digits CNN, credit MLP), seeds 1-6
+    python bench/probes.py same-graph   # identical ONNX graphs / int8 PyTorch paths timed in an interleaved A/B
+    python bench/probes.py memory       # what quantizing MiniLM adds to resident memory, part by part
+
+Each prints a table and writes ``bench/results/probe_<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import squeezer
+from compression import digits_data
+from machine import PeakMemory, cpu_info
+from squeezer.distill import distill
+from squeezer.examples.credit import evaluate_credit, make_credit_task, train_credit_model
+from squeezer.examples.digits import DigitsCNN, digits_accuracy, make_digits_task, train_digits_model
+from squeezer.training import fit
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEEDS = (1, 2, 3, 4, 5, 6)
+
+
+class Noisy:
+    """The batches with Gaussian noise of std ``sigma`` added, fresh (seeded) on every pass."""
+
+    def __init__(self, batches: list, sigma: float, seed: int) -> None:
+        self.batches, self.sigma, self.gen = batches, sigma, torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        for x, y in self.batches:
+            yield x + self.sigma * torch.randn(x.shape, generator=self.gen), y
+
+
+def probe_distill() -> dict[str, Any]:
+    """Student with vs without a teacher, same batches / epochs / seeds; mean and per-seed score."""
+    torch.set_num_threads(1)
+    task = make_digits_task(seed=0)
+    data = digits_data(task)
+    teacher16 = train_digits_model(task, seed=0, epochs=15)
+    torch.manual_seed(0)
+    teacher32 = DigitsCNN(width=32)
+    fit(teacher32, data, epochs=30, lr=2e-3)
+    teacher32.eval()
+
+    def digits(teacher: nn.Module | None, epochs: int, sigma: float = 0.0, **kd: Any) -> Callable[[int], float]:
+        def run(seed: int) -> float:
+            torch.manual_seed(seed)
+            student = DigitsCNN(width=4)
+            batches = Noisy(data, sigma, seed) if sigma else data
+            if teacher is None:
+                fit(student, batches, epochs=epochs, lr=2e-3)
+            else:
+                distill(student, teacher, batches, epochs=epochs, lr=2e-3, **kd)
+            return digits_accuracy(student.eval(), task)
+        return run
+
+    credit = make_credit_task(seed=0)
+    credit_teacher = train_credit_model(credit, seed=0)
+    idx = torch.randperm(len(credit.y_train), generator=torch.Generator().manual_seed(0))
+    credit_data = [(credit.x_train[i], credit.y_train[i]) for i in idx.split(64)]
+
+    def credit_run(epochs: int, **kd: Any) -> Callable[[int], float]:
+        def run(seed: int) -> float:
+            torch.manual_seed(seed)
+            student = nn.Sequential(nn.Linear(credit.x_train.shape[1], 32), nn.ReLU(), nn.Linear(32, 1), nn.Flatten(0))
+            opt = torch.optim.Adam(student.parameters(), lr=1e-3, weight_decay=5e-2)
+            if kd:
+                distill(student, credit_teacher, credit_data, epochs=epochs, optimizer=opt, **kd)
+            else:
+                fit(student, credit_data, epochs=epochs, optimizer=opt)
+            return evaluate_credit(student.eval(), credit)["roc_auc"]
+        return run
+
+    settings: list[tuple[str, Callable[[int], float]]] = [
+        ("digits 15 ep: plain", digits(None, 15)),
+        ("digits 15 ep: KD T2 a0.5", digits(teacher16, 15, alpha=0.5, temperature=2.0)),
+        ("digits 15 ep: KD T4 a0.2", digits(teacher16, 15, alpha=0.2, temperature=4.0)),
+        ("digits 15 ep: KD T4 a0.5, teacher width 32", digits(teacher32, 15, alpha=0.5, temperature=4.0)),
+        ("digits 15 ep: features conv2 (a1)", digits(teacher16, 15, alpha=1.0, features={"conv2": "conv2"})),
+        ("digits 15 ep, noise 0.15: plain", digits(None, 15, 0.15)),
+        ("digits 15 ep, noise 0.15: KD T2 a0.5", digits(teacher16, 15, 0.15, alpha=0.5, temperature=2.0)),
+        ("digits 15 ep, noise 0.3: plain", digits(None, 15, 0.3)),
+        ("digits 15 ep, noise 0.3: KD T2 a0.5", digits(teacher16, 15, 0.3, alpha=0.5, temperature=2.0)),
+        ("digits 40 ep: plain", digits(None, 40)),
+        ("digits 40 ep: KD T1 a0.5, teacher width 32", digits(teacher32, 40, alpha=0.5, temperature=1.0)),
+        ("digits 40 ep: KD T4 a0.5, teacher width 32", digits(teacher32, 40, alpha=0.5, temperature=4.0)),
+        ("credit 10 ep: plain (ROC-AUC)", credit_run(10)),
+        ("credit 10 ep: KD T4 a0.2 (ROC-AUC)", credit_run(10, alpha=0.2, temperature=4.0)),
+        ("credit 30 ep: plain (ROC-AUC)", credit_run(30)),
+        ("credit 30 ep: KD T4 a0.2 (ROC-AUC)", credit_run(30, alpha=0.2, temperature=4.0)),
+    ]
+    rows = []
+    for name, run in settings:
+        scores = [run(seed) for seed in SEEDS]
+        rows.append({"setting": name, "mean": statistics.mean(scores), "per_seed": scores})
+        print(f"{name:48s} {statistics.mean(scores):.4f}  " + " ".join(f"{s:.4f}" for s in scores), flush=True)
+    return {"teacher_width16_accuracy": digits_accuracy(teacher16, task),
+            "teacher_width32_accuracy": digits_accuracy(teacher32, task), "seeds": list(SEEDS), "rows": rows}
+
+
+def _interleaved(calls: dict[str, Callable[[], Any]], rounds: int = 40, block: int = 10) -> dict[str, float]:
+    """Median ms per callable, timed in alternating-order rounds of ``block`` calls after one untimed call."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for r in range(rounds):
+        for name in (list(calls) if r % 2 else list(calls)[::-1]):
+            calls[name]()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+
+
+def probe_same_graph(work: Path) -> dict[str, Any]:
+    """MLP 1024-4096-4096-1024, batch 1, 2 threads: squeezer's ONNX files vs ONNX Runtime's own MatMulNBits
+    files (graphs compared after ONNX Runtime's optimizer), and squeezer's packed w8a8 vs torch.ao dynamic."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from peers import export_fp32
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1024)).eval()
+    x = torch.randn(1, 1024)
+    export_fp32(mlp, x, work / "fp32.onnx")
+    files = {}
+    for preset, bits in (("w4g128", 4), ("w8", 8)):
+        files[f"squeezer {preset}"] = work / f"squeezer_{preset}.onnx"
+        squeezer.export(squeezer.quantize(mlp, preset, progress=False), x, files[f"squeezer {preset}"])
+        cfg = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False, accuracy_level=4, bits=bits)
+        quant = MatMulNBitsQuantizer(onnx.load(str(work / "fp32.onnx")), bits=bits, block_size=128, is_symmetric=False,
+                                     accuracy_level=4, algo_config=cfg)
+        quant.process()
+        files[f"ORT MatMulNBits int{bits}"] = work / f"ort_{bits}.onnx"
+        quant.model.save_model_to_file(str(files[f"ORT MatMulNBits int{bits}"]), False)
+    graphs, calls = {}, {}
+    feed = x.numpy()
+    for name, path in files.items():
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+        graphs[name] = [(n.op_type, sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in n.attribute))
+                        for n in optimized.graph.node]
+        run = squeezer.runtime.load(path, threads=2, spinning=False)
+        calls[name] = lambda run=run: run(feed)
+    torch.set_num_threads(2)
+    packed = squeezer.quantize(mlp, "w8a8", progress=False)
+    squeezer.pack(packed)
+    torch_ao = quantize_dynamic(copy.deepcopy(mlp), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    with torch.inference_mode():
+        calls["squeezer w8a8 packed (PyTorch)"] = lambda: packed(x)
+        calls["torch.ao dynamic per-channel"] = lambda: torch_ao(x)
+        ms = _interleaved(calls)
+    same = {f"int{b}": graphs[f"squeezer {p}"] == graphs[f"ORT MatMulNBits int{b}"] for p, b in (("w4g128", 4), ("w8", 8))}
+    for name, value in ms.items():
+        print(f"{name:36s} {value:.3f} ms")
+    print("optimized graphs identical (op types and attributes):", same)
+    return {"median_ms": ms, "identical_optimized_graphs": same, "calls_per_path": 400}
+
+
+MEMORY_PARTS = ("deepcopy", "deepcopy (weights resident)", "calibration forwards", "w8 without calib", "w8", "w4g128-gptq")
+
+
+def memory_part(part: str) -> int | None:
+    """Resident-memory rise of one part in this (fresh) process, bytes."""
+    from accuracy import load_reviews, make_minilm
+
+    torch.set_num_threads(2)
+    model, tokenizer, _ = make_minilm()
+    texts = load_reviews()[0]
+    calib = [dict(tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+             for i in range(0, 128, 32)]
+    if part == "deepcopy (weights resident)":
+        with torch.no_grad():
+            sum(float(p.sum()) for p in model.parameters())  # page the memory-mapped weights in
+    with warnings.catch_warnings(), torch.no_grad(), PeakMemory() as mem:
+        warnings.simplefilter("ignore")
+        if part.startswith("deepcopy"):
+            copy.deepcopy(model)
+        elif part == "calibration forwards":
+            for batch in calib:
+                model(**batch)
+        else:
+            preset = part.split()[0]
+            squeezer.quantize(model, preset, calib=None if "without" in part else calib, progress=False)
+    return mem.extra
+
+
+def probe_memory() -> dict[str, Any]:
+    """Each part of :data:`MEMORY_PARTS` in a fresh process (MiniLM, 4 calibration batches of 32 texts)."""
+    out = {}
+    for part in MEMORY_PARTS:
+        done = subprocess.run([sys.executable, __file__, "memory-part", part], capture_output=True, text=True, check=True)
+        extra = json.loads(done.stdout.strip().splitlines()[-1])
+        out[part] = extra
+        print(f"{part:30s} +{extra / 2**20:.0f} MiB" if extra is not None else f"{part:30s} not measurable here")
+    return {"peak_extra_bytes": out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("probe", choices=("distill", "same-graph", "memory", "memory-part"))
+    parser.add_argument("part", nargs="?", help="memory-part only (internal)")
+    args = parser.parse_args()
+    if args.probe == "memory-part":
+        print(json.dumps(memory_part(args.part)))
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {"distill": probe_distill, "memory": probe_memory,
+                  "same-graph": lambda: probe_same_graph(Path(tmp))}[args.probe]()
+    result["machine"] = cpu_info()
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"probe_{args.probe.replace('-', '_')}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
