@@ -177,11 +177,12 @@ def probe_same_graph(work: Path) -> dict[str, Any]:
     return {"median_ms": ms, "identical_optimized_graphs": same, "calls_per_path": 400}
 
 
-MEMORY_PARTS = ("deepcopy", "deepcopy (weights resident)", "calibration forwards", "w8 without calib", "w8", "w4g128-gptq")
+MEMORY_PARTS = ("deepcopy", "calibration forwards", "w8 without calib", "w8", "w4g128-gptq", "w4g128-gptq inplace")
 
 
 def memory_part(part: str) -> int | None:
-    """Resident-memory rise of one part in this (fresh) process, bytes."""
+    """Resident-memory rise of one part in this (fresh) process, bytes; the model's memory-mapped
+    weights are paged in first, as in the accuracy bench, where the fp32 model has already run."""
     from accuracy import load_reviews, make_minilm
 
     torch.set_num_threads(2)
@@ -189,31 +190,35 @@ def memory_part(part: str) -> int | None:
     texts = load_reviews()[0]
     calib = [dict(tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
              for i in range(0, 128, 32)]
-    if part == "deepcopy (weights resident)":
-        with torch.no_grad():
-            sum(float(p.sum()) for p in model.parameters())  # page the memory-mapped weights in
+    with torch.no_grad():
+        sum(float(p.sum()) for p in model.parameters())
     with warnings.catch_warnings(), torch.no_grad(), PeakMemory() as mem:
         warnings.simplefilter("ignore")
-        if part.startswith("deepcopy"):
+        if part == "deepcopy":
             copy.deepcopy(model)
         elif part == "calibration forwards":
             for batch in calib:
                 model(**batch)
         else:
             preset = part.split()[0]
-            squeezer.quantize(model, preset, calib=None if "without" in part else calib, progress=False)
+            squeezer.quantize(model, preset, calib=None if "without" in part else calib, progress=False,
+                              inplace=part.endswith("inplace"))
     return mem.extra
 
 
 def probe_memory() -> dict[str, Any]:
     """Each part of :data:`MEMORY_PARTS` in a fresh process (MiniLM, 4 calibration batches of 32 texts)."""
+    from accuracy import make_minilm
+
+    fp32_bytes = sum(p.numel() * p.element_size() for p in make_minilm()[0].parameters())
     out = {}
     for part in MEMORY_PARTS:
         done = subprocess.run([sys.executable, __file__, "memory-part", part], capture_output=True, text=True, check=True)
         extra = json.loads(done.stdout.strip().splitlines()[-1])
         out[part] = extra
-        print(f"{part:30s} +{extra / 2**20:.0f} MiB" if extra is not None else f"{part:30s} not measurable here")
-    return {"peak_extra_bytes": out}
+        print(f"{part:30s} +{extra / 2**20:.0f} MiB = {extra / fp32_bytes:.2f}x the fp32 weights" if extra is not None
+              else f"{part:30s} not measurable here")
+    return {"fp32_weight_bytes": fp32_bytes, "peak_extra_bytes": out}
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
+from .memory import release_free_memory
 from .errors import DataError
 
 Batch = Tensor | tuple | list | dict
@@ -82,6 +83,7 @@ def run_batches(model: nn.Module, batches: list[Batch], label: str, progress: bo
         task = bar.add_task(label, total=len(batches))
         for batch in batches:
             outputs.append([t.detach() for t in output_tensors(call_model(model, batch))])
+            release_free_memory()  # the forward's freed activations: back to the OS before the next batch
             bar.advance(task)
     return outputs
 

@@ -215,3 +215,43 @@ def test_config_from_yaml_and_dict(tmp_path, mlp):
         QuantConfig.from_dict({"wieght": {}})
     with pytest.raises(ConfigError, match="observer"):
         QuantConfig(observer="median")
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(8, granularity="channel:0"), QuantSpec(4, symmetric=False, granularity="group:16"),
+    QuantSpec(4, granularity="tensor"), QuantSpec(3, mapping="kmeans", granularity="channel:0"),
+    QuantSpec(4, mapping="log2", granularity="group:16"),
+])
+def test_embedding_fake_quantizes_only_looked_up_rows(spec):
+    """fq_w(W[idx]) with the rows' own parameters equals fq_w(W)[idx] exactly, keeps no
+    fake-quantized copy of the table, and passes the same straight-through gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 40), nn.Linear(40, 3))
+    q = squeezer.quantize(model, QuantConfig(weight=spec))
+    emb = q[0]
+    ids = torch.randint(0, 50, (4, 7))
+    table = squeezer.quant.core.fake_quantize(emb.weight.detach(), emb.weight_spec, emb.weight_qparams)
+    out = emb(ids)
+    assert out.shape == (4, 7, 40) and torch.equal(out, nn.functional.embedding(ids, table))
+    assert emb._wq_cache is None, "no table-sized copy"
+    emb.weight.requires_grad_(True)
+    emb(ids).square().sum().backward()
+    fast = emb.weight.grad.clone()
+    emb.weight.grad = None
+    nn.functional.embedding(ids, squeezer.quant.core.fake_quantize(emb.weight, emb.weight_spec,
+                                                                    emb.weight_qparams)).square().sum().backward()
+    assert torch.allclose(fast, emb.weight.grad)
+
+
+def test_weight_on_its_grid_is_not_copied(mlp, mlp_batches):
+    """After GPTQ the float weight is W^ itself: simulation uses it directly (no second copy)."""
+    q = squeezer.quantize(mlp, "w4g128-gptq", calib=mlp_batches)
+    for name, layer in quant_layers(q).items():
+        with torch.no_grad():
+            w = layer.quantized_weight()
+        assert w.data_ptr() == layer.weight.data_ptr(), name
+        assert torch.equal(w, squeezer.quant.core.fake_quantize(layer.weight.detach(), layer.weight_spec,
+                                                                layer.weight_qparams))
+    rtn = squeezer.quantize(mlp, "w4g128")
+    with torch.no_grad():
+        assert rtn.fc1.quantized_weight().data_ptr() != rtn.fc1.weight.data_ptr(), "RTN keeps the user's float weight"

@@ -136,3 +136,21 @@ def test_input_scale_is_function_preserving_and_saved(tmp_path, mlp):
     squeezer.save(q, tmp_path / "c")
     loaded = squeezer.load(tmp_path / "c", model=type(mlp))
     assert torch.equal(loaded(x), q(x)) and torch.equal(loaded.fc1.input_scale, q.fc1.input_scale)
+
+
+def test_layer_stats_chunking_and_uniform_sample():
+    """Statistics and the row sample do not depend on how the rows arrive; the sample is a
+    uniform subset (bottom-k keys) of every row seen, in arrival order."""
+    torch.manual_seed(0)
+    rows = torch.randn(3000, 24)
+    whole, pieces = LayerStats(24, max_rows=500), LayerStats(24, max_rows=500)
+    whole._chunk = 3000
+    whole.update(rows)
+    for part in rows.split([7, 993, 1, 1999]):
+        pieces.update(part)
+    assert torch.equal(whole.sample, pieces.sample) and whole.sample.shape == (500, 24)
+    assert torch.allclose(whole.xtx, pieces.xtx) and torch.allclose(whole.xtx, rows.double().T @ rows.double())
+    first_col = rows[:, 0].tolist()
+    where = [first_col.index(v) for v in pieces.sample[:, 0].tolist()]
+    assert where == sorted(where), "rows keep their arrival order"
+    assert 0.35 < sum(w >= 1500 for w in where) / 500 < 0.65, "late rows are not favoured over early ones"

@@ -96,13 +96,18 @@ def inverse_hessian_factor(hessian: Tensor, damp: float, tries: int = 6) -> Tens
     (the reference's ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``, same matrix).
     """
     h = hessian.double()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean_diag = float(torch.diagonal(h).mean())
     lam = damp * mean_diag
-    for _ in range(tries):
-        lower, info = torch.linalg.cholesky_ex(h.flip(0, 1) + lam * eye)
+    for _ in range(tries):  # K x K float64 temporaries kept to two or three at a time
+        flipped = h.flip(0, 1)
+        flipped.diagonal().add_(lam)  # J (H + lambda I) J: J keeps the diagonal in place
+        lower, info = torch.linalg.cholesky_ex(flipped)
+        del flipped
         if int(info) == 0:
-            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            inverse = torch.linalg.solve_triangular(lower, torch.eye(h.shape[0], dtype=h.dtype, device=h.device),
+                                                    upper=False)
+            del lower
+            upper = inverse.flip(0, 1)
             if bool(torch.isfinite(upper).all()):
                 return upper
         lam = max(10 * lam, 1e-6 * mean_diag)
@@ -136,22 +141,25 @@ def gptq_quantize(
     N, K = W.shape
     if hessian.shape != (K, K):
         raise DataError(f"gptq: Hessian of shape {tuple(hessian.shape)} does not match {K} weight columns")
-    H = hessian.detach().to(W.device, torch.float64).clone()
+    H = hessian.detach().to(W.device, torch.float64)
     if not torch.isfinite(H).all() or not torch.isfinite(W).all():
         raise DataError("gptq: the weight or its input statistics are not finite")
 
     dead = torch.diagonal(H) == 0
-    dead_idx = dead.nonzero().squeeze(1)
-    H[dead_idx, dead_idx] = 1.0
-    W[:, dead] = 0.0
+    if bool(dead.any()):  # columns never active: weight 0, H_ii = 1 (on a copy: the caller's H stays)
+        dead_idx = dead.nonzero().squeeze(1)
+        H = H.clone()
+        H[dead_idx, dead_idx] = 1.0
+        W[:, dead] = 0.0
 
     # Column order: identity, or decreasing H_ii. `perm[j]` is the original index of column j.
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        U = inverse_hessian_factor(H[perm][:, perm], damp).float()
     else:
         perm = torch.arange(K, device=W.device)
+        U = inverse_hessian_factor(H, damp).float()
     inv_perm = torch.argsort(perm)
-    U = inverse_hessian_factor(H[perm][:, perm], damp).float()
     Wp = W[:, perm]                                  # working copy, permuted columns
 
     # Parameters: fixed up front, or per group (filled when the loop first reaches the group).

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration import Batch, call_model
+from ..memory import release_free_memory
 from ..modules import QuantEmbedding, QuantLinear, quant_layers
 from ..modules.base import QuantMixin
 from .base import Algorithm
@@ -75,6 +76,7 @@ def _run_prefix(model: nn.Module, layers: dict[str, QuantMixin], batches: list[B
                 call_model(model, batch)
             except _StageDone:
                 pass
+            release_free_memory()
     finally:
         for h in handles:
             h.remove()
@@ -134,15 +136,21 @@ def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], 
     with Progress(*columns, console=Console(stderr=True), transient=True, disable=not show) as bar:
         task = bar.add_task(f"{algorithm.name}", total=len(groups))
         for group in groups:
-            layers = {n: all_layers[n] for n in group}
-            stats = collect_stats(model, layers, batches) if algorithm.needs_stats else {n: None for n in group}
-            originals = {name: layer.weight.detach().clone() for name, layer in layers.items()}  # one stage
-            for name, layer in layers.items():
-                algorithm.quantize_layer(layer, stats[name])
-            observe_stage(model, layers, batches)
-            for name, layer in layers.items():
-                _measure(layer, originals.pop(name), stats[name])
-            for layer in layers.values():
-                layer.mode = "simulate"
+            _quantize_stage(model, algorithm, {n: all_layers[n] for n in group}, batches)
+            release_free_memory()
             bar.advance(task)
     return targets
+
+
+def _quantize_stage(model: nn.Module, algorithm: Algorithm, layers: dict[str, QuantMixin], batches: list[Batch]) -> None:
+    """One stage: statistics, the algorithm, activation ranges, errors; its statistics and float
+    weights are freed on return, before the next stage collects its own."""
+    stats = collect_stats(model, layers, batches) if algorithm.needs_stats else {n: None for n in layers}
+    originals = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    for name, layer in layers.items():
+        algorithm.quantize_layer(layer, stats[name])
+    observe_stage(model, layers, batches)
+    for name, layer in layers.items():
+        _measure(layer, originals.pop(name), stats[name])
+    for layer in layers.values():
+        layer.mode = "simulate"

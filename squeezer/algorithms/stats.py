@@ -3,7 +3,7 @@
 A linear layer's input rows are ``x (n, K)``; a convolution's are its im2col patches
 ``(n, C_in/groups * kh * kw)`` (first group), matching ``W.reshape(out, -1)``. Kept: ``X^T X``
 (for the GPTQ Hessian ``H = 2 X^T X / n``), column sums, mean |x|, max |x|, and up to
-``max_rows`` rows sampled uniformly at random (for output-error searches).
+``max_rows`` rows sampled uniformly at random from all rows seen (for output-error searches).
 """
 
 from __future__ import annotations
@@ -24,27 +24,35 @@ class LayerStats:
         self.count = 0
         self.max_rows = max_rows
         self.sample = torch.zeros(0, columns)
+        self._keys = torch.zeros(0)
         self._generator = torch.Generator().manual_seed(seed)
+        # float64 work in chunks of ~8 MiB, so that a long input never needs a float64 copy at once
+        self._chunk = max(1, 2**20 // columns)
 
     def update(self, rows: Tensor) -> None:
         """Add input rows ``(n, K)``."""
-        rows = rows.detach().float()
+        for chunk in rows.detach().split(self._chunk):
+            self._update(chunk.float())
+
+    def _update(self, rows: Tensor) -> None:
         r64 = rows.double()
-        self.xtx += r64.T @ r64
+        self.xtx.addmm_(r64.T, r64)
         self.sum += r64.sum(0)
         self.abs_sum += r64.abs().sum(0)
         self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0))
         self.count += rows.shape[0]
-        # reservoir-style: keep a uniform random subset of at most max_rows rows
+        # bottom-k sampling: every row gets a uniform key, the max_rows smallest keys are kept, so the
+        # sample is uniform over all rows seen, whatever the chunking; rows stay in arrival order
+        keys = torch.cat([self._keys, torch.rand(rows.shape[0], generator=self._generator)])
         pool = torch.cat([self.sample, rows])
         if pool.shape[0] > self.max_rows:
-            keep = torch.randperm(pool.shape[0], generator=self._generator)[: self.max_rows]
-            pool = pool[keep.sort().values]
-        self.sample = pool
+            keep = keys.topk(self.max_rows, largest=False).indices.sort().values
+            pool, keys = pool[keep], keys[keep]
+        self.sample, self._keys = pool, keys
 
     def hessian(self) -> Tensor:
         """``H = 2 X^T X / n`` (float64), the curvature of ``||X W^T - X W'^T||^2`` in ``W``."""
-        return 2 * self.xtx / max(self.count, 1)
+        return self.xtx * (2.0 / max(self.count, 1))
 
     def mean(self) -> Tensor:
         return (self.sum / max(self.count, 1)).float()

@@ -45,7 +45,7 @@ class QuantMixin:
         self.act_observer: Observer | None = None
         self.act_qparams: QParams | None = None
         self.output_error = ErrorAccumulator()
-        self._wq_cache: tuple[int, Tensor] | None = None
+        self._wq_cache: tuple[int, Tensor | None] | None = None  # (weight version, fq(W) or None: W itself)
         self.runtime: Any = None
         self.register_buffer("input_scale", None)
         self.weight_error: ErrorStats | None = None  # set by an algorithm that rewrote the weight
@@ -104,7 +104,8 @@ class QuantMixin:
         self.forward = runtime  # the hot path: nn.Module.__call__ goes straight to the kernel
 
     def quantized_weight(self) -> Tensor:
-        """``fq(W)``; cached while the weight is unchanged and no gradient is needed."""
+        """``fq(W)``; cached while the weight is unchanged and no gradient is needed (a weight that
+        already equals ``fq(W)``, e.g. after GPTQ / AdaRound / HQQ, is returned itself)."""
         if self.is_packed:
             return self.runtime.weight.dequantize()
         learned = self._modules.get("weight_fake_quant")
@@ -116,8 +117,11 @@ class QuantMixin:
             return fake_quantize(self.weight, self.weight_spec, self.weight_qparams)
         version = self.weight._version
         if self._wq_cache is None or self._wq_cache[0] != version:
-            self._wq_cache = (version, fake_quantize(self.weight.detach(), self.weight_spec, self.weight_qparams))
-        return self._wq_cache[1]
+            fq = fake_quantize(self.weight.detach(), self.weight_spec, self.weight_qparams)
+            # A weight already on its grid (an algorithm's W^) is its own fq(W): no second copy.
+            self._wq_cache = (version, None if torch.equal(fq, self.weight) else fq)
+        cached = self._wq_cache[1]
+        return self.weight.detach() if cached is None else cached
 
     def weight_qtensor(self):
         """The integer codes of the weight (``QTensor``)."""
@@ -153,13 +157,17 @@ class QuantMixin:
             if self.act_observer is not None:
                 self.act_observer.update(x)
             return self._op(x, self.weight)
-        quantized = self._op(self.quantize_input(x), self.quantized_weight())
+        quantized = self._simulate(x)
         if self.mode == "simulate":
             return quantized
         reference = self._op(x, self.weight)
         if self.weight_error is None:  # else the float weight is the algorithm's choice: measured by the pipeline
             self.output_error.update(reference, quantized)
         return reference
+
+    def _simulate(self, x: Tensor) -> Tensor:
+        """``op(fq_a(x), fq_w(W))`` on the (smoothed) input."""
+        return self._op(self.quantize_input(x), self.quantized_weight())
 
     def _op(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

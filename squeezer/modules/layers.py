@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import QuantConfig
+from ..quant.core import fake_quantize, rows_qparams
 from .base import QuantMixin
 
 
@@ -66,7 +67,7 @@ class QuantConv2d(_QuantConvNd, nn.Conv2d):
 
 
 class QuantEmbedding(QuantMixin, nn.Embedding):
-    """``y = fq_w(W)[idx]``; ``W: (num_embeddings, dim)``, one scale per row (token vector)."""
+    """``y = fq_w(W)[idx]``; ``W: (num_embeddings, dim)``, one scale per row (token vector) by default."""
 
     @classmethod
     def from_float(cls, layer: nn.Embedding, config: QuantConfig) -> "QuantEmbedding":
@@ -81,6 +82,19 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
 
     def _op(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.embedding(x, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+    def _simulate(self, x: Tensor) -> Tensor:
+        """``fq_w(W[idx])`` with the looked-up rows' own parameters: only the rows used are
+        fake-quantized, and no fake-quantized copy of the table is kept (for row-wise formats,
+        without a learned weight quantizer or ``max_norm``; else ``fq_w(W)[idx]``)."""
+        if self.weight_qparams is None:
+            self.calibrate_weight()
+        ids = x.reshape(-1)
+        qp = rows_qparams(self.weight_qparams, self.weight_spec.granularity, ids)
+        if qp is None or self.max_norm is not None or "weight_fake_quant" in self._modules:
+            return super()._simulate(x)
+        rows = self._op(ids, self.weight)
+        return fake_quantize(rows, self.weight_spec, qp).reshape(*x.shape, rows.shape[-1])
 
 
 def quantized_class_for(layer: nn.Module) -> type[QuantMixin] | None:

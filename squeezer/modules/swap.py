@@ -64,9 +64,11 @@ def swap_layers(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[
             chosen.append((name, module))
         elif own:
             skipped.append(SkippedLayer(name, type(module).__name__, own, reason))
-    for name, module in chosen:
+    names = [name for name, _ in chosen]
+    while chosen:  # popped, so that each float layer is freed once replaced: one layer's copy at a time
+        name, module = chosen.pop()
         set_child(model, name, quantized_class_for(module).from_float(module, config.for_layer(name, layer_type_name(module))))
-    return [name for name, _ in chosen], skipped
+    return names, skipped
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantMixin]:

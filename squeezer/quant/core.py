@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import levels as L
 from .blocks import Blocks, from_blocks, to_blocks
-from .spec import QuantSpec
+from .spec import Granularity, PerChannel, PerGroup, PerTensor, QuantSpec
 
 _TINY = 1e-12
 
@@ -203,6 +203,23 @@ def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> Tensor:
     b = to_blocks(qt.codes, qt.spec.granularity)
     values = _dequantize_blocks(b.data, qt.spec, qt.qparams)
     return from_blocks(values, qt.shape, qt.spec.granularity).to(dtype)
+
+
+def rows_qparams(qp: QParams, granularity: Granularity, rows: Tensor) -> QParams | None:
+    """Parameters of ``W[rows]`` for a 2-D ``W (N, K)`` and 1-D indices ``rows``, when each row's
+    parameters are its own: per-tensor (shared), per-channel on axis 0 (``scale[rows]``) or
+    per-group (``scale[rows, :]``, codebooks ``(N * G, L) -> (n * G, L)``); None for any other
+    granularity. ``fake_quantize(W[rows], spec, rows_qparams(...)) == fake_quantize(W, spec, qp)[rows]``."""
+    g = granularity
+    if isinstance(g, PerTensor):
+        return qp
+    if not (isinstance(g, PerGroup) or (isinstance(g, PerChannel) and g.axis in (0, -2))):
+        return None
+    pick = lambda t: None if t is None else t[rows]  # noqa: E731
+    levels = qp.levels
+    if levels is not None and levels.dim() == 2:
+        levels = levels.reshape(qp.scale.shape[0], -1, levels.shape[-1])[rows].reshape(-1, levels.shape[-1])
+    return QParams(pick(qp.scale), pick(qp.zero_point), levels)
 
 
 def representable_range(spec: QuantSpec, qp: QParams) -> tuple[Tensor, Tensor]:

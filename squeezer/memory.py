@@ -1,0 +1,30 @@
+"""Give freed heap memory back to the operating system between calibration stages.
+
+glibc's ``malloc`` raises its mmap threshold after large frees, so the tensors of the next
+stage come from the heap, and memory freed there stays mapped (resident) until ``malloc_trim``.
+Calling it between stages keeps the process's resident memory close to what is live: on
+MiniLM-L6 GPTQ this is the difference between a peak of ~5x and ~3x the model above the start.
+No-op where the C library is not glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from functools import cache
+
+
+@cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim") if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """``malloc_trim(0)``: return every free heap page to the OS (glibc; else nothing)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
