@@ -668,3 +668,17 @@ def test_error_accumulator_degenerate_cosine_matches_stats(x, y):
     assert got.mse == ref.mse
     assert got.sqnr_db == ref.sqnr_db
     assert got.cosine == ref.cosine
+
+
+def test_error_metrics_over_several_chunks_match_float64_formulas():
+    """Tensors larger than one float64 chunk (2^20 elements) give the whole-tensor formulas."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 1 << 20) + 0.5
+    y = x + 0.01 * torch.randn_like(x)
+    a, b = x.double().flatten(), y.double().flatten()
+    stats = ErrorStats.between(x, y)
+    assert stats.mse == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-9)
+    assert stats.sqnr_db == pytest.approx(float(10 * torch.log10((a @ a) / ((a - b) @ (a - b)))), rel=1e-9)
+    assert stats.cosine == pytest.approx(float(a @ b / (a.norm() * b.norm())), rel=1e-12)
+    with pytest.raises(ValueError, match="elements"):
+        mse(x, y[:2])

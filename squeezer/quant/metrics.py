@@ -14,13 +14,31 @@ import torch
 from torch import Tensor
 
 
-def mse(x: Tensor, y: Tensor) -> float:
-    return float(((x.double() - y.double()) ** 2).mean())
+_CHUNK = 1 << 20  # elements per float64 chunk (8 MiB): no full-size float64 copies of big weights
 
 
-def sqnr_db(x: Tensor, y: Tensor) -> float:
-    noise = float(((x.double() - y.double()) ** 2).sum())
-    signal = float((x.double() ** 2).sum())
+def _sums(x: Tensor, y: Tensor) -> tuple[float, float, float, float, int]:
+    """``(sum (x-y)^2, sum x^2, sum x y, sum y^2, n)`` in float64, over the flattened tensors."""
+    a, b = x.detach().reshape(-1), y.detach().reshape(-1)
+    if a.numel() != b.numel():
+        raise ValueError(f"cannot compare tensors of {a.numel()} and {b.numel()} elements")
+    noise = signal = dot = approx = 0.0
+    for lo in range(0, a.numel(), _CHUNK):
+        u, v = a[lo:lo + _CHUNK].double(), b[lo:lo + _CHUNK].double()
+        d = u - v
+        noise += float(d @ d)
+        signal += float(u @ u)
+        dot += float(u @ v)
+        approx += float(v @ v)
+    return noise, signal, dot, approx, a.numel()
+
+
+def _mse(s: tuple[float, float, float, float, int]) -> float:
+    return s[0] / s[4] if s[4] else math.nan
+
+
+def _sqnr_db(s: tuple[float, float, float, float, int]) -> float:
+    noise, signal = s[0], s[1]
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
@@ -28,12 +46,23 @@ def sqnr_db(x: Tensor, y: Tensor) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def cosine(x: Tensor, y: Tensor) -> float:
-    a, b = x.double().flatten(), y.double().flatten()
-    denom = float(a.norm() * b.norm())
+def _cosine(s: tuple[float, float, float, float, int]) -> float:
+    denom = math.sqrt(s[1]) * math.sqrt(s[3])
     if denom == 0.0:
-        return 1.0 if torch.equal(a, b) else 0.0
-    return float(a @ b) / denom
+        return 1.0 if s[0] == 0.0 else 0.0
+    return s[2] / denom
+
+
+def mse(x: Tensor, y: Tensor) -> float:
+    return _mse(_sums(x, y))
+
+
+def sqnr_db(x: Tensor, y: Tensor) -> float:
+    return _sqnr_db(_sums(x, y))
+
+
+def cosine(x: Tensor, y: Tensor) -> float:
+    return _cosine(_sums(x, y))
 
 
 @dataclass
@@ -46,7 +75,8 @@ class ErrorStats:
 
     @classmethod
     def between(cls, x: Tensor, y: Tensor) -> "ErrorStats":
-        return cls(mse(x, y), sqnr_db(x, y), cosine(x, y))
+        s = _sums(x, y)
+        return cls(_mse(s), _sqnr_db(s), _cosine(s))
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
