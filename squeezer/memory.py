@@ -2,9 +2,9 @@
 
 glibc's ``malloc`` raises its mmap threshold after large frees, so the tensors of the next
 stage come from the heap, and memory freed there stays mapped (resident) until ``malloc_trim``.
-Calling it between stages keeps the process's resident memory close to what is live: on
-MiniLM-L6 GPTQ this is the difference between a peak of ~5x and ~3x the model above the start.
-No-op where the C library is not glibc.
+Calling it between calibration batches and stages keeps the process's resident memory closer to
+what is live (``python bench/probes.py memory`` measures the peaks). No-op where the C library
+is not glibc.
 """
 
 from __future__ import annotations
