@@ -154,3 +154,16 @@ def test_layer_stats_chunking_and_uniform_sample():
     where = [first_col.index(v) for v in pieces.sample[:, 0].tolist()]
     assert where == sorted(where), "rows keep their arrival order"
     assert 0.35 < sum(w >= 1500 for w in where) / 500 < 0.65, "late rows are not favoured over early ones"
+
+
+def test_stage_forwards_build_no_autograd_graph():
+    """Calibration forwards of the pipeline run without gradients even when the caller has them on
+    (an autograd graph would keep every activation of the prefix alive)."""
+    torch.manual_seed(0)
+    q = squeezer.quantize(Stacked().eval(), "w8")
+    layers = quant_layers(q)
+    seen = []
+    q.inp.register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    assert torch.is_grad_enabled()
+    collect_stats(q, {"blocks.0.up": layers["blocks.0.up"]}, [torch.randn(5, 32)])
+    assert seen == [False]

@@ -73,7 +73,8 @@ def _run_prefix(model: nn.Module, layers: dict[str, QuantMixin], batches: list[B
         for batch in batches:
             seen.clear()
             try:
-                call_model(model, batch)
+                with torch.no_grad():  # statistics only: no autograd graph of the prefix (its activations)
+                    call_model(model, batch)
             except _StageDone:
                 pass
             release_free_memory()
