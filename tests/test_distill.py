@@ -14,7 +14,7 @@ from squeezer import ConfigError, DataError
 from squeezer.distill import FeatureMatcher, distill, distillation_loss
 from squeezer.examples.digits import DigitsCNN, make_digits_task
 from squeezer.qat import convert, prepare_qat
-from squeezer.training import fit
+from squeezer.training import KeepBest, fit
 
 from .conftest import SmallCNN
 
@@ -193,6 +193,62 @@ def test_distill_errors(teacher):
         distill(student, teacher, iter(_data()), 1)
     with pytest.raises(DataError, match="shape"):
         distill(_mlp(8, seed=2, classes=3), teacher, _data(), 1)
+
+
+class _Counting(nn.Module):
+    """Wraps a teacher and counts its forward calls."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("features", [None, {"1": "inner.1"}])
+def test_cache_teacher_runs_it_once_per_batch_and_trains_the_same(teacher, features):
+    data = _data()
+    trained = []
+    for cache in (False, True):
+        counting = _Counting(teacher)
+        student = _mlp(16, seed=6)
+        torch.manual_seed(0)  # the projection of the feature matcher
+        logs = distill(student, counting, data, 3, lr=1e-2, features=features, beta=0.1, cache_teacher=cache)
+        assert counting.calls == len(data) * (1 if cache else 3) + (features is not None)  # + the sizing pass
+        trained.append((student.state_dict(), logs))
+    (plain, plain_logs), (cached, cached_logs) = trained
+    assert all(torch.equal(plain[k], cached[k]) for k in plain), "cached teacher outputs train the same student"
+    assert plain_logs == cached_logs
+
+
+def test_cache_teacher_needs_the_same_batches_every_epoch(teacher):
+    class Fresh(list):
+        def __iter__(self):  # new tensors each epoch, as a loader with transforms gives
+            return ((x.clone(), y) for x, y in list.__iter__(self))
+
+    with pytest.raises(DataError, match="batch 0 is not the batch of the first epoch"):
+        distill(_mlp(8, seed=2), teacher, Fresh(_data()), 2, cache_teacher=True)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 16), torch.zeros(8, dtype=torch.long)))
+    with pytest.raises(ConfigError, match="cache_teacher needs data as a sequence"):
+        distill(_mlp(8, seed=2), teacher, loader, 1, cache_teacher=True)
+
+
+def test_keep_best_restores_the_best_epoch():
+    model, data = _mlp(8, seed=7), _data()
+    snapshots = []
+    scores = iter([0.1, 0.7, 0.3, 0.5])
+    keep = KeepBest(lambda m: next(scores))
+    fit(model, data, 4, lr=1e-2, callbacks=[lambda e, m, logs: snapshots.append(copy.deepcopy(m.state_dict())), keep])
+    assert keep.best_epoch == 1 and keep.best_score == 0.7 and keep.scores == [0.1, 0.7, 0.3, 0.5]
+    assert not all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())
+    keep.restore(model)
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())
+    with pytest.raises(DataError, match="no epoch was scored"):
+        KeepBest(lambda m: 0.0).restore(model)
+    with pytest.raises(DataError, match="score of epoch 0 is NaN"):
+        fit(model, data, 1, callbacks=[KeepBest(lambda m: float("nan"))])
 
 
 def test_kd_on_bundled_digits_cnn_teacher_mlp_student():

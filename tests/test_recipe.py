@@ -50,6 +50,7 @@ def test_unstructured_masks_stay_zero_through_finetune_and_count():
 @pytest.mark.parametrize("step", [{"lowrank": {"budget": 0.5, "min_params": 1000}}, {"prune": {"kind": "nm"}},
                                   {"prune": {"kind": "features", "sparsity": 0.5}},
                                   {"qat": {"preset": "w4g128", "epochs": 1}}, {"distill": {"epochs": 1}},
+                                  {"distill": {"epochs": 2, "cache_teacher": True}},
                                   {"prune": {"kind": "unstructured", "sparsity": 0.5, "steps": 2, "finetune_epochs": 1}}])
 def test_each_step_runs(step):
     model, data, x, y = _task()
@@ -86,6 +87,7 @@ def test_model_size_counts_packed_weights():
     ([{"prune": {"kind": "diagonal"}}], "unknown kind 'diagonal'"),
     ([{"quantize": {}}], "exactly one of 'preset' and 'config'"),
     ([{"prune": {"sparsity": 1.5}}], "sparsity"),
+    ([{"distill": {"cache_teacher": "yes"}}], "distill: cache_teacher must be true or false, got 'yes'"),
 ])
 def test_bad_recipes_name_the_field(recipe, message):
     model, data, *_ = _task()

@@ -12,7 +12,7 @@ a smaller architecture, a pruned copy or a QAT model from :func:`squeezer.qat.pr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,19 +37,45 @@ def logits_of(output: Any) -> Tensor:
 
 
 class _WithTeacher:
-    """Re-iterable batches ``(x, (y, teacher(x)))``; the teacher runs in eval mode without grad."""
+    """Re-iterable batches ``(x, (y, teacher(x)))``; the teacher runs in eval mode without grad.
 
-    def __init__(self, data: Iterable[Any], teacher: nn.Module) -> None:
+    With ``cache`` the teacher runs on the first pass only: its logits and the features the
+    ``matcher`` captured from it are kept per batch position and put back on later passes, so
+    ``data`` must be a sequence that yields the same batches every epoch.
+    """
+
+    def __init__(self, data: Iterable[Any], teacher: nn.Module, matcher: FeatureMatcher | None, cache: bool) -> None:
+        if cache and not isinstance(data, Sequence):
+            raise ConfigError(f"cache_teacher needs data as a sequence of batches (a list), got {type(data).__name__}: "
+                              "a loader may yield other batches each epoch")
         self.data = data
         self.teacher = teacher
+        self.matcher = matcher
         self.device = model_device(teacher)
+        self.cache: list[tuple[Any, Tensor, dict[str, Tensor]]] | None = [] if cache else None
+
+    def _run_teacher(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.no_grad():
+            logits = logits_of(call_model(self.teacher, to_device(inputs, self.device)))
+        features = {} if self.matcher is None else dict(self.matcher.teacher_features)
+        return logits, features
 
     def __iter__(self) -> Iterator[tuple[Any, tuple[Any, Tensor]]]:
         for i, batch in enumerate(self.data):
             inputs, targets = split_batch(batch, i)
-            with torch.no_grad():
-                teacher_logits = logits_of(call_model(self.teacher, to_device(inputs, self.device)))
-            yield inputs, (targets, teacher_logits)
+            if self.cache is None:
+                logits, _ = self._run_teacher(inputs)
+            elif i < len(self.cache):
+                cached_inputs, logits, features = self.cache[i]
+                if cached_inputs is not inputs:
+                    raise DataError(f"cache_teacher: batch {i} is not the batch of the first epoch; give the same "
+                                    "list of batches every epoch")
+                if self.matcher is not None:
+                    self.matcher.teacher_features.update(features)
+            else:
+                logits, features = self._run_teacher(inputs)
+                self.cache.append((inputs, logits, features))
+            yield inputs, (targets, logits)
 
 
 def _check_weight(name: str, value: float, upper: float | None) -> None:
@@ -74,6 +100,7 @@ def distill(
     loss_fn: LossFn | None = None,
     callbacks: Iterable[Callback] = (),
     step_callbacks: Iterable[Callback] = (),
+    cache_teacher: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``student`` against ``teacher`` (module docstring) with :func:`squeezer.training.fit`.
 
@@ -81,7 +108,10 @@ def distill(
     loss (inferred when None); ``features``: ``{student_module: teacher_module}`` pairs (a
     :class:`FeatureMatcher` is built, sized on the first batch, and removed at the end) or a
     ready matcher. The default optimizer is ``Adam(lr)`` over the student's trainable parameters
-    and the projections. Returns per-epoch logs of ``loss``, ``task``, ``kd`` (and ``feature``).
+    and the projections. ``cache_teacher`` runs the teacher once per batch (first epoch) and
+    reuses its logits and matched features afterwards: for a large teacher, ``epochs`` times fewer
+    teacher forwards, at the memory of those outputs; ``data`` must then be a list of batches.
+    Returns per-epoch logs of ``loss``, ``task``, ``kd`` (and ``feature``).
     """
     _check_weight("alpha", alpha, 1.0)
     _check_weight("beta", beta, None)
@@ -117,8 +147,8 @@ def distill(
     teacher_mode = teacher.training
     teacher.eval()
     try:
-        return fit(student, _WithTeacher(data, teacher), epochs, optimizer, objective, callbacks,
-                   step_callbacks=step_callbacks)
+        return fit(student, _WithTeacher(data, teacher, matcher, cache_teacher), epochs, optimizer, objective,
+                   callbacks, step_callbacks=step_callbacks)
     finally:
         teacher.train(teacher_mode)
         if isinstance(features, Mapping):
