@@ -70,6 +70,12 @@ class QuantMixin:
         self.weight_qparams = qparams if qparams is not None else compute_qparams(self.weight, self.weight_spec)
         self._wq_cache = None
 
+    def ensured_weight_qparams(self) -> QParams:
+        """The weight's parameters; round-to-nearest from the weight when none were fixed yet."""
+        if self.weight_qparams is None:
+            self.calibrate_weight()
+        return self.weight_qparams
+
     def set_quantized(self, weight: Tensor, qparams: QParams) -> None:
         """Adopt an algorithm's result: ``quantize(weight, qparams)`` gives the chosen codes."""
         with torch.no_grad():
@@ -111,13 +117,12 @@ class QuantMixin:
         learned = self._modules.get("weight_fake_quant")
         if learned is not None:
             return learned(self.weight)
-        if self.weight_qparams is None:
-            self.calibrate_weight()
+        qparams = self.ensured_weight_qparams()
         if self.weight.requires_grad and torch.is_grad_enabled():
-            return fake_quantize(self.weight, self.weight_spec, self.weight_qparams)
+            return fake_quantize(self.weight, self.weight_spec, qparams)
         version = self.weight._version
         if self._wq_cache is None or self._wq_cache[0] != version:
-            fq = fake_quantize(self.weight.detach(), self.weight_spec, self.weight_qparams)
+            fq = fake_quantize(self.weight.detach(), self.weight_spec, qparams)
             # A weight already on its grid (an algorithm's W^) is its own fq(W): no second copy.
             self._wq_cache = (version, None if torch.equal(fq, self.weight) else fq)
         cached = self._wq_cache[1]
@@ -127,9 +132,7 @@ class QuantMixin:
         """The integer codes of the weight (``QTensor``)."""
         if self.is_packed:
             return self.runtime.weight.qtensor()
-        if self.weight_qparams is None:
-            self.calibrate_weight()
-        return quantize(self.weight.detach(), self.weight_spec, self.weight_qparams)
+        return quantize(self.weight.detach(), self.weight_spec, self.ensured_weight_qparams())
 
     def quantize_input(self, x: Tensor) -> Tensor:
         spec = self.act_spec

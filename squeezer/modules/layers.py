@@ -87,10 +87,8 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
         """``fq_w(W[idx])`` with the looked-up rows' own parameters: only the rows used are
         fake-quantized, and no fake-quantized copy of the table is kept (for row-wise formats,
         without a learned weight quantizer or ``max_norm``; else ``fq_w(W)[idx]``)."""
-        if self.weight_qparams is None:
-            self.calibrate_weight()
         ids = x.reshape(-1)
-        qp = rows_qparams(self.weight_qparams, self.weight_spec.granularity, ids)
+        qp = rows_qparams(self.ensured_weight_qparams(), self.weight_spec.granularity, ids)
         if qp is None or self.max_norm is not None or "weight_fake_quant" in self._modules:
             return super()._simulate(x)
         rows = self._op(ids, self.weight)

@@ -45,9 +45,7 @@ def quant_error(model: nn.Module) -> Tensor:
         if learned is not None:
             target = learned(w.detach())
         else:
-            if layer.weight_qparams is None:
-                layer.calibrate_weight()
-            target = fake_quantize(w.detach(), layer.weight_spec, layer.weight_qparams)
+            target = fake_quantize(w.detach(), layer.weight_spec, layer.ensured_weight_qparams())
         err = torch.mean((w.float() - target.float()) ** 2)
         total = err if total is None else total + err
     return total
