@@ -12,7 +12,7 @@ What it measures, for two models:
 Paths (every one on the same inputs, in the same process):
 
 * references: torch fp32, ONNX Runtime fp32 (the fp32 ONNX export the ORT peers start from);
-* squeezer ``w8a8`` / ``w8`` / ``w4g128``: ``squeezer.quantize`` + ``squeezer.pack`` in PyTorch, and
+* squeezer ``w8a8`` / ``w8a8-tensor`` / ``w8`` / ``w4g128``: ``squeezer.quantize`` + ``squeezer.pack`` in PyTorch, and
   the same quantized model through ``squeezer.export_onnx`` + ``squeezer.runtime.load``;
 * peers: ``torch.ao.quantization.quantize_dynamic`` (qint8 Linear; default per-tensor qconfig and the
   per-channel one), ``onnxruntime.quantization.quantize_dynamic`` (per channel),
@@ -69,9 +69,10 @@ from machine import CpuMeter, cpu_info, foreign_load, loadavg, versions, wait_qu
 
 THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
-SQUEEZER_PRESETS = ("w8a8", "w8", "w4g128")
-FORMAT_OF = {"w8a8": "int8 W + int8 A", "w8": "int8 W, float A", "w4g128": "int4 W g128, float A"}
-INT8_ANY = "int8, any: squeezer w8a8 / w8 vs torch.ao / ORT dynamic / ORT QDQ"
+SQUEEZER_PRESETS = ("w8a8", "w8a8-tensor", "w8", "w4g128")
+FORMAT_OF = {"w8a8": "int8 W + int8 A", "w8a8-tensor": "int8 W + int8 A", "w8": "int8 W, float A",
+             "w4g128": "int4 W g128, float A"}
+INT8_ANY = "int8, any: squeezer w8a8 / w8a8-tensor / w8 vs torch.ao / ORT dynamic / ORT QDQ"
 BERT_SEQ = 128
 
 # seconds of timing per (model, batch) in a full run, and the bounds on rounds
@@ -778,7 +779,8 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "constant weights only, as the other peers), both after ORT's `quant_pre_process`; ORT `MatMulNBitsQuantizer` (block 128, asymmetric, accuracy level 4) with 4 and "
         "8 bits, on the fp32 export (torch's Gemm nodes rewritten to MatMul + Add, which that quantizer needs).",
         "- **Formats compared**: squeezer `w8a8` (int8 per-channel weights, dynamic per-token int8 activations) "
-        "against the int8 weight + int8 activation peers; `w8` (int8 per-channel weights, float activations) "
+        "and `w8a8-tensor` (int8 per-channel weights, dynamic per-tensor uint8 activations: the peers' own "
+        "activation scheme) against the int8 weight + int8 activation peers; `w8` (int8 per-channel weights, float activations) "
         "against MatMulNBits 8-bit; `w4g128` (uint4, groups of 128, asymmetric) against MatMulNBits 4-bit. "
         "squeezer's presets also quantize `nn.Embedding` layers (BERT's word, position and type embeddings); "
         "the ORT dynamic quantizer quantizes Gather weights too, the others leave embeddings in fp32.",

@@ -33,6 +33,7 @@ def _reference(problem: LinearProblem, w_hat: torch.Tensor, x: torch.Tensor) -> 
 CASES = [("w8", "int8_weight_bf16"), ("w4g128", "int4_weight_bf16"),
          (QuantConfig(weight=QuantSpec(4, symmetric=False, granularity="group:64")), "int4_weight_bf16"),
          ("w8a8", "int_mm"), ("w8a8", "fbgemm_dynamic"), ("w8a8-static", "int_mm"),
+         ("w8a8-tensor", "int_mm"), ("w8a8-tensor", "fbgemm_dynamic"),
          ("w2g64", "dequant_matmul"), ("kmeans-w4", "dequant_matmul"), ("w8", "dequant_matmul")]
 
 
@@ -53,9 +54,12 @@ def test_each_path_matches_dequantized_reference(cfg, path_name, n, k):
         assert rel < (0.02 if path.name != "dequant_matmul" else 1e-5) or problem.config.activation_mode != "none"
         if problem.config.activation_mode != "none":
             assert rel < 0.03
+            with torch.no_grad():
+                sim = layer(x)
             if path.name == "int_mm":  # same integers as the simulated layer: equal up to float rounding
-                with torch.no_grad():
-                    assert torch.allclose(y, layer(x), rtol=1e-4, atol=1e-4)
+                assert torch.allclose(y, sim, rtol=1e-4, atol=1e-4)
+            elif cfg == "w8a8-tensor":  # fbgemm's scheme is squeezer's, but for the zero point's rounding
+                assert (y - sim).norm() / sim.norm() < 2e-3
 
 
 def test_eligibility_rules():
@@ -70,6 +74,23 @@ def test_eligibility_rules():
     fb = next(p for p in PATHS if p.name == "fbgemm_dynamic")
     assert fb.eligible(p8, 1) and not fb.eligible(p8, 8), "per-tensor fbgemm only equals per-token for one row"
     assert {p.name for p in PATHS if p.eligible(p8, 8)} == {"int_mm", "dequant_matmul"}
+    pt, _, _ = _problem("w8a8-tensor", 64, 128)
+    assert all({p.name for p in PATHS if p.eligible(pt, m)} == {"int_mm", "fbgemm_dynamic", "dequant_matmul"}
+               for m in ROWS), "per-tensor uint8 activations: fbgemm's own scheme at every batch size"
+    signed = QuantConfig(QuantSpec(8, granularity="channel:0"), QuantSpec(8, granularity="tensor"), activation_mode="dynamic")
+    ps, _, _ = _problem(signed, 64, 128)
+    assert not fb.eligible(ps, 8) and fb.eligible(ps, 1) is False, "symmetric per-tensor is not fbgemm's scheme"
+
+
+def test_int_mm_dynamic_per_tensor_uses_the_whole_input_range():
+    problem, _, layer = _problem("w8a8-tensor", 32, 96)
+    path = next(p for p in PATHS if p.name == "int_mm")
+    x = torch.randn(20, 96) * torch.logspace(-2, 1, 20)[:, None]  # rows of very different ranges
+    y = path.run(path.prepare(problem), x)
+    with torch.no_grad():
+        assert torch.allclose(y, layer(x), rtol=1e-4, atol=1e-4)
+        per_row = torch.cat([layer(r[None]) for r in x])  # each row alone: its own range, other codes
+    assert not torch.allclose(y, per_row, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("preset", list(squeezer.PRESETS))
@@ -88,7 +109,7 @@ def test_packed_model_matches_simulated(preset):
     for sim, out in ((sim1, out1), (sim3, out3)):
         assert (out - sim).norm() / sim.norm() < 0.03
     for row in rows:
-        if preset in {"w8", "w8a8", "w8a8-static"} or (preset == "w4g128" and row.name == "2"):
+        if preset in {"w8", "w8a8", "w8a8-tensor", "w8a8-static"} or (preset == "w4g128" and row.name == "2"):
             assert row.warning is None, (row.name, row.kernels)
         elif preset == "w4g128":  # K = 64 < group 128 gives one short group: not the kernel's layout
             assert row.warning and "no integer kernel" in row.warning

@@ -23,6 +23,7 @@ from .conftest import TextModel
 TOLERANCE = {"w4g128": 0.03, "w8": 0.02, "w8a8-static": 0.01}
 EXPECTED_OPS = {
     "w8": {"MatMulNBits"}, "w4g128": {"MatMulNBits"}, "w8a8": {"MatMulInteger"},
+    "w8a8-tensor": {"DynamicQuantizeLinear", "MatMulInteger"},
     "w8a8-static": {"QuantizeLinear", "DequantizeLinear"}, "w2g64": {"Cast", "Sub"}, "w3g128": {"Cast", "Sub"},
     "ternary": {"Gather"}, "binary": {"Gather"}, "log2-w4": {"Gather"}, "kmeans-w4": {"Gather"},
 }
@@ -127,7 +128,9 @@ def test_cnn_dynamic_runs_integer_convolutions(tmp_path, cnn, cnn_batches):
 
 @pytest.mark.parametrize("activation", [{"bits": 8, "symmetric": False, "granularity": "token"},
                                         {"bits": 4, "granularity": "token"},
-                                        {"bits": 8, "signed": False, "granularity": "token"}])
+                                        {"bits": 8, "signed": False, "granularity": "token"},
+                                        {"bits": 8, "granularity": "tensor"},
+                                        {"bits": 6, "symmetric": False, "granularity": "tensor"}])
 def test_other_dynamic_activations_are_exact_in_float_ops(tmp_path, mlp, mlp_batches, activation):
     cfg = squeezer.QuantConfig(weight={"bits": 8, "granularity": "channel"}, activation=activation,
                                activation_mode="dynamic")
@@ -136,10 +139,41 @@ def test_other_dynamic_activations_are_exact_in_float_ops(tmp_path, mlp, mlp_bat
     report = squeezer.export_onnx(q, mlp_batches[0], path)
     assert "MatMulInteger" not in _ops(path)  # no int8 x int8 kernel for these: float fake quantization, warned
     assert any("float fake-quantization" in w for w in report.warnings)
+    x = mlp_batches[1] * torch.logspace(-1, 1, len(mlp_batches[1]))[:, None]  # rows of different ranges
     with torch.no_grad():
-        ref = q(mlp_batches[1])
+        ref = q(x)
     # ONNX Runtime's DequantizeLinear -> MatMulNBits fusion runs with fp32 activations in the runner
-    assert (squeezer.runtime.load(path)(mlp_batches[1]) - ref).norm() / ref.norm() < 1e-5
+    assert (squeezer.runtime.load(path)(x) - ref).norm() / ref.norm() < 1e-5
+
+
+def test_w8a8_tensor_is_onnx_runtimes_dynamic_quantize_matmul(tmp_path):
+    import onnxruntime as ort
+
+    q = squeezer.quantize(_model(), "w8a8-tensor")
+    path, fused = tmp_path / "t.onnx", tmp_path / "t_opt.onnx"
+    report = squeezer.export_onnx(q, torch.randn(2, 5, 96), path)  # 3-D inputs (batch, tokens, features)
+    assert all("DynamicQuantizeLinear" in kind for kind in report.layers.values()) and not report.warnings
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(fused)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    assert "DynamicQuantizeMatMul" in _ops(fused) and "MatMulInteger" not in _ops(fused)
+    x = torch.randn(3, 5, 96) * torch.logspace(-1, 1, 5)[:, None]  # tokens of different ranges
+    with torch.no_grad():
+        ref = q(x)
+    out = squeezer.runtime.load(path)(x)
+    assert out.shape == ref.shape and (out - ref).norm() / ref.norm() < 1e-5
+
+
+def test_cnn_dynamic_per_tensor_is_exact_in_float_ops(tmp_path, cnn, cnn_batches):
+    q = squeezer.quantize(cnn, "w8a8-tensor")
+    path = tmp_path / "cnn_tensor.onnx"
+    report = squeezer.export_onnx(q, cnn_batches[0], path)
+    assert report.layers["fc"].startswith("MatMulInteger")
+    assert {w.split("'")[1] for w in report.warnings} == {"conv1", "conv2", "conv1d"}
+    x = torch.cat([cnn_batches[1][:2] * 10, cnn_batches[1][2:]])
+    with torch.no_grad():
+        ref = q(x)
+    assert (squeezer.runtime.load(path)(x) - ref).norm() / ref.norm() < 1e-5
 
 
 def test_w8a8_per_token_on_3d_inputs(tmp_path):

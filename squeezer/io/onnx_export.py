@@ -18,7 +18,10 @@ Each quantized layer is exported by a symbolic function that writes its own node
   ``x_q = clip(round(x / s)) + 128`` as uint8 with zero point 128 (one ``QuantizeLinear`` per row),
   ``MatMulInteger(x_q, W_q^T) * s * S_w``: integer GEMM with the exact per-token semantics (ONNX has
   no per-token ``DynamicQuantizeLinear``);
-  for a convolution one scale per sample and ``ConvInteger`` (weights as uint8 ``q + 128``, zero point 128).
+  for a convolution one scale per sample and ``ConvInteger`` (weights as uint8 ``q + 128``, zero point 128);
+* dynamic per-tensor uint8 activations with int8 weights (``w8a8-tensor``): ``DynamicQuantizeLinear``
+  (exactly squeezer's asymmetric min-max formula) + ``MatMulInteger``, which ONNX Runtime fuses
+  into ``DynamicQuantizeMatMul``; convolutions take the float fake-quantization form (warned).
 Anything else is written as its reconstructed float weight and listed in the export report
 as a warning naming the layer (never silently).
 """
@@ -43,7 +46,7 @@ from ..modules import QuantEmbedding, QuantLinear, quant_layers
 from ..modules.swap import ensure_deployable
 from ..modules.base import QuantMixin
 from ..quant.core import QTensor
-from ..quant.spec import PerChannel, PerGroup, PerTensor
+from ..quant.spec import PerChannel, PerGroup, PerTensor, PerToken
 
 _LAYERS: dict[int, tuple[QuantMixin, "ExportReport", str]] = {}
 KIND_LABEL = {"qdq": "DequantizeLinear", "codebook": "uint8 codes -> Gather(levels) * scale",
@@ -147,11 +150,17 @@ def _quantize_input_static(g: Any, x: Any, layer: QuantMixin) -> Any:
     return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, _const(g, zero)), scale, _const(g, zero))
 
 
-def _per_row_scale(g: Any, x: Any, qmax: int, axes: list[int] | None = None, keepdims: bool = True,
+def _reduce(g: Any, op: str, x: Any, axes: list[int] | None, keepdims: bool = True) -> Any:
+    """``op`` (ReduceMax / ReduceMin) over ``axes``, or over every axis when None."""
+    kw = {} if axes is None else {"axes_i": axes}
+    return g.op(op, x, keepdims_i=int(keepdims), **kw)
+
+
+def _per_row_scale(g: Any, x: Any, qmax: int, axes: list[int] | None, keepdims: bool = True,
                    signed: bool = True) -> Any:
-    """``s = max(top / qmax, 1e-12)`` over ``axes`` (default: the last), ``top = max|x|`` (unsigned codes:
-    ``max(max x, 0)``, as :func:`squeezer.quant.core.uniform_qparams`); size-1 dims kept or dropped."""
-    top = g.op("ReduceMax", g.op("Abs", x) if signed else x, axes_i=axes or [-1], keepdims_i=int(keepdims))
+    """``s = max(top / qmax, 1e-12)`` over ``axes`` (None: the whole tensor), ``top = max|x|`` (unsigned
+    codes: ``max(max x, 0)``, as :func:`squeezer.quant.core.uniform_qparams`); size-1 dims kept or dropped."""
+    top = _reduce(g, "ReduceMax", g.op("Abs", x) if signed else x, axes, keepdims)
     if not signed:
         top = g.op("Max", top, _scalar(g, 0.0))
     return g.op("Max", g.op("Div", top, _scalar(g, float(qmax))), _scalar(g, 1e-12))
@@ -168,10 +177,20 @@ def _quantize_uint8_per_row(g: Any, x: Any, axes: list[int]) -> tuple[Any, Any]:
 
 
 def _int8_dynamic(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
-    """Dynamic symmetric int8 activations with symmetric int8 weights: an integer GEMM / convolution."""
+    """Dynamic per-token symmetric int8 activations with symmetric int8 weights: an integer GEMM / convolution."""
     act = layer.act_spec
-    return (layer.config.activation_mode == "dynamic" and kind == "qdq" and act.bits == 8 and act.symmetric
-            and act.signed and qt.spec.symmetric and qt.spec.signed and qt.spec.bits <= 8)
+    return (layer.config.activation_mode == "dynamic" and isinstance(layer.config.activation.granularity, PerToken)
+            and kind == "qdq" and act.bits == 8 and act.symmetric and act.signed and qt.spec.symmetric
+            and qt.spec.signed and qt.spec.bits <= 8)
+
+
+def _uint8_dynamic_per_tensor(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
+    """Dynamic per-tensor asymmetric uint8 activations with symmetric int8 weights: ONNX's own
+    ``DynamicQuantizeLinear`` computes exactly squeezer's parameters for them."""
+    act = layer.act_spec
+    return (layer.config.activation_mode == "dynamic" and isinstance(act.granularity, PerTensor) and kind == "qdq"
+            and act.bits == 8 and not act.symmetric and not act.signed and qt.spec.symmetric and qt.spec.signed
+            and qt.spec.bits <= 8)
 
 
 def _channel_scale(qt: QTensor, dims: int) -> Tensor:
@@ -180,18 +199,20 @@ def _channel_scale(qt: QTensor, dims: int) -> Tensor:
     return scale.reshape([1, -1] + [1] * (dims - 2)) if dims > 2 else scale
 
 
-def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin, axes: list[int] | None = None) -> Any:
-    """Dynamic uniform fake quantization per token (per sample over ``axes``) in float ops, with the
-    min-max parameters of :func:`squeezer.quant.core.uniform_qparams` (no integer kernel):
+def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin, axes: list[int]) -> Any:
+    """Dynamic uniform fake quantization per token (per sample over ``axes``; per tensor for a
+    per-tensor spec) in float ops, with the min-max parameters of
+    :func:`squeezer.quant.core.uniform_qparams` (no integer kernel):
     ``x^ = (clip(round(x / S) + Z, qmin, qmax) - Z) * S``."""
     spec = layer.act_spec
-    axes = axes or [-1]
+    if isinstance(spec.granularity, PerTensor):
+        axes = None
     qmin, qmax, zero = float(spec.qmin), float(spec.qmax), None
     if spec.symmetric:
         s = _per_row_scale(g, x, spec.qmax, axes, signed=spec.signed)
     else:
-        lo = g.op("Min", g.op("ReduceMin", x, axes_i=axes, keepdims_i=1), _scalar(g, 0.0))
-        hi = g.op("Max", g.op("ReduceMax", x, axes_i=axes, keepdims_i=1), _scalar(g, 0.0))
+        lo = g.op("Min", _reduce(g, "ReduceMin", x, axes), _scalar(g, 0.0))
+        hi = g.op("Max", _reduce(g, "ReduceMax", x, axes), _scalar(g, 0.0))
         s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), _scalar(g, qmax - qmin)), _scalar(g, 1e-12))
         zero = g.op("Clip", g.op("Sub", _scalar(g, qmin), g.op("Round", g.op("Div", lo, s))), _scalar(g, qmin), _scalar(g, qmax))
     q = g.op("Round", g.op("Div", x, s))
@@ -216,6 +237,17 @@ def _per_token_int8_matmul(g: Any, x: Any, qt: QTensor, bias: Any) -> Any:
     return y if bias is None else g.op("Add", y, bias)  # after the reshape: ONNX Runtime fuses it (BiasGelu, ...)
 
 
+def _per_tensor_uint8_matmul(g: Any, x: Any, qt: QTensor, bias: Any) -> Any:
+    """``y = s_x ((q_x - z_x) @ q_W^T) * S_w + b`` with ``(q_x, s_x, z_x) = DynamicQuantizeLinear(x)``
+    (uint8, ``s_x = (max(x, 0) - min(x, 0)) / 255``, ``z_x = round(-min(x, 0) / s_x)``: squeezer's
+    formula), ``MatMulInteger`` (u8 x s8) and one ``Mul`` by ``s_x * S_w``: the pattern ONNX Runtime
+    fuses into its ``DynamicQuantizeMatMul`` kernel."""
+    xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
+    acc = g.op("MatMulInteger", xq, _const(g, qt.codes.to(torch.int8).t()), xz)
+    y = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Mul", xs, _const(g, _channel_scale(qt, 2))))
+    return y if bias is None else g.op("Add", y, bias)
+
+
 def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, name: str) -> Any:
     qt = layer.weight_qtensor()
     kind = _weight_kind(layer)
@@ -226,10 +258,13 @@ def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, n
     if _int8_dynamic(layer, qt, kind):
         report.layers[name] = "MatMulInteger (int8 weights, dynamic per-token int8 activations)"
         return _per_token_int8_matmul(g, x, qt, bias)
+    if _uint8_dynamic_per_tensor(layer, qt, kind):
+        report.layers[name] = "MatMulInteger (int8 weights, dynamic per-tensor uint8 activations: DynamicQuantizeLinear)"
+        return _per_tensor_uint8_matmul(g, x, qt, bias)
     if mode == "static":
         x = _quantize_input_static(g, x, layer)
     elif mode == "dynamic":
-        x = _fake_quantize_dynamic(g, x, layer)
+        x = _fake_quantize_dynamic(g, x, layer, [-1])
         report.warnings.append(f"layer {name!r}: dynamic activations exported as float fake-quantization")
     if kind == "nbits":
         y = _matmul_nbits(g, x, qt)

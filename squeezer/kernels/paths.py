@@ -1,12 +1,14 @@
 """Execution paths for packed linear layers, on PyTorch's own CPU integer ops.
 
 * ``int_mm``: ``y = s_x s_w (X_q W_q^T - z_x colsum(W_q)) + b`` with ``torch._int_mm`` (int8 x int8
-  -> int32); activations quantized exactly as the layer specifies (dynamic per token or
+  -> int32); activations quantized exactly as the layer specifies (dynamic per token, dynamic or
   static per tensor), so the result equals the simulated layer up to float rounding.
   ``_int_mm`` needs more than 16 rows: smaller inputs are zero-padded to 17. Taken only for
   ``K % 8 == 0`` (measured here: wrong sums for ``K = 1``).
 * ``fbgemm_dynamic``: ``quantized::linear_dynamic`` (fbgemm, VNNI): one asymmetric uint8 scale
-  for the whole input, which equals (or beats) per-token int8 only for one row; eligible there.
+  for the whole input: squeezer's own scheme for dynamic per-tensor uint8 activations (``w8a8-tensor``;
+  fbgemm's rounding of the zero point may differ by one code), and equal to (or better than)
+  per-token int8 for one row, so eligible there too.
 * ``int8_weight_bf16``: ``aten._weight_int8pack_mm`` on bf16 activations (weight-only int8,
   per-channel symmetric); the op is slow on fp32 inputs, so inputs are cast to bf16. Taken only
   for ``K % 16 == 0``: measured here, other ``K`` give wrong results or crash the process.
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..quant.core import fake_quantize
+from ..quant.core import fake_quantize, uniform_qparams
 from ..quant.spec import PerChannel, PerGroup, PerTensor, PerToken
 from .base import KernelPath, LinearProblem, available
 
@@ -50,36 +52,41 @@ class IntMM(KernelPath):
                 and problem.in_features % 8 == 0):
             return False
         if problem.config.activation_mode == "dynamic":
-            return isinstance(act.granularity, PerToken) and act.symmetric
+            return (isinstance(act.granularity, PerToken) and act.symmetric) or isinstance(act.granularity, PerTensor)
         return isinstance(act.granularity, PerTensor) and problem.act_qparams is not None
 
     def prepare(self, problem: LinearProblem) -> dict[str, Any]:
         w = _int8_codes(problem)
+        act = problem.config.activation
         state = {"w_t": w.t(), "scale": problem.weight.qparams.scale.float().reshape(1, -1),
-                 "bias": problem.bias, "config": problem.config}
-        if problem.config.activation_mode == "static":
-            qp = problem.act_qparams
-            shift = 128 if not problem.config.activation.signed else 0  # uint8 codes -> int8 codes
-            state.update(x_scale=float(qp.scale), x_zero=int(qp.zero_point if qp.zero_point is not None else 0) - shift,
-                         shift=shift, colsum=w.to(torch.int32).sum(dim=1).reshape(1, -1),
-                         qmin=problem.config.activation.qmin, qmax=problem.config.activation.qmax)
+                 "bias": problem.bias, "per_tensor": isinstance(act.granularity, PerTensor)}
+        if state["per_tensor"]:
+            static = problem.config.activation_mode == "static"
+            state.update(act=act, act_qparams=problem.act_qparams if static else None,
+                         shift=0 if act.signed else 128,  # uint8 -> int8 codes
+                         colsum=w.to(torch.int32).sum(dim=1).reshape(1, -1))
         return state
 
     def run(self, state: dict[str, Any], x: Tensor) -> Tensor:
         x = x.float()
         m = x.shape[0]
-        if "x_scale" in state:
-            s_x = state["x_scale"]
-            q = torch.clamp(torch.round(x / s_x) + state["x_zero"] + state["shift"], state["qmin"], state["qmax"])
-            q = (q - state["shift"]).to(torch.int8)
+        x_zero = 0
+        if state["per_tensor"]:  # static, or dynamic: squeezer's min-max parameters of this call's input
+            act, shift = state["act"], state["shift"]
+            qp = state["act_qparams"]
+            if qp is None:
+                qp = uniform_qparams(x.amin(), x.amax(), act)
+            s_x = float(qp.scale.reshape(-1)[0])
+            x_zero = (0 if qp.zero_point is None else int(qp.zero_point.reshape(-1)[0])) - shift
+            q = (torch.clamp(torch.round(x / s_x) + (x_zero + shift), act.qmin, act.qmax) - shift).to(torch.int8)
         else:
             s_x = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
             q = torch.clamp(torch.round(x / s_x), -127, 127).to(torch.int8)
         if m <= 16:
             q = F.pad(q, (0, 0, 0, 17 - m))
         acc = torch._int_mm(q, state["w_t"])[:m]
-        if "x_scale" in state:
-            acc = acc - state["x_zero"] * state["colsum"]
+        if x_zero:
+            acc = acc - x_zero * state["colsum"]
         y = acc.float() * (s_x * state["scale"])
         return y if state["bias"] is None else y + state["bias"]
 
@@ -89,9 +96,12 @@ class FbgemmDynamic(KernelPath):
 
     def eligible(self, problem: LinearProblem, m: int) -> bool:
         act = problem.config.activation
-        return (m == 1 and _int8_symmetric_channel(problem) and problem.config.activation_mode == "dynamic"
-                and act is not None and isinstance(act.granularity, PerToken)
-                and "fbgemm" in torch.backends.quantized.supported_engines)
+        if not (_int8_symmetric_channel(problem) and problem.config.activation_mode == "dynamic" and act is not None
+                and "fbgemm" in torch.backends.quantized.supported_engines):
+            return False
+        if isinstance(act.granularity, PerTensor):  # fbgemm's own scheme: exactly uint8 asymmetric min-max
+            return act.bits == 8 and not act.symmetric and not act.signed
+        return m == 1 and isinstance(act.granularity, PerToken)
 
     def prepare(self, problem: LinearProblem) -> Any:
         w = _int8_codes(problem)
