@@ -1,7 +1,8 @@
 """Probes behind the issue notes: small experiments that explain a benchmark figure.
 
     python bench/probes.py distill      # distillation variants (digits CNN, credit MLP), seeds 1-6
-    python bench/probes.py same-graph   # identical ONNX graphs / int8 PyTorch paths timed in an interleaved A/B
+    python bench/probes.py same-graph   # identical ONNX graphs / int8 PyTorch paths timed in an interleaved A/B,
+                                        # and one file's speed in several sessions of one process
     python bench/probes.py memory       # what quantizing MiniLM adds to resident memory, part by part
 
 Each prints a table and writes ``bench/results/probe_<name>.json``.
@@ -115,12 +116,13 @@ def probe_distill() -> dict[str, Any]:
             "teacher_width32_accuracy": digits_accuracy(teacher32, task), "seeds": list(SEEDS), "rows": rows}
 
 
-def _interleaved(calls: dict[str, Callable[[], Any]], rounds: int = 40, block: int = 10) -> dict[str, float]:
-    """Median ms per callable, timed in alternating-order rounds of ``block`` calls after one untimed call."""
+def _interleaved(calls: dict[str, Callable[[], Any]], rounds: int = 40, block: int = 10, warm: int = 1) -> dict[str, float]:
+    """Median ms per callable, timed in alternating-order rounds of ``block`` calls after ``warm`` untimed ones."""
     times: dict[str, list[float]] = {k: [] for k in calls}
     for r in range(rounds):
         for name in (list(calls) if r % 2 else list(calls)[::-1]):
-            calls[name]()
+            for _ in range(warm):
+                calls[name]()
             for _ in range(block):
                 t0 = time.perf_counter()
                 calls[name]()
@@ -174,7 +176,17 @@ def probe_same_graph(work: Path) -> dict[str, Any]:
     for name, value in ms.items():
         print(f"{name:36s} {value:.3f} ms")
     print("optimized graphs identical (op types and attributes):", same)
-    return {"median_ms": ms, "identical_optimized_graphs": same, "calls_per_path": 400}
+    # The same file loaded in several sessions of one process, interleaved (with the fp32 file, whose
+    # 100 MB evict the caches as the other paths of a benchmark round do): one median per session.
+    sessions = {f"{name} / session {i}": (lambda run=squeezer.runtime.load(files[name], threads=2, spinning=False): run(feed))
+                for i in range(3) for name in ("squeezer w4g128", "ORT MatMulNBits int4")}
+    fp32 = squeezer.runtime.load(work / "fp32.onnx", threads=2, spinning=False)
+    spread = _interleaved({**sessions, "fp32": lambda: fp32(feed)}, rounds=40, block=3, warm=8)
+    spread.pop("fp32")
+    for name, value in spread.items():
+        print(f"{name:46s} {value:.3f} ms")
+    return {"median_ms": ms, "identical_optimized_graphs": same, "calls_per_path": 400,
+            "per_session_median_ms": spread, "per_session_calls": 120}
 
 
 MEMORY_PARTS = ("deepcopy", "calibration forwards", "w8 without calib", "w8", "w4g128-gptq", "w4g128-gptq inplace")
