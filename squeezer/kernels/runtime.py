@@ -92,19 +92,31 @@ class PackedConv:
 
 @dataclass
 class PackedEmbedding:
-    """Gather one-byte codes by index and reconstruct only those rows."""
+    """Gather one-byte codes by index and reconstruct only those rows. Uniform per-row formats (the
+    presets' int8 tables) keep ``(N, 1)`` views of the scale / zero point for a direct
+    ``(codes[idx] - Z[idx]) * S[idx]``."""
 
     layer: Any
     weight: PackedWeight
     codes: Tensor
+    row_scale: Tensor | None = None
+    row_zero: Tensor | None = None
 
     @classmethod
     def build(cls, layer: Any, qt: QTensor) -> "PackedEmbedding":
-        return cls(layer, PackedWeight.from_qtensor(qt), qt.codes.contiguous())
+        g, qp = qt.spec.granularity, qt.qparams
+        per_row = qt.spec.mapping == "uniform" and isinstance(g, PerChannel) and g.axis in (0, -2)
+        scale = qp.scale.reshape(-1, 1).float() if per_row else None
+        zero = qp.zero_point.reshape(-1, 1).float() if per_row and qp.zero_point is not None else None
+        return cls(layer, PackedWeight.from_qtensor(qt), qt.codes.contiguous(), scale, zero)
 
     def __call__(self, idx: Tensor) -> Tensor:
-        spec, qp = self.weight.spec, self.weight.qparams
         rows = idx.reshape(-1)
+        if self.row_scale is not None:  # int8 codes promote to float32 inside the arithmetic: no extra copy
+            codes = self.codes.index_select(0, rows)
+            centred = codes if self.row_zero is None else codes - self.row_zero.index_select(0, rows)
+            return (centred * self.row_scale.index_select(0, rows)).reshape(*idx.shape, -1)
+        spec, qp = self.weight.spec, self.weight.qparams
         g = spec.granularity
         per_row = (isinstance(g, PerChannel) and g.axis == 0) or isinstance(g, PerGroup)
         if isinstance(g, PerTensor) or (per_row and (qp.levels is None or qp.levels.dim() == 1)):
