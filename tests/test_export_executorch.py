@@ -92,6 +92,19 @@ def test_dynamic_and_float_fallback_warn(tmp_path, mlp, mlp_batches):
 
 
 @needs_executorch
+def test_dynamic_per_tensor_runs_per_row_with_a_warning(tmp_path, mlp, mlp_batches):
+    q = squeezer.quantize(mlp, "w8a8-tensor")
+    path = tmp_path / "tensor.pte"
+    report = export(q, mlp_batches[0], path)
+    assert [w.split("'")[1] for w in report.warnings] == ["fc1", "fc2", "head"]
+    assert all("per row in XNNPACK's GEMMs): the nearest supported" in w for w in report.warnings)
+    x = mlp_batches[1] * torch.logspace(-1, 1, len(mlp_batches[1]))[:, None]  # rows of different ranges
+    with torch.no_grad():
+        ref, simulated = mlp(x), q(x)
+    assert _rel(squeezer.runtime.load(path)(x), ref) <= _rel(simulated, ref), "per-row grids lose nothing"
+
+
+@needs_executorch
 def test_pruned_float_model(tmp_path, mlp_batches):
     torch.manual_seed(0)
     model = MLP().eval()

@@ -83,6 +83,20 @@ def test_mlp_w8a8_matches_to_float_rounding(tmp_path, mlp, mlp_batches):
 
 
 @needs_tflite
+def test_dynamic_per_tensor_runs_per_row_with_a_warning(tmp_path, mlp, mlp_batches):
+    q = squeezer.quantize(mlp, "w8a8-tensor")
+    path = tmp_path / "tensor.tflite"
+    report = export(q, mlp_batches[0], path)
+    assert [w.split("'")[1] for w in report.warnings] == ["fc1", "fc2", "head"]
+    assert all("per-row quantization (the nearest supported)" in w for w in report.warnings)
+    _assert_file_holds_squeezers_integers(path, q)
+    x = mlp_batches[1] * torch.logspace(-1, 1, len(mlp_batches[1]))[:, None]  # rows of different ranges
+    with torch.no_grad():
+        ref, simulated = mlp(x), q(x)
+    assert _rel(squeezer.runtime.load(path)(x), ref) <= _rel(simulated, ref), "per-row grids lose nothing"
+
+
+@needs_tflite
 def test_cnn_static_full_integer_hides_int8_io(tmp_path, cnn, cnn_batches):
     from ai_edge_litert.interpreter import Interpreter
 
