@@ -94,7 +94,7 @@ def test_matmul_nbits_layout_short_last_group():
     w = torch.randn(16, 200)
     qt = quantize(w, QuantSpec(4, symmetric=False, granularity="group:64"))
     b, scales, zp = nbits_tensors(qt)
-    assert b.shape == (16, 4, 32) and scales.shape == (64,) and zp.shape == (16 * 2,)
+    assert b.shape == (16, 4, 32) and scales.shape == (16, 4) and zp.shape == (16, 2)
     codes = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(16, 256)[:, :200]
     assert torch.equal(codes.to(torch.int8), qt.codes)
     zps = torch.stack([zp & 0xF, zp >> 4], dim=-1).reshape(16, 4)

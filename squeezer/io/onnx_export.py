@@ -293,7 +293,8 @@ def nbits_block(qt: QTensor) -> int:
 def nbits_tensors(qt: QTensor) -> tuple[Tensor, Tensor, Tensor]:
     """``MatMulNBits`` inputs ``(B, scales, zero_points)`` for 4- or 8-bit codes of shape ``(N, K)``:
     ``B (N, ceil(K / block), block * bits / 8)`` (4 bits: two codes a byte, low nibble first),
-    one scale and one zero point per block (4 bits: zero points packed two a byte). Signed
+    scales ``(N, blocks)`` and zero points ``(N, blocks)`` (4 bits: ``(N, ceil(blocks / 2))``, two a
+    byte), the 2-D shapes ONNX Runtime's own quantizer writes. Signed
     symmetric codes ``q`` are stored as ``q + 2^(bits-1)`` with that zero point: the same values."""
     n, k = qt.codes.shape
     bits, block = qt.spec.bits, nbits_block(qt)
@@ -306,11 +307,10 @@ def nbits_tensors(qt: QTensor) -> tuple[Tensor, Tensor, Tensor]:
     zp = torch.full((n, blocks), offset, dtype=torch.uint8) if qt.qparams.zero_point is None else \
         (per_block(qt.qparams.zero_point).to(torch.int16) + offset).to(torch.uint8)
     if bits == 8:
-        return codes.reshape(n, blocks, block), scales.reshape(-1), zp.reshape(-1).contiguous()
+        return codes.reshape(n, blocks, block), scales, zp.contiguous()
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, blocks, block // 2)
     zp = torch.nn.functional.pad(zp, (0, blocks % 2))
-    zp_packed = (zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1)
-    return packed.contiguous(), scales.reshape(-1), zp_packed.contiguous()
+    return packed.contiguous(), scales, (zp[:, 0::2] | (zp[:, 1::2] << 4)).contiguous()
 
 
 def _matmul_nbits(g: Any, x: Any, qt: QTensor, accuracy_level: int = 4) -> Any:
