@@ -22,7 +22,7 @@ Paths (every one on the same inputs, in the same process):
 
 Timing: torch and every ORT session on 2 intra-op threads (ORT sessions without spin-waiting, see
 ``call_onnx``); each path is warmed up, then
-the paths are called in round-robin rounds (order rotated each round) so that machine noise
+the paths are called in rounds (each in a new seeded random order) so that machine noise
 hits all paths alike; the figure is the median call time. Repetitions are chosen from a time
 budget per (model, batch); rounds disturbed by other processes (measured from /proc/stat) are
 dropped when enough undisturbed ones remain. Output error: relative L2 error ``||y - y_fp32|| / ||y_fp32||`` vs
@@ -46,6 +46,7 @@ import io
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -53,7 +54,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,11 @@ from machine import CpuMeter, cpu_info, foreign_load, loadavg, versions, wait_qu
 THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
 SQUEEZER_PRESETS = ("w8a8", "w8a8-tensor", "w8", "w4g128")
+LINEAR_ONLY = {f"{p}-linear": replace(squeezer.PRESETS[p], layer_types=("linear",), name=f"{p}-linear")
+               for p in ("w8", "w4g128")}
+"""For models with embeddings: the weight-only presets on Linear layers only, the scope of the MatMulNBits peers."""
 FORMAT_OF = {"w8a8": "int8 W + int8 A", "w8a8-tensor": "int8 W + int8 A", "w8": "int8 W, float A",
-             "w4g128": "int4 W g128, float A"}
+             "w4g128": "int4 W g128, float A", "w8-linear": "int8 W, float A", "w4g128-linear": "int4 W g128, float A"}
 INT8_ANY = "int8, any: squeezer w8a8 / w8a8-tensor / w8 vs torch.ao / ORT dynamic / ORT QDQ"
 BERT_SEQ = 128
 
@@ -174,7 +178,7 @@ def squeezer_pair(model: nn.Module, preset: str, calib: list, example: Any, work
     state: dict[str, Any] = {}
 
     def torch_path(p: Path_) -> None:
-        q = squeezer.quantize(model, preset, calib=calib, progress=False)
+        q = squeezer.quantize(model, LINEAR_ONLY.get(preset, preset), calib=calib, progress=False)
         state["q"] = q
         ckpt = squeezer.save(q, work / f"squeezer_{preset}")
         onnx_path = work / f"squeezer_{preset}.onnx"
@@ -365,7 +369,8 @@ def build_paths(model: nn.Module, example: Any, calib: list, work: Path) -> list
     fp32 = work / "fp32.onnx"
     paths.append(build("ORT fp32", "ONNX Runtime", "fp32", "reference",
                        lambda p: (export_fp32(model, example, fp32), ort_file(fp32)(p))))
-    for preset in SQUEEZER_PRESETS:
+    embeddings = any(isinstance(m, nn.Embedding) for m in model.modules())
+    for preset in SQUEEZER_PRESETS + (tuple(LINEAR_ONLY) if embeddings else ()):
         paths.extend(squeezer_pair(model, preset, calib, example, work))
     paths.append(build("torch.ao dynamic (per-tensor)", "PyTorch", FORMAT_OF["w8a8"], "peer", torch_ao_dynamic(model, False)))
     paths.append(build("torch.ao dynamic (per-channel)", "PyTorch", FORMAT_OF["w8a8"], "peer", torch_ao_dynamic(model, True)))
@@ -393,7 +398,8 @@ def to_numpy(out: Any) -> np.ndarray:
 
 def time_round_robin(calls: dict[str, Callable[[], Any]], budget_s: float, min_rounds: int,
                      max_rounds: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Warm up every call, then time them in rounds (order rotated each round); ms samples per name.
+    """Warm up every call, then time them in rounds (each in a new seeded random order, so that no path
+    always follows the same one: a PyTorch call's OpenMP workers can still hold the cores); ms samples per name.
 
     A call estimated under 50 ms is re-warmed when its turn comes (untimed calls for about
     ``REWARM_S``, 1 to 10 of them: its weights back in cache, as in a service that calls one model
@@ -422,7 +428,7 @@ def time_round_robin(calls: dict[str, Callable[[], Any]], budget_s: float, min_r
         r = len(per_round_samples)
         meter = CpuMeter().start()
         got: dict[str, list[float]] = {name: [] for name in names}
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in random.Random(r).sample(names, len(names)):  # each path after random others
             rewarm, inner = plan[name]
             fn = calls[name]
             for _ in range(rewarm):
@@ -765,7 +771,9 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "",
         "## What is measured", "",
         "- **Latency**: median of many calls after warm-up; all paths of a (model, batch) are interleaved in "
-        "rotating round-robin rounds so that machine noise hits them alike. Calls under 50 ms get untimed calls "
+        "rounds, each in a new seeded random order, so that machine noise hits them alike and no path always "
+        "follows the same one (a rotating order put each ONNX row of squeezer right after its PyTorch twin). "
+        "Calls under 50 ms get untimed calls "
         f"for about {REWARM_S * 1e3:.0f} ms (1 to 10 calls) when their turn comes, so that their weights are back in "
         "cache as when a service calls one model in a loop (with a single one, two files that ONNX Runtime "
         "turns into the same graph timed up to 1.4x apart at batch 1), then 3 timed ones. Rounds during which other processes used more than "
@@ -788,7 +796,8 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "8 bits, on the fp32 export (torch's Gemm nodes rewritten to MatMul + Add, which that quantizer needs).",
         "- **Formats compared**: squeezer `w8a8` (int8 per-channel weights, dynamic per-token int8 activations) "
         "and `w8a8-tensor` (int8 per-channel weights, dynamic per-tensor uint8 activations: the peers' own "
-        "activation scheme) against the int8 weight + int8 activation peers; `w8` (int8 per-channel weights, float activations) "
+        "activation scheme) against the int8 weight + int8 activation peers; on BERT also `w8-linear` / "
+        "`w4g128-linear` (the same on Linear layers only, embeddings left in fp32 as the MatMulNBits peers do); `w8` (int8 per-channel weights, float activations) "
         "against MatMulNBits 8-bit; `w4g128` (uint4, groups of 128, asymmetric) against MatMulNBits 4-bit. "
         "squeezer's presets also quantize `nn.Embedding` layers (BERT's word, position and type embeddings); "
         "the ORT dynamic quantizer quantizes Gather weights too, the others leave embeddings in fp32.",
