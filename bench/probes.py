@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import squeezer
+from squeezer.examples.minilm import load_minilm
 from compression import digits_data
 from machine import PeakMemory, cpu_info
 from squeezer.distill import distill
@@ -195,10 +196,10 @@ MEMORY_PARTS = ("deepcopy", "calibration forwards", "w8 without calib", "w8", "w
 def memory_part(part: str) -> int | None:
     """Resident-memory rise of one part in this (fresh) process, bytes; the model's memory-mapped
     weights are paged in first, as in the accuracy bench, where the fp32 model has already run."""
-    from accuracy import load_reviews, make_minilm
+    from accuracy import load_reviews
 
     torch.set_num_threads(2)
-    model, tokenizer, _ = make_minilm()
+    model, tokenizer, _ = load_minilm()
     texts = load_reviews()[0]
     calib = [dict(tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
              for i in range(0, 128, 32)]
@@ -220,9 +221,8 @@ def memory_part(part: str) -> int | None:
 
 def probe_memory() -> dict[str, Any]:
     """Each part of :data:`MEMORY_PARTS` in a fresh process (MiniLM, 4 calibration batches of 32 texts)."""
-    from accuracy import make_minilm
 
-    fp32_bytes = sum(p.numel() * p.element_size() for p in make_minilm()[0].parameters())
+    fp32_bytes = sum(p.numel() * p.element_size() for p in load_minilm()[0].parameters())
     out = {}
     for part in MEMORY_PARTS:
         done = subprocess.run([sys.executable, __file__, "memory-part", part], capture_output=True, text=True, check=True)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 import squeezer  # noqa: E402
 from machine import cpu_info  # noqa: E402
 from squeezer.examples.credit import evaluate_credit, make_credit_task, train_credit_model  # noqa: E402
+from squeezer.examples.minilm import load_minilm  # noqa: E402
 from squeezer.search import Budget, allocate, costs, measure_sensitivity  # noqa: E402
 from squeezer.search.auto import checkpoint_bytes  # noqa: E402
 from squeezer.search.tune import build, tune  # noqa: E402
@@ -76,9 +77,9 @@ def credit_section(cache: Path, trials: int) -> dict[str, Any]:
 
 def minilm_section(cache: Path) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "bench"))
-    from accuracy import cosines, embed, load_reviews, make_minilm, tokenize_batches, torch_runner
+    from accuracy import cosines, embed, load_reviews, tokenize_batches, torch_runner
 
-    model, tokenizer, _ = make_minilm()
+    model, tokenizer, _ = load_minilm()
     train_texts, _, test_texts, _ = load_reviews()
     calib, _ = tokenize_batches(tokenizer, train_texts[:CALIB_TEXTS], 32, sort=False)
     test, order = tokenize_batches(tokenizer, test_texts, 64)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
+
+import squeezer
 
 
 class MLP(nn.Module):
@@ -70,3 +74,21 @@ def mlp_batches() -> list[torch.Tensor]:
 def cnn_batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(2)
     return [torch.randn(4, 1, 8, 8, generator=g) for _ in range(3)]
+
+
+def export_per_tensor_dynamic(tmp_path: Path, mlp: nn.Module, batches: list[torch.Tensor], suffix: str,
+                              warning: str) -> tuple[nn.Module, Path]:
+    """Export ``w8a8-tensor`` to a runtime whose dynamic int8 quantizes rows (TFLite, ExecuTorch): each
+    layer warned with ``warning``, and on rows of 100x different ranges the file's output is at least
+    as close to fp32 as squeezer's own per-tensor grid. Returns the quantized model and the file."""
+    q = squeezer.quantize(mlp, "w8a8-tensor")
+    path = tmp_path / f"tensor.{suffix}"
+    report = squeezer.export(q, batches[0], path)
+    assert [w.split("'")[1] for w in report.warnings] == ["fc1", "fc2", "head"]
+    assert all(warning in w for w in report.warnings)
+    x = batches[1] * torch.logspace(-1, 1, len(batches[1]))[:, None]
+    with torch.no_grad():
+        ref, simulated = mlp(x), q(x)
+    rel = lambda out: float((torch.as_tensor(out) - ref).norm() / ref.norm())  # noqa: E731
+    assert rel(squeezer.runtime.load(path)(x)) <= rel(simulated), "per-row grids lose nothing"
+    return q, path

