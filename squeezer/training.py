@@ -168,9 +168,9 @@ def fit(
 
 
 class KeepBest:
-    """Epoch callback for model selection (early stopping on a held-out score): after each epoch
-    ``score(model)`` is computed (higher is better); :meth:`restore` loads the weights of the best
-    epoch back into the model. ``best_epoch`` / ``best_score`` / ``scores`` record what was seen.
+    """Epoch callback for model selection (the epoch early stopping would pick, without stopping):
+    after each epoch ``score(model)`` is computed on held-out data (higher is better); :meth:`restore`
+    loads the weights of the best epoch back into the model. ``best_epoch`` / ``best_score`` / ``scores`` record what was seen.
 
     ``fit(model, data, 20, callbacks=[keep := KeepBest(val_accuracy)]); keep.restore(model)``
     """
