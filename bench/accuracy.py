@@ -61,7 +61,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import squeezer  # noqa: E402
-from squeezer.examples.minilm import load_minilm  # noqa: E402
+from squeezer.examples.minilm import load_minilm, mean_pool  # noqa: E402
 from machine import PeakMemory  # noqa: E402
 
 THREADS = 2
@@ -121,11 +121,6 @@ def tokenize_batches(tokenizer: Any, texts: list[str], batch: int, sort: bool = 
             b["token_type_ids"] = torch.zeros_like(b["input_ids"])
         batches.append(b)
     return batches, order
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def embed(run: Callable[[dict], Any], batches: list[dict], order: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import squeezer
-from squeezer.examples.minilm import load_minilm
+from squeezer.examples.minilm import load_minilm, mean_pool
 from accuracy import embed, load_reviews, tokenize_batches, torch_runner
 from machine import cpu_info
 from squeezer.distill import distill
@@ -132,11 +132,10 @@ class ReviewTeacher(nn.Module):
 
 
 class MeanPool(nn.Module):
-    """``sum_t m_t h_t / sum_t m_t``: (B, L, H), (B, L) -> (B, H)."""
+    """:func:`squeezer.examples.minilm.mean_pool` as a module (a submodule whose output can be matched)."""
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return mean_pool(hidden, mask)
 
 
 class BagOfTokens(nn.Module):

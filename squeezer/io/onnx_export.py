@@ -176,21 +176,25 @@ def _quantize_uint8_per_row(g: Any, x: Any, axes: list[int]) -> tuple[Any, Any]:
     return g.op("QuantizeLinear", x, s, zero, axis_i=0), s
 
 
+def _dynamic_with_int8_weights(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
+    """Dynamic 8-bit activations in front of symmetric int8 (or narrower) QDQ weights."""
+    return (layer.config.activation_mode == "dynamic" and kind == "qdq" and layer.act_spec.bits == 8
+            and qt.spec.symmetric and qt.spec.signed and qt.spec.bits <= 8)
+
+
 def _int8_dynamic(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
     """Dynamic per-token symmetric int8 activations with symmetric int8 weights: an integer GEMM / convolution."""
     act = layer.act_spec
-    return (layer.config.activation_mode == "dynamic" and isinstance(layer.config.activation.granularity, PerToken)
-            and kind == "qdq" and act.bits == 8 and act.symmetric and act.signed and qt.spec.symmetric
-            and qt.spec.signed and qt.spec.bits <= 8)
+    return (_dynamic_with_int8_weights(layer, qt, kind) and isinstance(layer.config.activation.granularity, PerToken)
+            and act.symmetric and act.signed)
 
 
 def _uint8_dynamic_per_tensor(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
     """Dynamic per-tensor asymmetric uint8 activations with symmetric int8 weights: ONNX's own
     ``DynamicQuantizeLinear`` computes exactly squeezer's parameters for them."""
     act = layer.act_spec
-    return (layer.config.activation_mode == "dynamic" and isinstance(act.granularity, PerTensor) and kind == "qdq"
-            and act.bits == 8 and not act.symmetric and not act.signed and qt.spec.symmetric and qt.spec.signed
-            and qt.spec.bits <= 8)
+    return (_dynamic_with_int8_weights(layer, qt, kind) and isinstance(act.granularity, PerTensor)
+            and not act.symmetric and not act.signed)
 
 
 def _channel_scale(qt: QTensor, dims: int) -> Tensor:

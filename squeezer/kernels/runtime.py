@@ -132,4 +132,5 @@ class PackedEmbedding:
         return {"all": "gather_rows"}
 
     def nbytes(self) -> int:
-        return self.codes.numel() * self.codes.element_size() + self.weight.nbytes - self.weight.packed.numel()
+        extra = 0 if self.row_zero is None else self.row_zero.numel() * self.row_zero.element_size()  # float copy
+        return self.codes.numel() * self.codes.element_size() + self.weight.nbytes - self.weight.packed.numel() + extra
