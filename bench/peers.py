@@ -400,13 +400,12 @@ def to_numpy(out: Any) -> np.ndarray:
 def time_round_robin(calls: dict[str, Callable[[], Any]], budget_s: float, min_rounds: int,
                      max_rounds: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Warm up every call, then time them in rounds (each in a new seeded random order, so that no path
-    always follows the same one: a PyTorch call's OpenMP workers can still hold the cores); ms samples per name.
+    always follows the same one); ms samples per name.
 
     A call estimated under 50 ms is re-warmed when its turn comes (untimed calls for about
     ``REWARM_S``, 1 to 10 of them: its weights back in cache, as in a service that calls one model
-    in a loop) and then timed 3 times in a row; a slower call is timed once per round. Measured
-    here on the MLP at batch 1: with a single re-warm call, two ONNX files that ONNX Runtime
-    optimises into the same graph timed up to 1.4x apart, in either order; with ~8, within 4 %. The number of rounds comes
+    in a loop) and then timed 3 times in a row; a slower call is timed once per round
+    (``python bench/probes.py same-graph`` measures both settings on the MLP at batch 1). The number of rounds comes
     from ``budget_s``. A round during which other processes used more than ``QUIET_CORES`` cores
     is not counted as clean; rounds go on until enough are clean or twice the budget has passed,
     and only clean rounds are kept when there are at least ``min_rounds`` of them.
@@ -762,11 +761,12 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "## What is measured", "",
         "- **Latency**: median of many calls after warm-up; all paths of a (model, batch) are interleaved in "
         "rounds, each in a new seeded random order, so that machine noise hits them alike and no path always "
-        "follows the same one (a rotating order put each ONNX row of squeezer right after its PyTorch twin). "
+        "follows the same one. "
         "Calls under 50 ms get untimed calls "
         f"for about {REWARM_S * 1e3:.0f} ms (1 to 10 calls) when their turn comes, so that their weights are back in "
-        "cache as when a service calls one model in a loop (with a single one, two files that ONNX Runtime "
-        "turns into the same graph timed up to 1.4x apart at batch 1), then 3 timed ones. Rounds during which other processes used more than "
+        "cache as when a service calls one model in a loop (`python bench/probes.py same-graph`, MLP batch 1 "
+        "in such rounds: with one untimed call the weight-only ONNX files ran 0.58-0.85 ms and files of the "
+        "same graph differed by up to 5 %; with eight, 0.47-0.67 ms, within 1 %), then 3 timed ones. Rounds during which other processes used more than "
         f"{QUIET_CORES} CPU cores are dropped when enough clean rounds remain (more rounds are run, up to twice "
         "the time budget, to get them). PyTorch under `torch.inference_mode()`; ONNX files "
         "through `squeezer.runtime.load(path, threads=2)` fed numpy arrays, each session created with "

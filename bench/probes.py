@@ -2,7 +2,8 @@
 
     python bench/probes.py distill      # distillation variants (digits CNN, credit MLP), seeds 1-6
     python bench/probes.py same-graph   # identical ONNX graphs / int8 PyTorch paths timed in an interleaved A/B,
-                                        # and one file's speed in several sessions of one process
+                                        # one file's speed in several sessions of one process, and
+                                        # what the benchmark's timing rounds do to these files
     python bench/probes.py memory       # what quantizing MiniLM adds to resident memory, part by part
 
 Each prints a table and writes ``bench/results/probe_<name>.json``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -117,11 +119,14 @@ def probe_distill() -> dict[str, Any]:
             "teacher_width32_accuracy": digits_accuracy(teacher32, task), "seeds": list(SEEDS), "rows": rows}
 
 
-def _interleaved(calls: dict[str, Callable[[], Any]], rounds: int = 40, block: int = 10, warm: int = 1) -> dict[str, float]:
-    """Median ms per callable, timed in alternating-order rounds of ``block`` calls after ``warm`` untimed ones."""
+def _interleaved(calls: dict[str, Callable[[], Any]], rounds: int = 40, block: int = 10, warm: int = 1,
+                 shuffle: bool = False) -> dict[str, float]:
+    """Median ms per callable, timed in rounds of ``block`` calls after ``warm`` untimed ones; the order
+    alternates between rounds, or is a new seeded random one with ``shuffle``."""
     times: dict[str, list[float]] = {k: [] for k in calls}
     for r in range(rounds):
-        for name in (list(calls) if r % 2 else list(calls)[::-1]):
+        names = list(calls)
+        for name in (random.Random(r).sample(names, len(names)) if shuffle else names if r % 2 else names[::-1]):
             for _ in range(warm):
                 calls[name]()
             for _ in range(block):
@@ -186,8 +191,31 @@ def probe_same_graph(work: Path) -> dict[str, Any]:
     spread.pop("fp32")
     for name, value in spread.items():
         print(f"{name:46s} {value:.3f} ms")
+    # What bench/peers.py's timing rounds do to these files: untimed calls per turn (1 vs 8) with the
+    # other paths of a round in between, and what a PyTorch call just before does to an ONNX call.
+    packed_w8 = squeezer.quantize(mlp, "w8", progress=False)
+    squeezer.pack(packed_w8)
+    with torch.inference_mode():
+        rotation = {**{name: calls[name] for name in files}, "fp32": lambda: fp32(feed),
+                    "squeezer w8 packed (PyTorch)": lambda: packed_w8(x)}
+        rewarm = {warm: _interleaved(rotation, rounds=40, block=3, warm=warm, shuffle=True) for warm in (1, 8)}
+        after: dict[str, list[float]] = {"after squeezer w8 packed (PyTorch)": [], "after ORT MatMulNBits int8": []}
+        for _ in range(60):
+            for label, before in zip(after, (rotation["squeezer w8 packed (PyTorch)"], calls["ORT MatMulNBits int8"])):
+                before()
+                for _ in range(8):
+                    calls["squeezer w8"]()
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    calls["squeezer w8"]()
+                    after[label].append((time.perf_counter() - t0) * 1e3)
+    for warm, medians in rewarm.items():
+        print(f"{warm} untimed call(s) per turn:", {k: round(v, 3) for k, v in medians.items() if k in files})
+    after_ms = {k: float(np.median(v)) for k, v in after.items()}
+    print("squeezer w8 ONNX (8 untimed + 3 timed calls)", {k: round(v, 3) for k, v in after_ms.items()})
     return {"median_ms": ms, "identical_optimized_graphs": same, "calls_per_path": 400,
-            "per_session_median_ms": spread, "per_session_calls": 120}
+            "per_session_median_ms": spread, "per_session_calls": 120,
+            "rewarm_median_ms": {str(k): v for k, v in rewarm.items()}, "squeezer_w8_onnx_after_ms": after_ms}
 
 
 MEMORY_PARTS = ("deepcopy", "calibration forwards", "w8 without calib", "w8", "w4g128-gptq", "w4g128-gptq inplace")
