@@ -300,8 +300,8 @@ def distillation_lines(t: dict, d: dict) -> list[str]:
         f"Digits CNN, for contrast (not the goal's evidence): teacher {d['teacher_params']:,} params (accuracy "
         f"{d['teacher_accuracy']:.4f}), student {d['student_params']:,} ({d['param_ratio']:.2f} of it), KD alpha 0.5, "
         f"T 2, 15 epochs, seeds {d['seeds']}: without the teacher {d['without teacher']:.4f}, with it "
-        f"{d['with teacher']:.4f}: a teacher that fits the same 1,258 training images gives soft labels there that are "
-        "nearly the labels themselves."]
+        f"{d['with teacher']:.4f} (more variants of this setting: "
+        "`python bench/probes.py distill`, bench/results/probe_distill.json)."]
     if "skipped" in t:
         return [f"Review texts: skipped: {t['skipped']}. Goal: **missed** (not measured).", "", *digits]
     per_seed = lambda mode: ", ".join(f"{r['test']:.3f} (epoch {r['epoch']})" for r in t["runs"][mode])  # noqa: E731
