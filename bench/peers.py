@@ -77,7 +77,8 @@ LINEAR_ONLY = {f"{p}-linear": replace(squeezer.PRESETS[p], layer_types=("linear"
                for p in ("w8", "w4g128")}
 """For models with embeddings: the weight-only presets on Linear layers only, the scope of the MatMulNBits peers."""
 FORMAT_OF = {"w8a8": "int8 W + int8 A", "w8a8-tensor": "int8 W + int8 A", "w8": "int8 W, float A",
-             "w4g128": "int4 W g128, float A", "w8-linear": "int8 W, float A", "w4g128-linear": "int4 W g128, float A"}
+             "w4g128": "int4 W g128, float A"}
+FORMAT_OF.update({name: FORMAT_OF[name.removesuffix("-linear")] for name in LINEAR_ONLY})
 INT8_ANY = "int8, any: squeezer w8a8 / w8a8-tensor / w8 vs torch.ao / ORT dynamic / ORT QDQ"
 BERT_SEQ = 128
 
