@@ -172,12 +172,13 @@ def resolve_config(config: QuantConfig | str | dict[str, Any]) -> QuantConfig:
             return PRESETS[config]
         base, _, suffix = config.rpartition("-")
         if base in PRESETS and suffix:
-            from .algorithms import ALGORITHMS  # late: algorithms build on this module
+            from .algorithms.base import algorithm_names  # late: algorithms build on this module
 
-            if suffix in ALGORITHMS:
-                return replace(PRESETS[base], algorithm=suffix, name=config)
-            raise ConfigError(f"unknown algorithm suffix {suffix!r} in preset {config!r}; "
-                              f"valid: {', '.join(sorted(ALGORITHMS))}")
+            try:
+                algorithm_names(suffix)
+            except ConfigError as exc:
+                raise ConfigError(f"preset {config!r}: {exc}") from None
+            return replace(PRESETS[base], algorithm=suffix, name=config)
         if config.endswith((".yaml", ".yml")):
             return QuantConfig.from_yaml(config)
         raise ConfigError(f"unknown preset {config!r}; valid presets: {', '.join(PRESETS)}")

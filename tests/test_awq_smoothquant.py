@@ -17,7 +17,7 @@ from squeezer import ConfigError
 from squeezer.algorithms import ALGORITHMS, LayerStats, make_algorithm
 from squeezer.algorithms.awq import AWQ, awq_scales, scaled_error
 from squeezer.algorithms.smoothquant import SmoothQuant, layer_output_error, smooth_scales
-from squeezer.config import PRESETS, QuantConfig
+from squeezer.config import PRESETS, QuantConfig, resolve_config
 from squeezer.modules.layers import QuantConv2d, QuantLinear
 from squeezer.quant.metrics import sqnr_db
 from squeezer.quant.spec import PerGroup, QuantSpec
@@ -323,3 +323,50 @@ def test_awq_with_static_activations_runs_stage_by_stage(e2e, quantized):
         assert sqnr_db(ref, q(test)) > sqnr_db(ref, rtn(test))
     observed = q.fc1.act_observer.qparams()
     assert torch.equal(q.fc1.act_qparams.scale, observed.scale)
+
+
+# ----------------------------------------------------------------------------- chains ("smoothquant+gptq")
+def test_scaled_stats_equal_stats_of_scaled_inputs():
+    _, x, _ = _layer_and_data()
+    d = torch.linspace(-2.0, 3.0, x.shape[1])
+    got, want = _stats(x).scaled(d), _stats(x * d)
+    for name in ("xtx", "sum", "abs_sum", "abs_max", "sample"):  # up to float rounding of the sums
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), name
+    assert got.count == want.count
+
+
+def test_chain_is_smoothquant_then_gptq_on_the_smoothed_inputs():
+    """The chain's result equals SmoothQuant, then GPTQ given the statistics of ``x / s`` by hand."""
+    lin, x, test = _layer_and_data()
+    chained = _quant_layer(lin, "w8a8")
+    make_algorithm("smoothquant+gptq", {"gptq": {"act_order": True}}).quantize_layer(chained, _stats(x))
+    by_hand = _quant_layer(lin, "w8a8")
+    make_algorithm("smoothquant").quantize_layer(by_hand, _stats(x))
+    make_algorithm("gptq", {"act_order": True}).quantize_layer(by_hand, _stats(x * by_hand.input_scale))
+    assert torch.equal(chained.input_scale, by_hand.input_scale)
+    assert torch.allclose(chained.quantized_weight(), by_hand.quantized_weight(), atol=1e-6)
+    # GPTQ's rounding of the smoothed weight beats round-to-nearest of it on the smoothed inputs
+    sq_only = _quant_layer(lin, "w8a8")
+    make_algorithm("smoothquant").quantize_layer(sq_only, _stats(x))
+    xs = x * chained.input_scale
+    w_s = lin.weight.detach() / chained.input_scale
+
+    def err(q: QuantLinear) -> float:
+        return float(((xs @ (w_s - q.quantized_weight()).T) ** 2).sum())
+
+    assert err(chained) < 0.9 * err(sq_only)
+
+
+def test_chain_names_and_options():
+    cfg = resolve_config("w8a8-smoothquant+gptq")
+    assert cfg.algorithm == "smoothquant+gptq" and cfg.activation == PRESETS["w8a8"].activation
+    assert make_algorithm("smoothquant+gptq").name == "smoothquant+gptq"
+    with pytest.raises(ConfigError, match="unknown algorithm 'gpt' in 'smoothquant\\+gpt'"):
+        resolve_config("w8a8-smoothquant+gpt")
+    with pytest.raises(ConfigError, match="repeats a step"):
+        make_algorithm("gptq+gptq")
+    with pytest.raises(ConfigError, match="options are given per step"):
+        make_algorithm("smoothquant+gptq", {"act_order": True})
+    with pytest.raises(ConfigError, match="algorithm 'gptq': bad options"):
+        make_algorithm("smoothquant+gptq", {"gptq": {"nope": 1}})

@@ -82,7 +82,7 @@ def test_conv_input_rows_match_weight_columns():
 def test_preset_suffixes():
     cfg = resolve_config("w4g128-clip")
     assert cfg.algorithm == "clip" and cfg.weight == squeezer.PRESETS["w4g128"].weight and cfg.name == "w4g128-clip"
-    with pytest.raises(ConfigError, match="unknown algorithm suffix 'magic'"):
+    with pytest.raises(ConfigError, match="preset 'w4g128-magic': unknown algorithm 'magic'"):
         resolve_config("w4g128-magic")
     assert {"rtn", "clip"} <= set(ALGORITHMS)
 

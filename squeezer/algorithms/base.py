@@ -40,9 +40,56 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
+class Chain(Algorithm):
+    """Several algorithms on each layer, in order, e.g. ``"smoothquant+gptq"``: SmoothQuant moves
+    activation outliers into the weight (``W' = W diag(s)``, inputs ``x / s``), then GPTQ rounds
+    ``W'`` against the Hessian of the *smoothed* inputs. A step that changes ``input_scale`` by a
+    factor ``d`` (per input column) hands the next steps :meth:`LayerStats.scaled` ``(d)``.
+    Each step treats the layers it applies to; the others pass through."""
+
+    def __init__(self, steps: list[Algorithm]) -> None:
+        self.steps = steps
+        self.name = "+".join(step.name for step in steps)  # type: ignore[misc]
+        self.needs_stats = any(step.needs_stats for step in steps)  # type: ignore[misc]
+
+    def applies_to(self, layer: QuantMixin) -> bool:
+        return any(step.applies_to(layer) for step in self.steps)
+
+    def quantize_layer(self, layer: QuantMixin, stats: LayerStats | None) -> None:
+        for step in self.steps:
+            if not step.applies_to(layer):
+                continue
+            before = layer.input_scale
+            step.quantize_layer(layer, stats)
+            after = layer.input_scale
+            if stats is not None and after is not None and after is not before:
+                stats = stats.scaled(after if before is None else after / before)
+
+
+def algorithm_names(name: str) -> list[str]:
+    """The registered algorithms a name stands for (``"smoothquant+gptq"`` -> both); ConfigError
+    naming the unknown part."""
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in ALGORITHMS]
+    if unknown or len(set(parts)) != len(parts):
+        what = (f"unknown algorithm {unknown[0]!r}" + (f" in {name!r}" if len(parts) > 1 else "") if unknown
+                else f"algorithm {name!r} repeats a step")
+        raise ConfigError(f"{what}; valid: {', '.join(sorted(ALGORITHMS))}, "
+                          "or several joined by '+' (e.g. smoothquant+gptq)")
+    return parts
+
+
 def make_algorithm(name: str, options: dict[str, Any] | None = None) -> Algorithm:
-    if name not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {name!r}; valid: {', '.join(sorted(ALGORITHMS))}")
+    """One algorithm with ``options`` (its fields), or a chain ``"a+b"`` with ``options`` given per
+    step: ``{"gptq": {"act_order": True}}``."""
+    parts = algorithm_names(name)
+    if len(parts) > 1:
+        options = options or {}
+        stray = [k for k in options if k not in parts]
+        if stray or not all(isinstance(v, dict) for v in options.values()):
+            raise ConfigError(f"algorithm {name!r}: options are given per step, e.g. "
+                              f"{{{parts[-1]!r}: {{...}}}}; got {options}")
+        return Chain([make_algorithm(p, options.get(p)) for p in parts])
     try:
         return ALGORITHMS[name](**(options or {}))
     except TypeError as exc:

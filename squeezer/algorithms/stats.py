@@ -50,6 +50,19 @@ class LayerStats:
             pool, keys = pool[keep], keys[keep]
         self.sample, self._keys = pool, keys
 
+    def scaled(self, d: Tensor) -> "LayerStats":
+        """The statistics of the inputs ``x diag(d)`` (``d (K,)``, e.g. a new smoothing factor), from these:
+        ``X^T X -> D X^T X D``, sums and samples times ``d``, ``|x|`` statistics times ``|d|``."""
+        d64 = d.detach().double().reshape(-1)
+        out = LayerStats.__new__(LayerStats)
+        out.__dict__.update(self.__dict__)
+        out.xtx = self.xtx * d64[:, None] * d64[None, :]
+        out.sum = self.sum * d64
+        out.abs_sum = self.abs_sum * d64.abs()
+        out.abs_max = self.abs_max * d.detach().float().abs().reshape(-1)
+        out.sample = self.sample * d.detach().float().reshape(1, -1)
+        return out
+
     def hessian(self) -> Tensor:
         """``H = 2 X^T X / n`` (float64), the curvature of ``||X W^T - X W'^T||^2`` in ``W``."""
         return self.xtx * (2.0 / max(self.count, 1))
