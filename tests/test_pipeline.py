@@ -167,3 +167,24 @@ def test_stage_forwards_build_no_autograd_graph():
     assert torch.is_grad_enabled()
     collect_stats(q, {"blocks.0.up": layers["blocks.0.up"]}, [torch.randn(5, 32)])
     assert seen == [False]
+
+
+@pytest.mark.parametrize("algorithm,kept", [("gptq", 512), ("smoothquant", 2048), ("smoothquant+gptq", 2048)])
+def test_stage_statistics_keep_the_rows_the_algorithm_needs(monkeypatch, algorithm, kept):
+    """Hessian-only algorithms keep 512 sampled rows per layer (for the report's output error), row searches 2048."""
+    import squeezer.algorithms.pipeline as pipeline
+
+    seen: list[int] = []
+    original = pipeline.collect_stats
+
+    def spy(*args, **kwargs):
+        stats = original(*args, **kwargs)
+        seen.extend(s.sample.shape[0] for s in stats.values() if s is not None)
+        return stats
+
+    monkeypatch.setattr(pipeline, "collect_stats", spy)
+    torch.manual_seed(0)
+    preset = "w8a8-" + algorithm
+    q = squeezer.quantize(Stacked().eval(), preset, calib=[torch.randn(3000, 32)], progress=False)
+    assert seen and set(seen) == {kept}
+    assert all(r.output_error is not None for r in q.squeezer_report.layers)

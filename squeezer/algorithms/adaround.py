@@ -191,6 +191,7 @@ class AdaRound(Algorithm):
     """
 
     name = "adaround"
+    sample_rows = 2048  # searches on the sampled rows
     iters: int = 500
     lr: float = 3e-2
     clip: bool = False

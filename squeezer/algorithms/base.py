@@ -22,6 +22,9 @@ class Algorithm:
 
     name: ClassVar[str] = "abstract"
     needs_stats: ClassVar[bool] = True
+    sample_rows: ClassVar[int] = 512
+    """Calibration input rows kept per layer (``LayerStats.max_rows``): the report's layer-output error
+    is measured on them; algorithms that search on rows (not only on ``X^T X``) keep more."""
 
     def applies_to(self, layer: QuantMixin) -> bool:
         """False for layers the algorithm cannot treat (they keep round-to-nearest)."""
@@ -51,6 +54,7 @@ class Chain(Algorithm):
         self.steps = steps
         self.name = "+".join(step.name for step in steps)  # type: ignore[misc]
         self.needs_stats = any(step.needs_stats for step in steps)  # type: ignore[misc]
+        self.sample_rows = max(step.sample_rows for step in steps)  # type: ignore[misc]
 
     def applies_to(self, layer: QuantMixin) -> bool:
         return any(step.applies_to(layer) for step in self.steps)

@@ -83,14 +83,16 @@ def _run_prefix(model: nn.Module, layers: dict[str, QuantMixin], batches: list[B
             h.remove()
 
 
-def collect_stats(model: nn.Module, layers: dict[str, QuantMixin], batches: list[Batch]) -> dict[str, LayerStats]:
-    """Input statistics of ``layers`` over ``batches`` (smoothed inputs, as the weight sees them)."""
+def collect_stats(model: nn.Module, layers: dict[str, QuantMixin], batches: list[Batch],
+                  max_rows: int = 2048) -> dict[str, LayerStats]:
+    """Input statistics of ``layers`` over ``batches`` (smoothed inputs, as the weight sees them),
+    keeping up to ``max_rows`` sampled rows per layer."""
     stats: dict[str, LayerStats | None] = {name: None for name in layers}
 
     def visit(name: str, layer: nn.Module, args: tuple) -> None:
         rows = input_rows(layer, layer.smooth(args[0]))
         if stats[name] is None:
-            stats[name] = LayerStats(rows.shape[1])
+            stats[name] = LayerStats(rows.shape[1], max_rows=max_rows)
         stats[name].update(rows)
 
     _run_prefix(model, layers, batches, visit)
@@ -146,7 +148,8 @@ def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], 
 def _quantize_stage(model: nn.Module, algorithm: Algorithm, layers: dict[str, QuantMixin], batches: list[Batch]) -> None:
     """One stage: statistics, the algorithm, activation ranges, errors; its statistics and float
     weights are freed on return, before the next stage collects its own."""
-    stats = collect_stats(model, layers, batches) if algorithm.needs_stats else {n: None for n in layers}
+    stats = (collect_stats(model, layers, batches, algorithm.sample_rows) if algorithm.needs_stats
+             else {n: None for n in layers})
     originals = {name: layer.weight.detach().clone() for name, layer in layers.items()}
     for name, layer in layers.items():
         algorithm.quantize_layer(layer, stats[name])

@@ -78,6 +78,7 @@ class SmoothQuant(Algorithm):
     """
 
     name = "smoothquant"
+    sample_rows = 2048  # searches on the sampled rows
     alpha: float | None = 0.5
     grid: int = 20
 
