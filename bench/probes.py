@@ -218,7 +218,8 @@ def probe_same_graph(work: Path) -> dict[str, Any]:
             "rewarm_median_ms": {str(k): v for k, v in rewarm.items()}, "squeezer_w8_onnx_after_ms": after_ms}
 
 
-MEMORY_PARTS = ("deepcopy", "calibration forwards", "w8 without calib", "w8", "w4g128-gptq", "w4g128-gptq inplace")
+MEMORY_PARTS = ("deepcopy", "calibration forwards", "w8 without calib", "w8", "w4g128-gptq", "w4g128-gptq inplace",
+                "calibration forwards, batches of 8", "w4g128-gptq, batches of 8", "w4g128-gptq inplace, batches of 8")
 
 
 def memory_part(part: str) -> int | None:
@@ -229,26 +230,28 @@ def memory_part(part: str) -> int | None:
     torch.set_num_threads(2)
     model, tokenizer, _ = load_minilm()
     texts = load_reviews()[0]
-    calib = [dict(tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-             for i in range(0, 128, 32)]
+    size = 8 if part.endswith("batches of 8") else 32
+    calib = [dict(tokenizer(texts[i:i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+             for i in range(0, 128, size)]
     with torch.no_grad():
         sum(float(p.sum()) for p in model.parameters())
     with warnings.catch_warnings(), torch.no_grad(), PeakMemory() as mem:
         warnings.simplefilter("ignore")
         if part == "deepcopy":
             copy.deepcopy(model)
-        elif part == "calibration forwards":
+        elif part.startswith("calibration forwards"):
             for batch in calib:
                 model(**batch)
         else:
-            preset = part.split()[0]
+            preset = part.split()[0].rstrip(",")
             squeezer.quantize(model, preset, calib=None if "without" in part else calib, progress=False,
-                              inplace=part.endswith("inplace"))
+                              inplace="inplace" in part)
     return mem.extra
 
 
 def probe_memory() -> dict[str, Any]:
-    """Each part of :data:`MEMORY_PARTS` in a fresh process (MiniLM, 4 calibration batches of 32 texts)."""
+    """Each part of :data:`MEMORY_PARTS` in a fresh process (MiniLM, 128 calibration texts in batches of 32,
+    or of 8 where the part says so)."""
 
     fp32_bytes = sum(p.numel() * p.element_size() for p in load_minilm()[0].parameters())
     out = {}
@@ -275,6 +278,7 @@ def main() -> None:
         result = {"distill": probe_distill, "memory": probe_memory,
                   "same-graph": lambda: probe_same_graph(Path(tmp))}[args.probe]()
     result["machine"] = cpu_info()
+    result["date"] = time.strftime("%Y-%m-%d %H:%M")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"probe_{args.probe.replace('-', '_')}.json"
     out.write_text(json.dumps(result, indent=2))
