@@ -156,7 +156,9 @@ def test_latency_objective(setup, monkeypatch):
 
 @pytest.mark.parametrize(("space", "match"), [
     ({"algorithms": ()}, "space.algorithms"),
-    ({"algorithms": ("nope",)}, "space.algorithms"),
+    ({"algorithms": ("nope",)}, "space.algorithms: unknown algorithm 'nope'"),
+    ({"algorithms": ("smoothquant+nope",)}, "space.algorithms: unknown algorithm 'nope' in 'smoothquant\\+nope'"),
+    ({"algorithms": (3,)}, "space.algorithms: an algorithm is named by a string"),
     ({"bits": (8.0, 2.0)}, "space.bits"),
     ({"bits": (0.5, 4.0)}, "space.bits"),
     ({"bits": (2.0, 33.0)}, "space.bits"),

@@ -67,7 +67,7 @@ class SearchSpace:
     pruning: Literal["channels", "magnitude"] = "channels"
 
     def __post_init__(self) -> None:
-        from ..algorithms import ALGORITHMS
+        from ..algorithms.base import algorithm_names
 
         object.__setattr__(self, "formats", check_formats(self.formats))
         for name in ("bits", "algorithms", "sparsity", "rank"):
@@ -86,9 +86,13 @@ class SearchSpace:
         if bits[0] < narrowest:
             raise ConfigError(f"space.bits low={bits[0]:g} is below the narrowest format ({narrowest} bits "
                               f"among {list(self.formats)}): no allocation can meet it")
-        unknown = [a for a in self.algorithms if a not in ALGORITHMS]
-        if unknown:
-            raise ConfigError(f"space.algorithms: unknown {unknown}; valid: {', '.join(sorted(ALGORITHMS))}")
+        for algorithm in self.algorithms:
+            try:
+                if not isinstance(algorithm, str):
+                    raise ConfigError(f"an algorithm is named by a string, got {algorithm!r}")
+                algorithm_names(algorithm)
+            except ConfigError as exc:
+                raise ConfigError(f"space.algorithms: {exc}") from None
         for s in self.sparsity:
             check_sparsity(s, "space.sparsity")
         for r in self.rank:
