@@ -141,6 +141,9 @@ PRESETS: dict[str, QuantConfig] = {
     "w8a8": QuantConfig(
         _w(8, PerChannel(0)), _w(8, PerToken()), activation_mode="dynamic", name="w8a8"
     ),
+    "w8a8-asym": QuantConfig(
+        _w(8, PerChannel(0)), _w(8, PerToken(), symmetric=False), activation_mode="dynamic", name="w8a8-asym"
+    ),
     "w8a8-tensor": QuantConfig(
         _w(8, PerChannel(0)), _w(8, PerTensor(), symmetric=False), activation_mode="dynamic", name="w8a8-tensor"
     ),
@@ -155,7 +158,9 @@ PRESETS: dict[str, QuantConfig] = {
     "kmeans-w4": QuantConfig(_w(4, PerTensor(), mapping="kmeans"), name="kmeans-w4"),
 }
 """Named configs. Weights: per-output-channel unless a group is named (``g128``: groups of 128
-inputs); ``a8``: 8-bit activations, dynamic per token (``w8a8``), dynamic per tensor as uint8
+inputs); ``a8``: 8-bit activations, dynamic per token (``w8a8``: symmetric, torchao's scheme;
+``w8a8-asym``: a scale and zero point per token, which keeps the full 8 bits for one-sided inputs
+such as GELU outputs, at the cost of one zero-point correction per output), dynamic per tensor as uint8
 (``w8a8-tensor``: the scheme of torch.ao / ONNX Runtime dynamic quantization, run by fbgemm and
 ``DynamicQuantizeMatMul``) or static per tensor (min-max observer).
 ``w4g128``, ``w3g128`` and ``w2g64`` keep embeddings at int8 (:data:`EMBEDDINGS_INT8`)."""

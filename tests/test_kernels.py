@@ -33,7 +33,8 @@ def _reference(problem: LinearProblem, w_hat: torch.Tensor, x: torch.Tensor) -> 
 CASES = [("w8", "int8_weight_bf16"), ("w4g128", "int4_weight_bf16"),
          (QuantConfig(weight=QuantSpec(4, symmetric=False, granularity="group:64")), "int4_weight_bf16"),
          ("w8a8", "int_mm"), ("w8a8", "fbgemm_dynamic"), ("w8a8-static", "int_mm"),
-         ("w8a8-tensor", "int_mm"), ("w8a8-tensor", "fbgemm_dynamic"),
+         ("w8a8-tensor", "int_mm"), ("w8a8-tensor", "fbgemm_dynamic"), ("w8a8-asym", "int_mm"),
+         ("w8a8-asym", "fbgemm_dynamic"),
          ("w2g64", "dequant_matmul"), ("kmeans-w4", "dequant_matmul"), ("w8", "dequant_matmul")]
 
 
@@ -58,7 +59,8 @@ def test_each_path_matches_dequantized_reference(cfg, path_name, n, k):
                 sim = layer(x)
             if path.name == "int_mm":  # same integers as the simulated layer: equal up to float rounding
                 assert torch.allclose(y, sim, rtol=1e-4, atol=1e-4)
-            elif cfg == "w8a8-tensor":  # fbgemm's scheme is squeezer's, but for the zero point's rounding
+            elif cfg in ("w8a8-tensor", "w8a8-asym"):  # fbgemm's scheme is squeezer's (asymmetric uint8
+                # over the tensor = over the one row), but for the zero point's rounding
                 assert (y - sim).norm() / sim.norm() < 2e-3
 
 
@@ -93,6 +95,23 @@ def test_int_mm_dynamic_per_tensor_uses_the_whole_input_range():
     assert not torch.allclose(y, per_row, rtol=1e-4, atol=1e-4)
 
 
+def test_int_mm_asymmetric_per_token_is_exact_and_uses_one_sided_ranges():
+    """Each row gets its own scale and zero point: equal to the simulated layer on rows of 100x different
+    ranges, and on one-sided (post-GELU) rows closer to float than symmetric per-token codes."""
+    torch.manual_seed(0)
+    path = next(p for p in PATHS if p.name == "int_mm")
+    asym, w_hat, layer = _problem("w8a8-asym", 32, 96)
+    x = torch.nn.functional.gelu(torch.randn(20, 96) * 3) * torch.logspace(-1, 1, 20)[:, None]
+    y = path.run(path.prepare(asym), x)
+    with torch.no_grad():
+        assert torch.allclose(y, layer(x), rtol=1e-4, atol=1e-5)
+    sym, _, _ = _problem("w8a8", 32, 96)
+    sym.weight = asym.weight  # same weight codes: only the activation grid differs
+    ref = _reference(asym, w_hat, x)
+    y_sym = path.run(path.prepare(sym), x)
+    assert (y - ref).norm() < 0.75 * (y_sym - ref).norm()
+
+
 @pytest.mark.parametrize("preset", list(squeezer.PRESETS))
 def test_packed_model_matches_simulated(preset):
     torch.manual_seed(0)
@@ -109,7 +128,7 @@ def test_packed_model_matches_simulated(preset):
     for sim, out in ((sim1, out1), (sim3, out3)):
         assert (out - sim).norm() / sim.norm() < 0.03
     for row in rows:
-        if preset in {"w8", "w8a8", "w8a8-tensor", "w8a8-static"} or (preset == "w4g128" and row.name == "2"):
+        if preset in {"w8", "w8a8", "w8a8-asym", "w8a8-tensor", "w8a8-static"} or (preset == "w4g128" and row.name == "2"):
             assert row.warning is None, (row.name, row.kernels)
         elif preset == "w4g128":  # K = 64 < group 128 gives one short group: not the kernel's layout
             assert row.warning and "no integer kernel" in row.warning

@@ -23,7 +23,7 @@ from .conftest import TextModel
 TOLERANCE = {"w4g128": 0.03, "w8": 0.02, "w8a8-static": 0.01}
 EXPECTED_OPS = {
     "w8": {"MatMulNBits"}, "w4g128": {"MatMulNBits"}, "w8a8": {"MatMulInteger"},
-    "w8a8-tensor": {"DynamicQuantizeLinear", "MatMulInteger"},
+    "w8a8-tensor": {"DynamicQuantizeLinear", "MatMulInteger"}, "w8a8-asym": {"QuantizeLinear", "MatMulInteger"},
     "w8a8-static": {"QuantizeLinear", "DequantizeLinear"}, "w2g64": {"Cast", "Sub"}, "w3g128": {"Cast", "Sub"},
     "ternary": {"Gather"}, "binary": {"Gather"}, "log2-w4": {"Gather"}, "kmeans-w4": {"Gather"},
 }
@@ -126,7 +126,7 @@ def test_cnn_dynamic_runs_integer_convolutions(tmp_path, cnn, cnn_batches):
     assert (squeezer.runtime.load(path)(x) - ref).norm() / ref.norm() < 1e-5
 
 
-@pytest.mark.parametrize("activation", [{"bits": 8, "symmetric": False, "granularity": "token"},
+@pytest.mark.parametrize("activation", [{"bits": 6, "symmetric": False, "granularity": "token"},
                                         {"bits": 4, "granularity": "token"},
                                         {"bits": 8, "signed": False, "granularity": "token"},
                                         {"bits": 8, "granularity": "tensor"},
@@ -144,6 +144,26 @@ def test_other_dynamic_activations_are_exact_in_float_ops(tmp_path, mlp, mlp_bat
         ref = q(x)
     # ONNX Runtime's DequantizeLinear -> MatMulNBits fusion runs with fp32 activations in the runner
     assert (squeezer.runtime.load(path)(x) - ref).norm() / ref.norm() < 1e-5
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_asymmetric_per_token_8bit_is_an_exact_integer_gemm(tmp_path, mlp, mlp_batches, signed):
+    """``w8a8-asym`` and its unsigned variant: per-row scale and zero point, uint8 codes, MatMulInteger and
+    the int32 zero-point correction give squeezer's outputs, on rows of 100x different ranges, one-sided
+    rows and a 3-D input."""
+    cfg = squeezer.QuantConfig(weight={"bits": 8, "granularity": "channel"}, activation_mode="dynamic",
+                               activation={"bits": 8, "symmetric": False, "signed": signed, "granularity": "token"})
+    q = squeezer.quantize(mlp, cfg)
+    path = tmp_path / "asym.onnx"
+    report = squeezer.export_onnx(q, mlp_batches[0].reshape(2, 8, -1), path)  # (batch, tokens, features)
+    assert {"QuantizeLinear", "MatMulInteger"} <= _ops(path) and not report.warnings
+    assert all("asymmetric" in kind for kind in report.layers.values())
+    run = squeezer.runtime.load(path)
+    x = (mlp_batches[1] * torch.logspace(-1, 1, len(mlp_batches[1]))[:, None]).reshape(2, 8, -1)
+    for inputs in (x, torch.relu(x)):
+        with torch.no_grad():
+            ref = q(inputs)
+        assert (run(inputs) - ref).norm() / ref.norm() < 1e-5
 
 
 def test_w8a8_tensor_is_onnx_runtimes_dynamic_quantize_matmul(tmp_path):

@@ -19,6 +19,9 @@ Each quantized layer is exported by a symbolic function that writes its own node
   ``MatMulInteger(x_q, W_q^T) * s * S_w``: integer GEMM with the exact per-token semantics (ONNX has
   no per-token ``DynamicQuantizeLinear``);
   for a convolution one scale per sample and ``ConvInteger`` (weights as uint8 ``q + 128``, zero point 128);
+* dynamic per-token asymmetric 8-bit activations with int8 weights (``w8a8-asym``): squeezer's min-max
+  ``(s, z)`` per row, one per-axis ``QuantizeLinear`` to uint8, ``MatMulInteger`` and an exact int32
+  zero-point correction ``- z colsum(W_q)``;
 * dynamic per-tensor uint8 activations with int8 weights (``w8a8-tensor``): ``DynamicQuantizeLinear``
   (exactly squeezer's asymmetric min-max formula) + ``MatMulInteger``, which ONNX Runtime fuses
   into ``DynamicQuantizeMatMul``; convolutions take the float fake-quantization form (warned).
@@ -46,7 +49,7 @@ from ..modules import QuantEmbedding, QuantLinear, quant_layers
 from ..modules.swap import ensure_deployable
 from ..modules.base import QuantMixin
 from ..quant.core import QTensor
-from ..quant.spec import PerChannel, PerGroup, PerTensor, PerToken
+from ..quant.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 _LAYERS: dict[int, tuple[QuantMixin, "ExportReport", str]] = {}
 KIND_LABEL = {"qdq": "DequantizeLinear", "codebook": "uint8 codes -> Gather(levels) * scale",
@@ -189,6 +192,13 @@ def _int8_dynamic(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
             and act.symmetric and act.signed)
 
 
+def _asym_int8_dynamic_per_token(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
+    """Dynamic per-token asymmetric 8-bit activations with symmetric int8 weights (``w8a8-asym``)."""
+    act = layer.act_spec
+    return (_dynamic_with_int8_weights(layer, qt, kind) and isinstance(act.granularity, PerToken)
+            and not act.symmetric)
+
+
 def _uint8_dynamic_per_tensor(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
     """Dynamic per-tensor asymmetric uint8 activations with symmetric int8 weights: ONNX's own
     ``DynamicQuantizeLinear`` computes exactly squeezer's parameters for them."""
@@ -203,6 +213,18 @@ def _channel_scale(qt: QTensor, dims: int) -> Tensor:
     return scale.reshape([1, -1] + [1] * (dims - 2)) if dims > 2 else scale
 
 
+def _minmax_params(g: Any, x: Any, spec: QuantSpec, axes: list[int] | None, keepdims: bool = True) -> tuple[Any, Any]:
+    """Asymmetric ``(S, Z)`` over ``axes`` (None: the whole tensor) with the formula of
+    :func:`squeezer.quant.core.uniform_qparams`: ``lo = min(min x, 0)``, ``hi = max(max x, 0)``,
+    ``S = max((hi - lo) / (qmax - qmin), 1e-12)``, ``Z = clip(qmin - round(lo / S), qmin, qmax)`` (float)."""
+    qmin, qmax = float(spec.qmin), float(spec.qmax)
+    lo = g.op("Min", _reduce(g, "ReduceMin", x, axes, keepdims), _scalar(g, 0.0))
+    hi = g.op("Max", _reduce(g, "ReduceMax", x, axes, keepdims), _scalar(g, 0.0))
+    s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), _scalar(g, qmax - qmin)), _scalar(g, 1e-12))
+    zero = g.op("Clip", g.op("Sub", _scalar(g, qmin), g.op("Round", g.op("Div", lo, s))), _scalar(g, qmin), _scalar(g, qmax))
+    return s, zero
+
+
 def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin, axes: list[int]) -> Any:
     """Dynamic uniform fake quantization per token (per sample over ``axes``; per tensor for a
     per-tensor spec) in float ops, with the min-max parameters of
@@ -215,10 +237,7 @@ def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin, axes: list[int]) -
     if spec.symmetric:
         s = _per_row_scale(g, x, spec.qmax, axes, signed=spec.signed)
     else:
-        lo = g.op("Min", _reduce(g, "ReduceMin", x, axes), _scalar(g, 0.0))
-        hi = g.op("Max", _reduce(g, "ReduceMax", x, axes), _scalar(g, 0.0))
-        s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), _scalar(g, qmax - qmin)), _scalar(g, 1e-12))
-        zero = g.op("Clip", g.op("Sub", _scalar(g, qmin), g.op("Round", g.op("Div", lo, s))), _scalar(g, qmin), _scalar(g, qmax))
+        s, zero = _minmax_params(g, x, spec, axes)
     q = g.op("Round", g.op("Div", x, s))
     if zero is not None:
         q = g.op("Add", q, zero)
@@ -235,6 +254,30 @@ def _per_token_int8_matmul(g: Any, x: Any, qt: QTensor, bias: Any) -> Any:
     xq, s = _quantize_uint8_per_row(g, g.op("Reshape", x, _const(g, torch.tensor([-1, k], dtype=torch.int64))), [1])
     acc = g.op("MatMulInteger", xq, _const(g, qt.codes.to(torch.int8).t()), _const(g, torch.tensor(128, dtype=torch.uint8)))
     y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), _unsqueeze_last(g, s)), _const(g, _channel_scale(qt, 2)))
+    return _rows_to_input_shape(g, y, x, n, bias)
+
+
+def _per_token_asym_int8_matmul(g: Any, x: Any, spec: QuantSpec, qt: QTensor, bias: Any) -> Any:
+    """``y = s ((q_x - z) @ q_W^T) S_w + b`` for ``x (..., K)`` with squeezer's asymmetric ``(s, z)`` per row
+    of the ``(M, K)`` view (:func:`_minmax_params`). ``q_x = clip(round(x / s) + z)`` is stored as uint8
+    (``+ 128`` for signed codes) by one per-axis ``QuantizeLinear`` with zero points ``z_u = z + 128``
+    (round half to even and saturation to [0, 255], as squeezer's clip); ``MatMulInteger`` (u8 x s8,
+    zero point 0) and the exact int32 correction ``- z_u colsum(q_W)`` remove the zero points."""
+    n, k = qt.codes.shape
+    rows = g.op("Reshape", x, _const(g, torch.tensor([-1, k], dtype=torch.int64)))
+    s, zero = _minmax_params(g, rows, spec, [1], keepdims=False)
+    zero_u8 = g.op("Cast", g.op("Add", zero, _scalar(g, 128.0 if spec.signed else 0.0)), to_i=2)  # uint8
+    codes = qt.codes.to(torch.int8)
+    acc = g.op("MatMulInteger", g.op("QuantizeLinear", rows, s, zero_u8, axis_i=0), _const(g, codes.t()))
+    shift = g.op("Mul", _unsqueeze_last(g, g.op("Cast", zero_u8, to_i=6)),  # int32 (M, 1) x (N,)
+                 _const(g, codes.to(torch.int32).sum(dim=1)))
+    acc = g.op("Sub", acc, shift)
+    y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), _unsqueeze_last(g, s)), _const(g, _channel_scale(qt, 2)))
+    return _rows_to_input_shape(g, y, x, n, bias)
+
+
+def _rows_to_input_shape(g: Any, y: Any, x: Any, n: int, bias: Any) -> Any:
+    """``y (M, N)`` back to ``x``'s leading dims ``(..., N)``, then ``+ b``."""
     lead = g.op("Slice", g.op("Shape", x), _const(g, torch.tensor([0], dtype=torch.int64)),
                 _const(g, torch.tensor([-1], dtype=torch.int64)))
     y = g.op("Reshape", y, g.op("Concat", lead, _const(g, torch.tensor([n], dtype=torch.int64)), axis_i=0))
@@ -265,6 +308,9 @@ def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, n
     if _uint8_dynamic_per_tensor(layer, qt, kind):
         report.layers[name] = "MatMulInteger (int8 weights, dynamic per-tensor uint8 activations: DynamicQuantizeLinear)"
         return _per_tensor_uint8_matmul(g, x, qt, bias)
+    if _asym_int8_dynamic_per_token(layer, qt, kind):
+        report.layers[name] = "MatMulInteger (int8 weights, dynamic per-token asymmetric 8-bit activations)"
+        return _per_token_asym_int8_matmul(g, x, layer.act_spec, qt, bias)
     if mode == "static":
         x = _quantize_input_static(g, x, layer)
     elif mode == "dynamic":

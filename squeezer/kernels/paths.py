@@ -1,8 +1,9 @@
 """Execution paths for packed linear layers, on PyTorch's own CPU integer ops.
 
 * ``int_mm``: ``y = s_x s_w (X_q W_q^T - z_x colsum(W_q)) + b`` with ``torch._int_mm`` (int8 x int8
-  -> int32); activations quantized exactly as the layer specifies (dynamic per token, dynamic or
-  static per tensor), so the result equals the simulated layer up to float rounding.
+  -> int32); activations quantized exactly as the layer specifies (dynamic per token, symmetric or
+  asymmetric with one ``(s_x, z_x)`` per row; dynamic or static per tensor), so the result equals
+  the simulated layer up to float rounding.
   ``_int_mm`` needs more than 16 rows: smaller inputs are zero-padded to 17. Taken only for
   ``K % 8 == 0`` (measured here: wrong sums for ``K = 1``).
 * ``fbgemm_dynamic``: ``quantized::linear_dynamic`` (fbgemm, VNNI): one asymmetric uint8 scale
@@ -52,40 +53,57 @@ class IntMM(KernelPath):
                 and problem.in_features % 8 == 0):
             return False
         if problem.config.activation_mode == "dynamic":
-            return (isinstance(act.granularity, PerToken) and act.symmetric) or isinstance(act.granularity, PerTensor)
+            token = isinstance(act.granularity, PerToken) and (act.signed or not act.symmetric)
+            return token or isinstance(act.granularity, PerTensor)
         return isinstance(act.granularity, PerTensor) and problem.act_qparams is not None
 
     def prepare(self, problem: LinearProblem) -> dict[str, Any]:
         w = _int8_codes(problem)
         act = problem.config.activation
+        per_tensor = isinstance(act.granularity, PerTensor)
+        # symmetric per token: s_x = max|x_row| / 127 inline; else squeezer's min-max parameters (per
+        # tensor: static, or of this call's input; per token: of each row) with a zero point
+        general = per_tensor or not act.symmetric
         state = {"w_t": w.t(), "scale": problem.weight.qparams.scale.float().reshape(1, -1),
-                 "bias": problem.bias, "per_tensor": isinstance(act.granularity, PerTensor)}
-        if state["per_tensor"]:
+                 "bias": problem.bias, "general": general}
+        if general:
             static = problem.config.activation_mode == "static"
-            state.update(act=act, act_qparams=problem.act_qparams if static else None,
+            state.update(act=act, act_qparams=problem.act_qparams if static else None, per_tensor=per_tensor,
                          shift=0 if act.signed else 128,  # uint8 -> int8 codes
                          colsum=w.to(torch.int32).sum(dim=1).reshape(1, -1))
         return state
 
+    @staticmethod
+    def _general_codes(state: dict[str, Any], x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """int8 codes, scale and zero point (shifted to int8, None when 0) of ``x (m, K)``: per tensor
+        (``()``-shaped) or per row (``(m, 1)``), by :func:`uniform_qparams` as the simulated layer."""
+        act, shift = state["act"], state["shift"]
+        qp = state["act_qparams"]
+        if qp is None:
+            lo, hi = (x.amin(), x.amax()) if state["per_tensor"] else (x.amin(1, keepdim=True), x.amax(1, keepdim=True))
+            qp = uniform_qparams(lo, hi, act)
+        s_x = qp.scale.reshape(-1)[0] if state["per_tensor"] else qp.scale
+        zero = None if qp.zero_point is None else (qp.zero_point.reshape(-1)[0] if state["per_tensor"] else qp.zero_point)
+        q = torch.round(x / s_x)
+        if zero is not None:
+            q = q + zero
+        q = (torch.clamp(q, act.qmin, act.qmax) - shift).to(torch.int8)
+        x_zero = None if zero is None and not shift else (0 if zero is None else zero) - shift
+        return q, s_x, x_zero
+
     def run(self, state: dict[str, Any], x: Tensor) -> Tensor:
         x = x.float()
         m = x.shape[0]
-        x_zero = 0
-        if state["per_tensor"]:  # static, or dynamic: squeezer's min-max parameters of this call's input
-            act, shift = state["act"], state["shift"]
-            qp = state["act_qparams"]
-            if qp is None:
-                qp = uniform_qparams(x.amin(), x.amax(), act)
-            s_x = float(qp.scale.reshape(-1)[0])
-            x_zero = (0 if qp.zero_point is None else int(qp.zero_point.reshape(-1)[0])) - shift
-            q = (torch.clamp(torch.round(x / s_x) + (x_zero + shift), act.qmin, act.qmax) - shift).to(torch.int8)
+        x_zero = None
+        if state["general"]:
+            q, s_x, x_zero = self._general_codes(state, x)
         else:
             s_x = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
             q = torch.clamp(torch.round(x / s_x), -127, 127).to(torch.int8)
         if m <= 16:
             q = F.pad(q, (0, 0, 0, 17 - m))
         acc = torch._int_mm(q, state["w_t"])[:m]
-        if x_zero:
+        if x_zero is not None:
             acc = acc - x_zero * state["colsum"]
         y = acc.float() * (s_x * state["scale"])
         return y if state["bias"] is None else y + state["bias"]
