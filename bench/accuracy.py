@@ -74,8 +74,8 @@ CALIB_BATCH = 32
 ADAROUND_LIMIT_S = 180.0
 
 MINILM_CONFIGS = ("w8a8", "w8", "w4g128", "w4g128-gptq", "w4g128-awq", "w3g128", "w3g128-gptq", "w3g128-awq")
-MINILM_EXTRA = ("w8a8-smoothquant", "w8a8-smoothquant+gptq", "w8-gptq", "w4g128-awq+gptq", "w4g128-clip", "w4g128-hqq",
-                "w8-adaround")  # run after the peers
+MINILM_EXTRA = ("w8a8-smoothquant", "w8a8-smoothquant+gptq", "w8a8-asym", "w8a8-asym-smoothquant+gptq", "w8-gptq",
+                "w4g128-awq+gptq", "w4g128-clip", "w4g128-hqq", "w8-adaround")  # run after the peers
 QUICK_MINILM = ("w8a8", "w8", "w4g128", "w4g128-gptq")
 CREDIT_CONFIGS = ("w8", "w4g128", "w4g128-gptq", "w4g128-awq", "w3g128-gptq")
 DIGITS_CONFIGS = ("w4g128", "w4g128-gptq", "w2g64", "w2g64-gptq")
@@ -560,17 +560,22 @@ def _row(rows: list[dict], name: str) -> dict | None:
     return r if r is not None and r.get("error") is None and "mean_cos" in r else None
 
 
-def family(rows: list[dict], base: str, with_rtn: bool = True) -> list[dict]:
-    """Scored squeezer rows of preset ``base`` and of ``base-<algorithm>`` (algorithm chains too)."""
+FAMILIES = {"w8a8": ("w8a8", "w8a8-asym"), "w8": ("w8",), "w4g128": ("w4g128",)}
+"""The presets of each goal's configuration: W8A8 with symmetric or asymmetric per-token activations."""
+
+
+def family(rows: list[dict], family_name: str, with_rtn: bool = True) -> list[dict]:
+    """Scored squeezer rows of the family's presets and of ``<preset>-<algorithm>`` (chains too)."""
+    bases = FAMILIES[family_name]
     from squeezer.algorithms.base import algorithm_names
     from squeezer.errors import ConfigError
 
     def member(name: str) -> bool:
-        if name == base:
+        if name in bases:
             return with_rtn
         head, _, suffix = name.rpartition("-")
         try:
-            return head == base and bool(algorithm_names(suffix))
+            return head in bases and bool(algorithm_names(suffix))
         except ConfigError:
             return False
 
