@@ -92,3 +92,21 @@ def export_per_tensor_dynamic(tmp_path: Path, mlp: nn.Module, batches: list[torc
     rel = lambda out: float((torch.as_tensor(out) - ref).norm() / ref.norm())  # noqa: E731
     assert rel(squeezer.runtime.load(path)(x)) <= rel(simulated), "per-row grids lose nothing"
     return q, path
+
+
+def export_per_token_asymmetric(tmp_path: Path, mlp: nn.Module, batches: list[torch.Tensor], suffix: str,
+                                warning: str, tolerance: float) -> tuple[nn.Module, Path]:
+    """Export ``w8a8-asym`` to a runtime with its own per-row dynamic int8: each layer warned with
+    ``warning``, and the file's output within ``tolerance`` (relative) of squeezer's simulated model on
+    one-sided rows of 100x different ranges. Returns the quantized model and the file."""
+    q = squeezer.quantize(mlp, "w8a8-asym")
+    path = tmp_path / f"asym.{suffix}"
+    report = squeezer.export(q, batches[0], path)
+    assert [w.split("'")[1] for w in report.warnings] == ["fc1", "fc2", "head"]
+    assert all(warning in w for w in report.warnings)
+    x = torch.relu(batches[1]) * torch.logspace(-1, 1, len(batches[1]))[:, None]
+    with torch.no_grad():
+        simulated = q(x)
+    out = torch.as_tensor(squeezer.runtime.load(path)(x))
+    assert float((out - simulated).norm() / simulated.norm()) < tolerance
+    return q, path

@@ -15,7 +15,7 @@ from squeezer import export
 from squeezer.modules import quant_layers
 from squeezer.prune import magnitude_prune
 
-from .conftest import MLP, export_per_tensor_dynamic
+from .conftest import MLP, export_per_tensor_dynamic, export_per_token_asymmetric
 
 needs_executorch = pytest.mark.skipif(importlib.util.find_spec("executorch") is None,
                                       reason="needs the executorch extra: pip install 'squeezer[executorch]'")
@@ -94,6 +94,12 @@ def test_dynamic_and_float_fallback_warn(tmp_path, mlp, mlp_batches):
 @needs_executorch
 def test_dynamic_per_tensor_runs_per_row_with_a_warning(tmp_path, mlp, mlp_batches):
     export_per_tensor_dynamic(tmp_path, mlp, mlp_batches, "pte", "per row in XNNPACK's GEMMs): the nearest supported")
+
+
+@needs_executorch
+def test_asymmetric_per_token_runs_as_xnnpack_rows_with_a_warning(tmp_path, mlp, mlp_batches):
+    export_per_token_asymmetric(tmp_path, mlp, mlp_batches, "pte", "per row in XNNPACK's GEMMs): the nearest supported",
+                                0.03)
 
 
 @needs_executorch

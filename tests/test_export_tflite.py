@@ -18,7 +18,7 @@ from squeezer.modules import quant_layers
 from squeezer.prune import magnitude_prune
 from squeezer.quant.levels import lookup
 
-from .conftest import MLP, export_per_tensor_dynamic
+from .conftest import MLP, export_per_tensor_dynamic, export_per_token_asymmetric
 
 needs_tflite = pytest.mark.skipif(
     importlib.util.find_spec("litert_torch") is None or importlib.util.find_spec("ai_edge_litert") is None,
@@ -86,6 +86,13 @@ def test_mlp_w8a8_matches_to_float_rounding(tmp_path, mlp, mlp_batches):
 def test_dynamic_per_tensor_runs_per_row_with_a_warning(tmp_path, mlp, mlp_batches):
     q, path = export_per_tensor_dynamic(tmp_path, mlp, mlp_batches, "tflite",
                                         "per-row quantization (the nearest supported)")
+    _assert_file_holds_squeezers_integers(path, q)
+
+
+@needs_tflite
+def test_asymmetric_per_token_runs_as_symmetric_rows_with_a_warning(tmp_path, mlp, mlp_batches):
+    q, path = export_per_token_asymmetric(tmp_path, mlp, mlp_batches, "tflite",
+                                          "symmetric per-row quantization (the nearest supported)", 0.03)
     _assert_file_holds_squeezers_integers(path, q)
 
 
