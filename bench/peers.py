@@ -12,7 +12,7 @@ What it measures, for two models:
 Paths (every one on the same inputs, in the same process):
 
 * references: torch fp32, ONNX Runtime fp32 (the fp32 ONNX export the ORT peers start from);
-* squeezer ``w8a8`` / ``w8a8-tensor`` / ``w8`` / ``w4g128``: ``squeezer.quantize`` + ``squeezer.pack`` in PyTorch, and
+* squeezer ``w8a8`` / ``w8a8-asym`` / ``w8a8-tensor`` / ``w8`` / ``w4g128``: ``squeezer.quantize`` + ``squeezer.pack`` in PyTorch, and
   the same quantized model through ``squeezer.export_onnx`` + ``squeezer.runtime.load``;
 * peers: ``torch.ao.quantization.quantize_dynamic`` (qint8 Linear; default per-tensor qconfig and the
   per-channel one), ``onnxruntime.quantization.quantize_dynamic`` (per channel),
@@ -72,14 +72,15 @@ from machine import CpuMeter, cpu_info, foreign_load, loadavg, versions, wait_qu
 
 THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
-SQUEEZER_PRESETS = ("w8a8", "w8a8-tensor", "w8", "w4g128")
+SQUEEZER_PRESETS = ("w8a8", "w8a8-asym", "w8a8-tensor", "w8", "w4g128")
 LINEAR_ONLY = {f"{p}-linear": replace(squeezer.PRESETS[p], layer_types=("linear",), name=f"{p}-linear")
                for p in ("w8", "w4g128")}
 """For models with embeddings: the weight-only presets on Linear layers only, the scope of the MatMulNBits peers."""
-FORMAT_OF = {"w8a8": "int8 W + int8 A", "w8a8-tensor": "int8 W + int8 A", "w8": "int8 W, float A",
+FORMAT_OF = {"w8a8": "int8 W + int8 A", "w8a8-asym": "int8 W + int8 A", "w8a8-tensor": "int8 W + int8 A",
+             "w8": "int8 W, float A",
              "w4g128": "int4 W g128, float A"}
 FORMAT_OF.update({name: FORMAT_OF[name.removesuffix("-linear")] for name in LINEAR_ONLY})
-INT8_ANY = "int8, any: squeezer w8a8 / w8a8-tensor / w8 vs torch.ao / ORT dynamic / ORT QDQ"
+INT8_ANY = "int8, any: squeezer w8a8 / w8a8-asym / w8a8-tensor / w8 vs torch.ao / ORT dynamic / ORT QDQ"
 BERT_SEQ = 128
 
 # seconds of timing per (model, batch) in a full run, and the bounds on rounds
@@ -785,8 +786,8 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "`quantize_static` (QDQ, U8S8, per-channel, MinMax on 4 calibration batches, MatMul / Gemm with "
         "constant weights only, as the other peers), both after ORT's `quant_pre_process`; ORT `MatMulNBitsQuantizer` (block 128, asymmetric, accuracy level 4) with 4 and "
         "8 bits, on the fp32 export (torch's Gemm nodes rewritten to MatMul + Add, which that quantizer needs).",
-        "- **Formats compared**: squeezer `w8a8` (int8 per-channel weights, dynamic per-token int8 activations) "
-        "and `w8a8-tensor` (int8 per-channel weights, dynamic per-tensor uint8 activations: the peers' own "
+        "- **Formats compared**: squeezer `w8a8` (int8 per-channel weights, dynamic per-token int8 activations), "
+        "`w8a8-asym` (the same with a zero point per token) and `w8a8-tensor` (int8 per-channel weights, dynamic per-tensor uint8 activations: the peers' own "
         "activation scheme) against the int8 weight + int8 activation peers; on BERT also `w8-linear` / "
         "`w4g128-linear` (the same on Linear layers only, embeddings left in fp32 as the MatMulNBits peers do); `w8` (int8 per-channel weights, float activations) "
         "against MatMulNBits 8-bit; `w4g128` (uint4, groups of 128, asymmetric) against MatMulNBits 4-bit. "
