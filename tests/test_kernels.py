@@ -95,6 +95,18 @@ def test_int_mm_dynamic_per_tensor_uses_the_whole_input_range():
     assert not torch.allclose(y, per_row, rtol=1e-4, atol=1e-4)
 
 
+def test_int_mm_unsigned_symmetric_per_tensor_shifts_codes_exactly():
+    """uint8 codes with no zero point: shifted to int8 by 128 and corrected by ``128 colsum(W_q)``."""
+    cfg = QuantConfig(QuantSpec(8, granularity="channel:0"), QuantSpec(8, signed=False, granularity="tensor"),
+                      activation_mode="dynamic")
+    problem, _, layer = _problem(cfg, 32, 96)
+    path = next(p for p in PATHS if p.name == "int_mm")
+    assert path.eligible(problem, 8)
+    x = torch.relu(torch.randn(20, 96))
+    with torch.no_grad():
+        assert torch.allclose(path.run(path.prepare(problem), x), layer(x), rtol=1e-4, atol=1e-5)
+
+
 def test_int_mm_asymmetric_per_token_is_exact_and_uses_one_sided_ranges():
     """Each row gets its own scale and zero point: equal to the simulated layer on rows of 100x different
     ranges, and on one-sided (post-GELU) rows closer to float than symmetric per-token codes."""
