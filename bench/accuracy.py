@@ -62,6 +62,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import squeezer  # noqa: E402
+from squeezer.algorithms.base import algorithm_names  # noqa: E402
+from squeezer.errors import ConfigError  # noqa: E402
 from squeezer.examples.minilm import load_minilm, mean_pool  # noqa: E402
 from machine import PeakMemory  # noqa: E402
 
@@ -567,8 +569,6 @@ FAMILIES = {"w8a8": ("w8a8", "w8a8-asym"), "w8": ("w8",), "w4g128": ("w4g128",)}
 def family(rows: list[dict], family_name: str, with_rtn: bool = True) -> list[dict]:
     """Scored squeezer rows of the family's presets and of ``<preset>-<algorithm>`` (chains too)."""
     bases = FAMILIES[family_name]
-    from squeezer.algorithms.base import algorithm_names
-    from squeezer.errors import ConfigError
 
     def member(name: str) -> bool:
         if name in bases:
