@@ -105,6 +105,10 @@ def test_int_mm_unsigned_symmetric_per_tensor_shifts_codes_exactly():
     x = torch.relu(torch.randn(20, 96))
     with torch.no_grad():
         assert torch.allclose(path.run(path.prepare(problem), x), layer(x), rtol=1e-4, atol=1e-5)
+    per_token = QuantConfig(QuantSpec(8, granularity="channel:0"), QuantSpec(8, signed=False, granularity="token"),
+                            activation_mode="dynamic")
+    token_problem, _, _ = _problem(per_token, 32, 96)
+    assert not path.eligible(token_problem, 8), "unsigned symmetric per token has no +-127 integer form here"
 
 
 def test_int_mm_asymmetric_per_token_is_exact_and_uses_one_sided_ranges():
