@@ -53,14 +53,15 @@ class LayerStats:
     def scaled(self, d: Tensor) -> "LayerStats":
         """The statistics of the inputs ``x diag(d)`` (``d (K,)``, e.g. a new smoothing factor), from these:
         ``X^T X -> D X^T X D``, sums and samples times ``d``, ``|x|`` statistics times ``|d|``."""
-        d64 = d.detach().double().reshape(-1)
+        d32 = d.detach().float().reshape(-1)
+        d64 = d32.double()
         out = LayerStats.__new__(LayerStats)
         out.__dict__.update(self.__dict__)
         out.xtx = self.xtx * d64[:, None] * d64[None, :]
         out.sum = self.sum * d64
         out.abs_sum = self.abs_sum * d64.abs()
-        out.abs_max = self.abs_max * d.detach().float().abs().reshape(-1)
-        out.sample = self.sample * d.detach().float().reshape(1, -1)
+        out.abs_max = self.abs_max * d32.abs()
+        out.sample = self.sample * d32
         return out
 
     def hessian(self) -> Tensor:

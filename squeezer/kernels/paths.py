@@ -60,39 +60,39 @@ class IntMM(KernelPath):
     def prepare(self, problem: LinearProblem) -> dict[str, Any]:
         w = _int8_codes(problem)
         act = problem.config.activation
-        per_tensor = isinstance(act.granularity, PerTensor)
         # symmetric per token: s_x = max|x_row| / 127 inline; else squeezer's min-max parameters (per
         # tensor: static, or of this call's input; per token: of each row) with a zero point
-        general = per_tensor or not act.symmetric
+        general = isinstance(act.granularity, PerTensor) or not act.symmetric
         state = {"w_t": w.t(), "scale": problem.weight.qparams.scale.float().reshape(1, -1),
                  "bias": problem.bias, "general": general}
         if general:
             static = problem.config.activation_mode == "static"
-            state.update(act=act, act_qparams=problem.act_qparams if static else None, per_tensor=per_tensor,
+            state.update(act=act, act_qparams=problem.act_qparams if static else None,
+                         per_row=isinstance(act.granularity, PerToken),
                          shift=0 if act.signed else 128,  # uint8 -> int8 codes
-                         colsum=w.to(torch.int32).sum(dim=1, dtype=torch.int32).reshape(1, -1))  # int32: int64
-                         # products with the (m, N) accumulator are ~30x slower on CPU (measured)
+                         # int32: int64 products with the (m, N) accumulator are far slower on CPU
+                         colsum=w.to(torch.int32).sum(dim=1, dtype=torch.int32))
         return state
 
     @staticmethod
     def _general_codes(state: dict[str, Any], x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """int8 codes, scale and zero point (shifted to int8, None when 0) of ``x (m, K)``: per tensor
-        (``()``-shaped) or per row (``(m, 1)``), by :func:`uniform_qparams` as the simulated layer."""
+        """int8 codes, scale ``(r, 1)`` and int8-shifted zero point ``(r, 1)`` (None when 0) of ``x (m, K)``,
+        ``r = m`` per row or ``1`` per tensor, by :func:`uniform_qparams` as the simulated layer."""
         act, shift = state["act"], state["shift"]
         qp = state["act_qparams"]
         if qp is None:
-            lo, hi = (x.amin(), x.amax()) if state["per_tensor"] else (x.amin(1, keepdim=True), x.amax(1, keepdim=True))
+            lo, hi = (x.amin(1, keepdim=True), x.amax(1, keepdim=True)) if state["per_row"] else (x.amin(), x.amax())
             qp = uniform_qparams(lo, hi, act)
-        s_x = qp.scale.reshape(-1)[0] if state["per_tensor"] else qp.scale
-        zero = None if qp.zero_point is None else (qp.zero_point.reshape(-1)[0] if state["per_tensor"] else qp.zero_point)
+        s_x = qp.scale.reshape(-1, 1)
+        zero = None if qp.zero_point is None else qp.zero_point.reshape(-1, 1)
         q = torch.div(x, s_x).round_()  # one (m, K) buffer, updated in place
         if zero is not None:
             q.add_(zero)
         q.clamp_(act.qmin, act.qmax)
-        if shift:
-            q.sub_(shift)
-        x_zero = None if zero is None and not shift else (0 if zero is None else zero) - shift
-        return q.to(torch.int8), s_x, x_zero
+        if not shift:
+            return q.to(torch.int8), s_x, zero
+        x_zero = torch.full_like(s_x, -shift, dtype=torch.int32) if zero is None else zero - shift
+        return q.sub_(shift).to(torch.int8), s_x, x_zero
 
     def run(self, state: dict[str, Any], x: Tensor) -> Tensor:
         x = x.float()
@@ -106,10 +106,8 @@ class IntMM(KernelPath):
         if m <= 16:
             q = F.pad(q, (0, 0, 0, 17 - m))
         acc = torch._int_mm(q, state["w_t"])[:m]
-        if isinstance(x_zero, Tensor) and x_zero.dim() == 2:  # per row: acc -= z (x) colsum, a rank-1 update, exact in int32
-            acc.addr_(x_zero.reshape(-1), state["colsum"].reshape(-1), alpha=-1)
-        elif x_zero is not None:
-            acc.sub_(x_zero * state["colsum"])
+        if x_zero is not None:  # acc -= z (x) colsum: a rank-1 update in place, exact in int32
+            acc.addr_(x_zero.reshape(-1).expand(m), state["colsum"], alpha=-1)
         y = acc.float()  # in place from here: each (m, N) temporary is a full pass over memory
         y.mul_(s_x).mul_(state["scale"])
         return y if state["bias"] is None else y.add_(state["bias"])
