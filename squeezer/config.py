@@ -179,10 +179,7 @@ def resolve_config(config: QuantConfig | str | dict[str, Any]) -> QuantConfig:
         if base in PRESETS and suffix:
             from .algorithms.base import algorithm_names  # late: algorithms build on this module
 
-            try:
-                algorithm_names(suffix)
-            except ConfigError as exc:
-                raise ConfigError(f"preset {config!r}: {exc}") from None
+            algorithm_names(suffix, where=f"preset {config!r}")
             return replace(PRESETS[base], algorithm=suffix, name=config)
         if config.endswith((".yaml", ".yml")):
             return QuantConfig.from_yaml(config)

@@ -70,15 +70,18 @@ class Chain(Algorithm):
                 stats = stats.scaled(after if before is None else after / before)
 
 
-def algorithm_names(name: str) -> list[str]:
+def algorithm_names(name: object, where: str = "") -> list[str]:
     """The registered algorithms a name stands for (``"smoothquant+gptq"`` -> both); ConfigError
-    naming the unknown part."""
+    naming the unknown part, prefixed by ``where`` (the field or preset that holds the name)."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(name, str):
+        raise ConfigError(f"{prefix}an algorithm is named by a string, got {name!r}")
     parts = name.split("+")
     unknown = [p for p in parts if p not in ALGORITHMS]
     if unknown or len(set(parts)) != len(parts):
         what = (f"unknown algorithm {unknown[0]!r}" + (f" in {name!r}" if len(parts) > 1 else "") if unknown
                 else f"algorithm {name!r} repeats a step")
-        raise ConfigError(f"{what}; valid: {', '.join(sorted(ALGORITHMS))}, "
+        raise ConfigError(f"{prefix}{what}; valid: {', '.join(sorted(ALGORITHMS))}, "
                           "or several joined by '+' (e.g. smoothquant+gptq)")
     return parts
 

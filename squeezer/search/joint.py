@@ -87,12 +87,7 @@ class SearchSpace:
             raise ConfigError(f"space.bits low={bits[0]:g} is below the narrowest format ({narrowest} bits "
                               f"among {list(self.formats)}): no allocation can meet it")
         for algorithm in self.algorithms:
-            try:
-                if not isinstance(algorithm, str):
-                    raise ConfigError(f"an algorithm is named by a string, got {algorithm!r}")
-                algorithm_names(algorithm)
-            except ConfigError as exc:
-                raise ConfigError(f"space.algorithms: {exc}") from None
+            algorithm_names(algorithm, where="space.algorithms")
         for s in self.sparsity:
             check_sparsity(s, "space.sparsity")
         for r in self.rank:
