@@ -219,22 +219,29 @@ def probe_same_graph(work: Path) -> dict[str, Any]:
 
 
 MEMORY_PARTS = ("deepcopy", "calibration forwards", "w8 without calib", "w8", "w4g128-gptq", "w4g128-gptq inplace",
-                "calibration forwards, batches of 8", "w4g128-gptq, batches of 8", "w4g128-gptq inplace, batches of 8")
+                "calibration forwards, batches of 8", "w4g128-gptq, batches of 8", "w4g128-gptq inplace, batches of 8",
+                "w4g128-gptq inplace, low-memory", "w4g128-gptq inplace, batches of 8, low-memory")
 
 
-def memory_part(part: str) -> int | None:
-    """Resident-memory rise of one part in this (fresh) process, bytes; the model's memory-mapped
-    weights are paged in first, as in the accuracy bench, where the fp32 model has already run."""
+def memory_part(part: str) -> tuple[int | None, float]:
+    """Resident-memory rise of one part in this (fresh) process, bytes, and its seconds; the model's
+    memory-mapped weights are paged in first, as in the accuracy bench, where the fp32 model has
+    already run. ``low-memory`` parts call :func:`squeezer.memory.limit_heap_retention` first, as
+    ``squeezer quantize --low-memory`` does."""
     from accuracy import load_reviews
+    from squeezer.memory import limit_heap_retention
 
+    if part.endswith("low-memory") and not limit_heap_retention():
+        return None, 0.0
     torch.set_num_threads(2)
     model, tokenizer, _ = load_minilm()
     texts = load_reviews()[0]
-    size = 8 if part.endswith("batches of 8") else 32
+    size = 8 if "batches of 8" in part else 32
     calib = [dict(tokenizer(texts[i:i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
              for i in range(0, 128, size)]
     with torch.no_grad():
         sum(float(p.sum()) for p in model.parameters())
+    start = time.perf_counter()
     with warnings.catch_warnings(), torch.no_grad(), PeakMemory() as mem:
         warnings.simplefilter("ignore")
         if part == "deepcopy":
@@ -246,7 +253,7 @@ def memory_part(part: str) -> int | None:
             preset = part.split()[0].rstrip(",")
             squeezer.quantize(model, preset, calib=None if "without" in part else calib, progress=False,
                               inplace="inplace" in part)
-    return mem.extra
+    return mem.extra, time.perf_counter() - start
 
 
 def probe_memory() -> dict[str, Any]:
@@ -254,14 +261,14 @@ def probe_memory() -> dict[str, Any]:
     or of 8 where the part says so)."""
 
     fp32_bytes = sum(p.numel() * p.element_size() for p in load_minilm()[0].parameters())
-    out = {}
+    out, seconds = {}, {}
     for part in MEMORY_PARTS:
         done = subprocess.run([sys.executable, __file__, "memory-part", part], capture_output=True, text=True, check=True)
-        extra = json.loads(done.stdout.strip().splitlines()[-1])
+        extra, seconds[part] = json.loads(done.stdout.strip().splitlines()[-1])
         out[part] = extra
-        print(f"{part:30s} +{extra / 2**20:.0f} MiB = {extra / fp32_bytes:.2f}x the fp32 weights" if extra is not None
-              else f"{part:30s} not measurable here")
-    return {"fp32_weight_bytes": fp32_bytes, "peak_extra_bytes": out}
+        print(f"{part:45s} +{extra / 2**20:.0f} MiB = {extra / fp32_bytes:.2f}x the fp32 weights, {seconds[part]:.1f} s"
+              if extra is not None else f"{part:45s} not measurable here")
+    return {"fp32_weight_bytes": fp32_bytes, "peak_extra_bytes": out, "seconds": seconds}
 
 
 def main() -> None:

@@ -18,11 +18,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from .algorithms import make_algorithm, run_algorithm
-from .calibration import Batch, check_batches, run_batches
+from .calibration import Batch, batch_outputs, check_batches, run_batches, with_progress
 from .config import QuantConfig, resolve_config
 from .errors import ConfigError, DataError
 from .modules import quant_layers, set_mode, swap_layers
 from .modules.base import QuantMixin
+from .quant.core import packed_nbytes
 from .quant.metrics import ErrorAccumulator, ErrorStats
 from .report import LayerReport, QuantReport
 
@@ -35,14 +36,14 @@ def _layer_report(name: str, layer: QuantMixin) -> LayerReport:
     """Weight error against the float weight the user gave (an algorithm may have replaced
     ``layer.weight`` by its rounded choice and moved a factor into ``input_scale``)."""
     spec = layer.weight_spec
-    qt = layer.weight_qtensor()
     w = layer.weight.detach()
     act = None if layer.act_spec is None else f"{layer.act_spec.describe()} {layer.config.activation_mode}"
     return LayerReport(
         name=name, kind=type(layer).__name__, format=spec.describe(), mapping=spec.mapping, bits=spec.bits,
         granularity=spec.granularity.describe(), activation=act, params=w.numel(),
-        bytes_before=w.numel() * w.element_size(), bytes_after=qt.nbytes(),
-        weight_error=layer.weight_error or ErrorStats.between(w, qt.dequantize(w.dtype)),
+        bytes_before=w.numel() * w.element_size(),
+        bytes_after=packed_nbytes(spec, w.numel(), layer.ensured_weight_qparams()),
+        weight_error=layer.measured_weight_error(),
         output_error=layer.output_error.stats() if layer.output_error.count else None,
     )
 
@@ -51,7 +52,8 @@ def _calibrate(model: nn.Module, batches: list[Batch], reference: list[list[Tens
                progress: bool) -> ErrorStats | None:
     """Observe static activation ranges, measure each layer's output error in isolation
     (``compare`` mode, whose outputs are the float model's), and the model's output error against
-    the float ``reference`` outputs (taken earlier when an algorithm changed the float weights)."""
+    the float outputs: ``reference`` (taken earlier when an algorithm changed the float weights;
+    consumed batch by batch) or the ``compare`` pass's. One batch's outputs are live at a time."""
     layers = quant_layers(model)
     if any(layer.act_observer is not None for layer in layers.values()):
         set_mode(model, "observe")
@@ -62,15 +64,15 @@ def _calibrate(model: nn.Module, batches: list[Batch], reference: list[list[Tens
                     layer.freeze_activation()
                 except DataError as exc:
                     raise DataError(f"layer {name!r} was not reached by the calibration data ({exc})") from None
-    set_mode(model, "compare")
-    compared = run_batches(model, batches, "measuring layer errors", progress)
-    reference = compared if reference is None else reference
-    set_mode(model, "simulate")
-    quantized = run_batches(model, batches, "measuring model error", progress)
     acc = ErrorAccumulator()
-    for ref, out in zip(reference, quantized):
-        for r, q in zip(ref, out):
-            acc.update(r, q)
+    for i, batch in enumerate(with_progress(batches, "measuring layer and model errors", progress)):
+        set_mode(model, "compare")
+        compared = batch_outputs(model, batch)
+        if reference is not None:
+            compared, reference[i] = reference[i], []
+        set_mode(model, "simulate")
+        for ref, out in zip(compared, batch_outputs(model, batch)):
+            acc.update(ref, out)
     return acc.stats() if acc.count else None
 
 

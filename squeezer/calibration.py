@@ -74,18 +74,28 @@ def output_tensors(output: Any) -> list[Tensor]:
     return []
 
 
+def batch_outputs(model: nn.Module, batch: Batch) -> list[Tensor]:
+    """The floating output tensors of ``model`` on one batch, without gradients."""
+    with torch.no_grad():
+        return [t.detach() for t in output_tensors(call_model(model, batch))]
+
+
+def with_progress(items: list[Any], label: str, progress: bool = True) -> Iterator[Any]:
+    """The items, behind a transient progress bar (on a terminal, for more than one item); the
+    memory each step freed goes back to the OS before the next one starts."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    show = progress and len(items) > 1 and Console(stderr=True).is_terminal
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not show) as bar:
+        task = bar.add_task(label, total=len(items))
+        for item in items:
+            yield item
+            release_free_memory()
+            bar.advance(task)
+
+
 def run_batches(model: nn.Module, batches: list[Batch], label: str, progress: bool = True) -> list[list[Tensor]]:
     """Run ``model`` on every batch without gradients; returns each batch's output tensors."""
-    outputs: list[list[Tensor]] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    show = progress and len(batches) > 1 and Console(stderr=True).is_terminal
-    with torch.no_grad(), Progress(*columns, console=Console(stderr=True), transient=True, disable=not show) as bar:
-        task = bar.add_task(label, total=len(batches))
-        for batch in batches:
-            outputs.append([t.detach() for t in output_tensors(call_model(model, batch))])
-            release_free_memory()  # the forward's freed activations: back to the OS before the next batch
-            bar.advance(task)
-    return outputs
+    return [batch_outputs(model, batch) for batch in with_progress(batches, label, progress)]
 
 
 def batch_signature(batch: Batch) -> dict[str, Any]:

@@ -179,8 +179,47 @@ def test_qat_gradient_flows_through_quantized_module(mlp):
 
 
 def test_inplace_changes_the_given_model(mlp):
+    weight = mlp.fc1.weight
     q = squeezer.quantize(mlp, "w8", inplace=True)
     assert q is mlp and isinstance(mlp.fc1, QuantLinear)
+    assert mlp.fc1.weight.data_ptr() == weight.data_ptr(), "the quantized layer reuses the float layer's storage"
+
+
+def test_copy_leaves_the_given_model_untouched(mlp, mlp_batches):
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    q = squeezer.quantize(mlp, "w4g128-gptq", calib=mlp_batches)
+    assert not any(isinstance(m, QuantLinear) for m in mlp.modules())
+    assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
+    assert not torch.equal(q.fc1.weight, mlp.fc1.weight), "GPTQ rewrote the copy's weight"
+
+
+class TiedModel(nn.Module):
+    """A language-model head whose weight is the embedding table's (weight tying)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mid(self.embed(ids))))
+
+
+def test_tied_weights_get_their_own_copies_in_place():
+    """GPTQ rewrites the head's float weight in place: the tied embedding must keep its own."""
+    torch.manual_seed(0)
+    model = TiedModel().eval()
+    table, mid = model.embed.weight.detach().clone(), model.mid.weight
+    batches = [torch.randint(0, 50, (8, 6)) for _ in range(4)]
+    q = squeezer.quantize(model, {"weight": {"bits": 4, "granularity": "channel"}, "algorithm": "gptq",
+                                  "layer_types": ["linear", "embedding"]}, calib=batches, inplace=True)
+    assert isinstance(q.head, QuantLinear) and isinstance(q.embed, QuantEmbedding)
+    assert q.head.weight.data_ptr() != q.embed.weight.data_ptr()
+    assert not torch.equal(q.head.weight, table), "GPTQ changed the head's weight"
+    assert torch.equal(q.embed.weight, table), "the embedding table is untouched by the head's rounding"
+    assert q.mid.weight.data_ptr() == mid.data_ptr(), "an untied layer reuses its storage"
 
 
 @pytest.mark.parametrize(
@@ -241,6 +280,20 @@ def test_embedding_fake_quantizes_only_looked_up_rows(spec):
     nn.functional.embedding(ids, squeezer.quant.core.fake_quantize(emb.weight, emb.weight_spec,
                                                                     emb.weight_qparams)).square().sum().backward()
     assert torch.allclose(fast, emb.weight.grad)
+
+
+@pytest.mark.parametrize("weight", [{"bits": 8, "granularity": "channel"}, {"bits": 4, "granularity": "group:16"},
+                                    {"bits": 4, "granularity": "tensor"}, {"bits": 3, "mapping": "kmeans"}])
+def test_reported_weight_error_equals_the_whole_tensor_one(weight):
+    """Measured in blocks of rows (a big table is never fake-quantized in full): the same stats."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30000, 40), nn.Linear(40, 8))  # 1.2M weights: two blocks
+    q = squeezer.quantize(model, {"weight": weight, "layer_types": ["linear", "embedding"]})
+    for name, layer in quant_layers(q).items():
+        w = layer.weight.detach()
+        whole = squeezer.quant.metrics.ErrorStats.between(w, layer.weight_qtensor().dequantize())
+        got = next(r for r in q.squeezer_report.layers if r.name == name).weight_error
+        assert got.mse == pytest.approx(whole.mse, rel=1e-9) and got.cosine == pytest.approx(whole.cosine, rel=1e-12)
 
 
 def test_weight_on_its_grid_is_not_copied(mlp, mlp_batches):

@@ -67,6 +67,19 @@ def test_quantize_writes_checkpoint_and_info_reads_it(tmp_path, calib_npy):
     assert info.exit_code == 0 and "fc2" in info.stdout and "int8 sym" in info.stdout
 
 
+@pytest.mark.parametrize("applied", [True, False])
+def test_low_memory_sets_the_allocator_before_loading(tmp_path, calib_npy, monkeypatch, applied):
+    import squeezer.memory
+
+    calls: list[int] = []
+    monkeypatch.setattr(squeezer.memory, "limit_heap_retention", lambda: calls.append(1) or applied)
+    result = invoke("quantize", "--model", FACTORY, "--preset", "w4g128-gptq", "--calib", str(calib_npy),
+                    "--out", str(tmp_path / "out"), "--low-memory")
+    assert result.exit_code == 0, result.output
+    assert calls == [1] and (tmp_path / "out").is_dir()
+    assert ("not a glibc system" in result.output) is not applied
+
+
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".csv"])
 def test_calibration_file_types(tmp_path, suffix):
     from squeezer.io.calib_files import load_calibration

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from squeezer.memory import _malloc_trim, release_free_memory
+from squeezer.memory import _malloc_trim, _mallopt, limit_heap_retention, release_free_memory
 
 PROBE = """
 import os
@@ -45,3 +45,39 @@ def test_release_calls_malloc_trim_with_zero_and_skips_without_it(monkeypatch):
     monkeypatch.setattr(memory, "_malloc_trim", lambda: None)  # not glibc: nothing to call
     release_free_memory()
     assert calls == [0]
+
+
+RETENTION = """
+import os, sys
+import numpy as np
+from squeezer.memory import limit_heap_retention
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+if sys.argv[1] == "limit":
+    assert limit_heap_retention(1 << 20)
+big = np.ones(1 << 20)           # 8 MiB, mapped on its own; freeing it raises glibc's dynamic threshold
+del big
+chunks = [np.ones(1 << 18) for _ in range(100)]  # 100 x 2 MiB
+keep = np.ones(1 << 18)  # allocated last: the top of the heap stays in use
+before = rss()
+del chunks
+print(before - rss())
+"""
+
+
+@pytest.mark.skipif(_mallopt() is None or not sys.platform.startswith("linux"), reason="needs glibc on Linux")
+def test_limited_heap_retention_unmaps_large_tensors_when_freed():
+    def dropped(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", RETENTION, mode], capture_output=True, text=True, check=True)
+        return int(run.stdout.split()[-1])
+
+    assert dropped("default") < 50 * 2**20, "glibc's raised threshold keeps the freed 200 MiB in the heap"
+    assert dropped("limit") > 180 * 2**20, "with a fixed 1 MiB threshold each 2 MiB block is unmapped when freed"
+
+
+@pytest.mark.parametrize("threshold", [0, 64 << 20])
+def test_heap_retention_threshold_is_checked(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        limit_heap_retention(threshold)

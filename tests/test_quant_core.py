@@ -643,6 +643,9 @@ def test_error_accumulator_matches_concatenation(n1, n2, seed, noise):
     assert got.mse == pytest.approx(ref.mse, rel=1e-5, abs=1e-12)
     assert got.sqnr_db == pytest.approx(ref.sqnr_db, rel=1e-5, abs=1e-6)
     assert got.cosine == pytest.approx(ref.cosine, rel=1e-6, abs=1e-6)
+    blocks = ErrorStats.over_blocks([(x1, y1), (x2, y2)])
+    assert blocks.mse == pytest.approx(ref.mse, rel=1e-12, abs=1e-15)
+    assert blocks.cosine == pytest.approx(ref.cosine, rel=1e-12)
 
 
 def test_error_accumulator_empty_raises():

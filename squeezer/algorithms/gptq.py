@@ -10,7 +10,9 @@ Problem. A layer's weight ``W`` is viewed as ``(N, K)`` (a convolution's weight 
 
     ||X W^T - X W^^T||_F^2 = (n / 2) sum_r (w_r - w^_r) H (w_r - w^_r)^T,   H = 2 X^T X / n.
 
-Rows do not interact, so every row shares the same ``H`` (``stats.hessian()``).
+Rows do not interact, so every row shares the same ``H`` (``stats.hessian()``). Nothing below depends
+on the scale of ``H`` (the damping is relative to its diagonal; ``U`` scales by ``c^-1/2`` and each
+error ``err_j`` by ``c^1/2``), so ``X^T X`` itself may be passed (``stats.xtx``: no ``K x K`` copy).
 
 Optimal Brain Quantization. Quantize one column ``j`` to ``q_j`` while the not-yet-quantized
 columns ``F`` may still move: the best compensation and the error it leaves are::
@@ -88,26 +90,28 @@ class GPTQResult(NamedTuple):
 
 
 def inverse_hessian_factor(hessian: Tensor, damp: float, tries: int = 6) -> Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1 = U^T U`` (float64), ``lambda = damp * mean diag H``.
+    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1 = U^T U`` (float32, computed in float64),
+    ``lambda = damp * mean diag H``.
 
     Computed without forming the inverse: with ``J`` the order-reversing permutation and the
     lower factor ``J H J = L L^T``, ``H = R R^T`` for the upper ``R = J L J``, hence
     ``H^-1 = (R^-1)^T R^-1`` and ``U = R^-1 = J L^-1 J``: one Cholesky and one triangular solve
-    (the reference's ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``, same matrix).
+    (the reference's ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``, same matrix). Memory:
+    two ``K x K`` float64 buffers besides ``hessian`` (the factorisation and the solve run in place).
     """
     h = hessian.double()
     mean_diag = float(torch.diagonal(h).mean())
     lam = damp * mean_diag
-    for _ in range(tries):  # K x K float64 temporaries kept to two or three at a time
-        flipped = h.flip(0, 1)
-        flipped.diagonal().add_(lam)  # J (H + lambda I) J: J keeps the diagonal in place
-        lower, info = torch.linalg.cholesky_ex(flipped)
-        del flipped
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
+    for _ in range(tries):
+        work = h.flip(0, 1)
+        work.diagonal().add_(lam)  # J (H + lambda I) J: J keeps the diagonal in place
+        torch.linalg.cholesky_ex(work, out=(work, info))  # work <- L
         if int(info) == 0:
-            inverse = torch.linalg.solve_triangular(lower, torch.eye(h.shape[0], dtype=h.dtype, device=h.device),
-                                                    upper=False)
-            del lower
-            upper = inverse.flip(0, 1)
+            inverse = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+            torch.linalg.solve_triangular(work, inverse, upper=False, out=inverse)  # inverse <- L^-1
+            del work
+            upper = inverse.float().flip(0, 1)
             if bool(torch.isfinite(upper).all()):
                 return upper
         lam = max(10 * lam, 1e-6 * mean_diag)
@@ -130,8 +134,9 @@ def gptq_quantize(
     act_order: bool = False,
     clip: bool = False,
 ) -> GPTQResult:
-    """GPTQ of ``weight (N, ...)`` (flattened to ``(N, K)``) for ``hessian (K, K)`` under a uniform ``spec``
-    (per-tensor, per-channel on axis 0, or per-group). See the module docstring."""
+    """GPTQ of ``weight (N, ...)`` (flattened to ``(N, K)``) for ``hessian (K, K)`` (``H`` or any positive
+    multiple of it, e.g. ``X^T X``) under a uniform ``spec`` (per-tensor, per-channel on axis 0, or
+    per-group). See the module docstring."""
     if spec.mapping != "uniform":
         raise ConfigError(f"gptq supports the uniform mapping only, got {spec.mapping!r}")
     g = spec.granularity
@@ -155,10 +160,10 @@ def gptq_quantize(
     # Column order: identity, or decreasing H_ii. `perm[j]` is the original index of column j.
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        U = inverse_hessian_factor(H[perm][:, perm], damp).float()
+        U = inverse_hessian_factor(H[perm[:, None], perm], damp)
     else:
         perm = torch.arange(K, device=W.device)
-        U = inverse_hessian_factor(H, damp).float()
+        U = inverse_hessian_factor(H, damp)
     inv_perm = torch.argsort(perm)
     Wp = W[:, perm]                                  # working copy, permuted columns
 
@@ -268,6 +273,6 @@ class GPTQ(Algorithm):
         if stats is None or stats.count == 0:
             layer.calibrate_weight()  # never reached by the calibration data: keep round-to-nearest
             return
-        result = gptq_quantize(layer.weight, stats.hessian(), layer.weight_spec, damp=self.damp,
+        result = gptq_quantize(layer.weight, stats.xtx, layer.weight_spec, damp=self.damp,
                                block_size=self.block_size, act_order=self.act_order, clip=self.clip)
         layer.set_quantized(result.weight, result.qparams)

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 import torch
 from torch import Tensor, nn
 
-from ..calibration import Batch, call_model
+from ..calibration import Batch, call_model, with_progress
 from ..memory import release_free_memory
 from ..modules import QuantEmbedding, QuantLinear, quant_layers
 from ..modules.base import QuantMixin
@@ -134,14 +132,8 @@ def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], 
         layer.mode = "float"
     for layer in (l for n, l in all_layers.items() if n not in targets):
         layer.mode = "simulate"
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    show = progress and Console(stderr=True).is_terminal
-    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not show) as bar:
-        task = bar.add_task(f"{algorithm.name}", total=len(groups))
-        for group in groups:
-            _quantize_stage(model, algorithm, {n: all_layers[n] for n in group}, batches)
-            release_free_memory()
-            bar.advance(task)
+    for group in with_progress(groups, algorithm.name, progress):
+        _quantize_stage(model, algorithm, {n: all_layers[n] for n in group}, batches)
     return targets
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..config import QuantConfig
-from ..quant.core import QParams, compute_qparams, fake_quantize, quantize
+from ..quant.core import QParams, compute_qparams, fake_quantize, quantize, rows_qparams
 from ..quant.metrics import ErrorAccumulator, ErrorStats
 from ..quant.observers import Observer, make_observer
 from ..quant.spec import PerChannel, PerToken, QuantSpec
@@ -86,6 +86,21 @@ class QuantMixin:
         """The float weight the layer applies to its raw input: ``fq(W) * input_scale`` (per column)."""
         w = self.quantized_weight().detach()
         return w if self.input_scale is None else w * self.input_scale.reshape(1, -1, *[1] * (w.dim() - 2))
+
+    def measured_weight_error(self) -> ErrorStats:
+        """The error of the applied weight against the float one: an algorithm's (``weight_error``, against
+        the float weight it replaced), else ``fq(W)`` vs ``W``, fake-quantized in blocks of ~1M weights where
+        each row's parameters are its own (no full-size copy of, e.g., a big embedding table)."""
+        if self.weight_error is not None:
+            return self.weight_error
+        w = self.weight.detach()
+        qp, g = self.ensured_weight_qparams(), self.weight_spec.granularity
+        if w.dim() != 2 or "weight_fake_quant" in self._modules or rows_qparams(qp, g, torch.arange(1)) is None:
+            return ErrorStats.between(w, self.quantized_weight().detach())
+        step = max(1, 2**20 // max(w.shape[1], 1))
+        blocks = (torch.arange(lo, min(lo + step, w.shape[0])) for lo in range(0, w.shape[0], step))
+        return ErrorStats.over_blocks((w[r], fake_quantize(w[r], self.weight_spec, rows_qparams(qp, g, r)))
+                                      for r in blocks)
 
     def reset_observer(self) -> None:
         """A fresh activation observer (static mode), forgetting what was observed so far."""

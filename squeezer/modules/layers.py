@@ -1,7 +1,9 @@
 """Quantized drop-in replacements for ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``.
 
 Each is a subclass of the torch layer (so ``isinstance`` checks and attributes still work)
-plus :class:`QuantMixin`; ``from_float(layer, config)`` moves the layer's parameters over.
+plus :class:`QuantMixin`; ``from_float(layer, config, copy)`` moves the layer's parameters over
+(copies of them with ``copy=True``, else the same storage: no second copy of a model being
+quantized in place or already copied).
 Transformers' ``Conv1D`` (``y = x W + b`` with ``W: (in, out)``) becomes a ``QuantLinear`` with
 ``W^T`` so that output channels are on axis 0 like every other weight.
 """
@@ -16,23 +18,26 @@ from ..quant.core import fake_quantize, rows_qparams
 from .base import QuantMixin
 
 
-def _adopt(new: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
-    """Own copies: algorithms change the weight in place and must not touch the source layer."""
-    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+def _adopt(new: nn.Module, weight: Tensor, bias: Tensor | None, copy: bool) -> None:
+    """The source's parameters as ``new``'s: copies (``copy=True``: algorithms change the weight in
+    place and must not touch a source that lives on, e.g. a weight tied to another layer) or the
+    same storage (the source layer is being replaced and its memory is reused)."""
+    own = (lambda t: t.detach().clone()) if copy else (lambda t: t.detach())
+    new.weight = nn.Parameter(own(weight), requires_grad=weight.requires_grad)
     if bias is not None:
-        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        new.bias = nn.Parameter(own(bias), requires_grad=bias.requires_grad)
 
 
 class QuantLinear(QuantMixin, nn.Linear):
     """``y = fq_a(x) fq_w(W)^T + b``; ``W: (out, in)``."""
 
     @classmethod
-    def from_float(cls, layer: nn.Module, config: QuantConfig) -> "QuantLinear":
+    def from_float(cls, layer: nn.Module, config: QuantConfig, copy: bool = True) -> "QuantLinear":
         weight = layer.weight
         if type(layer).__name__ == "Conv1D" and not isinstance(layer, nn.Linear):
             weight = weight.t().contiguous()
         new = cls(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device="meta")
-        _adopt(new, weight, layer.bias)
+        _adopt(new, weight, layer.bias, copy)
         new._init_quant(config)
         return new
 
@@ -44,13 +49,13 @@ class _QuantConvNd(QuantMixin):
     token_axis_is_last = False
 
     @classmethod
-    def from_float(cls, layer: nn.Module, config: QuantConfig):
+    def from_float(cls, layer: nn.Module, config: QuantConfig, copy: bool = True):
         new = cls(
             layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
             padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
             bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta",
         )
-        _adopt(new, layer.weight, layer.bias)
+        _adopt(new, layer.weight, layer.bias, copy)
         new._init_quant(config)
         return new
 
@@ -70,13 +75,13 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
     """``y = fq_w(W)[idx]``; ``W: (num_embeddings, dim)``, one scale per row (token vector) by default."""
 
     @classmethod
-    def from_float(cls, layer: nn.Embedding, config: QuantConfig) -> "QuantEmbedding":
+    def from_float(cls, layer: nn.Embedding, config: QuantConfig, copy: bool = True) -> "QuantEmbedding":
         new = cls(
             layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx,
             max_norm=layer.max_norm, norm_type=layer.norm_type,
             scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse, device="meta",
         )
-        _adopt(new, layer.weight, None)
+        _adopt(new, layer.weight, None, copy)
         new._init_quant(config)
         return new
 

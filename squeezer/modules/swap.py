@@ -45,8 +45,20 @@ def set_child(model: nn.Module, name: str, child: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, child)
 
 
+def _tied_storages(model: nn.Module) -> set[int]:
+    """Storages (data pointers) that hold more than one parameter of ``model``: tied weights."""
+    seen: set[int] = set()
+    tied: set[int] = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        ptr = p.untyped_storage().data_ptr()
+        (tied if ptr in seen else seen).add(ptr)
+    return tied
+
+
 def swap_layers(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[SkippedLayer]]:
-    """Swap in place. Returns the swapped layer names and the skipped modules.
+    """Swap in place. Returns the swapped layer names and the skipped modules. A quantized layer takes
+    over its float layer's parameter storage (no copy), except where the storage is tied to another
+    parameter: that one gets its own copy, so that an algorithm's in-place rounding stays in its layer.
 
     Raises :class:`DataError` naming the layer when a selected weight holds NaN or Inf.
     """
@@ -65,9 +77,11 @@ def swap_layers(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[
         elif own:
             skipped.append(SkippedLayer(name, type(module).__name__, own, reason))
     names = [name for name, _ in chosen]
-    while chosen:  # popped, so that each float layer is freed once replaced: one layer's copy at a time
-        name, module = chosen.pop()
-        set_child(model, name, quantized_class_for(module).from_float(module, config.for_layer(name, layer_type_name(module))))
+    tied = _tied_storages(model)
+    for name, module in chosen:
+        copy = any(p.untyped_storage().data_ptr() in tied for p in module.parameters(recurse=False))
+        layer_config = config.for_layer(name, layer_type_name(module))
+        set_child(model, name, quantized_class_for(module).from_float(module, layer_config, copy=copy))
     return names, skipped
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from torch import Tensor
@@ -74,8 +75,16 @@ class ErrorStats:
 
     @classmethod
     def between(cls, x: Tensor, y: Tensor) -> "ErrorStats":
-        s = _sums(x, y)
-        return cls(_mse(s), _sqnr_db(s), _cosine(s))
+        return cls.over_blocks([(x, y)])
+
+    @classmethod
+    def over_blocks(cls, pairs: Iterable[tuple[Tensor, Tensor]]) -> "ErrorStats":
+        """The stats of ``x`` vs ``y`` given block by block as ``(x_b, y_b)`` pairs (float64 sums), so that
+        neither needs to exist in full (e.g. a big weight table and its fake-quantized rows)."""
+        total = (0.0, 0.0, 0.0, 0.0, 0)
+        for x, y in pairs:
+            total = tuple(a + b for a, b in zip(total, _sums(x, y)))
+        return cls(_mse(total), _sqnr_db(total), _cosine(total))
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
