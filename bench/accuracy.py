@@ -657,7 +657,8 @@ def memory_goal(results: dict[str, Any]) -> tuple[str, bool | None, str]:
     seconds = probe.get("seconds", {})
     took = lambda k: f" in {seconds[k]:.1f} s" if k in seconds else ""  # noqa: E731
     detail = "; ".join(f"`{k}` +{v / 2**20:.0f} MiB = {v / fp32:.2f}x{took(k)}" for k, v in gptq.items())
-    return (goal, gptq[best] < 2 * fp32, f"{detail} (rise above the loaded fp32 model, {fp32 / 2**20:.2f} MiB of "
+    return (goal, gptq[best] < 2 * fp32, f"lowest: `{best}` {gptq[best] / fp32:.2f}x (the default, a copy of the "
+            f"model, is the first figure). {detail} (rise above the loaded fp32 model, {fp32 / 2**20:.2f} MiB of "
             f"parameters; `python bench/probes.py memory`, run of {probe.get('date', '?')})")
 
 
