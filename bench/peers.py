@@ -67,20 +67,25 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import squeezer  # noqa: E402
+from squeezer.config import resolve_config  # noqa: E402
 from squeezer.examples.minilm import Encoder  # noqa: E402
 from machine import CpuMeter, cpu_info, foreign_load, loadavg, versions, wait_quiet  # noqa: E402
 
 THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
-SQUEEZER_PRESETS = ("w8a8", "w8a8-asym", "w8a8-tensor", "w8", "w4g128")
-LINEAR_ONLY = {f"{p}-linear": replace(squeezer.PRESETS[p], layer_types=("linear",), name=f"{p}-linear")
-               for p in ("w8", "w4g128")}
-"""For models with embeddings: the weight-only presets on Linear layers only, the scope of the MatMulNBits peers."""
+SQUEEZER_PRESETS = ("w8a8", "w8a8-asym", "w8a8-tensor", "w8a8-tensor-smoothquant", "w8", "w8-gptq", "w4g128",
+                    "w4g128-gptq")
 FORMAT_OF = {"w8a8": "int8 W + int8 A", "w8a8-asym": "int8 W + int8 A", "w8a8-tensor": "int8 W + int8 A",
              "w8": "int8 W, float A",
              "w4g128": "int4 W g128, float A"}
-FORMAT_OF.update({name: FORMAT_OF[name.removesuffix("-linear")] for name in LINEAR_ONLY})
-INT8_ANY = "int8, any: squeezer w8a8 / w8a8-asym / w8a8-tensor / w8 vs torch.ao / ORT dynamic / ORT QDQ"
+"""Storage and execution format of each base preset; an algorithm suffix (``-gptq``) keeps its preset's format."""
+LINEAR_ONLY = {f"{p}-linear": replace(resolve_config(p), layer_types=("linear",), name=f"{p}-linear")
+               for p in ("w8", "w8-gptq", "w4g128", "w4g128-gptq")}
+"""For models with embeddings: the weight-only presets on Linear layers only, the scope of the MatMulNBits peers."""
+FORMAT_OF.update({name: next(FORMAT_OF[base] for base in sorted(FORMAT_OF, key=len, reverse=True)
+                             if name.removesuffix("-linear").startswith(base))
+                  for name in (*SQUEEZER_PRESETS, *LINEAR_ONLY) if name not in FORMAT_OF})
+INT8_ANY = "int8, any: squeezer's int8 paths (w8a8*, w8*) vs torch.ao / ORT dynamic / ORT QDQ"
 BERT_SEQ = 128
 
 # seconds of timing per (model, batch) in a full run, and the bounds on rounds
@@ -608,17 +613,60 @@ def model_table(entry: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_groups() -> list[tuple[str, set[str], set[str]]]:
+    """``(label, squeezer formats, peer formats)`` compared: any int8 squeezer path against the int8
+    weight + activation peers, then each format against its own peers."""
+    groups = [(INT8_ANY, {FORMAT_OF["w8a8"], FORMAT_OF["w8"]}, {FORMAT_OF["w8a8"]})]
+    return groups + [(f, {f}, {f}) for f in dict.fromkeys(FORMAT_OF.values())]
+
+
+def timed_paths(entry: dict[str, Any], batch: int, family: str, formats: set[str]) -> list[dict[str, Any]]:
+    """The working paths of ``family`` in ``formats`` timed at ``batch``."""
+    return [p for p in entry["paths"] if p["family"] == family and p["format"] in formats and not p["error"]
+            and "median_ms" in p["cases"].get(str(batch), {})]
+
+
+def goals(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The speed-and-error goal at the smallest batch, per format group: some squeezer path at least as fast as the
+    fastest peer (median ms <= the peer's) with an output error no higher than that peer's (rel. L2 on the same batch).
+    Among the squeezer paths fast enough, the most accurate one is reported."""
+    b = entry["batches"][0]
+    case = lambda p: p["cases"][str(b)]  # noqa: E731
+    out = []
+    for label, sq_formats, peer_formats in format_groups():
+        peers = timed_paths(entry, b, "peer", peer_formats)
+        if not peers:
+            continue
+        peer = min(peers, key=lambda p: case(p)["median_ms"])
+        fast = [p for p in timed_paths(entry, b, "squeezer", sq_formats) if case(p)["median_ms"] <= case(peer)["median_ms"]]
+        best = min(fast, key=lambda p: case(p)["rel_l2"]) if fast else None
+        row = lambda p: {"path": f"{p['name']} ({p['runtime']})", "median_ms": case(p)["median_ms"],  # noqa: E731
+                         "rel_l2": case(p)["rel_l2"]}
+        out.append({"batch": b, "format": label, "peer": row(peer), "fast_enough": len(fast),
+                    "squeezer": None if best is None else row(best),
+                    "met": best is not None and case(best)["rel_l2"] <= case(peer)["rel_l2"]})
+    return out
+
+
+def goals_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| batch | format | fastest peer | ms | err | squeezer paths at least as fast | most accurate of them | ms | err "
+             "| met |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sq, peer = r["squeezer"], r["peer"]
+        mine = ["—", "—", "—"] if sq is None else [sq["path"], fmt_ms(sq["median_ms"]), f"{sq['rel_l2']:.4f}"]
+        lines.append("| " + " | ".join([str(r["batch"]), r["format"], peer["path"], fmt_ms(peer["median_ms"]),
+                                        f"{peer['rel_l2']:.4f}", str(r["fast_enough"]), *mine,
+                                        "met" if r["met"] else "**missed**"]) + " |")
+    return "\n".join(lines)
+
+
 def head_to_head(entry: dict[str, Any]) -> list[dict[str, Any]]:
     """Per batch and format: squeezer's fastest path vs the fastest peer (ratio = squeezer ms / peer ms)."""
     out = []
-    groups = [(INT8_ANY, {FORMAT_OF["w8a8"], FORMAT_OF["w8"]}, {FORMAT_OF["w8a8"]})]
-    groups += [(f, {f}, {f}) for f in dict.fromkeys(FORMAT_OF.values())]
     for b in entry["batches"]:
-        for label, sq_formats, peer_formats in groups:
+        for label, sq_formats, peer_formats in format_groups():
             def best(family: str, formats: set[str]) -> dict[str, Any] | None:
-                cands = [(p["cases"][str(b)]["median_ms"], p) for p in entry["paths"]
-                         if p["family"] == family and p["format"] in formats and not p["error"]
-                         and "median_ms" in p["cases"].get(str(b), {})]
+                cands = [(p["cases"][str(b)]["median_ms"], p) for p in timed_paths(entry, b, family, formats)]
                 if not cands:
                     return None
                 ms, p = min(cands, key=lambda t: t[0])
@@ -707,7 +755,11 @@ def model_markdown(entry: dict[str, Any]) -> str:
     parts = [f"### {entry['title']}", "", entry["input"], "",
              "Speed-up = torch fp32 median / path median (higher is faster); size × smaller vs fp32 parameters.", "",
              model_table(entry), "", "Squeezer vs the fastest peer (ratio < 1: squeezer faster):", "",
-             h2h_table(entry["h2h"]), ""]
+             h2h_table(entry["h2h"]), "",
+             f"Goal at batch {entry['batches'][0]} (issue #3): a squeezer path at least as fast as the fastest peer of its "
+             "format (median ms <= the peer's), with an output error no higher than that peer's (rel. L2 vs torch fp32 on "
+             "the same batch); of the squeezer paths fast enough, the most accurate:", "",
+             goals_table(goals(entry)), ""]
     parts += ["Each squeezer path vs the fastest peer of its format (squeezer ms / peer ms, < 1: squeezer faster; "
               "the fastest peer in brackets):", "",
               per_path_table(entry), ""]
