@@ -214,6 +214,23 @@ def test_smoothquant_search_never_worse_than_alpha0_or_identity(seed, factor, pr
     assert best <= layer_output_error(q, rows, w, smooth_scales(x.abs().amax(0), w, 0.0))
 
 
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-tensor"])
+def test_default_smoothquant_searches_and_is_no_worse_than_paper_alpha_or_none(preset):
+    """The default picks alpha per layer among the grid and the identity: its layer error on the calibration rows
+    is at most that of the paper's fixed 0.5 and of no smoothing."""
+    assert SmoothQuant().alpha is None
+    lin, x, _ = _layer_and_data(k=64, n=32, seed=3, rows=256, outliers=(1, 40))
+    w = lin.weight.detach()
+    errors = {}
+    for options in ({}, {"alpha": 0.5}):
+        q = _quant_layer(lin, preset)
+        make_algorithm("smoothquant", options).quantize_layer(q, _stats(x))
+        s = None if q.input_scale is None else 1.0 / q.input_scale
+        errors[str(options)] = layer_output_error(q, x, w, s)
+    assert errors["{}"] <= errors["{'alpha': 0.5}"]
+    assert errors["{}"] <= layer_output_error(_quant_layer(lin, preset), x, w, None)
+
+
 def test_smooth_scales_dead_channels():
     act = torch.tensor([0.0, 1.0, 4.0, 9.0])
     w = torch.tensor([[1.0, 0.0, 1.0, 1.0]])

@@ -10,9 +10,10 @@ is unchanged:
     s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)
 
 (``max|X_j|`` over all calibration rows; channels whose input or weight column is all zero keep
-``s_j = 1``; ``s`` is clamped to ``>= 1e-5``). ``alpha`` is given (``0.5`` by default) or, with
-``alpha=None``, chosen on ``linspace(0, 1, grid)`` -- plus the identity ``s = 1`` -- to minimise the
-layer's output error with both quantizers on the sampled calibration rows ``X``:
+``s_j = 1``; ``s`` is clamped to ``>= 1e-5``). ``alpha`` is chosen per layer (the default,
+``alpha=None``) on ``linspace(0, 1, grid)`` -- plus the identity ``s = 1``, so that smoothing never
+makes a layer worse -- to minimise the layer's output error with both quantizers on the sampled
+calibration rows ``X``, or given (the paper's ``0.5``):
 
     e = ||X W^T - fq_a(X / s) fq_w(W diag(s))^T||^2
 
@@ -74,12 +75,13 @@ def layer_output_error(layer: QuantMixin, rows: Tensor, weight: Tensor, s: Tenso
 class SmoothQuant(Algorithm):
     """Migrate activation outliers into the weight (see module docstring).
 
-    Options: ``alpha`` (migration strength in ``[0, 1]``, or ``None`` to search it), ``grid`` (search points).
+    Options: ``alpha`` (migration strength in ``[0, 1]``, or ``None``, the default: searched per layer),
+    ``grid`` (search points).
     """
 
     name = "smoothquant"
     sample_rows = 2048  # searches on the sampled rows
-    alpha: float | None = 0.5
+    alpha: float | None = None
     grid: int = 20
 
     def __post_init__(self) -> None:
