@@ -843,6 +843,9 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "activation scheme) against the int8 weight + int8 activation peers; on BERT also `w8-linear` / "
         "`w4g128-linear` (the same on Linear layers only, embeddings left in fp32 as the MatMulNBits peers do); `w8` (int8 per-channel weights, float activations) "
         "against MatMulNBits 8-bit; `w4g128` (uint4, groups of 128, asymmetric) against MatMulNBits 4-bit. "
+        "Rows with an algorithm suffix (`w8-gptq`, `w4g128-gptq`, their `-linear` forms, "
+        "`w8a8-tensor-smoothquant`) store and run the same format, with the algorithm's rounding / smoothing "
+        "chosen on the calibration batches. "
         "squeezer's presets also quantize `nn.Embedding` layers (BERT's word, position and type embeddings); "
         "the ORT dynamic quantizer quantizes Gather weights too, the others leave embeddings in fp32.",
         "",
