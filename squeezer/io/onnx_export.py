@@ -250,11 +250,10 @@ def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin, axes: list[int]) -
 def _per_token_int8_matmul(g: Any, x: Any, qt: QTensor, bias: Any) -> Any:
     """``y = s * ((q_x - 128) @ q_W^T) * S_w + b`` for ``x (..., K)``: ``q_x`` per row of the ``(M, K)``
     view (:func:`_quantize_uint8_per_row`), then ``MatMulInteger`` (u8 x s8) and the two scales."""
-    n, k = qt.codes.shape
+    k = qt.codes.shape[1]
     xq, s = _quantize_uint8_per_row(g, g.op("Reshape", x, _const(g, torch.tensor([-1, k], dtype=torch.int64))), [1])
     acc = g.op("MatMulInteger", xq, _const(g, qt.codes.to(torch.int8).t()), _const(g, torch.tensor(128, dtype=torch.uint8)))
-    y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), _unsqueeze_last(g, s)), _const(g, _channel_scale(qt, 2)))
-    return _rows_to_input_shape(g, y, x, n, bias)
+    return _rescaled_rows(g, acc, s, qt, x, bias)
 
 
 def _per_token_asym_int8_matmul(g: Any, x: Any, spec: QuantSpec, qt: QTensor, bias: Any) -> Any:
@@ -263,7 +262,7 @@ def _per_token_asym_int8_matmul(g: Any, x: Any, spec: QuantSpec, qt: QTensor, bi
     (``+ 128`` for signed codes) by one per-axis ``QuantizeLinear`` with zero points ``z_u = z + 128``
     (round half to even and saturation to [0, 255], as squeezer's clip); ``MatMulInteger`` (u8 x s8,
     zero point 0) and the exact int32 correction ``- z_u colsum(q_W)`` remove the zero points."""
-    n, k = qt.codes.shape
+    k = qt.codes.shape[1]
     rows = g.op("Reshape", x, _const(g, torch.tensor([-1, k], dtype=torch.int64)))
     s, zero = _minmax_params(g, rows, spec, [1], keepdims=False)
     zero_u8 = g.op("Cast", g.op("Add", zero, _scalar(g, 128.0 if spec.signed else 0.0)), to_i=2)  # uint8
@@ -272,14 +271,16 @@ def _per_token_asym_int8_matmul(g: Any, x: Any, spec: QuantSpec, qt: QTensor, bi
     shift = g.op("Mul", _unsqueeze_last(g, g.op("Cast", zero_u8, to_i=6)),  # int32 (M, 1) x (N,)
                  _const(g, codes.to(torch.int32).sum(dim=1)))
     acc = g.op("Sub", acc, shift)
+    return _rescaled_rows(g, acc, s, qt, x, bias)
+
+
+def _rescaled_rows(g: Any, acc: Any, s: Any, qt: QTensor, x: Any, bias: Any) -> Any:
+    """The int32 accumulator ``acc (M, N)`` of the ``(M, K)`` view of ``x`` as floats, ``acc * s * S_w``
+    (``s (M,)`` per row, ``S_w (N,)`` per output channel), back to ``x``'s leading dims ``(..., N)``, then ``+ b``."""
     y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), _unsqueeze_last(g, s)), _const(g, _channel_scale(qt, 2)))
-    return _rows_to_input_shape(g, y, x, n, bias)
-
-
-def _rows_to_input_shape(g: Any, y: Any, x: Any, n: int, bias: Any) -> Any:
-    """``y (M, N)`` back to ``x``'s leading dims ``(..., N)``, then ``+ b``."""
     lead = g.op("Slice", g.op("Shape", x), _const(g, torch.tensor([0], dtype=torch.int64)),
                 _const(g, torch.tensor([-1], dtype=torch.int64)))
+    n = qt.codes.shape[0]
     y = g.op("Reshape", y, g.op("Concat", lead, _const(g, torch.tensor([n], dtype=torch.int64)), axis_i=0))
     return y if bias is None else g.op("Add", y, bias)  # after the reshape: ONNX Runtime fuses it (BiasGelu, ...)
 
