@@ -76,7 +76,7 @@ def test_weights_in_file_are_squeezers_integers(tmp_path):
         path = tmp_path / f"{preset}.onnx"
         squeezer.export_onnx(q, torch.randn(1, 96), path)
         graph = onnx.load(str(path)).graph
-        consts = [numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"]
+        consts = [numpy_helper.to_array(t) for t in graph.initializer]
         expected = [q.get_submodule(name).weight_qtensor().codes.numpy() for name in names]
         if preset == "w8a8":  # MatMulInteger: W^T as int8
             found = [c.T for c in consts if c.dtype == np.int8 and c.ndim == 2]
@@ -261,3 +261,50 @@ def test_cli_export_from_quantize_checkpoint(tmp_path):
         assert torch.allclose(squeezer.runtime.load(onnx_path)(x), loaded(x), rtol=1e-3, atol=1e-4)
     bad = runner.invoke(app, ["export", str(ckpt), "--format", "coreml", "--out", str(tmp_path / "m.mlmodel")])
     assert bad.exit_code == 2 and "unknown export format 'coreml'" in bad.output
+
+
+def test_compact_export_same_outputs_smaller_file_layer_names(tmp_path):
+    from squeezer.runtime import load as load_runtime
+
+    model = _model()
+    q = squeezer.quantize(model, "w8a8-static", calib=[torch.randn(16, 96) for _ in range(2)])
+    x = torch.randn(3, 96)
+    plain, compact = tmp_path / "plain.onnx", tmp_path / "compact.onnx"
+    squeezer.export_onnx(q, torch.randn(1, 96), plain, compact=False)
+    squeezer.export_onnx(q, torch.randn(1, 96), compact)
+    assert compact.stat().st_size < plain.stat().st_size
+    assert np.array_equal(load_runtime(str(compact))(x.numpy()), load_runtime(str(plain))(x.numpy()))
+    graph = onnx.load(str(compact)).graph
+    assert not [n for n in graph.node if n.op_type == "Constant"]  # all constants are initializers
+    assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["output"]
+    # the quantized layers' nodes are named after their modules ("2", "2#1", ...), the rest unnamed
+    assert {n.name.split("#")[0] for n in graph.node if n.op_type == "DequantizeLinear"} == {"0", "2", "4"}
+    onnx.checker.check_model(onnx.load(str(compact)))
+
+
+def test_compact_onnx_deduplicates_and_keeps_subgraph_names():
+    from onnx import TensorProto, helper
+
+    from squeezer.io.onnx_compact import compact_onnx, module_of
+
+    assert module_of("/encoder/layer.0/attention/self/query/MatMul") == "encoder.layer.0.attention.self.query"
+    assert module_of("/Relu_1") == ""
+    two = helper.make_tensor("v", TensorProto.FLOAT, [], [2.0])
+    nodes = [helper.make_node("Constant", [], ["/a/c0"], name="/a/Constant", value=two),
+             helper.make_node("Constant", [], ["/b/c1"], name="/b/Constant", value=two),
+             helper.make_node("Mul", ["x", "/a/c0"], ["/a/m"], name="/a/Mul"),
+             helper.make_node("Mul", ["/a/m", "/b/c1"], ["y"], name="/b/Mul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    m = compact_onnx(helper.make_model(graph))
+    assert len(m.graph.initializer) == 1 and [n.op_type for n in m.graph.node] == ["Mul", "Mul"]
+    assert [n.name for n in m.graph.node] == ["a", "b"]
+    assert m.graph.node[0].input[1] == m.graph.node[1].input[1] == m.graph.initializer[0].name
+    # a node with a subgraph: constants still become initializers, names stay as they were
+    branch = helper.make_graph([helper.make_node("Identity", ["/a/c0"], ["o"])], "b", [],
+                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, [])])
+    cond = helper.make_node("If", ["x"], ["y"], name="/if", then_branch=branch, else_branch=branch)
+    graph = helper.make_graph([nodes[0], cond], "g", [helper.make_tensor_value_info("x", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    m = compact_onnx(helper.make_model(graph))
+    assert [t.name for t in m.graph.initializer] == ["/a/c0"] and m.graph.node[0].name == "/if"

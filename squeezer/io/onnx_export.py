@@ -26,7 +26,8 @@ Each quantized layer is exported by a symbolic function that writes its own node
   (exactly squeezer's asymmetric min-max formula) + ``MatMulInteger``, which ONNX Runtime fuses
   into ``DynamicQuantizeMatMul``; convolutions take the float fake-quantization form (warned).
 Anything else is written as its reconstructed float weight and listed in the export report
-as a warning naming the layer (never silently).
+as a warning naming the layer (never silently). The file is then compacted
+(:mod:`squeezer.io.onnx_compact`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import Tensor, nn
 
@@ -50,6 +52,7 @@ from ..modules.swap import ensure_deployable
 from ..modules.base import QuantMixin
 from ..quant.core import QTensor
 from ..quant.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from .onnx_compact import compact_onnx
 
 _LAYERS: dict[int, tuple[QuantMixin, "ExportReport", str]] = {}
 KIND_LABEL = {"qdq": "DequantizeLinear", "codebook": "uint8 codes -> Gather(levels) * scale",
@@ -492,12 +495,15 @@ def _names_and_axes(example: Any) -> tuple[tuple, list[str], dict[str, dict[int,
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int = 17,
-                dynamic_axes: dict[str, dict[int, str]] | None = None, require_quantized: bool = True) -> ExportReport:
+                dynamic_axes: dict[str, dict[int, str]] | None = None, require_quantized: bool = True,
+                compact: bool = True) -> ExportReport:
     """Write ``model`` (quantized, simulated or packed) to ``path`` as ONNX; returns what each layer became.
 
     ``example_inputs``: a tensor, a tuple (``model(*args)``) or a dict (``model(**kwargs)``); the
     batch axis (and the sequence axis of integer inputs) is dynamic unless ``dynamic_axes`` says otherwise.
     ``require_quantized=False`` also writes a model without quantized layers (fp32, pruned) as plain ONNX.
+    ``compact``: constants as initializers, equal ones stored once, short internal tensor names
+    (:mod:`squeezer.io.onnx_compact`; ``False`` keeps PyTorch's module-path names, for debugging).
     """
     if require_quantized or quant_layers(model):
         ensure_deployable(model, "export_onnx")
@@ -524,6 +530,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
                               input_names=names, output_names=out_names, dynamic_axes=dynamic_axes or axes,
                               do_constant_folding=False,
                               custom_opsets={"com.microsoft": 1} if uses_nbits else None)
+        proto = onnx.load(tmp, load_external_data=False) if compact else None
+        if proto is not None and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+            onnx.save(compact_onnx(proto), tmp)  # a model past 2 GB (external data) keeps its layout
         os.replace(tmp, path)
     finally:
         model.train(was_training)
