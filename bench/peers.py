@@ -454,7 +454,8 @@ def time_round_robin(calls: dict[str, Callable[[], Any]], budget_s: float, min_r
         keep = list(range(len(per_round_samples)))
     samples = {name: [ms for i in keep for ms in per_round_samples[i][name]] for name in names}
     info = {"rounds": len(per_round_samples), "rounds_kept": len(keep), "clean_rounds": clean,
-            "foreign_cores_per_round": [None if f is None else round(f, 3) for f in foreign]}
+            "foreign_cores_per_round": [None if f is None else round(f, 3) for f in foreign],
+            "round_ms": {name: [round(statistics.median(per_round_samples[i][name]), 5) for i in keep] for name in names}}
     return samples, info
 
 
@@ -503,7 +504,9 @@ def run_case(paths: list[Path_], batch: Any, budget_s: float, quick: bool) -> tu
         med = statistics.median(s)
         q = statistics.quantiles(s, n=4) if len(s) > 1 else [med, med, med]
         results[key].update(median_ms=med, p25_ms=q[0], p75_ms=q[2], samples=len(s),
-                            speedup_vs_torch_fp32=base / med, time_ratio_vs_torch_fp32=med / base)
+                            speedup_vs_torch_fp32=base / med, time_ratio_vs_torch_fp32=med / base,
+                            round_ms=info["round_ms"][key])
+    del info["round_ms"]  # kept per path
     return results, info
 
 
@@ -642,10 +645,29 @@ def goals(entry: dict[str, Any]) -> list[dict[str, Any]]:
         best = min(fast, key=lambda p: case(p)["rel_l2"]) if fast else None
         row = lambda p: {"path": f"{p['name']} ({p['runtime']})", "median_ms": case(p)["median_ms"],  # noqa: E731
                          "rel_l2": case(p)["rel_l2"]}
+        accurate = [p for p in timed_paths(entry, b, "squeezer", sq_formats) if case(p)["rel_l2"] <= case(peer)["rel_l2"]]
+        rival = min(accurate, key=lambda p: case(p)["median_ms"]) if accurate else None
         out.append({"batch": b, "format": label, "peer": row(peer), "fast_enough": len(fast),
                     "squeezer": None if best is None else row(best),
-                    "met": best is not None and case(best)["rel_l2"] <= case(peer)["rel_l2"]})
+                    "met": best is not None and case(best)["rel_l2"] <= case(peer)["rel_l2"],
+                    "paired": None if rival is None else {"path": row(rival)["path"],
+                                                          **paired_rounds(case(rival).get("round_ms"), case(peer).get("round_ms"))}})
     return out
+
+
+def paired_rounds(mine: list[float] | None, theirs: list[float] | None, resamples: int = 2000) -> dict[str, Any]:
+    """Both paths timed in the same rounds: the share of rounds where ``mine`` was at least as fast, and the
+    median of the per-round ratios ``mine / theirs`` with a 95 % bootstrap interval (seeded). An interval
+    that holds 1 means that the two are equally fast within this machine's noise."""
+    if not mine or not theirs or len(mine) != len(theirs):
+        return {"rounds": 0}
+    ratios = np.asarray(mine) / np.asarray(theirs)
+    rng = np.random.default_rng(0)
+    boot = np.median(rng.choice(ratios, size=(resamples, len(ratios))), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"rounds": len(ratios), "faster_rounds": int((ratios <= 1).sum()), "median_ratio": float(np.median(ratios)),
+            "ratio_ci95": [float(lo), float(hi)],
+            "verdict": "faster" if hi < 1 else "slower" if lo > 1 else "equal within noise"}
 
 
 def goals_table(rows: list[dict[str, Any]]) -> str:
@@ -657,6 +679,23 @@ def goals_table(rows: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join([str(r["batch"]), r["format"], peer["path"], fmt_ms(peer["median_ms"]),
                                         f"{peer['rel_l2']:.4f}", str(r["fast_enough"]), *mine,
                                         "met" if r["met"] else "**missed**"]) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(rows: list[dict[str, Any]]) -> str:
+    """Per goal row: the fastest squeezer path with an error no higher than the peer's, round by round."""
+    lines = ["| batch | format | squeezer path (error <= the peer's) | fastest peer | rounds | squeezer at least as fast "
+             "| median ratio (95 % interval) | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pr = r.get("paired")
+        if not pr or not pr.get("rounds"):
+            cells = ["none" if pr is None else pr["path"], r["peer"]["path"], "—", "—", "—",
+                     "no squeezer path this accurate" if pr is None else "no paired rounds"]
+        else:
+            lo, hi = pr["ratio_ci95"]
+            cells = [pr["path"], r["peer"]["path"], str(pr["rounds"]), f"{pr['faster_rounds']} / {pr['rounds']}",
+                     f"{pr['median_ratio']:.3f} ({lo:.3f}–{hi:.3f})", pr["verdict"]]
+        lines.append("| " + " | ".join([str(r["batch"]), r["format"], *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -759,7 +798,12 @@ def model_markdown(entry: dict[str, Any]) -> str:
              f"Goal at batch {entry['batches'][0]} (issue #3): a squeezer path at least as fast as the fastest peer of its "
              "format (median ms <= the peer's), with an output error no higher than that peer's (rel. L2 vs torch fp32 on "
              "the same batch); of the squeezer paths fast enough, the most accurate:", "",
-             goals_table(goals(entry)), ""]
+             goals_table(goals(entry)), "",
+             "The same comparison round by round (each round times every path once, in a new random order; ratio = "
+             "squeezer ms / peer ms in the same round; the interval is a bootstrap of the median ratio; when it holds "
+             "1 the two are equally fast within this machine's noise, and the goal's median test above can go either "
+             "way from run to run):", "",
+             paired_table(goals(entry)), ""]
     parts += ["Each squeezer path vs the fastest peer of its format (squeezer ms / peer ms, < 1: squeezer faster; "
               "the fastest peer in brackets):", "",
               per_path_table(entry), ""]
