@@ -6,8 +6,10 @@ module path (``/conv2/Constant_3_output_0``). :func:`compact_onnx`
 
 1. turns every ``Constant`` node of the main graph into an initializer of the same name (its
    tensor; what ONNX Runtime's graph optimiser does on load);
-2. keeps one copy of equal initializers (same type, shape and bytes; the repeated scalars of the
-   dynamic-quantization subgraphs) and points every user at it;
+2. keeps one copy of equal small initializers (at most ``SHARED_MAX_ELEMENTS`` elements, same type,
+   shape and bytes: the repeated scalars and shapes of the dynamic-quantization subgraphs) and points
+   every user at it; larger ones stay per node, so that a runtime that repacks a weight for its
+   kernel at load (ONNX Runtime's ``MatMulNBits``, ``MatMulInteger``) never meets a shared one;
 3. renames the internal tensors to short names (``t0``, ``t1``, ...) and each node after the module
    it came from, in squeezer's dotted form (``/encoder/layer.0/attention/self/query/MatMul`` ->
    ``encoder.layer.0.attention.self.query``, then ``...query#1``, ... for its further nodes; nodes
@@ -20,8 +22,12 @@ Zero points and every other input stay as they are (TensorRT wants its int8 zero
 
 from __future__ import annotations
 
+import math
+
 import onnx
 from onnx import numpy_helper
+
+SHARED_MAX_ELEMENTS = 64
 
 
 def _constants_to_initializers(graph: onnx.GraphProto) -> None:
@@ -45,6 +51,9 @@ def _deduplicate_initializers(graph: onnx.GraphProto) -> None:
     alias: dict[str, str] = {}
     kept = []
     for tensor in graph.initializer:
+        if math.prod(tensor.dims) > SHARED_MAX_ELEMENTS:
+            kept.append(tensor)
+            continue
         key = (tensor.data_type, tuple(tensor.dims), numpy_helper.to_array(tensor).tobytes())
         if key in first and tensor.name not in outer:
             alias[tensor.name] = first[key]
