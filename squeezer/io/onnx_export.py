@@ -502,7 +502,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     ``example_inputs``: a tensor, a tuple (``model(*args)``) or a dict (``model(**kwargs)``); the
     batch axis (and the sequence axis of integer inputs) is dynamic unless ``dynamic_axes`` says otherwise.
     ``require_quantized=False`` also writes a model without quantized layers (fp32, pruned) as plain ONNX.
-    ``compact``: constants as initializers, equal ones stored once, short internal tensor names
+    ``compact``: constants as initializers, small equal ones stored once, short internal tensor names
     (:mod:`squeezer.io.onnx_compact`; ``False`` keeps PyTorch's module-path names, for debugging).
     """
     if require_quantized or quant_layers(model):
