@@ -405,9 +405,9 @@ def to_numpy(out: Any) -> np.ndarray:
 
 
 def time_round_robin(calls: dict[str, Callable[[], Any]], budget_s: float, min_rounds: int,
-                     max_rounds: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+                     max_rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, Any]]:
     """Warm up every call, then time them in rounds (each in a new seeded random order, so that no path
-    always follows the same one); ms samples per name.
+    always follows the same one); ms samples per name, each name's median per kept round, and the rounds' info.
 
     A call estimated under 50 ms is re-warmed when its turn comes (untimed calls for about
     ``REWARM_S``, 1 to 10 of them: its weights back in cache, as in a service that calls one model
@@ -454,9 +454,9 @@ def time_round_robin(calls: dict[str, Callable[[], Any]], budget_s: float, min_r
         keep = list(range(len(per_round_samples)))
     samples = {name: [ms for i in keep for ms in per_round_samples[i][name]] for name in names}
     info = {"rounds": len(per_round_samples), "rounds_kept": len(keep), "clean_rounds": clean,
-            "foreign_cores_per_round": [None if f is None else round(f, 3) for f in foreign],
-            "round_ms": {name: [round(statistics.median(per_round_samples[i][name]), 5) for i in keep] for name in names}}
-    return samples, info
+            "foreign_cores_per_round": [None if f is None else round(f, 3) for f in foreign]}
+    round_ms = {name: [round(statistics.median(per_round_samples[i][name]), 5) for i in keep] for name in names}
+    return samples, round_ms, info
 
 
 def rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
@@ -498,15 +498,14 @@ def run_case(paths: list[Path_], batch: Any, budget_s: float, quick: bool) -> tu
                 log(f"  {key}: FAILED on this batch: {results[key]['error']}")
             if ref is None:
                 raise RuntimeError(f"the reference path {key} failed: {results[key]['error']}")
-        samples, info = time_round_robin(calls, budget_s, 2 if quick else 3, 3 if quick else 300)
+        samples, round_ms, info = time_round_robin(calls, budget_s, 2 if quick else 3, 3 if quick else 300)
     base = statistics.median(samples[f"{paths[0].name} | {paths[0].runtime}"])
     for key, s in samples.items():
         med = statistics.median(s)
         q = statistics.quantiles(s, n=4) if len(s) > 1 else [med, med, med]
         results[key].update(median_ms=med, p25_ms=q[0], p75_ms=q[2], samples=len(s),
                             speedup_vs_torch_fp32=base / med, time_ratio_vs_torch_fp32=med / base,
-                            round_ms=info["round_ms"][key])
-    del info["round_ms"]  # kept per path
+                            round_ms=round_ms[key])
     return results, info
 
 
@@ -791,6 +790,7 @@ def notes(entry: dict[str, Any]) -> list[str]:
 
 
 def model_markdown(entry: dict[str, Any]) -> str:
+    goal_rows = goals(entry)
     parts = [f"### {entry['title']}", "", entry["input"], "",
              "Speed-up = torch fp32 median / path median (higher is faster); size × smaller vs fp32 parameters.", "",
              model_table(entry), "", "Squeezer vs the fastest peer (ratio < 1: squeezer faster):", "",
@@ -798,12 +798,12 @@ def model_markdown(entry: dict[str, Any]) -> str:
              f"Goal at batch {entry['batches'][0]} (issue #3): a squeezer path at least as fast as the fastest peer of its "
              "format (median ms <= the peer's), with an output error no higher than that peer's (rel. L2 vs torch fp32 on "
              "the same batch); of the squeezer paths fast enough, the most accurate:", "",
-             goals_table(goals(entry)), "",
+             goals_table(goal_rows), "",
              "The same comparison round by round (each round times every path once, in a new random order; ratio = "
              "squeezer ms / peer ms in the same round; the interval is a bootstrap of the median ratio; when it holds "
              "1 the two are equally fast within this machine's noise, and the goal's median test above can go either "
              "way from run to run):", "",
-             paired_table(goals(entry)), ""]
+             paired_table(goal_rows), ""]
     parts += ["Each squeezer path vs the fastest peer of its format (squeezer ms / peer ms, < 1: squeezer faster; "
               "the fastest peer in brackets):", "",
               per_path_table(entry), ""]

@@ -30,6 +30,10 @@ from onnx import numpy_helper
 SHARED_MAX_ELEMENTS = 64
 
 
+def _io_names(graph: onnx.GraphProto) -> set[str]:
+    return {v.name for v in graph.input} | {v.name for v in graph.output}
+
+
 def _constants_to_initializers(graph: onnx.GraphProto) -> None:
     kept = []
     for node in graph.node:
@@ -46,7 +50,7 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
 
 
 def _deduplicate_initializers(graph: onnx.GraphProto) -> None:
-    outer = {v.name for v in graph.input} | {v.name for v in graph.output}
+    outer = _io_names(graph)
     first: dict[tuple, str] = {}
     alias: dict[str, str] = {}
     kept = []
@@ -76,7 +80,7 @@ def module_of(node_name: str) -> str:
 
 
 def _short_names(graph: onnx.GraphProto) -> None:
-    outer = {v.name for v in graph.input} | {v.name for v in graph.output}
+    outer = _io_names(graph)
     names: dict[str, str] = {}
     per_module: dict[str, int] = {}
 

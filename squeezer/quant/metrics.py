@@ -33,6 +33,12 @@ def _sums(x: Tensor, y: Tensor) -> tuple[float, float, float, float, int]:
     return noise, signal, dot, approx, a.numel()
 
 
+def _added(s: tuple[float, float, float, float, int], t: tuple[float, float, float, float, int]
+           ) -> tuple[float, float, float, float, int]:
+    """Sums of two parts (see :func:`_sums`) as the sums of the whole."""
+    return tuple(a + b for a, b in zip(s, t))  # type: ignore[return-value]
+
+
 def _mse(s: tuple[float, float, float, float, int]) -> float:
     return s[0] / s[4] if s[4] else math.nan
 
@@ -83,7 +89,7 @@ class ErrorStats:
         neither needs to exist in full (e.g. a big weight table and its fake-quantized rows)."""
         total = (0.0, 0.0, 0.0, 0.0, 0)
         for x, y in pairs:
-            total = tuple(a + b for a, b in zip(total, _sums(x, y)))
+            total = _added(total, _sums(x, y))
         return cls(_mse(total), _sqnr_db(total), _cosine(total))
 
     def to_dict(self) -> dict[str, float]:
@@ -94,24 +100,20 @@ class ErrorAccumulator:
     """Running sums over many batches, so error stats of a layer's output need no stored outputs."""
 
     def __init__(self) -> None:
-        self.noise = self.signal = self.dot = self.approx_sq = 0.0
-        self.count = 0
+        self.sums = (0.0, 0.0, 0.0, 0.0, 0)  # as _sums: (noise, signal, dot, approx^2, count)
+
+    @property
+    def count(self) -> int:
+        return self.sums[4]
 
     def update(self, x: Tensor, y: Tensor) -> None:
         """Add one batch (float32 dot products: this runs on every layer output of a calibration pass)."""
         a, b = x.detach().float().flatten(), y.detach().float().flatten()
         d = a - b
-        self.noise += float(d @ d)
-        self.signal += float(a @ a)
-        self.dot += float(a @ b)
-        self.approx_sq += float(b @ b)
-        self.count += a.numel()
+        batch = (float(d @ d), float(a @ a), float(a @ b), float(b @ b), a.numel())
+        self.sums = _added(self.sums, batch)
 
     def stats(self) -> ErrorStats:
         if self.count == 0:
             raise ValueError("no batches were accumulated")
-        noise_mse = self.noise / self.count
-        sq = math.inf if self.noise == 0 else (10 * math.log10(self.signal / self.noise) if self.signal else -math.inf)
-        denom = math.sqrt(self.signal * self.approx_sq)
-        cos = self.dot / denom if denom else (1.0 if self.noise == 0 else 0.0)
-        return ErrorStats(noise_mse, sq, cos)
+        return ErrorStats(_mse(self.sums), _sqnr_db(self.sums), _cosine(self.sums))
