@@ -47,7 +47,8 @@ class Chain(Algorithm):
     """Several algorithms on each layer, in order, e.g. ``"smoothquant+gptq"``: SmoothQuant moves
     activation outliers into the weight (``W' = W diag(s)``, inputs ``x / s``), then GPTQ rounds
     ``W'`` against the Hessian of the *smoothed* inputs. A step that changes ``input_scale`` by a
-    factor ``d`` (per input column) hands the next steps :meth:`LayerStats.scaled` ``(d)``.
+    factor ``d`` (per input column) hands the next steps :meth:`LayerStats.scaled` ``(d)``; one that
+    rotates the input (``hadamard``, only as the first step) :meth:`LayerStats.rotated`.
     Each step treats the layers it applies to; the others pass through."""
 
     def __init__(self, steps: list[Algorithm]) -> None:
@@ -63,9 +64,11 @@ class Chain(Algorithm):
         for step in self.steps:
             if not step.applies_to(layer):
                 continue
-            before = layer.input_scale
+            before, rotation = layer.input_scale, layer.input_rotation
             step.quantize_layer(layer, stats)
             after = layer.input_scale
+            if stats is not None and layer.input_rotation != rotation:
+                stats = stats.rotated(layer.rotation_matrix())
             if stats is not None and after is not None and after is not before:
                 stats = stats.scaled(after if before is None else after / before)
 
@@ -78,6 +81,9 @@ def algorithm_names(name: object, where: str = "") -> list[str]:
         raise ConfigError(f"{prefix}an algorithm is named by a string, got {name!r}")
     parts = name.split("+")
     unknown = [p for p in parts if p not in ALGORITHMS]
+    if not unknown and "hadamard" in parts[1:]:
+        raise ConfigError(f"{prefix}algorithm {name!r}: 'hadamard' rotates the layer's input and must be the first "
+                          f"step (e.g. hadamard+gptq)")
     if unknown or len(set(parts)) != len(parts):
         what = (f"unknown algorithm {unknown[0]!r}" + (f" in {name!r}" if len(parts) > 1 else "") if unknown
                 else f"algorithm {name!r} repeats a step")

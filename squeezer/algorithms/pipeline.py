@@ -25,6 +25,7 @@ from ..modules import QuantEmbedding, QuantLinear, quant_layers
 from ..modules.base import QuantMixin
 from .base import Algorithm
 from ..quant.metrics import ErrorStats
+from ..quant.rotation import rotate
 from .stats import LayerStats, input_rows
 
 
@@ -118,6 +119,9 @@ def _measure(layer: QuantMixin, original: Tensor, stats: LayerStats | None) -> N
         return
     rows = stats.sample
     raw = rows if layer.input_scale is None else rows / layer.input_scale  # rows were collected smoothed
+    h = layer.rotation_matrix()
+    if h is not None:  # and rotated: the rotation is its own inverse
+        raw = rotate(raw, h)
     with torch.no_grad():
         reference = torch.nn.functional.linear(raw, original.reshape(original.shape[0], -1), layer.bias)
         layer.output_error.update(reference, layer._op(layer.quantize_input(layer.smooth(raw)), layer.quantized_weight()))

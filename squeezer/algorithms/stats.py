@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..quant.rotation import rotate
+
 
 class LayerStats:
     """Running input statistics of one layer (see module docstring)."""
@@ -62,6 +64,21 @@ class LayerStats:
         out.abs_sum = self.abs_sum * d64.abs()
         out.abs_max = self.abs_max * d32.abs()
         out.sample = self.sample * d32
+        return out
+
+    def rotated(self, h: Tensor) -> "LayerStats":
+        """The statistics of the inputs ``rotate(x)`` (block Hadamard ``h = H_b``, :mod:`squeezer.quant.rotation`):
+        ``X^T X -> R^T X^T X R``, sums and samples rotated exactly; ``|x|`` statistics (max, mean) are those of
+        the rotated sample rows (estimates)."""
+        h32, h64 = h.float(), h.double()
+        out = LayerStats.__new__(LayerStats)
+        out.__dict__.update(self.__dict__)
+        out.xtx = rotate(rotate(self.xtx, h64).T.contiguous(), h64)
+        out.sum = rotate(self.sum, h64)
+        out.sample = rotate(self.sample, h32)
+        out.abs_max = out.sample.abs().amax(0) if len(out.sample) else torch.zeros_like(self.abs_max)
+        out.abs_sum = (out.sample.abs().double().mean(0) * self.count if len(out.sample)
+                       else torch.zeros_like(self.abs_sum))
         return out
 
     def hessian(self) -> Tensor:

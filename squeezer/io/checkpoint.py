@@ -70,6 +70,8 @@ def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None =
             "type": type(layer).__name__, "shape": list(qt.shape), "dtype": "float32" if layer.is_packed else str(layer.weight.dtype).removeprefix("torch."),
             "config": layer.config.to_dict(),
         }
+        if layer.input_rotation > 1:
+            manifest_layers[name]["input_rotation"] = layer.input_rotation
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / TENSORS))
@@ -141,6 +143,13 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module], pack
         new.calibrate_weight(qt.qparams)
         if f"{name}.bias" in tensors and new.bias is None:  # added by bias correction
             new.bias = torch.nn.Parameter(torch.zeros_like(tensors[f"{name}.bias"]))
+        rotation = info.get("input_rotation", 1)
+        if rotation != 1:
+            if not isinstance(layer, nn.Linear) or isinstance(rotation, bool) or not isinstance(rotation, int) \
+                    or rotation < 2 or rotation & (rotation - 1) or shape[1] % rotation:
+                raise ModelError(f"checkpoint layer {name!r}: input_rotation {rotation!r} is not a power-of-two block "
+                                 f"of a Linear layer's {shape[1]} input features")
+            new.input_rotation = rotation
         if f"{name}.input_scale" in tensors:
             new.input_scale = tensors.pop(f"{name}.input_scale")
         if f"{name}.act.scale" in tensors:

@@ -15,7 +15,8 @@ representation that litert-torch and ExecuTorch lower to int8 kernels) with sque
 * static activations: ``dequantize(quantize(x, S_a, Z_a))`` per tensor on squeezer's grid;
   unsigned codes (``Z_a`` in 0..255) are stored as int8 with ``Z_a - 128`` (the same real values)
   and clamped to [-128, 127];
-* ``input_scale`` (SmoothQuant / AWQ) as ``x * s`` in float in front of the quantizer;
+* ``input_scale`` (SmoothQuant / AWQ) as ``x * s`` in float in front of the quantizer, after a Hadamard input
+  rotation (``input_rotation``) as a fast Walsh-Hadamard transform in float (additions, no product with ``H_b``);
 * dynamic activations: the format's own (see its module), with a warning where it differs.
 
 ``unsupported="error"`` (default) raises :class:`ConfigError` naming a layer whose weights have no
@@ -46,6 +47,7 @@ from ..modules import QuantConv1d, QuantConv2d, QuantEmbedding, quant_layers
 from ..modules.base import QuantMixin
 from ..modules.swap import ensure_deployable
 from ..quant.levels import lookup
+from ..quant.rotation import rotate_butterfly
 from ..quant.spec import PerChannel, PerTensor
 from .onnx_export import ExportReport, export_onnx
 
@@ -201,7 +203,7 @@ def _op(layer: QuantMixin, name: str) -> Callable[[Tensor, Tensor, Tensor | None
 
 
 class QdqLayer(nn.Module):
-    """A squeezer layer in QDQ form: ``op(quantizer(x * input_scale), dequantize(q, S)) + b``.
+    """A squeezer layer in QDQ form: ``op(quantizer(rotate(x) * input_scale), dequantize(q, S)) + b``.
 
     ``weight``: :class:`Int8Weight` or None (float32 ``W^`` stored as is); ``fold_weight``: the graph
     holds ``quantize(W^)`` for a converter to fold into int8 (litert-torch) instead of the int8
@@ -230,6 +232,7 @@ class QdqLayer(nn.Module):
         bias = getattr(layer, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("input_scale", None if layer.input_scale is None else layer.input_scale.detach().float().clone())
+        self.rotation = layer.input_rotation
 
     def dequantized_weight(self) -> Tensor:
         if self.scale is None:
@@ -246,6 +249,8 @@ class QdqLayer(nn.Module):
         return ops.dequantize_per_tensor(w, self.tensor_scale, 0, -127, 127, torch.int8)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.rotation > 1:  # additions only: a converter must not quantize a product with H_b
+            x = rotate_butterfly(x, self.rotation)
         if self.input_scale is not None:
             x = x * self.input_scale
         if self.input_grid is not None:

@@ -303,6 +303,10 @@ def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, n
     qt = layer.weight_qtensor()
     kind = _weight_kind(layer)
     bias = None if layer.bias is None else _const(g, layer.bias.detach().float())
+    h = layer.rotation_matrix()
+    if h is not None:  # rotate(x): blocks of b as rows, times H_b, back to x's shape
+        blocks = g.op("Reshape", x, _const(g, torch.tensor([-1, h.shape[0]], dtype=torch.int64)))
+        x = g.op("Reshape", g.op("MatMul", blocks, _const(g, h)), g.op("Shape", x))
     if layer.input_scale is not None:
         x = g.op("Mul", x, _const(g, layer.input_scale.float()))
     mode = layer.config.activation_mode

@@ -55,6 +55,7 @@ class LinearProblem:
     config: QuantConfig
     act_qparams: QParams | None
     input_scale: Tensor | None = None
+    rotation: Tensor | None = None  # H_b of a Hadamard input rotation (applied before input_scale)
 
     @property
     def out_features(self) -> int:

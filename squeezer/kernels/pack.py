@@ -42,7 +42,7 @@ def pack(model: nn.Module, paths: tuple[KernelPath, ...] = PATHS) -> list[Packed
         if isinstance(layer, QuantLinear):
             bias = None if layer.bias is None else layer.bias.detach()
             runtime = PackedLinear.build(LinearProblem(PackedWeight.from_qtensor(qt), bias, layer.config, layer.act_qparams,
-                                                    layer.input_scale), paths)
+                                                    layer.input_scale, layer.rotation_matrix()), paths)
             problem = runtime.problem
             if not any(p.integer and p.eligible(problem, m) for p in paths for _, m in BUCKETS):
                 warning = next(p.note for p in paths if not p.integer)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..quant.core import QParams, QTensor, dequantize
+from ..quant.rotation import rotate
 from ..quant.spec import PerChannel, PerGroup, PerTensor
 from .base import KernelPath, LinearProblem, PackedWeight
 from .paths import PATHS
@@ -44,6 +45,8 @@ class PackedLinear:
         self._calls = [(self.paths[name].run, self.states[name]) for name in self.choice]
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.problem.rotation is not None:
+            x = rotate(x, self.problem.rotation)
         if self.problem.input_scale is not None:
             x = x * self.problem.input_scale
         m = x.numel() // x.shape[-1]

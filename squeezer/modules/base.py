@@ -27,6 +27,7 @@ from ..config import QuantConfig
 from ..quant.core import QParams, compute_qparams, fake_quantize, quantize, rows_qparams
 from ..quant.metrics import ErrorAccumulator, ErrorStats
 from ..quant.observers import Observer, make_observer
+from ..quant.rotation import hadamard, rotate
 from ..quant.spec import PerChannel, PerToken, QuantSpec
 
 Mode = Literal["float", "observe", "simulate", "compare", "packed"]
@@ -48,6 +49,7 @@ class QuantMixin:
         self._wq_cache: tuple[int, Tensor | None] | None = None  # (weight version, fq(W) or None: W itself)
         self.runtime: Any = None
         self.register_buffer("input_scale", None)
+        self.input_rotation = 1  # Hadamard block size of the input (1: none), see squeezer.quant.rotation
         self.weight_error: ErrorStats | None = None  # set by an algorithm that rewrote the weight
         self.reset_observer()
 
@@ -82,10 +84,18 @@ class QuantMixin:
             self.weight.copy_(weight.to(self.weight.dtype).reshape(self.weight.shape))
         self.calibrate_weight(qparams)
 
+    def rotation_matrix(self) -> Tensor | None:
+        """``H_b`` of the input rotation (``b = input_rotation``), or None."""
+        return None if self.input_rotation <= 1 else hadamard(self.input_rotation)
+
     def effective_weight(self) -> Tensor:
-        """The float weight the layer applies to its raw input: ``fq(W) * input_scale`` (per column)."""
+        """The float weight the layer applies to its raw input: ``rotate(fq(W) diag(input_scale))`` (rows of
+        the weight rotated back along the input dimension when the input is rotated)."""
         w = self.quantized_weight().detach()
-        return w if self.input_scale is None else w * self.input_scale.reshape(1, -1, *[1] * (w.dim() - 2))
+        if self.input_scale is not None:
+            w = w * self.input_scale.reshape(1, -1, *[1] * (w.dim() - 2))
+        h = self.rotation_matrix()
+        return w if h is None else rotate(w, h)
 
     def measured_weight_error(self) -> ErrorStats:
         """The error of the applied weight against the float one: an algorithm's (``weight_error``, against
@@ -163,8 +173,12 @@ class QuantMixin:
         return fake_quantize(x, spec, self.act_qparams)
 
     def smooth(self, x: Tensor) -> Tensor:
-        """``x * input_scale`` when an algorithm (SmoothQuant, AWQ) moved a per-input-channel factor
-        ``s`` into the weight (``W <- W diag(s)``, ``input_scale = 1 / s``); the float function is unchanged."""
+        """The input as the weight sees it: ``rotate(x) * input_scale``. An algorithm may have rotated the
+        weight's input dimension (``W <- rotate(W)``, Hadamard) and moved a per-input-channel factor ``s``
+        into it (``W <- W diag(s)``, ``input_scale = 1 / s``: SmoothQuant, AWQ); the float function is unchanged."""
+        h = self.rotation_matrix()
+        if h is not None:
+            x = rotate(x, h)
         return x if self.input_scale is None else x * self.input_scale
 
     def forward(self, x: Tensor) -> Tensor:
