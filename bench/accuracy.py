@@ -78,7 +78,8 @@ ADAROUND_LIMIT_S = 180.0
 
 MINILM_CONFIGS = ("w8a8", "w8", "w4g128", "w4g128-gptq", "w4g128-awq", "w3g128", "w3g128-gptq", "w3g128-awq")
 MINILM_EXTRA = ("w8a8-smoothquant", "w8a8-smoothquant+gptq", "w8a8-asym", "w8a8-asym-smoothquant+gptq", "w8-gptq",
-                "w4g128-awq+gptq", "w4g128-clip", "w4g128-hqq", "w8-adaround")  # run after the peers
+                "w4g128-awq+gptq", "w4g128-clip", "w4g128-hqq", "w4g128-hadamard+gptq", "w3g128-hadamard+gptq",
+                "w8-adaround")  # run after the peers
 QUICK_MINILM = ("w8a8", "w8", "w4g128", "w4g128-gptq")
 CREDIT_CONFIGS = ("w8", "w4g128", "w4g128-gptq", "w4g128-awq", "w3g128-gptq")
 DIGITS_CONFIGS = ("w4g128", "w4g128-gptq", "w2g64", "w2g64-gptq")
@@ -649,7 +650,7 @@ def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             add(g, r["mean_cos"] > rtn["mean_cos"], f"mean cosine {r['mean_cos']:.5f} vs RTN {rtn['mean_cos']:.5f}, "
                 f"agreement {r['agreement']:.4f} vs {rtn['agreement']:.4f}")
-    w3 = [r for r in (_row(rows, n) for n in ("w3g128-gptq", "w3g128-awq")) if r is not None]
+    w3 = [r for r in (_row(rows, n) for n in ("w3g128-gptq", "w3g128-awq", "w3g128-hadamard+gptq")) if r is not None]
     w3rtn = _row(rows, "w3g128")
     if w3 and w3rtn:
         best = max(w3, key=lambda r: r["mean_cos"])

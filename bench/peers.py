@@ -74,13 +74,13 @@ from machine import CpuMeter, cpu_info, foreign_load, loadavg, versions, wait_qu
 THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
 SQUEEZER_PRESETS = ("w8a8", "w8a8-asym", "w8a8-tensor", "w8a8-tensor-smoothquant", "w8", "w8-gptq", "w4g128",
-                    "w4g128-gptq")
+                    "w4g128-gptq", "w4g128-hadamard+gptq")
 FORMAT_OF = {"w8a8": "int8 W + int8 A", "w8a8-asym": "int8 W + int8 A", "w8a8-tensor": "int8 W + int8 A",
              "w8": "int8 W, float A",
              "w4g128": "int4 W g128, float A"}
 """Storage and execution format of each base preset; an algorithm suffix (``-gptq``) keeps its preset's format."""
 LINEAR_ONLY = {f"{p}-linear": replace(resolve_config(p), layer_types=("linear",), name=f"{p}-linear")
-               for p in ("w8", "w8-gptq", "w4g128", "w4g128-gptq")}
+               for p in ("w8", "w8-gptq", "w4g128", "w4g128-gptq", "w4g128-hadamard+gptq")}
 """For models with embeddings: the weight-only presets on Linear layers only, the scope of the MatMulNBits peers."""
 FORMAT_OF.update({name: next(FORMAT_OF[base] for base in sorted(FORMAT_OF, key=len, reverse=True)
                              if name.removesuffix("-linear").startswith(base))
@@ -889,7 +889,8 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "against MatMulNBits 8-bit; `w4g128` (uint4, groups of 128, asymmetric) against MatMulNBits 4-bit. "
         "Rows with an algorithm suffix (`w8-gptq`, `w4g128-gptq`, their `-linear` forms, "
         "`w8a8-tensor-smoothquant`) store and run the same format, with the algorithm's rounding / smoothing "
-        "chosen on the calibration batches. "
+        "chosen on the calibration batches; `w4g128-hadamard+gptq` also rotates each Linear layer's input by block "
+        "Hadamard matrices (one extra float product with a 128 x 128 matrix per layer at run time). "
         "squeezer's presets also quantize `nn.Embedding` layers (BERT's word, position and type embeddings); "
         "the ORT dynamic quantizer quantizes Gather weights too, the others leave embeddings in fp32.",
         "",

@@ -5,7 +5,7 @@
                                         # one file's speed in several sessions of one process, and
                                         # what the benchmark's timing rounds do to these files
     python bench/probes.py memory       # what quantizing MiniLM adds to resident memory, part by part
-    python bench/probes.py w4           # MiniLM W4 g128: GPTQ's options and calibration size vs the accuracy goal
+    python bench/probes.py w4           # MiniLM W4 g128: GPTQ's options, calibration size and Hadamard rotation vs the accuracy goal
 
 Each prints a table and writes ``bench/results/probe_<name>.json``.
 """
@@ -280,6 +280,9 @@ W4_VARIANTS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
     ("w4g128-gptq act_order + clip", "w4g128-gptq", {"act_order": True, "clip": True}, 128),
     ("w4g128-gptq, 256 calibration texts", "w4g128-gptq", {}, 256),
     ("w4g128-gptq act_order + clip, 256 calibration texts", "w4g128-gptq", {"act_order": True, "clip": True}, 256),
+    ("w4g128-hadamard (RTN of the rotated weights)", "w4g128-hadamard", {}, 128),
+    ("w4g128-hadamard+gptq", "w4g128-hadamard+gptq", {}, 128),
+    ("w4g128-hadamard+gptq act_order + clip", "w4g128-hadamard+gptq", {"gptq": {"act_order": True, "clip": True}}, 128),
 )
 """(label, preset, GPTQ options, calibration texts): the accuracy bench's set-up, one knob at a time."""
 

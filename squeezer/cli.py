@@ -151,7 +151,8 @@ def info(directory: Path = typer.Argument(..., help="A checkpoint directory writ
 
     for name, layer in manifest["layers"].items():
         cfg = QuantConfig.from_dict(layer["config"])
-        table.add_row(name, layer["type"], "×".join(map(str, layer["shape"])), cfg.weight.describe())
+        rotation = f", input rotated (Hadamard {layer['input_rotation']})" if "input_rotation" in layer else ""
+        table.add_row(name, layer["type"], "×".join(map(str, layer["shape"])), cfg.weight.describe() + rotation)
     size = (directory / TENSORS).stat().st_size if (directory / TENSORS).exists() else 0
     table.caption = f"{TENSORS}: {size:,} bytes"
     console.print(table)

@@ -153,7 +153,13 @@ def test_save_load_pack_and_onnx_carry_the_rotation(tmp_path, mlp, mlp_batches, 
 
 
 def test_checkpoint_with_a_bad_rotation_names_the_layer(tmp_path, mlp, mlp_batches):
+    from typer.testing import CliRunner
+
+    from squeezer.cli import app
+
     squeezer.save(squeezer.quantize(mlp, "w8-hadamard"), tmp_path / "ckpt")
+    info = CliRunner().invoke(app, ["info", str(tmp_path / "ckpt")])
+    assert info.exit_code == 0 and "Hadamard" in info.stdout
     manifest = tmp_path / "ckpt" / "manifest.json"
     data = json.loads(manifest.read_text())
     data["layers"]["fc2"]["input_rotation"] = 16  # does not divide 300
@@ -184,3 +190,19 @@ def test_executorch_carries_the_rotation(tmp_path, mlp, mlp_batches):
         ref = q(mlp_batches[1])
     out = squeezer.runtime.load(path)(mlp_batches[1])
     assert float((torch.as_tensor(out) - ref).norm() / ref.norm()) < 1e-3
+
+
+def test_onnx_file_holds_one_hadamard_matrix_per_block_size(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
+    x = torch.randn(4, 256)
+    q = squeezer.quantize(model, "w8a8-hadamard", calib=[x])
+    path = tmp_path / "m.onnx"
+    squeezer.export_onnx(q, x, path)
+    import onnx
+
+    matrices = [t for t in onnx.load(str(path)).graph.initializer if list(t.dims) == [128, 128]]
+    assert len(matrices) == 1
+    with torch.no_grad():
+        expected = q(x)
+    assert float((torch.as_tensor(squeezer.runtime.load(path)(x)) - expected).norm() / expected.norm()) < 1e-5

@@ -290,25 +290,32 @@ def test_compact_onnx_deduplicates_and_keeps_subgraph_names():
     assert module_of("/encoder/layer.0/attention/self/query/MatMul") == "encoder.layer.0.attention.self.query"
     assert module_of("/Relu_1") == ""
     two = helper.make_tensor("v", TensorProto.FLOAT, [], [2.0])
-    big = helper.make_tensor("w", TensorProto.FLOAT, [100], [1.0] * 100)  # above SHARED_MAX_ELEMENTS: never shared
+    big = helper.make_tensor("w", TensorProto.FLOAT, [10, 10], [1.0] * 100)  # above SHARED_MAX_ELEMENTS: not shared
+    eye = helper.make_tensor("h", TensorProto.FLOAT, [10, 10], np.eye(10, dtype=np.float32).reshape(-1).tolist())
     nodes = [helper.make_node("Constant", [], ["/a/c0"], name="/a/Constant", value=two),
              helper.make_node("Constant", [], ["/b/c1"], name="/b/Constant", value=two),
              helper.make_node("Constant", [], ["/a/w"], name="/a/Constant_1", value=big),
              helper.make_node("Constant", [], ["/b/w"], name="/b/Constant_1", value=big),
+             helper.make_node("Constant", [], ["/a/h"], name="/a/Constant_2", value=eye),
+             helper.make_node("Constant", [], ["/b/h"], name="/b/Constant_2", value=eye),
              helper.make_node("Mul", ["x", "/a/c0"], ["/a/m"], name="/a/Mul"),
              helper.make_node("Mul", ["/a/m", "/b/c1"], ["/b/m"], name="/b/Mul"),
              helper.make_node("Add", ["/b/m", "/a/w"], ["/a/s"], name="/a/Add"),
-             helper.make_node("Add", ["/a/s", "/b/w"], ["y"], name="/b/Add")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [100])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [100])])
+             helper.make_node("Add", ["/a/s", "/b/w"], ["/b/s"], name="/b/Add"),
+             helper.make_node("MatMul", ["/b/s", "/a/h"], ["/a/r"], name="/a/MatMul"),
+             helper.make_node("MatMul", ["/a/r", "/b/h"], ["y"], name="/b/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [10, 10])])
     m = compact_onnx(helper.make_model(graph))
-    assert len(m.graph.initializer) == 3 and [n.op_type for n in m.graph.node] == ["Mul", "Mul", "Add", "Add"]
-    assert [n.name for n in m.graph.node] == ["a", "b", "a#1", "b#1"]
+    assert len(m.graph.initializer) == 4
+    assert [n.op_type for n in m.graph.node] == ["Mul", "Mul", "Add", "Add", "MatMul", "MatMul"]
+    assert [n.name for n in m.graph.node] == ["a", "b", "a#1", "b#1", "a#2", "b#2"]
     scalar = m.graph.node[0].input[1]
     assert m.graph.node[1].input[1] == scalar and m.graph.node[2].input[1] != m.graph.node[3].input[1]
+    assert m.graph.node[4].input[1] == m.graph.node[5].input[1]  # equal float MatMul weights: one copy
     onnx.checker.check_model(m)
     import onnxruntime as ort
-    x = np.arange(100, dtype=np.float32)
+    x = np.arange(100, dtype=np.float32).reshape(10, 10)
     y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.array_equal(y, x * 4 + 2)
     # a node with a subgraph: constants still become initializers, names stay as they were

@@ -9,7 +9,9 @@ module path (``/conv2/Constant_3_output_0``). :func:`compact_onnx`
 2. keeps one copy of equal small initializers (at most ``SHARED_MAX_ELEMENTS`` elements, same type,
    shape and bytes: the repeated scalars and shapes of the dynamic-quantization subgraphs) and points
    every user at it; larger ones stay per node, so that a runtime that repacks a weight for its
-   kernel at load (ONNX Runtime's ``MatMulNBits``, ``MatMulInteger``) never meets a shared one;
+   kernel at load (ONNX Runtime's ``MatMulNBits``, ``MatMulInteger``) never meets a shared one,
+   except equal tensors used only by float ``MatMul`` nodes (the Hadamard matrices ``H_b`` of rotated
+   layers: one copy per block size);
 3. renames the internal tensors to short names (``t0``, ``t1``, ...) and each node after the module
    it came from, in squeezer's dotted form (``/encoder/layer.0/attention/self/query/MatMul`` ->
    ``encoder.layer.0.attention.self.query``, then ``...query#1``, ... for its further nodes; nodes
@@ -51,11 +53,15 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
 
 def _deduplicate_initializers(graph: onnx.GraphProto) -> None:
     outer = _io_names(graph)
+    users: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
     first: dict[tuple, str] = {}
     alias: dict[str, str] = {}
     kept = []
     for tensor in graph.initializer:
-        if math.prod(tensor.dims) > SHARED_MAX_ELEMENTS:
+        if math.prod(tensor.dims) > SHARED_MAX_ELEMENTS and users.get(tensor.name) != {"MatMul"}:
             kept.append(tensor)
             continue
         key = (tensor.data_type, tuple(tensor.dims), numpy_helper.to_array(tensor).tobytes())
