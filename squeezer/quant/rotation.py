@@ -46,7 +46,7 @@ def rotation_block(k: int, block: int) -> int:
 def rotate(x: Tensor, h: Tensor) -> Tensor:
     """``rotate(x, b)`` with ``h = H_b``: the last dimension of ``x`` (a multiple of ``b``) in blocks of ``b``."""
     b = h.shape[0]
-    return (x.reshape(-1, b) @ h.to(x.dtype)).reshape(x.shape)
+    return (x.reshape(-1, b) @ h.to(device=x.device, dtype=x.dtype)).reshape(x.shape)
 
 
 def rotate_butterfly(x: Tensor, b: int) -> Tensor:
