@@ -58,9 +58,11 @@ def test_minilm_presets_algorithms_packing_and_onnx(minilm, tmp_path):
     with torch.no_grad():
         reference = model(**held_out)
         cos = {preset: _cosine(squeezer.quantize(model, preset, calib=calib, progress=False)(**held_out), reference,
-                               held_out) for preset in ("w8", "w8a8", "w8a8-tensor", "w4g128", "w4g128-gptq")}
+                               held_out) for preset in ("w8", "w8a8", "w8a8-tensor", "w4g128", "w4g128-gptq",
+                                                   "w4g128-hadamard+gptq")}
     assert cos["w8"] > 0.998 and cos["w8a8"] > 0.995 and cos["w8a8-tensor"] > 0.99, cos
     assert cos["w4g128-gptq"] > cos["w4g128"] + 0.005 and cos["w4g128-gptq"] > 0.965, cos
+    assert cos["w4g128-hadamard+gptq"] > cos["w4g128-gptq"], cos  # rotated inputs: a flatter grid per group
 
     q = squeezer.quantize(model, "w8a8-tensor", calib=calib, progress=False)
     path = tmp_path / "minilm.onnx"

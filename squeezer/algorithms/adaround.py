@@ -49,7 +49,7 @@ from ..quant.core import QParams, compute_qparams
 from ..quant.spec import PerChannel, PerGroup, QuantSpec
 from .base import Algorithm, register
 from .clip_search import best_clip_qparams
-from .stats import LayerStats
+from .stats import SAMPLE_ROWS, LayerStats
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -191,7 +191,7 @@ class AdaRound(Algorithm):
     """
 
     name = "adaround"
-    sample_rows = 2048  # searches on the sampled rows
+    sample_rows = SAMPLE_ROWS  # searches on the sampled rows
     iters: int = 500
     lr: float = 3e-2
     clip: bool = False

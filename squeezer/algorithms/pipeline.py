@@ -26,7 +26,7 @@ from ..modules.base import QuantMixin
 from .base import Algorithm
 from ..quant.metrics import ErrorStats
 from ..quant.rotation import rotate
-from .stats import LayerStats, input_rows
+from .stats import SAMPLE_ROWS, LayerStats, input_rows
 
 
 class _StageDone(Exception):
@@ -83,7 +83,7 @@ def _run_prefix(model: nn.Module, layers: dict[str, QuantMixin], batches: list[B
 
 
 def collect_stats(model: nn.Module, layers: dict[str, QuantMixin], batches: list[Batch],
-                  max_rows: int = 2048) -> dict[str, LayerStats]:
+                  max_rows: int = SAMPLE_ROWS) -> dict[str, LayerStats]:
     """Input statistics of ``layers`` over ``batches`` (smoothed inputs, as the weight sees them),
     keeping up to ``max_rows`` sampled rows per layer."""
     stats: dict[str, LayerStats | None] = {name: None for name in layers}

@@ -39,7 +39,7 @@ from ..modules.layers import QuantLinear
 from ..quant.core import compute_qparams, fake_quantize
 from .awq import has_data
 from .base import Algorithm, register
-from .stats import LayerStats
+from .stats import SAMPLE_ROWS, LayerStats
 
 _MIN_SCALE = 1e-5
 
@@ -80,7 +80,7 @@ class SmoothQuant(Algorithm):
     """
 
     name = "smoothquant"
-    sample_rows = 2048  # searches on the sampled rows
+    sample_rows = SAMPLE_ROWS  # searches on the sampled rows
     alpha: float | None = None
     grid: int = 20
 

@@ -15,10 +15,14 @@ from torch import Tensor, nn
 from ..quant.rotation import rotate
 
 
+SAMPLE_ROWS = 2048
+"""Rows of a layer's inputs kept by default (uniform sample) for output-error searches and reports."""
+
+
 class LayerStats:
     """Running input statistics of one layer (see module docstring)."""
 
-    def __init__(self, columns: int, max_rows: int = 2048, seed: int = 0) -> None:
+    def __init__(self, columns: int, max_rows: int = SAMPLE_ROWS, seed: int = 0) -> None:
         self.xtx = torch.zeros(columns, columns, dtype=torch.float64)
         self.sum = torch.zeros(columns, dtype=torch.float64)
         self.abs_sum = torch.zeros(columns, dtype=torch.float64)
