@@ -29,10 +29,10 @@ def _hadamard(b: int) -> Tensor:
 
 
 def hadamard(b: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``H_b`` (``b`` a power of two), ``(b, b)``."""
+    """``H_b`` (``b`` a power of two), ``(b, b)``; a copy, so that the cached matrix cannot be changed in place."""
     if b < 1 or b & (b - 1):
         raise ValueError(f"a Hadamard block has a power-of-two size, got {b}")
-    return _hadamard(b).to(dtype)
+    return _hadamard(b).to(dtype, copy=True)
 
 
 def rotation_block(k: int, block: int) -> int:
