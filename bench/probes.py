@@ -286,7 +286,8 @@ W4_VARIANTS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
     ("w4g128-hadamard+gptq, Hadamard blocks of 64", "w4g128-hadamard+gptq", {"hadamard": {"block": 64}}, 128),
     ("w4g128-hadamard+gptq, Hadamard blocks of 32", "w4g128-hadamard+gptq", {"hadamard": {"block": 32}}, 128),
 )
-"""(label, preset, GPTQ options, calibration texts): the accuracy bench's set-up, one knob at a time."""
+"""(label, preset, algorithm options (per step for a chain), calibration texts): the accuracy bench's set-up,
+one knob at a time."""
 
 
 def probe_w4() -> dict[str, Any]:

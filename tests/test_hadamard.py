@@ -168,28 +168,22 @@ def test_checkpoint_with_a_bad_rotation_names_the_layer(tmp_path, mlp, mlp_batch
         squeezer.load(tmp_path / "ckpt", MLP)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("litert_torch") is None or importlib.util.find_spec("ai_edge_litert") is None,
-                    reason="needs the tflite extra: pip install 'squeezer[tflite]'")
-def test_tflite_carries_the_rotation(tmp_path, mlp, mlp_batches):
-    q = squeezer.quantize(mlp, "w8a8-hadamard", calib=mlp_batches)
-    path = tmp_path / "m.tflite"
+MISSING_EXTRA = {"tflite": any(importlib.util.find_spec(m) is None for m in ("litert_torch", "ai_edge_litert")),
+                 "executorch": importlib.util.find_spec("executorch") is None}
+
+
+@pytest.mark.parametrize("fmt,suffix,preset,tol", [("tflite", "tflite", "w8a8-hadamard", 1e-4),
+                                                   ("executorch", "pte", "w8a8-static-hadamard", 1e-3)])
+def test_tflite_and_executorch_carry_the_rotation(tmp_path, mlp, mlp_batches, fmt, suffix, preset, tol):
+    if MISSING_EXTRA[fmt]:
+        pytest.skip(f"needs the {fmt} extra: pip install 'squeezer[{fmt}]'")
+    q = squeezer.quantize(mlp, preset, calib=mlp_batches)
+    path = tmp_path / f"m.{suffix}"
     squeezer.export(q, mlp_batches[0], path)
     with torch.no_grad():
         ref = q(mlp_batches[1])
     out = squeezer.runtime.load(path)(mlp_batches[1])
-    assert float((torch.as_tensor(out) - ref).norm() / ref.norm()) < 1e-4
-
-
-@pytest.mark.skipif(importlib.util.find_spec("executorch") is None,
-                    reason="needs the executorch extra: pip install 'squeezer[executorch]'")
-def test_executorch_carries_the_rotation(tmp_path, mlp, mlp_batches):
-    q = squeezer.quantize(mlp, "w8a8-static-hadamard", calib=mlp_batches)
-    path = tmp_path / "m.pte"
-    squeezer.export(q, mlp_batches[0], path)
-    with torch.no_grad():
-        ref = q(mlp_batches[1])
-    out = squeezer.runtime.load(path)(mlp_batches[1])
-    assert float((torch.as_tensor(out) - ref).norm() / ref.norm()) < 1e-3
+    assert float((torch.as_tensor(out) - ref).norm() / ref.norm()) < tol
 
 
 def test_onnx_file_holds_one_hadamard_matrix_per_block_size(tmp_path):

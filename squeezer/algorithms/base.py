@@ -22,6 +22,8 @@ class Algorithm:
 
     name: ClassVar[str] = "abstract"
     needs_stats: ClassVar[bool] = True
+    first_only: ClassVar[str | None] = None
+    """Why the algorithm must be the first step of a chain (e.g. it changes the layer's input), or None."""
     sample_rows: ClassVar[int] = 512
     """Calibration input rows kept per layer (``LayerStats.max_rows``): the report's layer-output error
     is measured on them; algorithms that search on rows (not only on ``X^T X``) keep more."""
@@ -81,9 +83,10 @@ def algorithm_names(name: object, where: str = "") -> list[str]:
         raise ConfigError(f"{prefix}an algorithm is named by a string, got {name!r}")
     parts = name.split("+")
     unknown = [p for p in parts if p not in ALGORITHMS]
-    if not unknown and "hadamard" in parts[1:]:
-        raise ConfigError(f"{prefix}algorithm {name!r}: 'hadamard' rotates the layer's input and must be the first "
-                          f"step (e.g. hadamard+gptq)")
+    late = None if unknown else next((p for p in parts[1:] if ALGORITHMS[p].first_only), None)
+    if late is not None:
+        raise ConfigError(f"{prefix}algorithm {name!r}: {late!r} {ALGORITHMS[late].first_only} and must be the first "
+                          f"step (e.g. {late}+gptq)")
     if unknown or len(set(parts)) != len(parts):
         what = (f"unknown algorithm {unknown[0]!r}" + (f" in {name!r}" if len(parts) > 1 else "") if unknown
                 else f"algorithm {name!r} repeats a step")

@@ -38,6 +38,7 @@ class Hadamard(Algorithm):
 
     name = "hadamard"
     needs_stats = False
+    first_only = "rotates the layer's input"
     block: int = 128
 
     def __post_init__(self) -> None:
