@@ -12,7 +12,7 @@ What it measures, for two models:
 Paths (every one on the same inputs, in the same process):
 
 * references: torch fp32, ONNX Runtime fp32 (the fp32 ONNX export the ORT peers start from);
-* squeezer ``w8a8`` / ``w8a8-asym`` / ``w8a8-tensor`` / ``w8`` / ``w4g128``: ``squeezer.quantize`` + ``squeezer.pack`` in PyTorch, and
+* squeezer ``w8a8`` / ``w8a8-asym`` / ``w8a8-tensor`` / ``w8`` / ``w8g128`` / ``w4g128``: ``squeezer.quantize`` + ``squeezer.pack`` in PyTorch, and
   the same quantized model through ``squeezer.export_onnx`` + ``squeezer.runtime.load``;
 * peers: ``torch.ao.quantization.quantize_dynamic`` (qint8 Linear; default per-tensor qconfig and the
   per-channel one), ``onnxruntime.quantization.quantize_dynamic`` (per channel),
@@ -73,14 +73,14 @@ from machine import CpuMeter, cpu_info, foreign_load, loadavg, versions, wait_qu
 
 THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
-SQUEEZER_PRESETS = ("w8a8", "w8a8-asym", "w8a8-tensor", "w8a8-tensor-smoothquant", "w8", "w8-gptq", "w4g128",
-                    "w4g128-gptq", "w4g128-hadamard+gptq")
+SQUEEZER_PRESETS = ("w8a8", "w8a8-asym", "w8a8-tensor", "w8a8-tensor-smoothquant", "w8", "w8-gptq", "w8g128",
+                    "w8g128-gptq", "w4g128", "w4g128-gptq", "w4g128-hadamard+gptq")
 FORMAT_OF = {"w8a8": "int8 W + int8 A", "w8a8-asym": "int8 W + int8 A", "w8a8-tensor": "int8 W + int8 A",
              "w8": "int8 W, float A",
              "w4g128": "int4 W g128, float A"}
 """Storage and execution format of each base preset; an algorithm suffix (``-gptq``) keeps its preset's format."""
 LINEAR_ONLY = {f"{p}-linear": replace(resolve_config(p), layer_types=("linear",), name=f"{p}-linear")
-               for p in ("w8", "w8-gptq", "w4g128", "w4g128-gptq", "w4g128-hadamard+gptq")}
+               for p in ("w8", "w8-gptq", "w8g128-gptq", "w4g128", "w4g128-gptq", "w4g128-hadamard+gptq")}
 """For models with embeddings: the weight-only presets on Linear layers only, the scope of the MatMulNBits peers."""
 FORMAT_OF.update({name: next(FORMAT_OF[base] for base in sorted(FORMAT_OF, key=len, reverse=True)
                              if name.removesuffix("-linear").startswith(base))
@@ -886,8 +886,10 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "`w8a8-asym` (the same with a zero point per token) and `w8a8-tensor` (int8 per-channel weights, dynamic per-tensor uint8 activations: the peers' own "
         "activation scheme) against the int8 weight + int8 activation peers; on BERT also `w8-linear` / "
         "`w4g128-linear` (the same on Linear layers only, embeddings left in fp32 as the MatMulNBits peers do); `w8` (int8 per-channel weights, float activations) "
-        "against MatMulNBits 8-bit; `w4g128` (uint4, groups of 128, asymmetric) against MatMulNBits 4-bit. "
-        "Rows with an algorithm suffix (`w8-gptq`, `w4g128-gptq`, their `-linear` forms, "
+        "and `w8g128` (uint8, groups of 128, asymmetric: the MatMulNBits peer's own format; no PyTorch integer kernel, "
+        "so its PyTorch rows dequantize in fp32 at each call) against MatMulNBits 8-bit; `w4g128` (uint4, groups of "
+        "128, asymmetric) against MatMulNBits 4-bit. "
+        "Rows with an algorithm suffix (`w8-gptq`, `w8g128-gptq`, `w4g128-gptq`, their `-linear` forms, "
         "`w8a8-tensor-smoothquant`) store and run the same format, with the algorithm's rounding / smoothing "
         "chosen on the calibration batches; `w4g128-hadamard+gptq` also rotates each Linear layer's input by block "
         "Hadamard matrices (one extra float product with a 128 x 128 matrix per layer at run time). "

@@ -137,6 +137,7 @@ compute, often the most sensitive layer, and its rows are gathered, not multipli
 
 PRESETS: dict[str, QuantConfig] = {
     "w8": QuantConfig(_w(8, PerChannel(0)), name="w8"),
+    "w8g128": QuantConfig(_w(8, PerGroup(128), symmetric=False), overrides=EMBEDDINGS_INT8, name="w8g128"),
     "w4g128": QuantConfig(_w(4, PerGroup(128), symmetric=False), overrides=EMBEDDINGS_INT8, name="w4g128"),
     "w8a8": QuantConfig(
         _w(8, PerChannel(0)), _w(8, PerToken()), activation_mode="dynamic", name="w8a8"
@@ -162,8 +163,10 @@ inputs); ``a8``: 8-bit activations, dynamic per token (``w8a8``: symmetric, torc
 ``w8a8-asym``: a scale and zero point per token, which keeps the full 8 bits for one-sided inputs
 such as GELU outputs, at the cost of one zero-point correction per output), dynamic per tensor as uint8
 (``w8a8-tensor``: the scheme of torch.ao / ONNX Runtime dynamic quantization, run by fbgemm and
-``DynamicQuantizeMatMul``) or static per tensor (min-max observer).
-``w4g128``, ``w3g128`` and ``w2g64`` keep embeddings at int8 (:data:`EMBEDDINGS_INT8`)."""
+``DynamicQuantizeMatMul``) or static per tensor (min-max observer). ``w8g128`` is ONNX Runtime's
+``MatMulNBits`` 8-bit format (uint8, a scale and zero point per group of 128): for export; PyTorch has no
+integer kernel for it.
+``w8g128``, ``w4g128``, ``w3g128`` and ``w2g64`` keep embeddings at int8 per row (:data:`EMBEDDINGS_INT8`)."""
 
 
 def resolve_config(config: QuantConfig | str | dict[str, Any]) -> QuantConfig:

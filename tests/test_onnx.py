@@ -20,9 +20,9 @@ from .conftest import TextModel
 # relative tolerance vs squeezer's PyTorch model: ORT's MatMulNBits (accuracy_level 4) and its
 # fused int8 weight kernels quantize activations internally, which costs up to ~1-2 %; ORT
 # rounds x / s of static activations its own way (a few codes differ)
-TOLERANCE = {"w4g128": 0.03, "w8": 0.02, "w8a8-static": 0.01}
+TOLERANCE = {"w4g128": 0.03, "w8": 0.02, "w8g128": 0.02, "w8a8-static": 0.01}
 EXPECTED_OPS = {
-    "w8": {"MatMulNBits"}, "w4g128": {"MatMulNBits"}, "w8a8": {"MatMulInteger"},
+    "w8": {"MatMulNBits"}, "w8g128": {"MatMulNBits"}, "w4g128": {"MatMulNBits"}, "w8a8": {"MatMulInteger"},
     "w8a8-tensor": {"DynamicQuantizeLinear", "MatMulInteger"}, "w8a8-asym": {"QuantizeLinear", "MatMulInteger"},
     "w8a8-static": {"QuantizeLinear", "DequantizeLinear"}, "w2g64": {"Cast", "Sub"}, "w3g128": {"Cast", "Sub"},
     "ternary": {"Gather"}, "binary": {"Gather"}, "log2-w4": {"Gather"}, "kmeans-w4": {"Gather"},
@@ -71,7 +71,7 @@ def test_onnx_file_is_small(tmp_path):
 def test_weights_in_file_are_squeezers_integers(tmp_path):
     model = _model()
     names = ("0", "2", "4")
-    for preset in ("w8a8", "w8"):
+    for preset in ("w8a8", "w8", "w8g128"):
         q = squeezer.quantize(model, preset)
         path = tmp_path / f"{preset}.onnx"
         squeezer.export_onnx(q, torch.randn(1, 96), path)
@@ -80,8 +80,9 @@ def test_weights_in_file_are_squeezers_integers(tmp_path):
         expected = [q.get_submodule(name).weight_qtensor().codes.numpy() for name in names]
         if preset == "w8a8":  # MatMulInteger: W^T as int8
             found = [c.T for c in consts if c.dtype == np.int8 and c.ndim == 2]
-        else:  # MatMulNBits 8 bits: (N, blocks, block) uint8, codes + 128
-            found = [c.reshape(c.shape[0], -1).astype(np.int16) - 128 for c in consts if c.dtype == np.uint8 and c.ndim == 3]
+        else:  # MatMulNBits 8 bits: (N, blocks, block) uint8; signed codes + 128, unsigned (w8g128) as they are
+            offset = 128 if q.get_submodule(names[0]).weight_spec.signed else 0
+            found = [c.reshape(c.shape[0], -1).astype(np.int16) - offset for c in consts if c.dtype == np.uint8 and c.ndim == 3]
         assert len(found) == 3
         for e in expected:
             assert any(f.shape[0] == e.shape[0] and np.array_equal(f[:, : e.shape[1]], e) for f in found), preset
