@@ -52,14 +52,23 @@ def _int8_weights(path) -> list[tuple[np.ndarray, np.ndarray]]:
     return found
 
 
-def _assert_file_holds_squeezers_integers(path, model) -> None:
-    """Each layer's codes (up to TFLite's layout: OHWI, depthwise 1HWO, conv1d as 2-D) and float32 scales."""
+def _is_constant(path, index: int) -> bool:
+    """Whether tensor ``index`` of the TFLite file has data in the file."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    model = fb.Model.GetRootAsModel(path.read_bytes(), 0)
+    return model.Buffers(model.Subgraphs(0).Tensors(index).Buffer()).DataLength() > 0
+
+
+def _assert_file_holds_squeezers_integers(path, model, folded: tuple[str, ...] = ()) -> None:
+    """Each layer's codes (up to TFLite's layout: OHWI, depthwise 1HWO, conv1d as 2-D) and float32 scales
+    (for the ``folded`` layers, whose scales carry a BatchNorm's factor, the codes only)."""
     stored = _int8_weights(path)
     for name, layer in quant_layers(model).items():
         expected = _expected_codes(layer)
         expected = expected.reshape(expected.shape[0], *[s for s in expected.shape[1:] if s > 1])
         scale = layer.weight_qtensor().qparams.scale.float().reshape(-1).numpy()
-        matches = [codes for codes, s in stored if np.array_equal(s, scale)]
+        matches = [codes for codes, s in stored if name in folded or np.array_equal(s, scale)]
         assert matches, f"{name}: no int8 tensor with squeezer's scales"
         layouts = [expected.transpose(0, *p) for p in itertools.permutations(range(1, expected.ndim))]
         assert any(np.array_equal(c, e) for c in matches for e in layouts), f"{name}: codes differ"
@@ -116,17 +125,22 @@ def test_cnn_static_full_integer_hides_int8_io(tmp_path, cnn, cnn_batches):
     own_grids = _rel(squeezer.runtime.load(path)(x), ref)
     assert own_grids < 0.03  # float in, float out; 4 rows through a 1-row model
 
-    # "float": conv1 and fc, whose outputs squeezer leaves in float, run as float ops on squeezer's W^
+    # "float": conv1 and fc, whose outputs squeezer leaves in float, run as float ops on squeezer's W^,
+    # stored as squeezer's int8 codes + DEQUANTIZE (every layer's integers are in the file; no float weights)
     default = tmp_path / "cnn_float_outputs.tflite"
     report = export(q, cnn_batches[0][:1], default, unquantized_outputs="float")
-    assert sorted(w.split("'")[1] for w in report.warnings) == ["conv1", "fc"]
-    assert "float op" in report.layers["fc"] and "static int8" in report.layers["conv2"]
-    assert Interpreter(model_path=str(default)).get_output_details()[0]["dtype"] == np.float32
-    stored = _int8_weights(default)
-    for name in ("conv2", "conv1d"):  # the int8 layers still hold squeezer's codes
-        scale = q.get_submodule(name).weight_qtensor().qparams.scale.float().reshape(-1).numpy()
-        assert any(np.array_equal(s, scale) for _, s in stored), name
+    warned = {w.split("'")[1]: w for w in report.warnings}
+    assert sorted(warned) == ["conv1", "fc"]
+    assert "DEQUANTIZE" in warned["fc"] and "fused" in warned["conv1"]  # conv1 + bn + relu: one int8 kernel
+    assert "float op" in report.layers["fc"] and "static int8" in report.layers["conv1"]
+    interpreter = Interpreter(model_path=str(default))
+    assert interpreter.get_output_details()[0]["dtype"] == np.float32
+    _assert_file_holds_squeezers_integers(default, q, folded=("conv1",))  # conv1's scales carry bn's factor
+    float_weights = [d["name"] for d in interpreter.get_tensor_details()
+                     if d["dtype"] == np.float32 and len(d["shape"]) > 1 and _is_constant(default, d["index"])]
+    assert float_weights == []
     assert _rel(squeezer.runtime.load(default)(x), ref) < own_grids
+    assert _rel(squeezer.runtime.load(default, xnnpack=True)(x), ref) < own_grids  # XNNPACK reads the DEQUANTIZE too
     with pytest.raises(ConfigError, match="unquantized_outputs"):
         export(q, cnn_batches[0][:1], tmp_path / "bad.tflite", unquantized_outputs="int4")
 
@@ -237,3 +251,21 @@ def test_cli_exports_a_checkpoint_to_tflite(tmp_path):
         assert result.exit_code == 0, result.output
         warnings = json.loads(result.stdout[result.stdout.index("{"):])["warnings"]
         assert warnings and all(expected in w for w in warnings), warnings
+
+
+def test_channel_scales_recover_folded_factors():
+    from squeezer.io.tflite_int8_weights import channel_scales
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (6, 5, 3), generator=g, dtype=torch.int8).numpy()
+    codes[2] = 0  # an all-zero channel keeps a positive scale
+    scale = np.float32([0.02, 0.5, 0.1, 1e-3, 3.0, 0.7]) * np.float32([1.0, 0.9, 1.0, 2.5, 1.0, 0.3])  # s * bn factor
+    values = codes.astype(np.float32) * scale.reshape(-1, 1, 1)
+    found = channel_scales(values, codes, 0)
+    assert found is not None and np.allclose(found[[0, 1, 3, 4, 5]], scale[[0, 1, 3, 4, 5]], rtol=1e-6) and found[2] > 0
+    moved = np.moveaxis(codes, 0, 2)  # channels on the last axis, as a depthwise filter
+    assert np.allclose(channel_scales(np.moveaxis(values, 0, 2), moved, 2)[[0, 1]], scale[[0, 1]], rtol=1e-6)
+    off = values.copy()
+    off[1, 0, 0] += 0.01 * abs(off[1, 0, 0]) + 1e-3  # not q * c in channel 1
+    assert channel_scales(off, codes, 0) is None
+    assert channel_scales(-values, codes, 0) is None  # scales must be positive

@@ -17,7 +17,8 @@ output channel, ``quantized_dimension`` following TFLite's layout). Two modes, b
   ``calib`` (TFLite's full-integer convention, what int8-only accelerators need; not part of
   squeezer's model: a warning names the layer and the grid), or with ``unquantized_outputs="float"``
   as a float op on its dequantized int8 input and squeezer's ``W^`` (no grid squeezer did not
-  choose; that layer's weights in float32). A model whose first op quantizes the input / last op
+  choose; its int8 weights are stored as such and dequantized once by a ``DEQUANTIZE`` op:
+  :mod:`squeezer.io.tflite_int8_weights`). A model whose first op quantizes the input / last op
   dequantizes the output takes / returns int8; :mod:`squeezer.runtime` applies the scale and zero point.
 
 Every quantized layer of a static model must be static: the converter stores the weights of a
@@ -47,6 +48,7 @@ from .export import (
     checked_weight,
     deployable_layers,
     example_call,
+    int8_weight,
     qdq_model,
     require_extra,
     static_input_grid,
@@ -57,6 +59,7 @@ from ..modules.base import QuantMixin
 from ..quant.core import uniform_qparams
 from ..quant.spec import PerTensor, PerToken, QuantSpec
 from .onnx_export import ExportReport
+from .tflite_int8_weights import store_int8_weights
 
 INT8_ASYM = QuantSpec(bits=8, symmetric=False, signed=True, granularity=PerTensor())
 _ATEN = torch.ops.aten
@@ -165,7 +168,7 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: str | Path, *, ca
     ``unquantized_outputs``: a static layer whose output squeezer leaves in float (e.g. the last one)
     runs in TFLite's int8 kernel with an output grid of its own (``"int8"``, default: int8 weights, an
     approximation; a warning gives the grid) or as a float op on squeezer's dequantized weights
-    (``"float"``: no grid of its own, its weights stored in float32); ``calib``: batches for those grids' ranges.
+    (``"float"``: no grid of its own; int8 weights dequantized once); ``calib``: batches for those grids' ranges.
     """
     if unquantized_outputs not in ("int8", "float"):
         raise ConfigError(f"unquantized_outputs must be 'int8' or 'float', got {unquantized_outputs!r}")
@@ -191,17 +194,14 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: str | Path, *, ca
 
     qmodel = qdq_model(model, make)
     args, kwargs = example_call(example_inputs)
+    float_ops: dict[str, Any] = {}
     if mode == "static":
         with torch.no_grad():
             requantized = _requantized(torch.export.export(qmodel, args, kwargs))
         own = [n for n, m in qmodel.named_modules() if isinstance(m, QdqLayer) and m.scale is not None
                and n not in requantized and activation_mode(layers[n]) == "static"]
         if unquantized_outputs == "float":
-            for name in own:
-                report.layers[name] = report.layers[name].replace("static int8 activations", "float op on int8 inputs")
-                report.warnings.append(f"layer {name!r}: its output has no squeezer grid; TFLite runs it as a float op "
-                                       "on its dequantized int8 input and squeezer's dequantized weights (no grid "
-                                       "of its own; its weights stored as float32)")
+            float_ops = {name: int8_weight(layers[name]) for name in own}
             own = []
         batches = [example_inputs] + ([] if calib is None or not own else check_batches(calib))
         for name, (scale, zero, lo, hi) in _output_grids(model, own, batches).items():
@@ -215,6 +215,20 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: str | Path, *, ca
         config = quant_config.QuantConfig(pt2e_quantizer=pt2e_quantizer.PT2EQuantizer().set_global(global_config))
     with torch.no_grad():
         content = litert.convert(qmodel, args, kwargs or None, quant_config=config).model_content()
+    if float_ops:
+        content, found = store_int8_weights(content, float_ops)
+        for name, what in found.items():
+            if what == "none":
+                report.warnings.append(f"layer {name!r}: its output has no squeezer grid; the converter fused it with "
+                                       "the ops after it (e.g. a BatchNorm) into an int8 kernel whose output is on the "
+                                       "next layer's input grid")
+                continue
+            report.layers[name] = report.layers[name].replace("static int8 activations", "float op on int8 inputs")
+            report.warnings.append(f"layer {name!r}: its output has no squeezer grid; TFLite runs it as a float op on "
+                                   "its dequantized int8 input and squeezer's dequantized weights (no grid of its own; " +
+                                   ("int8 weights, dequantized once by a DEQUANTIZE op)" if what == "rewritten" else
+                                    "its weights stay float32: the converter stored them in a layout squeezer does "
+                                    "not rewrite)"))
     if mode == "dynamic" and layers:
         report.warnings += [f"TFLite's dynamic-range converter quantized the float weight {name!r} to int8 "
                             "itself (not squeezer's quantization)" for name in _converter_quantized(content, qmodel)]
