@@ -892,7 +892,7 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "Rows with an algorithm suffix (`w8-gptq`, `w8g128-gptq`, `w4g128-gptq`, their `-linear` forms, "
         "`w8a8-tensor-smoothquant`) store and run the same format, with the algorithm's rounding / smoothing "
         "chosen on the calibration batches; `w4g128-hadamard+gptq` also rotates each Linear layer's input by block "
-        "Hadamard matrices (one extra float product with a 128 x 128 matrix per layer at run time). "
+        "Hadamard matrices (one extra float product with a 64 x 64 matrix per layer at run time). "
         "squeezer's presets also quantize `nn.Embedding` layers (BERT's word, position and type embeddings); "
         "the ORT dynamic quantizer quantizes Gather weights too, the others leave embeddings in fp32.",
         "",

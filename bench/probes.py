@@ -283,7 +283,7 @@ W4_VARIANTS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
     ("w4g128-hadamard (RTN of the rotated weights)", "w4g128-hadamard", {}, 128),
     ("w4g128-hadamard+gptq", "w4g128-hadamard+gptq", {}, 128),
     ("w4g128-hadamard+gptq act_order + clip", "w4g128-hadamard+gptq", {"gptq": {"act_order": True, "clip": True}}, 128),
-    ("w4g128-hadamard+gptq, Hadamard blocks of 64", "w4g128-hadamard+gptq", {"hadamard": {"block": 64}}, 128),
+    ("w4g128-hadamard+gptq, Hadamard blocks of 128", "w4g128-hadamard+gptq", {"hadamard": {"block": 128}}, 128),
     ("w4g128-hadamard+gptq, Hadamard blocks of 32", "w4g128-hadamard+gptq", {"hadamard": {"block": 32}}, 128),
 )
 """(label, preset, algorithm options (per step for a chain), calibration texts): the accuracy bench's set-up,

@@ -87,7 +87,7 @@ def test_rotation_beats_the_unrotated_grid_on_outlier_columns(preset, algorithm)
     make_algorithm(algorithm).quantize_layer(rotated, _stats(x))
     plain = _layer(lin, preset)
     make_algorithm(algorithm.replace("hadamard+", "").replace("hadamard", "rtn")).quantize_layer(plain, _stats(x))
-    assert rotated.input_rotation == 128 and plain.input_rotation == 1
+    assert rotated.input_rotation == 64 and plain.input_rotation == 1  # the default block
     assert _rel_error(lin, rotated, test) < 0.5 * _rel_error(lin, plain, test)
 
 
@@ -110,7 +110,7 @@ def test_chain_is_rotation_then_gptq_on_the_rotated_inputs():
     make_algorithm("hadamard+gptq").quantize_layer(chained, _stats(x))
     by_hand = _layer(lin, "w4g128")
     make_algorithm("hadamard").quantize_layer(by_hand, _stats(x))
-    make_algorithm("gptq").quantize_layer(by_hand, _stats(rotate(x, hadamard(128))))
+    make_algorithm("gptq").quantize_layer(by_hand, _stats(rotate(x, hadamard(64))))  # the default block
     assert torch.allclose(chained.quantized_weight(), by_hand.quantized_weight(), atol=1e-5)
 
 
@@ -195,7 +195,7 @@ def test_onnx_file_holds_one_hadamard_matrix_per_block_size(tmp_path):
     squeezer.export_onnx(q, x, path)
     import onnx
 
-    matrices = [t for t in onnx.load(str(path)).graph.initializer if list(t.dims) == [128, 128]]
+    matrices = [t for t in onnx.load(str(path)).graph.initializer if list(t.dims) == [64, 64]]  # the default block
     assert len(matrices) == 1
     with torch.no_grad():
         expected = q(x)
