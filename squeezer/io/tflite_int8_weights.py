@@ -2,8 +2,8 @@
 
 A layer that the TFLite exporter writes as a float op (its output has no squeezer grid, see
 :func:`squeezer.io.export_tflite.export_tflite`) reads ``W^ = q * s`` as a float32 constant: 4 bytes
-a weight in a quantized file. This stores ``q`` (int8, zero point 0, scale ``s`` per output channel
-or per tensor) and a ``DEQUANTIZE`` op that turns it back into the same float tensor (TFLite
+a weight in a quantized file. This stores ``q`` (int8, zero point 0, a scale per output channel)
+and a ``DEQUANTIZE`` op that turns it back into the same float tensor (TFLite
 computes ``(q - 0) * s`` in float32, the product squeezer's ``W^`` is); the interpreter evaluates a
 ``DEQUANTIZE`` of a constant once. The float op and its arithmetic are unchanged; the weight takes
 one byte a value.
@@ -82,12 +82,12 @@ def store_int8_weights(content: bytes, weights: dict[str, Int8Weight]) -> tuple[
     from ai_edge_litert import schema_py_generated as fb
 
     model = fb.ModelT.InitFromObj(fb.Model.GetRootAsModel(content, 0))
-    sg = model.subgraphs[0]
-    float_sizes = {int(np.prod(t.shape)) for t in sg.tensors
+    float_sizes = {int(np.prod(t.shape)) for sg in model.subgraphs for t in sg.tensors
                    if t.type == FLOAT32 and t.shape is not None and model.buffers[t.buffer].data is not None}
     found = {name: "float32" if w.codes.numel() in float_sizes else "none" for name, w in weights.items()}
-    if len(model.subgraphs) != 1 or any(b.offset for b in model.buffers):
+    if len(model.subgraphs) != 1 or any(b.offset for b in model.buffers):  # several graphs, or data past 2 GB
         return content, found
+    sg = model.subgraphs[0]
     new_ops = []
     for name, weight in weights.items():
         hit = _find(model, sg, weight)
