@@ -26,8 +26,9 @@ the paths are called in rounds (each in a new seeded random order) so that machi
 hits all paths alike; the figure is the median call time. Repetitions are chosen from a time
 budget per (model, batch); rounds disturbed by other processes (measured from /proc/stat) are
 dropped when enough undisturbed ones remain. Output error: relative L2 error ``||y - y_fp32|| / ||y_fp32||`` vs
-torch fp32 on the timed batch, at batch 1 over ``ERROR_ROWS`` inputs run one at a time (the rows of the largest
-batch: one input alone is too few to rank two paths' errors) (and, for BERT, cosine of the mean-pooled embeddings).
+torch fp32 on the timed batch, and for BERT the cosine of the mean-pooled embeddings; at batch 1 both over
+``ERROR_ROWS`` inputs run one at a time (the rows of the largest batch), since one input alone is too few to rank
+two paths' errors.
 Size: squeezer's ``model.safetensors`` (``squeezer.save``) and packed runtime bytes, every ONNX
 file, ``torch.save`` of the torch.ao state dict, fp32 parameter bytes.
 
@@ -75,7 +76,7 @@ from machine import CpuMeter, cpu_info, foreign_load, loadavg, versions, wait_qu
 THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
 SQUEEZER_PRESETS = ("w8a8", "w8a8-asym", "w8a8-tensor", "w8a8-tensor-smoothquant", "w8", "w8-gptq", "w8g128",
-                    "w8g128-gptq", "w4g128", "w4g128-gptq", "w4g128-hadamard+gptq")
+                    "w8g128-gptq", "w4g128", "w4g128-gptq", "w4g128-clip", "w4g128-hadamard+gptq")
 FORMAT_OF = {"w8a8": "int8 W + int8 A", "w8a8-asym": "int8 W + int8 A", "w8a8-tensor": "int8 W + int8 A",
              "w8": "int8 W, float A",
              "w4g128": "int4 W g128, float A"}
@@ -505,7 +506,7 @@ def run_case(paths: list[Path_], batch: Any, budget_s: float, quick: bool,
                 continue
             try:
                 fn = p.make_call(batch)
-                fn()
+                fn()  # the timed call must run too
                 y = outputs(p.make_call, scored)
                 if i == 0:
                     ref = y
@@ -911,8 +912,9 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "so its PyTorch rows dequantize in fp32 at each call) against MatMulNBits 8-bit; `w4g128` (uint4, groups of "
         "128, asymmetric) against MatMulNBits 4-bit. "
         "Rows with an algorithm suffix (`w8-gptq`, `w8g128-gptq`, `w4g128-gptq`, their `-linear` forms, "
-        "`w8a8-tensor-smoothquant`) store and run the same format, with the algorithm's rounding / smoothing "
-        "chosen on the calibration batches; `w4g128-hadamard+gptq` also rotates each Linear layer's input by block "
+        "`w4g128-clip`, `w8a8-tensor-smoothquant`) store and run the same format, with the algorithm's rounding / "
+        "clipping / smoothing chosen on the calibration batches (`-clip`: each group's range shrunk to minimise the "
+        "layer's output error, the choice for random weights, where GPTQ's Hessian from 256 rows is rank-deficient); `w4g128-hadamard+gptq` also rotates each Linear layer's input by block "
         "Hadamard matrices (one extra float product with a 64 x 64 matrix per layer at run time). "
         "squeezer's presets also quantize `nn.Embedding` layers (BERT's word, position and type embeddings); "
         "the ORT dynamic quantizer quantizes Gather weights too, the others leave embeddings in fp32.",
