@@ -375,7 +375,7 @@ class DPath:
     build_s: float = 0.0
     carries: str = ""
     default_peer: bool = False
-    payload_bytes: int | None = None  # bytes of the model's numbers: fp32 parameters, or squeezer's codes + scales + rest
+    payload_bytes: tuple[int, int] | None = None  # squeezer's report: parameter bytes before, and after quantizing
 
     @property
     def key(self) -> str:
@@ -386,11 +386,6 @@ def state_dict_bytes(model: nn.Module) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.getbuffer().nbytes
-
-
-def param_bytes(model: nn.Module) -> int:
-    """The fp32 model's parameter bytes: what ``squeezer.quantize``'s report counts as the model before."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def torch_runner(model: nn.Module) -> Callable[[int], Callable[..., Any]]:
@@ -489,7 +484,7 @@ def fp32_paths(task: Task, work: Path, limit: float) -> list[DPath]:
             export_file(task.model, task, runtime, file, p)
             set_runner(p, runtime, file, xnnpack=True)
         name = "fp32 (XNNPACK delegate)" if runtime == "TFLite" else "fp32"
-        out.append(build(DPath(name, runtime, "fp32", "fp32", payload_bytes=param_bytes(task.model)), fn, limit))
+        out.append(build(DPath(name, runtime, "fp32", "fp32"), fn, limit))
     return out
 
 
@@ -519,7 +514,7 @@ def squeezer_paths(task: Task, work: Path, limit: float) -> list[DPath]:
             first: DPath | None = None
             for xnnpack, suffix in variants:
                 p = DPath(f"squeezer {label}{suffix}", runtime, "squeezer", label, timed=True,
-                          carries=CARRIES.get((runtime, label), ""), payload_bytes=q.squeezer_report.model_bytes_after)
+                          carries=CARRIES.get((runtime, label), ""), payload_bytes=(q.squeezer_report.model_bytes_before, q.squeezer_report.model_bytes_after))
                 if first is None:
                     first = build(p, lambda p, runtime=runtime, file=file, x=xnnpack: (
                         export_file(q, task, runtime, file, p), set_runner(p, runtime, file, x)), limit)
@@ -979,8 +974,9 @@ def goals(entry: dict[str, Any]) -> list[dict[str, Any]]:
         if f and f.get("size_bytes") and p.get("size_bytes"):
             row["size_ratio"] = f["size_bytes"] / p["size_bytes"]
             row["size_goal"] = row["size_ratio"] >= SIZE_GOAL
-            if f.get("payload_bytes") and p.get("payload_bytes"):  # the ratio if this file's overhead were fp32's
-                row["size_ratio_same_overhead"] = f["size_bytes"] / (p["payload_bytes"] + f["size_bytes"] - f["payload_bytes"])
+            if p.get("payload_bytes"):  # the ratio if this file's overhead were its fp32 export's
+                before, after = p["payload_bytes"]
+                row["size_ratio_same_overhead"] = f["size_bytes"] / (after + f["size_bytes"] - before)
         rows.append(row)
     return rows
 

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..modules.base import QuantMixin
 from ..modules.layers import QuantLinear
 from ..quant.core import compute_qparams
-from ..quant.rotation import hadamard, rotate, rotation_block
+from ..quant.rotation import hadamard, is_block_size, rotate, rotation_block
 from .base import Algorithm, register
 from .stats import LayerStats
 
@@ -44,7 +44,7 @@ class Hadamard(Algorithm):
     block: int = 64
 
     def __post_init__(self) -> None:
-        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 2 or self.block & (self.block - 1):
+        if not is_block_size(self.block) or self.block < 2:
             raise ConfigError(f"hadamard: block must be a power of two >= 2, got {self.block!r}")
 
     def applies_to(self, layer: QuantMixin) -> bool:

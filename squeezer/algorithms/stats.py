@@ -56,13 +56,18 @@ class LayerStats:
             pool, keys = pool[keep], keys[keep]
         self.sample, self._keys = pool, keys
 
+    def _copy(self) -> "LayerStats":
+        """A shallow copy: the same tensors until the caller replaces them."""
+        out = LayerStats.__new__(LayerStats)
+        out.__dict__.update(self.__dict__)
+        return out
+
     def scaled(self, d: Tensor) -> "LayerStats":
         """The statistics of the inputs ``x diag(d)`` (``d (K,)``, e.g. a new smoothing factor), from these:
         ``X^T X -> D X^T X D``, sums and samples times ``d``, ``|x|`` statistics times ``|d|``."""
         d32 = d.detach().float().reshape(-1)
         d64 = d32.double()
-        out = LayerStats.__new__(LayerStats)
-        out.__dict__.update(self.__dict__)
+        out = self._copy()
         out.xtx = self.xtx * d64[:, None] * d64[None, :]
         out.sum = self.sum * d64
         out.abs_sum = self.abs_sum * d64.abs()
@@ -75,8 +80,7 @@ class LayerStats:
         ``X^T X -> R^T X^T X R``, sums and samples rotated exactly; ``|x|`` statistics (max, mean) are those of
         the rotated sample rows (estimates)."""
         h32, h64 = h.float(), h.double()
-        out = LayerStats.__new__(LayerStats)
-        out.__dict__.update(self.__dict__)
+        out = self._copy()
         out.xtx = rotate(rotate(self.xtx, h64).T.contiguous(), h64)
         out.sum = rotate(self.sum, h64)
         out.sample = rotate(self.sample, h32)

@@ -29,6 +29,7 @@ from ..quant.core import QParams, QTensor, code_dtype, dequantize
 from ..quant.spec import QuantSpec
 from .atomic import atomic_directory
 from ..quant.packing import pack_codes, unpack_codes
+from ..quant.rotation import is_block_size
 
 FORMAT = "squeezer-checkpoint"
 FORMAT_VERSION = 1
@@ -145,8 +146,7 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module], pack
             new.bias = torch.nn.Parameter(torch.zeros_like(tensors[f"{name}.bias"]))
         rotation = info.get("input_rotation", 1)
         if rotation != 1:
-            if not isinstance(layer, nn.Linear) or isinstance(rotation, bool) or not isinstance(rotation, int) \
-                    or rotation < 2 or rotation & (rotation - 1) or shape[1] % rotation:
+            if not isinstance(layer, nn.Linear) or not is_block_size(rotation) or shape[1] % rotation:
                 raise ModelError(f"checkpoint layer {name!r}: input_rotation {rotation!r} is not a power-of-two block "
                                  f"of a Linear layer's {shape[1]} input features")
             new.input_rotation = rotation

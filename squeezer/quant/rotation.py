@@ -28,10 +28,15 @@ def _hadamard(b: int) -> Tensor:
     return h / b**0.5
 
 
+def is_block_size(b: object) -> bool:
+    """Whether ``b`` is a Hadamard block size: an int power of two (1 = no rotation)."""
+    return isinstance(b, int) and not isinstance(b, bool) and b >= 1 and not b & (b - 1)
+
+
 def hadamard(b: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """``H_b`` (``b`` a power of two), ``(b, b)``; a copy, so that the cached matrix cannot be changed in place."""
-    if b < 1 or b & (b - 1):
-        raise ValueError(f"a Hadamard block has a power-of-two size, got {b}")
+    if not is_block_size(b):
+        raise ValueError(f"a Hadamard block has a power-of-two size, got {b!r}")
     return _hadamard(b).to(dtype, copy=True)
 
 
