@@ -6,6 +6,7 @@
                                         # what the benchmark's timing rounds do to these files
     python bench/probes.py memory       # what quantizing MiniLM adds to resident memory, part by part
     python bench/probes.py w4           # MiniLM W4 g128: GPTQ's options, calibration size and Hadamard rotation vs the accuracy goal
+    python bench/probes.py w4-ceiling   # MiniLM: the best W4 g128 algorithm with finer groups and more bits (where agreement 0.97 lies)
 
 Each prints a table and writes ``bench/results/probe_<name>.json``.
 """
@@ -272,46 +273,61 @@ def probe_memory() -> dict[str, Any]:
     return {"fp32_weight_bytes": fp32_bytes, "peak_extra_bytes": out, "seconds": seconds}
 
 
-W4_VARIANTS: tuple[tuple[str, str, dict[str, Any], int], ...] = (
-    ("w4g128 (RTN)", "w4g128", {}, 128),
-    ("w4g128-gptq", "w4g128-gptq", {}, 128),
-    ("w4g128-gptq act_order", "w4g128-gptq", {"act_order": True}, 128),
-    ("w4g128-gptq clip", "w4g128-gptq", {"clip": True}, 128),
-    ("w4g128-gptq act_order + clip", "w4g128-gptq", {"act_order": True, "clip": True}, 128),
-    ("w4g128-gptq, 256 calibration texts", "w4g128-gptq", {}, 256),
-    ("w4g128-gptq act_order + clip, 256 calibration texts", "w4g128-gptq", {"act_order": True, "clip": True}, 256),
-    ("w4g128-hadamard (RTN of the rotated weights)", "w4g128-hadamard", {}, 128),
-    ("w4g128-hadamard+gptq", "w4g128-hadamard+gptq", {}, 128),
-    ("w4g128-hadamard+gptq act_order + clip", "w4g128-hadamard+gptq", {"gptq": {"act_order": True, "clip": True}}, 128),
-    ("w4g128-hadamard+gptq, Hadamard blocks of 128", "w4g128-hadamard+gptq", {"hadamard": {"block": 128}}, 128),
-    ("w4g128-hadamard+gptq, Hadamard blocks of 32", "w4g128-hadamard+gptq", {"hadamard": {"block": 32}}, 128),
+W4_VARIANTS: tuple[tuple[str, str, dict[str, Any], int, tuple[int, int] | None], ...] = (
+    ("w4g128 (RTN)", "w4g128", {}, 128, None),
+    ("w4g128-gptq", "w4g128-gptq", {}, 128, None),
+    ("w4g128-gptq act_order", "w4g128-gptq", {"act_order": True}, 128, None),
+    ("w4g128-gptq clip", "w4g128-gptq", {"clip": True}, 128, None),
+    ("w4g128-gptq act_order + clip", "w4g128-gptq", {"act_order": True, "clip": True}, 128, None),
+    ("w4g128-gptq, 256 calibration texts", "w4g128-gptq", {}, 256, None),
+    ("w4g128-gptq act_order + clip, 256 calibration texts", "w4g128-gptq", {"act_order": True, "clip": True}, 256, None),
+    ("w4g128-hadamard (RTN of the rotated weights)", "w4g128-hadamard", {}, 128, None),
+    ("w4g128-hadamard+gptq", "w4g128-hadamard+gptq", {}, 128, None),
+    ("w4g128-hadamard+gptq act_order + clip", "w4g128-hadamard+gptq", {"gptq": {"act_order": True, "clip": True}}, 128, None),
+    ("w4g128-hadamard+gptq, Hadamard blocks of 128", "w4g128-hadamard+gptq", {"hadamard": {"block": 128}}, 128, None),
+    ("w4g128-hadamard+gptq, Hadamard blocks of 32", "w4g128-hadamard+gptq", {"hadamard": {"block": 32}}, 128, None),
 )
-"""(label, preset, algorithm options (per step for a chain), calibration texts): the accuracy bench's set-up,
-one knob at a time."""
+"""(label, preset, algorithm options (per step for a chain), calibration texts, weight grid ``(bits, group)``
+instead of the preset's or None): the accuracy bench's set-up, one knob at a time."""
+
+W4_CEILING: tuple[tuple[str, str, dict[str, Any], int, tuple[int, int] | None], ...] = (
+    ("w4g128-hadamard+gptq (4 bits, groups of 128)", "w4g128-hadamard+gptq", {}, 128, None),
+    ("the same, 4 bits, groups of 64", "w4g128-hadamard+gptq", {}, 128, (4, 64)),
+    ("the same, 4 bits, groups of 32", "w4g128-hadamard+gptq", {}, 128, (4, 32)),
+    ("the same, 5 bits, groups of 128", "w4g128-hadamard+gptq", {}, 128, (5, 128)),
+    ("the same, 6 bits, groups of 128", "w4g128-hadamard+gptq", {}, 128, (6, 128)),
+)
+"""The best W4 g128 configuration of the accuracy run on finer grids: how much finer a grid the agreement
+goal (0.97) takes."""
 
 
-def probe_w4() -> dict[str, Any]:
+def probe_w4(variants: tuple[tuple[str, str, dict[str, Any], int, tuple[int, int] | None], ...]) -> dict[str, Any]:
     """MiniLM W4 g128 variants scored as in docs/accuracy.md (mean / min cosine, head agreement with fp32)."""
     from dataclasses import replace
 
     from accuracy import minilm_eval, torch_runner
     from squeezer.config import resolve_config
+    from squeezer.quant.spec import PerGroup, QuantSpec
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
     ev = minilm_eval(quick=False, n_train=4000)
     rows = []
-    for label, preset, options, texts in W4_VARIANTS:
+    for label, preset, options, texts, weights in variants:
         config = resolve_config(preset)
         if options:
             config = replace(config, algorithm_options=options)
+        if weights is not None:  # the preset's algorithm and embeddings on another grid: (bits, group size)
+            config = replace(config, weight=QuantSpec(bits=weights[0], granularity=PerGroup(weights[1]), symmetric=False),
+                             name=f"w{weights[0]}g{weights[1]}-{config.algorithm}")
         calib = ev.calibration(texts)
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             q = squeezer.quantize(ev.model, config, calib=calib, progress=False)
         row = {"variant": label, "preset": preset, "options": options, "calibration_texts": texts,
-               "quantize_s": round(time.perf_counter() - start, 1), **ev.score(torch_runner(q))}
+               "weights_bits_group": weights, "quantize_s": round(time.perf_counter() - start, 1),
+               **ev.score(torch_runner(q))}
         rows.append(row)
         print(f"{label:55s} cos {row['mean_cos']:.5f} (min {row['min_cos']:.5f}), agreement {row['agreement']:.4f}, "
               f"{row['quantize_s']:.1f} s")
@@ -320,7 +336,7 @@ def probe_w4() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=("distill", "same-graph", "memory", "memory-part", "w4"))
+    parser.add_argument("probe", choices=("distill", "same-graph", "memory", "memory-part", "w4", "w4-ceiling"))
     parser.add_argument("part", nargs="?", help="memory-part only (internal)")
     args = parser.parse_args()
     if args.probe == "memory-part":
@@ -329,7 +345,8 @@ def main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = {"distill": probe_distill, "memory": probe_memory, "w4": probe_w4,
+        result = {"distill": probe_distill, "memory": probe_memory, "w4": lambda: probe_w4(W4_VARIANTS),
+                  "w4-ceiling": lambda: probe_w4(W4_CEILING),
                   "same-graph": lambda: probe_same_graph(Path(tmp))}[args.probe]()
     result["machine"] = cpu_info()
     result["date"] = time.strftime("%Y-%m-%d %H:%M")

@@ -64,6 +64,20 @@ def test_each_path_matches_dequantized_reference(cfg, path_name, n, k):
                 assert (y - sim).norm() / sim.norm() < 2e-3
 
 
+def test_int8_weight_bf16_keeps_each_channel_scale_in_float32():
+    """bf16 activations round each product a little, but no output channel may be off by a constant
+    factor: per channel the least-squares gain of the output over the reference is 1 to 1e-3 (a scale
+    rounded to bf16 is off by up to 2^-8 = 4e-3)."""
+    problem, w_hat, _ = _problem("w8", 64, 128)
+    path = next(p for p in PATHS if p.name == "int8_weight_bf16")
+    x = torch.randn(300, 128).bfloat16().float()  # exact in bf16: only the kernel's own rounding is left
+    y = path.run(path.prepare(problem), x)
+    ref = _reference(problem, w_hat, x)
+    y, ref = y - problem.bias, ref - problem.bias
+    gain = (y * ref).sum(0) / (ref * ref).sum(0)
+    assert (gain - 1).abs().max() < 1e-3, (gain - 1).abs().max()
+
+
 def test_eligibility_rules():
     p4, _, _ = _problem("w4g128", 64, 200)
     names = {p.name for p in PATHS if p.eligible(p4, 1)}

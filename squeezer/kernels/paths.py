@@ -11,8 +11,11 @@
   fbgemm computes that scale and zero point itself, so its output is not bit-identical to squeezer's:
   the tests bound it at 0.2 %), and equal to (or better than) per-token int8 for one row, so eligible there too.
 * ``int8_weight_bf16``: ``aten._weight_int8pack_mm`` on bf16 activations (weight-only int8,
-  per-channel symmetric); the op is slow on fp32 inputs, so inputs are cast to bf16. Taken only
-  for ``K % 16 == 0``: measured here, other ``K`` give wrong results or crash the process.
+  per-channel symmetric); the op is slow on fp32 inputs, so inputs are cast to bf16. The op takes
+  its scales in the input's dtype: it gets scales of 1 and squeezer's float32 scales multiply its
+  output, ``y = (x_bf16 W_q^T) * S + b``, so that no channel carries a scale rounded to bf16 (a
+  constant error of up to 2^-8 on that channel's outputs). Taken only for ``K % 16 == 0``: measured
+  here, other ``K`` give wrong results or crash the process.
 * ``int4_weight_bf16``: ``aten._weight_int4pack_mm_for_cpu`` (weight-only uint4, groups of 32..256,
   ``K % g == 0``, ``N % 16 == 0``); its dequantization is ``(q - 8) s + z_f`` so squeezer's
   ``(q - Z) S`` maps to ``s = S``, ``z_f = (8 - Z) S``; bf16 activations.
@@ -146,12 +149,14 @@ class Int8WeightBF16(KernelPath):
                 and problem.in_features % 16 == 0 and available("_weight_int8pack_mm"))
 
     def prepare(self, problem: LinearProblem) -> dict[str, Any]:
-        return {"w": _int8_codes(problem), "scale": problem.weight.qparams.scale.reshape(-1).to(torch.bfloat16),
-                "bias": problem.bias}
+        n = problem.out_features
+        return {"w": _int8_codes(problem), "ones": torch.ones(n, dtype=torch.bfloat16),
+                "scale": problem.weight.qparams.scale.reshape(-1).float(), "bias": problem.bias}
 
     def run(self, state: dict[str, Any], x: Tensor) -> Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), state["w"], state["scale"]).float()
-        return y if state["bias"] is None else y + state["bias"]
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), state["w"], state["ones"]).float()
+        # scale and bias in one op: no more calls than a bias add alone
+        return y.mul_(state["scale"]) if state["bias"] is None else torch.addcmul(state["bias"], y, state["scale"])
 
 
 class Int4WeightBF16(KernelPath):
