@@ -118,7 +118,7 @@ CARRIES = {
     ("TFLite", "w8"): "weights exact, TFLite also quantizes activations",
     ("ExecuTorch", "w8a8"): "nearest (XNNPACK asymmetric per-row int8)",
     ("ExecuTorch", "w8a8-static"): "exact-ish (XNNPACK int8 / portable q-dq)",
-    ("ExecuTorch", "w8"): "exact (portable dequantize + float op)",
+    ("ExecuTorch", "w8"): "weights exact, XNNPACK also quantizes activations (weight_only='dynamic')",
 }
 
 

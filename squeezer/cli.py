@@ -171,6 +171,9 @@ def export_cmd(
     unquantized_outputs: Optional[str] = typer.Option(
         None, "--unquantized-outputs",
         help="TFLite full-integer models, a layer whose output squeezer leaves in float: int8 (default) or float."),
+    weight_only: Optional[str] = typer.Option(
+        None, "--weight-only",
+        help="ExecuTorch, weight-only Linear layers: dynamic (XNNPACK int8, also quantizes input rows; default) or exact."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
 ) -> None:
     """Export a checkpoint for a runtime (ONNX Runtime / TensorRT, TFLite, ExecuTorch) with squeezer's integers."""
@@ -210,6 +213,8 @@ def export_cmd(
             options["calib"] = load_calibration(calib, 64)
         if unquantized_outputs is not None:
             options["unquantized_outputs"] = unquantized_outputs
+        if weight_only is not None:
+            options["weight_only"] = weight_only
         report = export(net, example, out, format=fmt, **options)
     except SqueezerError as exc:
         _fail(exc)

@@ -61,6 +61,54 @@ def test_mlp_static_int8(tmp_path, mlp, mlp_batches):
 
 
 @needs_executorch
+def test_static_layers_before_a_dropout_run_in_xnnpack(tmp_path):
+    """Linear -> ReLU -> Dropout -> next quantizer (the credit model's blocks): in eval mode the dropout
+    is the identity and is left out of the program, so both hidden layers fuse into XNNPACK's int8 GEMM
+    instead of running float ops on dequantized weights; the user's model keeps its dropouts."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                torch.nn.Linear(32, 1)).eval()
+    batches = [torch.randn(64, 16) for _ in range(4)]
+    q = squeezer.quantize(model, "w8a8-static", calib=batches)
+    path = tmp_path / "dropout.pte"
+    report = export(q, batches[0][:1], path, max_batch=1)
+    assert report.layers["0"].endswith("XNNPACK") and report.layers["3"].endswith("XNNPACK"), report.layers
+    assert report.layers["6"].endswith("portable kernels")  # its output has no squeezer grid
+    assert isinstance(q[2], torch.nn.Dropout) and isinstance(q[5], torch.nn.Dropout)
+    run = squeezer.runtime.load(path)
+    x = batches[1][:1]
+    with torch.no_grad():
+        assert _rel(run(x), q(x)) < 1e-3
+
+
+@needs_executorch
+def test_weight_only_linear_runs_in_xnnpack_or_exactly_on_request(tmp_path, mlp, mlp_batches, cnn, cnn_batches):
+    """w8 Linear layers: XNNPACK's dynamic int8 GEMM on squeezer's codes by default (its int8 input rows
+    are not in squeezer's model: warned, within the dynamic tolerance); ``weight_only="exact"``: float
+    inputs on portable kernels, squeezer's arithmetic. A convolution keeps the exact form."""
+    q = squeezer.quantize(mlp, "w8")
+    x = mlp_batches[1]
+    with torch.no_grad():
+        ref = q(x)
+    fast, exact = tmp_path / "fast.pte", tmp_path / "exact.pte"
+    report = export(q, mlp_batches[0], fast)
+    assert all(report.layers[n].endswith("XNNPACK") for n in ("fc1", "fc2", "head")), report.layers
+    assert any("fc1, fc2, head: weight-only in squeezer" in w and "weight_only='exact'" in w for w in report.warnings)
+    _assert_file_holds_squeezers_integers(fast, q)
+    assert 1e-5 < _rel(squeezer.runtime.load(fast)(x), ref) < 0.03
+    report = export(q, mlp_batches[0], exact, weight_only="exact")
+    assert all(report.layers[n].endswith("portable kernels") for n in ("fc1", "fc2", "head")) and not report.warnings
+    assert _rel(squeezer.runtime.load(exact)(x), ref) < 1e-5
+    qc = squeezer.quantize(cnn, "w8")
+    report = export(qc, cnn_batches[0][:1], tmp_path / "cnn.pte", max_batch=4)
+    assert report.layers["conv1"].endswith("portable kernels") and "conv1" not in " ".join(report.warnings)
+    with pytest.raises(ConfigError, match="weight_only must be one of dynamic, exact"):
+        export(q, mlp_batches[0], tmp_path / "bad.pte", weight_only="float")
+    assert not (tmp_path / "bad.pte").exists()
+
+
+@needs_executorch
 def test_cnn_static_is_exact(tmp_path, cnn, cnn_batches):
     q = squeezer.quantize(cnn, "w8a8-static", calib=cnn_batches)
     path = tmp_path / "cnn.pte"
@@ -143,3 +191,26 @@ def test_static_model_with_embedding(tmp_path):
     with torch.no_grad():
         ref = q(**calib[1])
     assert _rel(squeezer.runtime.load(path)(calib[1]["input_ids"], calib[1]["attention_mask"]), ref) < 1e-3
+
+
+@needs_executorch
+def test_cli_weight_only_option(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from squeezer.cli import app
+
+    np.save(tmp_path / "x.npy", torch.randn(64, 40, generator=torch.Generator().manual_seed(3)).numpy())
+    runner = CliRunner()
+    done = runner.invoke(app, ["quantize", "--model", "tests.conftest:MLP", "--preset", "w8", "--calib",
+                               str(tmp_path / "x.npy"), "--out", str(tmp_path / "ck")])
+    assert done.exit_code == 0, done.output
+    for mode, kernels in (("exact", "portable kernels"), ("dynamic", "XNNPACK")):
+        result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--out", str(tmp_path / f"{mode}.pte"), "--json",
+                                     "--weight-only", mode])
+        assert result.exit_code == 0, result.output
+        layers = json.loads(result.stdout[result.stdout.index("{"):])["layers"]
+        assert all(kind.endswith(kernels) for kind in layers.values()), layers
+    bad = runner.invoke(app, ["export", str(tmp_path / "ck"), "--out", str(tmp_path / "m.onnx"), "--weight-only", "exact"])
+    assert bad.exit_code == 2 and "not understood by the onnx export" in bad.output

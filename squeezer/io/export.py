@@ -283,6 +283,13 @@ def checked_weight(layer: QuantMixin, name: str, fmt: str, unsupported: Unsuppor
 
 def qdq_model(model: nn.Module, make: Callable[[str, QuantMixin], nn.Module]) -> nn.Module:
     """A copy of ``model`` (in eval mode) whose quantized layers are replaced by ``make(name, layer)``;
-    other modules are copied, the quantized layers themselves are not."""
+    other modules are copied, the quantized layers themselves are not. Dropout modules become
+    ``nn.Identity`` (what they compute in eval mode), so that none is left as a node between a layer
+    and the next input quantizer, where it would keep a runtime from fusing the pair into an int8 kernel."""
     memo: dict[int, Any] = {id(layer): make(name, layer) for name, layer in quant_layers(model).items()}
-    return copy.deepcopy(model, memo).eval()
+    copied = copy.deepcopy(model, memo).eval()
+    for parent in list(copied.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.modules.dropout._DropoutNd):
+                setattr(parent, child_name, nn.Identity())
+    return copied

@@ -10,7 +10,13 @@ for the others). Per layer:
   arithmetic, no grid of its own;
 * a q / dq pair that is not part of an int8 GEMM runs portable (XNNPACK 1.5.1 computes 4-D
   standalone ones wrong: ~100 % output error on a convolution's input);
-* weight-only: portable ``dequantize_per_channel`` (squeezer's ``W^``) and the float op: exact;
+* weight-only Linear (``weight_only="dynamic"``, the default): XNNPACK's dynamic int8 GEMM on
+  squeezer's codes, which also quantizes each input row to int8 at run time (not in squeezer's
+  model; a warning names the layers), as TFLite's dynamic-range kernels do: XNNPACK has no kernel
+  for float inputs and int8 weights, and the exact form below dequantizes every weight on every
+  call (far slower than the fp32 program);
+* weight-only, exact (``weight_only="exact"``, and every weight-only layer that is not a Linear):
+  portable ``dequantize_per_channel`` (squeezer's ``W^``) and the float op: squeezer's arithmetic;
 * dynamic activations: XNNPACK's dynamic int8 (it quantizes each input row asymmetrically at run
   time), the nearest to squeezer's dynamic int8: a warning names the layer.
 
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -42,10 +48,13 @@ from .export import (
     static_input_grid,
     write_atomic,
 )
+from ..modules import QuantLinear
 from ..modules.base import QuantMixin
 from .onnx_export import ExportReport
 
 ACTIVATIONS = {"none": "weight-only", "dynamic": "dynamic int8 activations", "static": "static int8 activations"}
+WeightOnly = Literal["dynamic", "exact"]
+WEIGHT_ONLY: tuple[str, ...] = ("dynamic", "exact")
 
 
 def _dynamic_batch(model: nn.Module, args: tuple, kwargs: dict[str, Tensor], max_batch: int) -> tuple[tuple, dict, dict | None]:
@@ -73,10 +82,11 @@ def _export(qmodel: nn.Module, example_inputs: Any, max_batch: int, report: Expo
 
 
 def export_executorch(model: nn.Module, example_inputs: Any, path: str | Path, *, max_batch: int = 1024,
-                      unsupported: Unsupported = "error") -> ExportReport:
+                      unsupported: Unsupported = "error", weight_only: WeightOnly = "dynamic") -> ExportReport:
     """Write ``model`` (quantized by squeezer, pruned or fp32) to ``path`` as an ExecuTorch ``.pte``
     with the XNNPACK delegate; see the module doc. ``example_inputs``: a tensor, a tuple
-    (``model(*args)``) or a dict (``model(**kwargs)``)."""
+    (``model(*args)``) or a dict (``model(**kwargs)``); ``weight_only``: how weight-only Linear
+    layers run, ``"dynamic"`` (XNNPACK int8, fast) or ``"exact"`` (float inputs, portable kernels)."""
     require_extra("executorch.exir", "executorch")
     require_extra("executorch.kernels.quantized", "executorch")  # out variants of the quantized ops
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
@@ -91,10 +101,13 @@ def export_executorch(model: nn.Module, example_inputs: Any, path: str | Path, *
 
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
+    if weight_only not in WEIGHT_ONLY:
+        raise ConfigError(f"weight_only must be one of {', '.join(WEIGHT_ONLY)}, got {weight_only!r}")
     path = Path(path)
     check_output_dir(path, "ExecuTorch")
     deployable_layers(model, "export_executorch")
     report = ExportReport(str(path))
+    dynamic_rows: list[str] = []  # weight-only Linear layers given XNNPACK's dynamic int8 rows
 
     def make(name: str, layer: QuantMixin) -> QdqLayer:
         weight = checked_weight(layer, name, "ExecuTorch", unsupported, report)
@@ -104,9 +117,17 @@ def export_executorch(model: nn.Module, example_inputs: Any, path: str | Path, *
                                    "ExecuTorch's dynamic asymmetric int8 (per row in XNNPACK's GEMMs): the nearest supported")
         grid = static_input_grid(layer, name) if mode == "static" else None
         report.layers[name] = ("float32 weights" if weight is None else weight.label) + f", {ACTIVATIONS[mode]}"
-        return QdqLayer(layer, name, weight, fold_weight=False, input_grid=grid, dynamic=mode == "dynamic")
+        rows_int8 = mode == "none" and weight is not None and weight_only == "dynamic" and isinstance(layer, QuantLinear)
+        if rows_int8:
+            dynamic_rows.append(name)
+            report.layers[name] += " (XNNPACK also quantizes the input rows)"
+        return QdqLayer(layer, name, weight, fold_weight=False, input_grid=grid, dynamic=mode == "dynamic" or rows_int8)
 
     qmodel = qdq_model(model, make)
+    if dynamic_rows:
+        report.warnings.append(f"layer(s) {', '.join(dynamic_rows)}: weight-only in squeezer, but XNNPACK's dynamic "
+                               "int8 GEMM also quantizes its input rows to int8 at run time (not in squeezer's model; "
+                               "weight_only='exact' keeps float inputs on ExecuTorch's slower portable kernels)")
     # a q / dq pair alone (not part of an int8 GEMM) stays portable: XNNPACK 1.5.1 gets 4-D ones wrong
     configs = [c for c in ALL_PARTITIONER_CONFIGS if c not in (QuantizedPerTensorConfig, DeQuantizedPerTensorConfig)]
     program = to_edge_transform_and_lower(_export(qmodel, example_inputs, max_batch, report),
