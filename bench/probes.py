@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -273,7 +273,12 @@ def probe_memory() -> dict[str, Any]:
     return {"fp32_weight_bytes": fp32_bytes, "peak_extra_bytes": out, "seconds": seconds}
 
 
-W4_VARIANTS: tuple[tuple[str, str, dict[str, Any], int, tuple[int, int] | None], ...] = (
+W4Variant = tuple[str, str, dict[str, Any], int, Optional[tuple[int, int]]]
+"""(label, preset, algorithm options (per step for a chain), calibration texts, weight grid ``(bits, group)``
+instead of the preset's or None)."""
+
+
+W4_VARIANTS: tuple[W4Variant, ...] = (
     ("w4g128 (RTN)", "w4g128", {}, 128, None),
     ("w4g128-gptq", "w4g128-gptq", {}, 128, None),
     ("w4g128-gptq act_order", "w4g128-gptq", {"act_order": True}, 128, None),
@@ -287,10 +292,9 @@ W4_VARIANTS: tuple[tuple[str, str, dict[str, Any], int, tuple[int, int] | None],
     ("w4g128-hadamard+gptq, Hadamard blocks of 128", "w4g128-hadamard+gptq", {"hadamard": {"block": 128}}, 128, None),
     ("w4g128-hadamard+gptq, Hadamard blocks of 32", "w4g128-hadamard+gptq", {"hadamard": {"block": 32}}, 128, None),
 )
-"""(label, preset, algorithm options (per step for a chain), calibration texts, weight grid ``(bits, group)``
-instead of the preset's or None): the accuracy bench's set-up, one knob at a time."""
+"""The accuracy bench's set-up, one knob at a time."""
 
-W4_CEILING: tuple[tuple[str, str, dict[str, Any], int, tuple[int, int] | None], ...] = (
+W4_CEILING: tuple[W4Variant, ...] = (
     ("w4g128-hadamard+gptq (4 bits, groups of 128)", "w4g128-hadamard+gptq", {}, 128, None),
     ("the same, 4 bits, groups of 64", "w4g128-hadamard+gptq", {}, 128, (4, 64)),
     ("the same, 4 bits, groups of 32", "w4g128-hadamard+gptq", {}, 128, (4, 32)),
@@ -301,7 +305,7 @@ W4_CEILING: tuple[tuple[str, str, dict[str, Any], int, tuple[int, int] | None], 
 goal (0.97) takes."""
 
 
-def probe_w4(variants: tuple[tuple[str, str, dict[str, Any], int, tuple[int, int] | None], ...]) -> dict[str, Any]:
+def probe_w4(variants: tuple[W4Variant, ...]) -> dict[str, Any]:
     """MiniLM W4 g128 variants scored as in docs/accuracy.md (mean / min cosine, head agreement with fp32)."""
     from dataclasses import replace
 

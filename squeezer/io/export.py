@@ -281,6 +281,10 @@ def checked_weight(layer: QuantMixin, name: str, fmt: str, unsupported: Unsuppor
     return weight
 
 
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+"""Modules that are the identity in eval mode (left out of exported QDQ graphs by :func:`qdq_model`)."""
+
+
 def qdq_model(model: nn.Module, make: Callable[[str, QuantMixin], nn.Module]) -> nn.Module:
     """A copy of ``model`` (in eval mode) whose quantized layers are replaced by ``make(name, layer)``;
     other modules are copied, the quantized layers themselves are not. Dropout modules become
@@ -290,6 +294,6 @@ def qdq_model(model: nn.Module, make: Callable[[str, QuantMixin], nn.Module]) ->
     copied = copy.deepcopy(model, memo).eval()
     for parent in list(copied.modules()):
         for child_name, child in parent.named_children():
-            if isinstance(child, nn.modules.dropout._DropoutNd):
+            if isinstance(child, DROPOUTS):
                 setattr(parent, child_name, nn.Identity())
     return copied

@@ -149,8 +149,7 @@ class Int8WeightBF16(KernelPath):
                 and problem.in_features % 16 == 0 and available("_weight_int8pack_mm"))
 
     def prepare(self, problem: LinearProblem) -> dict[str, Any]:
-        n = problem.out_features
-        return {"w": _int8_codes(problem), "ones": torch.ones(n, dtype=torch.bfloat16),
+        return {"w": _int8_codes(problem), "ones": torch.ones(problem.out_features, dtype=torch.bfloat16),
                 "scale": problem.weight.qparams.scale.reshape(-1).float(), "bias": problem.bias}
 
     def run(self, state: dict[str, Any], x: Tensor) -> Tensor:
