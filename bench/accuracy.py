@@ -44,7 +44,6 @@ import io
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 import traceback
@@ -66,10 +65,11 @@ import squeezer  # noqa: E402
 from squeezer.algorithms.base import algorithm_names  # noqa: E402
 from squeezer.errors import ConfigError  # noqa: E402
 from squeezer.examples.minilm import load_minilm, mean_pool  # noqa: E402
+from common import DOCS, RESULTS, log, short_error, state_dict_bytes, table_head, table_row, write_doc, write_json  # noqa: E402
 from machine import PeakMemory  # noqa: E402
+from ort_tools import ort_preprocess  # noqa: E402
 
 THREADS = 2
-REPO = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 128
 EVAL_BATCH = 64
 CALIB_TEXTS = 128
@@ -89,15 +89,6 @@ GOALS = {
     "w8": (0.9996, 0.99),
     "w4g128": (0.98, 0.97),
 }
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def short_error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,15 +146,6 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # peers (each returns (runner, bytes, size_what, note); any exception is the peer's error)
 
 
-def state_dict_bytes(model: nn.Module) -> int | None:
-    try:
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        return buf.getbuffer().nbytes
-    except Exception:  # noqa: BLE001 - some tensor subclasses do not serialize
-        return None
-
-
 def linear_weight_bytes(model: nn.Module, bits: float) -> int:
     return int(sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) * bits / 8)
 
@@ -197,15 +179,7 @@ def peer_ort_dynamic(model: nn.Module, example: dict, work: Path) -> Callable[[]
 
         fp32 = work / "minilm_fp32.onnx"
         export_fp32(model, example, fp32)
-        src, note = fp32, "raw export"
-        try:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            pre = work / "minilm_fp32_pre.onnx"
-            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-            src, note = pre, "quant_pre_process(skip_symbolic_shape=True)"
-        except Exception as exc:  # noqa: BLE001
-            note = f"quant_pre_process failed ({short_error(exc)}); raw export"
+        src, note = ort_preprocess(fp32, work)
         out = work / "minilm_ort_dynamic.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -310,6 +284,14 @@ def peer_hqq(model: nn.Module, group: int) -> Callable[[], tuple]:
 
 
 PEER_CALIB: list[dict] = []
+
+
+def row_summary(row: dict[str, Any]) -> str:
+    """A scored MiniLM row in one line: quantize time, cosines, agreement, accuracy (or its error)."""
+    if row["error"]:
+        return f"FAILED {row['error']}"
+    return (f"q {row['quantize_s']:.1f}s, cos {row['mean_cos']:.5f} / min {row['min_cos']:.5f}, "
+            f"agree {row['agreement']:.4f}, acc {row['accuracy']:.4f}")
 
 
 class TimeLimit(RuntimeError):
@@ -452,7 +434,7 @@ def minilm_section(quick: bool, work: Path, n_train: int, with_adaround: bool, a
                     q = squeezer.quantize(model, preset, calib=calib, progress=False)
             row["quantize_s"] = round(time.perf_counter() - t, 2)
             row["quantize_peak_extra_bytes"] = mem.extra
-            rep = q.squeezer_report
+            rep = squeezer.report_of(q)
             row["weight_bytes"] = rep.weight_bytes_after
             row["weight_bytes_before"] = rep.weight_bytes_before
             row["model_bytes"] = rep.model_bytes_after
@@ -466,9 +448,7 @@ def minilm_section(quick: bool, work: Path, n_train: int, with_adaround: bool, a
         except Exception as exc:  # noqa: BLE001
             row["error"] = short_error(exc)
             log("    " + traceback.format_exc().strip().splitlines()[-1])
-        log(f"  {preset}: " + (f"FAILED {row['error']}" if row["error"] else
-            f"q {row['quantize_s']:.1f}s, cos {row['mean_cos']:.5f} / min {row['min_cos']:.5f}, "
-            f"agree {row['agreement']:.4f}, acc {row['accuracy']:.4f}"))
+        log(f"  {preset}: {row_summary(row)}")
         return row
 
     example = {k: v[:2].contiguous() for k, v in calib[0].items()}
@@ -502,9 +482,7 @@ def minilm_section(quick: bool, work: Path, n_train: int, with_adaround: bool, a
         except Exception as exc:  # noqa: BLE001
             row["error"] = short_error(exc)
             log("    " + traceback.format_exc().strip().splitlines()[-1])
-        log(f"  {name}: " + (f"FAILED {row['error']}" if row["error"] else
-            f"q {row['quantize_s']:.1f}s, cos {row['mean_cos']:.5f} / min {row['min_cos']:.5f}, "
-            f"agree {row['agreement']:.4f}, acc {row['accuracy']:.4f}"))
+        log(f"  {name}: {row_summary(row)}")
         return row
 
     info = {
@@ -542,6 +520,20 @@ def minilm_section(quick: bool, work: Path, n_train: int, with_adaround: bool, a
 # small bundled models
 
 
+def scored_row(model: nn.Module, preset: str, calib: list, score: Callable[[nn.Module], dict[str, float]]) -> dict[str, Any]:
+    """A bundled model's row for ``preset``: quantize time, ``score(quantized model)`` and the quantized weight
+    bytes, or the error."""
+    row: dict[str, Any] = {"name": preset, "error": None}
+    try:
+        t = time.perf_counter()
+        q = squeezer.quantize(model, preset, calib=calib, progress=False)
+        row["quantize_s"] = round(time.perf_counter() - t, 2)
+        row.update(score(q), weight_bytes=squeezer.report_of(q).weight_bytes_after)
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = short_error(exc)
+    return row
+
+
 def credit_section(quick: bool) -> dict[str, Any]:
     from squeezer.examples.credit import evaluate_credit, make_credit_task, train_credit_model
 
@@ -552,16 +544,10 @@ def credit_section(quick: bool) -> dict[str, Any]:
     calib = list(task.x_train.split(64))
     rows = [{"name": "fp32", "roc_auc": base["roc_auc"], "accuracy": base["accuracy"], "delta_auc": 0.0, "error": None}]
     for preset in (CREDIT_CONFIGS[:3] if quick else CREDIT_CONFIGS):
-        row: dict[str, Any] = {"name": preset, "error": None}
-        try:
-            t = time.perf_counter()
-            q = squeezer.quantize(model, preset, calib=calib, progress=False)
-            row["quantize_s"] = round(time.perf_counter() - t, 2)
+        def score(q: nn.Module) -> dict[str, float]:
             m = evaluate_credit(q, task)
-            row.update(roc_auc=m["roc_auc"], accuracy=m["accuracy"], delta_auc=m["roc_auc"] - base["roc_auc"],
-                       weight_bytes=q.squeezer_report.weight_bytes_after)
-        except Exception as exc:  # noqa: BLE001
-            row["error"] = short_error(exc)
+            return {"roc_auc": m["roc_auc"], "accuracy": m["accuracy"], "delta_auc": m["roc_auc"] - base["roc_auc"]}
+        row = scored_row(model, preset, calib, score)
         log(f"  credit {preset}: {row.get('roc_auc', row['error'])}")
         rows.append(row)
     return {"seconds": round(time.perf_counter() - t0, 1), "test_rows": len(task.y_test), "rows": rows}
@@ -577,15 +563,10 @@ def digits_section(quick: bool) -> dict[str, Any]:
     calib = list(task.x_train[:512].split(64))
     rows = [{"name": "fp32", "accuracy": base, "delta": 0.0, "error": None}]
     for preset in (DIGITS_CONFIGS[:2] if quick else DIGITS_CONFIGS):
-        row: dict[str, Any] = {"name": preset, "error": None}
-        try:
-            t = time.perf_counter()
-            q = squeezer.quantize(model, preset, calib=calib, progress=False)
-            row["quantize_s"] = round(time.perf_counter() - t, 2)
+        def score(q: nn.Module) -> dict[str, float]:
             acc = digits_accuracy(q, task)
-            row.update(accuracy=acc, delta=acc - base, weight_bytes=q.squeezer_report.weight_bytes_after)
-        except Exception as exc:  # noqa: BLE001
-            row["error"] = short_error(exc)
+            return {"accuracy": acc, "delta": acc - base}
+        row = scored_row(model, preset, calib, score)
         log(f"  digits {preset}: {row.get('accuracy', row['error'])}")
         rows.append(row)
     return {"seconds": round(time.perf_counter() - t0, 1), "test_rows": len(task.y_test), "rows": rows}
@@ -682,7 +663,7 @@ def memory_goal(results: dict[str, Any]) -> tuple[str, bool | None, str]:
     """GPTQ W4's peak memory, judged on the fresh-process measurement of ``python bench/probes.py memory``
     (this run's in-process column is only a lower bound: memory freed earlier in the process is reused)."""
     goal = "MiniLM W4 GPTQ peak memory during quantization < 2x the fp32 model (fresh process)"
-    path = REPO / "bench" / "results" / "probe_memory.json"
+    path = RESULTS / "probe_memory.json"
     try:
         probe = json.loads(path.read_text(encoding="utf-8"))
         fp32, parts = probe["fp32_weight_bytes"], probe["peak_extra_bytes"]
@@ -710,6 +691,17 @@ def fmt(v: Any, spec: str = ".5f") -> str:
 
 def mib(b: Any) -> str:
     return "—" if b is None else f"{b / 2**20:.2f}"
+
+
+def bundled_section(part: dict[str, Any], name: str, title: str, head: list[str],
+                    cells: Callable[[dict[str, Any]], list[str]]) -> list[str]:
+    """A bundled model's table (one row per configuration: its name, then ``cells(row)``), or the line
+    saying that its part failed."""
+    if part.get("rows"):
+        rows = [table_row([r["name"], f"FAILED: `{r['error']}`", *[""] * (len(head) - 2)]) if r.get("error")
+                else table_row([r["name"], *cells(r)]) for r in part["rows"]]
+        return [title, "", *table_head(head), *rows, ""]
+    return [f"{name} part failed: `{part['error']}`", ""] if "error" in part else []
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -762,7 +754,7 @@ def markdown(results: dict[str, Any]) -> str:
             "the quantized copy it returns included. A lower bound: memory that earlier configurations freed but the process "
             "kept is reused without raising it, and it varies from run to run with the allocator (`python bench/probes.py "
             "memory` measures the parts one by one, each in a fresh process).",
-            "* Weight bytes (squeezer): `squeezer_report.weight_bytes_after` (codes + scales / zero points of the quantized "
+            "* Weight bytes (squeezer): `squeezer.report_of(model).weight_bytes_after` (codes + scales / zero points of the quantized "
             "layers, which include the embedding tables where the preset quantizes them). Peers: size of what they save "
             "(whole model), so the two size columns are not the same measure.",
             "",
@@ -788,30 +780,13 @@ def markdown(results: dict[str, Any]) -> str:
             out.append(f"| {r['name']} | {r['family']} | {r['mean_cos']:.5f} | {r['min_cos']:.5f} | {r['agreement']:.4f} | "
                        f"{r['accuracy']:.4f} | {fmt(r.get('quantize_s'), '.1f')} | {peak} | {wb} | {pb} | {note.replace('|', '/')} |")
         out.append("")
-    c = results.get("credit") or {}
-    if c.get("rows"):
-        out += ["## Bundled credit MLP (German credit, test ROC-AUC)", "",
-                "| configuration | ROC-AUC | Δ vs fp32 | accuracy | quantize s |", "|---|---|---|---|---|"]
-        for r in c["rows"]:
-            if r.get("error"):
-                out.append(f"| {r['name']} | FAILED: `{r['error']}` | | | |")
-            else:
-                out.append(f"| {r['name']} | {r['roc_auc']:.4f} | {r['delta_auc']:+.4f} | {r['accuracy']:.4f} | {fmt(r.get('quantize_s'), '.2f')} |")
-        out.append("")
-    elif "error" in c:
-        out += [f"Credit part failed: `{c['error']}`", ""]
-    d = results.get("digits") or {}
-    if d.get("rows"):
-        out += ["## Bundled digits CNN (test accuracy)", "",
-                "| configuration | accuracy | Δ vs fp32 | quantize s |", "|---|---|---|---|"]
-        for r in d["rows"]:
-            if r.get("error"):
-                out.append(f"| {r['name']} | FAILED: `{r['error']}` | | |")
-            else:
-                out.append(f"| {r['name']} | {r['accuracy']:.4f} | {r['delta']:+.4f} | {fmt(r.get('quantize_s'), '.2f')} |")
-        out.append("")
-    elif "error" in d:
-        out += [f"Digits part failed: `{d['error']}`", ""]
+    out += bundled_section(results.get("credit") or {}, "Credit", "## Bundled credit MLP (German credit, test ROC-AUC)",
+                           ["configuration", "ROC-AUC", "Δ vs fp32", "accuracy", "quantize s"],
+                           lambda r: [f"{r['roc_auc']:.4f}", f"{r['delta_auc']:+.4f}", f"{r['accuracy']:.4f}",
+                                      fmt(r.get("quantize_s"), ".2f")])
+    out += bundled_section(results.get("digits") or {}, "Digits", "## Bundled digits CNN (test accuracy)",
+                           ["configuration", "accuracy", "Δ vs fp32", "quantize s"],
+                           lambda r: [f"{r['accuracy']:.4f}", f"{r['delta']:+.4f}", fmt(r.get("quantize_s"), ".2f")])
     out += ["## Goals: met or missed (computed from this run)", "", "| goal | result | measured |", "|---|---|---|"]
     for g in results["goals"]:
         res = {True: "**met**", False: "**missed**", None: "not measured"}[g["met"]]
@@ -878,29 +853,26 @@ def main() -> None:
     if args.from_json is not None:
         results = json.loads(args.from_json.read_text(encoding="utf-8"))
         results["goals"] = evaluate_goals(results)
-        docs = args.docs or REPO / "docs" / "accuracy.md"
-        docs.write_text(markdown(results), encoding="utf-8")
-        log(f"wrote {docs} from {args.from_json}")
+        write_doc(args.docs or DOCS / "accuracy.md", markdown(results))
         return
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     # --quick writes its JSON under the system temp folder (not the repo) unless --out is given
-    out_dir = args.out or (Path(tempfile.gettempdir()) / "squeezer_accuracy_quick" if args.quick else REPO / "bench" / "results")
-    docs = args.docs or (None if args.quick else REPO / "docs" / "accuracy.md")
+    out_dir = args.out or (Path(tempfile.gettempdir()) / "squeezer_accuracy_quick" if args.quick else RESULTS)
+    docs = args.docs or (None if args.quick else DOCS / "accuracy.md")
     t0 = time.perf_counter()
     results: dict[str, Any] = {
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "quick": args.quick,
         "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".replace("  ", " "),
         "python": platform.python_version(), "torch": torch.__version__, "squeezer": getattr(squeezer, "__version__", "?"),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     def partial(minilm: dict[str, Any]) -> None:  # results so far, after each MiniLM row
         results["minilm"] = minilm
         results["seconds"] = round(time.perf_counter() - t0, 1)
         results["partial"] = True
         results["goals"] = evaluate_goals(results)
-        (out_dir / "accuracy.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+        write_json(out_dir / "accuracy.json", results)
 
     with tempfile.TemporaryDirectory(prefix="squeezer_accuracy_") as tmp:
         for key, fn in (("credit", lambda: credit_section(args.quick)), ("digits", lambda: digits_section(args.quick)),
@@ -916,13 +888,10 @@ def main() -> None:
     results["seconds"] = round(time.perf_counter() - t0, 1)
     results["partial"] = False
     results["goals"] = evaluate_goals(results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "accuracy.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json(out_dir / "accuracy.json", results)
     log(f"wrote {out_dir / 'accuracy.json'}")
     if docs is not None:
-        docs.parent.mkdir(parents=True, exist_ok=True)
-        docs.write_text(markdown(results), encoding="utf-8")
-        log(f"wrote {docs}")
+        write_doc(docs, markdown(results))
     else:
         print(markdown(results))
 

@@ -16,7 +16,6 @@ Usage: ``python bench/compression.py [--out DIR]``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from torch import nn
 import squeezer
 from squeezer.examples.minilm import load_minilm, mean_pool
 from accuracy import embed, load_reviews, tokenize_batches, torch_runner
+from common import DOCS, RESULTS, write_doc, write_json
 from machine import cpu_info
 from squeezer.distill import distill
 from squeezer.examples.credit import evaluate_credit, make_credit_task, train_credit_model
@@ -39,16 +39,13 @@ from squeezer.qat import convert, prepare_qat, qat_loss
 from squeezer.recipe import model_size
 from squeezer.training import KeepBest, fit
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 def credit_prune_int8() -> dict:
     task = make_credit_task(seed=0)
     model = train_credit_model(task, seed=0)
     data = list(zip(task.x_train.split(64), task.y_train.split(64)))
     out = squeezer.compress(model, "prune50-int8-finetune", data=data,
                             evaluate=lambda m: evaluate_credit(m, task)["roc_auc"])
-    rows = [{"step": r.step, "params": r.params, "bytes": r.bytes, "roc_auc": r.metric} for r in out.squeezer_compression.rows]
+    rows = [{"step": r.step, "params": r.params, "bytes": r.bytes, "roc_auc": r.metric} for r in squeezer.report_of(out).rows]
     drop = rows[0]["roc_auc"] - rows[-1]["roc_auc"]
     return {"rows": rows, "auc_drop": drop, "goal": "ROC-AUC within 0.01 of fp32", "met": drop <= 0.01}
 
@@ -72,7 +69,7 @@ def digits_qat() -> dict:
         q = prepare_qat(model, preset, calib=calib, learnable_scales=preset != "ternary")
         fit(q, data, epochs=8, lr=1e-3,
             loss_fn=lambda out, y: qat_loss(nn.functional.cross_entropy(out, y), q, 0.01)._asdict())
-        qat = digits_accuracy(convert(q), task)
+        qat = digits_accuracy(convert(q, inplace=True), task)
         lost = base - ptq
         recovered = (qat - ptq) / lost if lost > 0 else None
         results[preset] = {"ptq": ptq, "qat": qat, "ptq_loss_pt": 100 * lost, "recovered_fraction": recovered}
@@ -94,7 +91,7 @@ def distillation(seeds: tuple[int, ...] = (1, 2, 3)) -> dict:
             torch.manual_seed(seed)
             student = DigitsCNN(width=4)
             if mode == "with teacher":
-                distill(student, teacher, data, epochs=15, alpha=0.5, temperature=2.0, lr=2e-3)
+                distill(student, teacher, data, epochs=15, alpha=0.5, temperature=2.0, lr=2e-3, inplace=True)
             else:
                 fit(student, data, epochs=15, lr=2e-3)
             scores[mode].append(digits_accuracy(student.eval(), task))
@@ -196,7 +193,7 @@ def text_distillation(seeds: tuple[int, ...] = (1, 2, 3, 4), epochs: int = 20, v
             student = BagOfTokens(tokenizer.vocab_size)
             keep = KeepBest(lambda m: accuracy(m, val))
             if mode == "with teacher":
-                distill(student, teacher, data, epochs, alpha=0.5, temperature=2.0, lr=2e-3, callbacks=[keep],
+                distill(student, teacher, data, epochs, alpha=0.5, temperature=2.0, lr=2e-3, callbacks=[keep], inplace=True,
                         cache_teacher=True)
             else:
                 fit(student, data, epochs, lr=2e-3, callbacks=[keep])
@@ -222,7 +219,7 @@ def svd_half() -> dict:
     model.eval()
     base = digits_accuracy(model, task)
     before = sum(p.numel() for p in model.parameters())
-    report = low_rank(model, budget=0.5, min_params=10_000)
+    report = squeezer.report_of(low_rank(model, budget=0.5, min_params=10_000, inplace=True))
     after_svd = digits_accuracy(model, task)
     fit(model, data, epochs=2, lr=5e-4)
     tuned = digits_accuracy(model.eval(), task)
@@ -279,7 +276,7 @@ def attention_heads(fractions: tuple[float, ...] = (0.25, 0.5)) -> dict:
     rows = []
     for fraction in fractions:
         pruned = copy.deepcopy(model)
-        prune_heads(pruned, fraction)
+        prune_heads(pruned, fraction, inplace=True)
         emb = embed(torch_runner(pruned), batches, order)
         cos = (emb * reference).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(reference, axis=1))
         timings = {"fp32": [], "pruned": []}
@@ -391,7 +388,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(2)
     results = {"machine": {"cpu": cpu_info()["cpu"], "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -402,10 +399,9 @@ def main() -> None:
         start = time.perf_counter()
         results[key] = fn()
         print(f"{key}: {time.perf_counter() - start:.1f} s", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compression.json").write_text(json.dumps(results, indent=2))
+    write_json(args.out / "compression.json", results)
     text = markdown(results)
-    (ROOT / "docs" / "compression.md").write_text(text)
+    write_doc(DOCS / "compression.md", text)
     print(text)
 
 

@@ -1,13 +1,17 @@
-"""What the benchmarks record about the machine they ran on (shared by the bench scripts)."""
+"""What the benchmarks record about the machine they ran on: CPU, versions, load of other processes, memory."""
 
 from __future__ import annotations
 
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from common import utc_now
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 
@@ -33,15 +37,31 @@ def cpu_info() -> dict[str, Any]:
     return {"cpu": cpu, "cpu_flags": flags, "logical_cpus": os.cpu_count(), "platform": platform.platform()}
 
 
-def versions(*modules: str) -> dict[str, str | None]:
-    """``{module: __version__}`` (None when not importable), python first."""
+def versions(*modules: str, distributions: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """``{module: version}``, python first: ``__version__`` of each of ``modules``, then the installed
+    distribution's version for each ``{module: distribution}`` of ``distributions`` (read without importing
+    it); None for what is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out: dict[str, str | None] = {"python": platform.python_version()}
     for mod in modules:
         try:
             out[mod] = __import__(mod).__version__
         except ImportError:
             out[mod] = None
+    for mod, dist in (distributions or {}).items():
+        try:
+            out[mod] = version(dist)
+        except PackageNotFoundError:
+            out[mod] = None
     return out
+
+
+def machine_record(versions: dict[str, str | None], **settings: Any) -> dict[str, Any]:
+    """The ``machine`` entry of a results file: CPU (:func:`cpu_info`), the run's ``settings``, torch's
+    quantized engine, the UTC date, ``versions`` and the load average at the start."""
+    return {**cpu_info(), **settings, "quantized_engine": torch.backends.quantized.engine, "date": utc_now(),
+            "versions": versions, "loadavg_start": loadavg()}
 
 
 class CpuMeter:
@@ -67,7 +87,6 @@ class CpuMeter:
             return None
         hz = os.sysconf("SC_CLK_TCK")
         return max(0.0, ((end[1] - self.begin[1]) - (end[2] - self.begin[2])) / hz / (end[0] - self.begin[0]))
-
 
 
 def foreign_load(seconds: float = 2.0) -> float | None:

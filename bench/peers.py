@@ -43,8 +43,6 @@ results folder. Needs ``onnxruntime``, ``onnx``, ``onnx-ir`` (for the MatMulNBit
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import io
 import json
 import math
 import os
@@ -69,12 +67,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import squeezer  # noqa: E402
-from squeezer.config import resolve_config  # noqa: E402
+from squeezer.resolve import resolve_config  # noqa: E402
 from squeezer.examples.minilm import Encoder  # noqa: E402
-from machine import CpuMeter, cpu_info, foreign_load, loadavg, versions, wait_quiet  # noqa: E402
+from common import (DOCS, RESULTS, fmt_ms, log, repo_relative, short_error, state_dict_bytes, table_head,  # noqa: E402
+                    table_row, write_doc, write_json)
+from machine import CpuMeter, foreign_load, loadavg, machine_record, versions, wait_quiet  # noqa: E402
+from ort_tools import calibration_reader, ort_preprocess  # noqa: E402
 
 THREADS = 2
-REPO = Path(__file__).resolve().parent.parent
 SQUEEZER_PRESETS = ("w8a8", "w8a8-asym", "w8a8-tensor", "w8a8-tensor-smoothquant", "w8", "w8-gptq", "w8g128",
                     "w8g128-gptq", "w4g128", "w4g128-gptq", "w4g128-clip", "w4g128-hadamard+gptq")
 FORMAT_OF = {"w8a8": "int8 W + int8 A", "w8a8-asym": "int8 W + int8 A", "w8a8-tensor": "int8 W + int8 A",
@@ -97,15 +97,6 @@ ERROR_ROWS = 32  # batch-1 error: over this many inputs, each run alone
 ORT_SPINNING = False  # --ort-spinning: keep ONNX Runtime's default spin-waiting worker threads
 QUIET_CORES = 0.25  # a timing round is clean when other processes used fewer cores than this
 REWARM_S = 0.004    # untimed calls before a fast path's timed ones, when its turn comes (1 to 10 calls)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def short_error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +189,7 @@ def squeezer_pair(model: nn.Module, preset: str, calib: list, example: Any, work
             state["onnx"] = onnx_path
         except Exception as exc:  # noqa: BLE001
             state["onnx_error"] = short_error(exc)
-        rows = squeezer.pack(q)
+        rows = squeezer.report_of(squeezer.pack(q, inplace=True)).layers
         q.eval()
         p.make_call = call_torch(q)
         p.size_bytes = (ckpt / "model.safetensors").stat().st_size
@@ -233,10 +224,8 @@ def torch_ao_dynamic(model: nn.Module, per_channel: bool) -> Callable[[Path_], N
 
         qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
         q = quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8).eval()
-        buf = io.BytesIO()
-        torch.save(q.state_dict(), buf)
         p.make_call = call_torch(q)
-        p.size_bytes, p.size_what = buf.getbuffer().nbytes, "torch.save(state_dict)"
+        p.size_bytes, p.size_what = state_dict_bytes(q), "torch.save(state_dict)"
     return fn
 
 
@@ -296,23 +285,6 @@ def export_fp32(model: nn.Module, example: Any, path: Path) -> None:
     raw.unlink()
 
 
-def preprocess(fp32: Path, work: Path) -> tuple[Path, str]:
-    """ORT's recommended quantization pre-processing (shape inference + graph optimization)."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    out = work / "fp32_pre.onnx"
-    failures = []
-    for skip_symbolic in (False, True):  # ORT's symbolic shape inference gives up on some graphs (BERT here)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                quant_pre_process(str(fp32), str(out), skip_symbolic_shape=skip_symbolic)
-            return out, "quant_pre_process applied" + (" (skip_symbolic_shape=True)" if skip_symbolic else "")
-        except Exception as exc:  # noqa: BLE001
-            failures.append(short_error(exc))
-    return fp32, f"quant_pre_process failed ({'; '.join(failures)}); quantized the raw export"
-
-
 def ort_file(path: Path) -> Callable[[Path_], None]:
     def fn(p: Path_) -> None:
         p.make_call, _ = call_onnx(path)
@@ -333,21 +305,13 @@ def ort_dynamic(src: Path, note: str, work: Path) -> Callable[[Path_], None]:
 
 def ort_static_qdq(src: Path, note: str, calib: list, work: Path) -> Callable[[Path_], None]:
     def fn(p: Path_) -> None:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
         feeds = [{k: v.numpy() for k, v in b.items()} if isinstance(b, dict) else {"input": b.numpy()} for b in calib]
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.it = iter(feeds)
-
-            def get_next(self) -> dict | None:
-                return next(self.it, None)
-
         out = work / "ort_static_qdq.onnx"
         # like the other int8 peers, quantize the linear layers only (MatMul / Gemm with a constant weight):
         # ORT's default also quantizes activation x activation MatMuls (attention) and Add
-        quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(src), str(out), calibration_reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
         ort_file(out)(p)
@@ -385,7 +349,7 @@ def build_paths(model: nn.Module, example: Any, calib: list, work: Path) -> list
         paths.extend(squeezer_pair(model, preset, calib, example, work))
     paths.append(build("torch.ao dynamic (per-tensor)", "PyTorch", FORMAT_OF["w8a8"], "peer", torch_ao_dynamic(model, False)))
     paths.append(build("torch.ao dynamic (per-channel)", "PyTorch", FORMAT_OF["w8a8"], "peer", torch_ao_dynamic(model, True)))
-    src, note = preprocess(fp32, work) if fp32.exists() else (fp32, "")
+    src, note = ort_preprocess(fp32, work) if fp32.exists() else (fp32, "")
     paths.append(build("ORT quantize_dynamic", "ONNX Runtime", FORMAT_OF["w8a8"], "peer", ort_dynamic(src, note, work)))
     paths.append(build("ORT quantize_static QDQ", "ONNX Runtime", FORMAT_OF["w8a8"], "peer", ort_static_qdq(src, note, calib, work)))
     paths.append(build("ORT MatMulNBits int8", "ONNX Runtime", FORMAT_OF["w8"], "peer", ort_matmul_nbits(fp32, 8, work)))
@@ -591,15 +555,8 @@ def bert_inputs(tokenizer: Any, model_dir: str, batches: tuple[int, ...]) -> tup
 
 
 def machine_info() -> dict[str, Any]:
-    return {**cpu_info(), "threads": THREADS, "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": THREADS,
-            "quantized_engine": torch.backends.quantized.engine,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions("torch", "onnxruntime", "squeezer", "numpy", "onnx", "transformers"),
-            "loadavg_start": loadavg()}
-
-
-def fmt_ms(x: float) -> str:
-    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
+    return machine_record(versions("torch", "onnxruntime", "squeezer", "numpy", "onnx", "transformers"),
+                          threads=THREADS, torch_threads=torch.get_num_threads(), ort_intra_op_threads=THREADS)
 
 
 def mb(n: int | None) -> str:
@@ -615,12 +572,12 @@ def model_table(entry: dict[str, Any]) -> str:
     for b in batches:
         head += [f"b={b} ms", f"b={b} speed-up"]
     head += [f"rel. L2 err (b={last})"] + (["pooled cos (mean / min)"] if bert else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = table_head(head)
     fp32_size = entry["paths"][0]["size_bytes"]
     for p in entry["paths"]:
         row = [p["name"], p["runtime"], p["format"]]
         if p["error"]:
-            lines.append("| " + " | ".join(row + [f"**failed**: {p['error']}"] + [""] * (len(head) - 4)) + " |")
+            lines.append(table_row(row + [f"**failed**: {p['error']}"] + [""] * (len(head) - 4)))
             continue
         row += [mb(p["size_bytes"]), f"{fp32_size / p['size_bytes']:.2f}" if p["size_bytes"] else "—"]
         for b in batches:
@@ -633,7 +590,7 @@ def model_table(entry: dict[str, Any]) -> str:
         row.append(f"{c['rel_l2']:.4f}" if "rel_l2" in c else "—")
         if bert:
             row.append(f"{c['pooled_cosine_mean']:.4f} / {c['pooled_cosine_min']:.4f}" if "pooled_cosine_mean" in c else "—")
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(table_row(row))
     return "\n".join(lines)
 
 
@@ -697,9 +654,9 @@ def goals_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         sq, peer = r["squeezer"], r["peer"]
         mine = ["—", "—", "—"] if sq is None else [sq["path"], fmt_ms(sq["median_ms"]), f"{sq['rel_l2']:.4f}"]
-        lines.append("| " + " | ".join([str(r["batch"]), r["format"], peer["path"], fmt_ms(peer["median_ms"]),
-                                        f"{peer['rel_l2']:.4f}", str(r["fast_enough"]), *mine,
-                                        "met" if r["met"] else "**missed**"]) + " |")
+        lines.append(table_row([str(r["batch"]), r["format"], peer["path"], fmt_ms(peer["median_ms"]),
+                                  f"{peer['rel_l2']:.4f}", str(r["fast_enough"]), *mine,
+                                  "met" if r["met"] else "**missed**"]))
     return "\n".join(lines)
 
 
@@ -716,7 +673,7 @@ def paired_table(rows: list[dict[str, Any]]) -> str:
             lo, hi = pr["ratio_ci95"]
             cells = [pr["path"], r["peer"]["path"], str(pr["rounds"]), f"{pr['faster_rounds']} / {pr['rounds']}",
                      f"{pr['median_ratio']:.3f} ({lo:.3f}–{hi:.3f})", pr["verdict"]]
-        lines.append("| " + " | ".join([str(r["batch"]), r["format"], *cells]) + " |")
+        lines.append(table_row([str(r["batch"]), r["format"], *cells]))
     return "\n".join(lines)
 
 
@@ -741,7 +698,7 @@ def head_to_head(entry: dict[str, Any]) -> list[dict[str, Any]]:
 def per_path_table(entry: dict[str, Any]) -> str:
     """Every squeezer path's median divided by the fastest peer of the same format, per batch."""
     head = ["squeezer path", "runtime", "peers of its format"] + [f"b={b}" for b in entry["batches"]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = table_head(head)
     peers = [p for p in entry["paths"] if p["family"] == "peer" and not p["error"]]
     for p in entry["paths"]:
         if p["family"] != "squeezer":
@@ -758,7 +715,7 @@ def per_path_table(entry: dict[str, Any]) -> str:
             names.add(name)
             cells.append(f"{mine / ms:.2f} ({name})" if len(same) > 1 else f"{mine / ms:.2f}")
         peer_label = " / ".join(q["name"] for q in same) or "none"
-        lines.append("| " + " | ".join([p["name"], p["runtime"], peer_label, *cells]) + " |")
+        lines.append(table_row([p["name"], p["runtime"], peer_label, *cells]))
     return "\n".join(lines)
 
 
@@ -769,7 +726,7 @@ def h2h_table(rows: list[dict[str, Any]]) -> str:
         sq, peer = r["squeezer"], r["peer"]
         cell = lambda x: ["—", "—", "—"] if x is None else [x["path"], fmt_ms(x["median_ms"]), f"{x['rel_l2']:.4f}"]  # noqa: E731
         ratio = "—" if r["time_ratio"] is None else f"**{r['time_ratio']:.2f}**"
-        lines.append("| " + " | ".join([str(r["batch"]), r["format"], *cell(sq), *cell(peer), ratio]) + " |")
+        lines.append(table_row([str(r["batch"]), r["format"], *cell(sq), *cell(peer), ratio]))
     return "\n".join(lines)
 
 
@@ -1010,13 +967,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render is not None:
         saved = json.loads(args.render.read_text())
-        target = args.docs or REPO / "docs" / "benchmarks.md"
-        target.write_text(docs_markdown(saved))
-        log(f"wrote {target} from {args.render}")
+        write_doc(args.docs or DOCS / "benchmarks.md", docs_markdown(saved))
         return 0
-    out_dir = args.out or (REPO / "bench" / "results" / ("quick" if args.quick else ""))
-    docs = args.docs or (None if args.quick else REPO / "docs" / "benchmarks.md")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    docs = args.docs or (None if args.quick else DOCS / "benchmarks.md")
     models = (args.models or ("mlp" if args.quick else "mlp,bert")).split(",")
     if set(models) - {"mlp", "bert"}:
         parser.error(f"unknown model(s) in --models {args.models!r}; choose from mlp, bert")
@@ -1062,10 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_s"] = time.perf_counter() - start
     result["machine"]["loadavg_end"] = loadavg()
     result["contended_batches"] = contention(result)
-    try:
-        result["results_file"] = str((out_dir / "peers.json").resolve().relative_to(REPO))
-    except ValueError:
-        result["results_file"] = str(out_dir / "peers.json")
+    result["results_file"] = repo_relative(out_dir / "peers.json")
 
     for entry in result["models"].values():
         print(f"\n{model_markdown(entry)}" if not entry.get("error") else f"\n{entry['title']}: failed: {entry['error']}")
@@ -1074,12 +1025,10 @@ def main(argv: list[str] | None = None) -> int:
     if result["contended_batches"]:
         print(f"\nwarning: other processes used CPU while timing ({', '.join(result['contended_batches'])} cores): "
               "the figures are slowed, PyTorch's most; re-run on a quiet machine for clean numbers")
-    (out_dir / "peers.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    write_json(out_dir / "peers.json", result, indent=1)
     log(f"wrote {out_dir / 'peers.json'} ({result['wall_s']:.0f}s)")
     if docs is not None:
-        docs.parent.mkdir(parents=True, exist_ok=True)
-        docs.write_text(docs_markdown(result))
-        log(f"wrote {docs}")
+        write_doc(docs, docs_markdown(result))
     return 0
 
 

@@ -33,13 +33,13 @@ from torch import nn
 import squeezer
 from squeezer.examples.minilm import load_minilm
 from compression import digits_data
+from common import RESULTS, write_json
 from machine import PeakMemory, cpu_info
 from squeezer.distill import distill
 from squeezer.examples.credit import evaluate_credit, make_credit_task, train_credit_model
 from squeezer.examples.digits import DigitsCNN, digits_accuracy, make_digits_task, train_digits_model
 from squeezer.training import fit
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SEEDS = (1, 2, 3, 4, 5, 6)
 
 
@@ -73,7 +73,7 @@ def probe_distill() -> dict[str, Any]:
             if teacher is None:
                 fit(student, batches, epochs=epochs, lr=2e-3)
             else:
-                distill(student, teacher, batches, epochs=epochs, lr=2e-3, **kd)
+                distill(student, teacher, batches, epochs=epochs, lr=2e-3, inplace=True, **kd)
             return digits_accuracy(student.eval(), task)
         return run
 
@@ -88,7 +88,7 @@ def probe_distill() -> dict[str, Any]:
             student = nn.Sequential(nn.Linear(credit.x_train.shape[1], 32), nn.ReLU(), nn.Linear(32, 1), nn.Flatten(0))
             opt = torch.optim.Adam(student.parameters(), lr=1e-3, weight_decay=5e-2)
             if kd:
-                distill(student, credit_teacher, credit_data, epochs=epochs, optimizer=opt, **kd)
+                distill(student, credit_teacher, credit_data, epochs=epochs, optimizer=opt, inplace=True, **kd)
             else:
                 fit(student, credit_data, epochs=epochs, optimizer=opt)
             return evaluate_credit(student.eval(), credit)["roc_auc"]
@@ -173,8 +173,7 @@ def probe_same_graph(work: Path) -> dict[str, Any]:
         run = squeezer.runtime.load(path, threads=2, spinning=False)
         calls[name] = lambda run=run: run(feed)
     torch.set_num_threads(2)
-    packed = squeezer.quantize(mlp, "w8a8", progress=False)
-    squeezer.pack(packed)
+    packed = squeezer.pack(squeezer.quantize(mlp, "w8a8", progress=False), inplace=True)
     torch_ao = quantize_dynamic(copy.deepcopy(mlp), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
     with torch.inference_mode():
         calls["squeezer w8a8 packed (PyTorch)"] = lambda: packed(x)
@@ -195,8 +194,7 @@ def probe_same_graph(work: Path) -> dict[str, Any]:
         print(f"{name:46s} {value:.3f} ms")
     # What bench/peers.py's timing rounds do to these files: untimed calls per turn (1 vs 8) with the
     # other paths of a round in between, and what a PyTorch call just before does to an ONNX call.
-    packed_w8 = squeezer.quantize(mlp, "w8", progress=False)
-    squeezer.pack(packed_w8)
+    packed_w8 = squeezer.pack(squeezer.quantize(mlp, "w8", progress=False), inplace=True)
     with torch.inference_mode():
         rotation = {**{name: calls[name] for name in files}, "fp32": lambda: fp32(feed),
                     "squeezer w8 packed (PyTorch)": lambda: packed_w8(x)}
@@ -310,7 +308,7 @@ def probe_w4(variants: tuple[W4Variant, ...]) -> dict[str, Any]:
     from dataclasses import replace
 
     from accuracy import minilm_eval, torch_runner
-    from squeezer.config import resolve_config
+    from squeezer.resolve import resolve_config
     from squeezer.quant.spec import PerGroup, QuantSpec
 
     torch.set_num_threads(2)
@@ -354,9 +352,8 @@ def main() -> None:
                   "same-graph": lambda: probe_same_graph(Path(tmp))}[args.probe]()
     result["machine"] = cpu_info()
     result["date"] = time.strftime("%Y-%m-%d %H:%M")
-    RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"probe_{args.probe.replace('-', '_')}.json"
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -14,7 +14,6 @@ sensitivities twice to show what the disk cache saves.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import squeezer  # noqa: E402
+from common import DOCS, RESULTS, log, write_doc, write_json  # noqa: E402
 from machine import cpu_info  # noqa: E402
 from squeezer.examples.credit import evaluate_credit, make_credit_task, train_credit_model  # noqa: E402
 from squeezer.examples.minilm import load_minilm  # noqa: E402
@@ -37,10 +37,6 @@ from squeezer.search.tune import build, tune  # noqa: E402
 
 FORMATS = ("w8", "w4g128", "w3g128", "w2g64", "fp32")
 CALIB_TEXTS = 64
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def timed_sensitivity(model: torch.nn.Module, calib: list, cache: Path, **kw: Any) -> tuple[Any, float, float]:
@@ -76,7 +72,6 @@ def credit_section(cache: Path, trials: int) -> dict[str, Any]:
 
 
 def minilm_section(cache: Path) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO / "bench"))
     from accuracy import cosines, embed, load_reviews, tokenize_batches, torch_runner
 
     model, tokenizer, _ = load_minilm()
@@ -195,8 +190,8 @@ def markdown(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="credit model only, 10 trials")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "search.json")
-    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "search.md")
+    parser.add_argument("--out", type=Path, default=RESULTS / "search.json")
+    parser.add_argument("--doc", type=Path, default=DOCS / "search.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -209,10 +204,9 @@ def main() -> None:
         if not args.quick:
             results["minilm"] = minilm_section(Path(tmp) / "minilm")
     results["goals"] = goals(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_json(args.out, results)
     if not args.quick:
-        args.doc.write_text(markdown(results))
+        write_doc(args.doc, markdown(results))
     for g in results["goals"]:
         print(f"{'MET ' if g['met'] else 'MISS'}  {g['goal']}: {g['value']}")
 

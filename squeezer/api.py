@@ -5,13 +5,13 @@ parameters by round-to-nearest, run the config's weight algorithm (GPTQ, AWQ, ..
 stage on the calibration batches, and, when calibration batches are given,
 (1) observe activation ranges (static mode), (2) measure each layer's output error in
 isolation, (3) measure the whole model's output error against its float outputs (taken
-before any algorithm replaced float weights by its rounded choice). The report is attached to the
-returned model as ``model.squeezer_report``.
+before any algorithm replaced float weights by its rounded choice). The :class:`QuantReport` goes
+with the returned model: ``squeezer.report_of(model)`` (:mod:`squeezer.transform`: a copy unless
+``inplace=True``). Mixed precision under a budget is :func:`squeezer.search.auto_quantize`.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,13 +19,15 @@ from torch import Tensor, nn
 
 from .algorithms import make_algorithm, run_algorithm
 from .calibration import Batch, batch_outputs, check_batches, run_batches, with_progress
-from .config import QuantConfig, resolve_config
+from .config import QuantConfig
 from .errors import ConfigError, DataError
 from .modules import quant_layers, set_mode, swap_layers
 from .modules.base import QuantMixin
 from .quant.core import packed_nbytes
 from .quant.metrics import ErrorAccumulator, ErrorStats
-from .report import LayerReport, QuantReport
+from .report.quant import LayerReport, QuantReport
+from .resolve import resolve_config
+from .transform import attach_report, working_copy
 
 
 def _param_bytes(model: nn.Module) -> int:
@@ -37,7 +39,7 @@ def _layer_report(name: str, layer: QuantMixin) -> LayerReport:
     ``layer.weight`` by its rounded choice and moved a factor into ``input_scale``)."""
     spec = layer.weight_spec
     w = layer.weight.detach()
-    act = None if layer.act_spec is None else f"{layer.act_spec.describe()} {layer.config.activation_mode}"
+    act = None if layer.act_spec is None else f"{layer.act_spec.describe()} {layer.scheme.activation_mode}"
     return LayerReport(
         name=name, kind=type(layer).__name__, format=spec.describe(), mapping=spec.mapping, bits=spec.bits,
         granularity=spec.granularity.describe(), activation=act, params=w.numel(),
@@ -83,27 +85,21 @@ def quantize(
     *,
     inplace: bool = False,
     progress: bool = True,
-    budget: Any = None,
 ) -> nn.Module:
     """Quantize ``model`` with a preset name, a dict / YAML path or a :class:`QuantConfig`.
 
     ``calib``: batches (tensor, tuple for ``model(*b)``, dict for ``model(**b)``); required
     for static activations, optional otherwise (it adds output errors to the report).
-    ``config="auto"`` (or ``"auto-<algorithm>"``) chooses one format per layer from measured
-    sensitivities under ``budget`` (a :class:`squeezer.search.Budget`, a mapping of its fields, or
-    mean bits per weight); it needs ``calib``. The allocation is in ``report.config["allocation"]``.
-    Returns the quantized model (a copy unless ``inplace``) with ``.squeezer_report``.
+    Returns the quantized model (a copy unless ``inplace``) carrying its :class:`QuantReport`.
     """
     if isinstance(config, str) and (config == "auto" or config.startswith("auto-")):
-        return _auto(model, config, calib, budget, progress)
-    if budget is not None:
-        raise ConfigError("budget=... is only used with config='auto' (mixed precision under a budget)")
+        raise ConfigError(f"config {config!r}: mixed precision under a budget is squeezer.search.auto_quantize(model, "
+                          "calib, budget, algorithm=...) (command line: squeezer search)")
     cfg = resolve_config(config)
     batches = None if calib is None else check_batches(calib)
     if cfg.activation_mode == "static" and batches is None:
         raise DataError(f"config {cfg.name!r} has static activations: pass calibration batches with calib=...")
-    if not inplace:
-        model = copy.deepcopy(model)
+    model = working_copy(model, inplace)
     bytes_before = _param_bytes(model)
     was_training = model.training
     model.eval()
@@ -126,20 +122,9 @@ def quantize(
     report = QuantReport(config=cfg.to_dict(), skipped=skipped, calibration_batches=len(batches or []))
     report.layers = [_layer_report(name, layer) for name, layer in layers.items()]
     report.model_bytes_before = bytes_before
+    report.model_class = type(model).__name__
+    report.model_params = sum(p.numel() for p in model.parameters())
     report.model_bytes_after = bytes_before - report.weight_bytes_before + report.weight_bytes_after
     report.model_output_error = model_error
-    model.squeezer_report = report
-    return model
+    return attach_report(model, report)
 
-
-def _auto(model: nn.Module, config: str, calib: Iterable[Batch] | None, budget: Any, progress: bool) -> nn.Module:
-    from .search.auto import auto_quantize  # late: the search builds on this module
-
-    if budget is None:
-        raise ConfigError(f"config {config!r} needs budget=... (e.g. 4.0 mean bits, or {{'bytes': 200_000}})")
-    if calib is None:
-        raise DataError(f"config {config!r} measures per-layer sensitivity: pass calibration batches with calib=...")
-    algorithm = config.partition("-")[2] or "rtn"
-    model, allocation = auto_quantize(model, check_batches(calib), budget, algorithm=algorithm, progress=progress)
-    model.squeezer_report.config["allocation"] = allocation.to_dict()
-    return model

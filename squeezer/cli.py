@@ -1,4 +1,9 @@
-"""The ``squeezer`` command line: ``demo``, ``quantize``, ``info``.
+"""The ``squeezer`` command line: ``demo``, ``quantize``, ``info``, ``export``, ``compress``, ``search``,
+``report``. It parses flags and prints; the work is the library's.
+
+Importing this module stays light (typer, rich): torch and squeezer's modules that need it are
+imported inside the command that uses them, so ``squeezer --help`` answers at once. The choices the
+help texts list are spelled out below; a test checks them against the library's registries.
 
 Bad input ends with a one-line ``error: ...`` naming the culprit and exit code 2.
 """
@@ -14,12 +19,38 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import SqueezerError
-from .search.formats import DEFAULT_FORMATS
+from .errors import ConfigError, DataError, SqueezerError
+from .version import __version__
+
+PRESETS = ("w8", "w8g128", "w4g128", "w8a8", "w8a8-asym", "w8a8-tensor", "w8a8-static", "w3g128", "w2g64",
+           "ternary", "binary", "log2-w4", "kmeans-w4")
+"""``squeezer.PRESETS``, in order."""
+ALGORITHMS = ("adaround", "awq", "bias_correction", "clip", "gptq", "hadamard", "hqq", "rtn", "smoothquant")
+"""The registered weight algorithms (``squeezer.algorithms.base.ALGORITHMS``), sorted."""
+SEARCH_FORMATS = ("w8", "w4g128", "w3g128", "w2g64", "fp32")
+"""``squeezer.search.formats.DEFAULT_FORMATS``."""
+STRATEGIES = ("tune", "pareto")
+"""``squeezer.search.session.STRATEGIES``."""
+RECIPES = ("lowrank-int8-distill", "prune50-int8-finetune", "qat-w2", "sparse80-int8")
+"""``squeezer.recipe.bundled_recipes()``."""
+METRICS = ("accuracy", "roc_auc")
+"""``squeezer.report.data.METRICS``."""
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make PyTorch models smaller and faster, with evidence.")
 console = Console(width=None if Console().is_terminal else 160)
 err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"squeezer {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
 
 
 def _fail(exc: Exception) -> None:
@@ -36,9 +67,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _json_text(data: Any) -> str:
-    from .report import _finite
+    from .report.json import dumps
 
-    return json.dumps(_finite(data), indent=2)
+    return dumps(data)
 
 
 @app.command()
@@ -48,18 +79,28 @@ def demo(
     seed: int = typer.Option(0, help="Seed for the data split and training."),
 ) -> None:
     """Train the bundled credit-scoring model and quantize it with every preset."""
-    from .examples.demo import run_demo
-    from .io.atomic import _writable_parent, atomic_write_text
+    with _status("squeezer demo: loading torch", json_out) as status:
+        from .examples.demo import run_demo
+        from .io.atomic import _writable_parent, atomic_write_text
 
-    try:
-        if out is not None:
-            _writable_parent(out)
-        result = run_demo(seed=seed, progress=not json_out)
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "demo.json", _json_text(result))
-    except SqueezerError as exc:
-        _fail(exc)
+        def step(message: str, row: dict[str, Any] | None) -> None:
+            if status is None:
+                return
+            if row is None:
+                status.update(f"squeezer demo: {message}")
+            else:
+                err_console.print(f"{message}: accuracy {row['accuracy']:.3f} ({row['accuracy_delta_pt']:+.1f} pt), "
+                                  f"weights ×{row['compression']:.2f} smaller", highlight=False)
+
+        try:
+            if out is not None:
+                _writable_parent(out)
+            result = run_demo(seed=seed, on_step=step)
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(out / "demo.json", _json_text(result))
+        except SqueezerError as exc:
+            _fail(exc)
     if json_out:
         print(_json_text(result))
         return
@@ -78,32 +119,40 @@ def demo(
 
 @app.command("quantize")
 def quantize_cmd(
-    model: str = typer.Option(..., "--model", help="Model factory, pkg.module:function returning an nn.Module."),
+    model: str = typer.Option(..., "--model", help="Model factory, pkg.module:function returning an nn.Module "
+                              "(imports and runs that Python code)."),
     out: Path = typer.Option(..., "--out", help="Output directory (checkpoint + report.json)."),
-    preset: str = typer.Option("w8", "--preset", help="Preset name or a YAML config file."),
+    preset: str = typer.Option("w8", "--preset", help=f"Preset: {', '.join(PRESETS)}; with an algorithm suffix "
+                               f"(w4g128-gptq: {', '.join(ALGORITHMS)}, or several joined by '+'); or a YAML config file."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Float weights (.safetensors) to load first."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data: .npy, .npz, .safetensors or .csv."),
     batch_size: int = typer.Option(32, "--batch-size", help="Rows per calibration batch."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Override the preset's weight bits (1..16)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Override with per-group weights of this size."),
+    evaluate: Optional[str] = typer.Option(None, "--eval", help="Task metric pkg.module:function(model) -> float or "
+                                           "dict of floats: imports and runs that Python code on the float model and "
+                                           "on the quantized one; the report shows both."),
     html: bool = typer.Option(False, "--html", help="Also write report.html next to the checkpoint."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Map every allocation of 1 MiB or more on its "
                                     "own (glibc): lower resident peak while calibrating, slower forwards."),
 ) -> None:
     """Quantize your own model and write a checkpoint with its report."""
-    from dataclasses import replace
+    with _status("squeezer quantize: loading torch", json_out):
+        from dataclasses import replace
 
-    from .api import quantize
-    from .calibration import batch_signature
-    from .config import resolve_config
-    from .html_report import quant_report_data
-    from .io.atomic import _writable_parent
-    from .io.calib_files import load_calibration
-    from .io.checkpoint import save
-    from .io.user_model import load_factory, load_weights
-    from .memory import limit_heap_retention
-    from .quant.spec import PerGroup
+        from .api import quantize
+        from .calibration import batch_signature
+        from .resolve import resolve_config
+        from .io.atomic import _writable_parent
+        from .io.calib_files import load_calibration
+        from .io.checkpoint import save
+        from .io.user_model import evaluate_user, load_attribute, load_factory, load_weights
+        from .memory import limit_heap_retention
+        from .quant.spec import PerGroup
+        from .report.data import quant_report_data
+        from .report.quant import QuantReport
+        from .transform import report_of
 
     try:
         cfg = resolve_config(preset)
@@ -114,24 +163,49 @@ def quantize_cmd(
         _writable_parent(out)
         if low_memory and not limit_heap_retention():
             err_console.print("[yellow]warning:[/] --low-memory: not a glibc system; the allocator is left as it is")
+        metric = None if evaluate is None else load_attribute(evaluate, "--eval")
         net = load_factory(model)
         if weights is not None:
             load_weights(net, weights)
         batches = None if calib is None else load_calibration(calib, batch_size)
+        before = None if metric is None else evaluate_user(metric, net, evaluate)
         q = quantize(net, cfg, calib=batches, inplace=True, progress=not json_out)
-        report = q.squeezer_report
-        extra = {"report": json.loads(report.to_json()), "model_factory": model}
+        report = report_of(q, QuantReport)
+        task = None if metric is None else _before_after(before, evaluate_user(metric, q, evaluate))
+        extra = {"report": report.to_dict(), "model_factory": model, **({"task": task} if task else {})}
         if batches:
             extra["example_inputs"] = batch_signature(batches[0])
         save(q, out, extra=extra)
-        _write_report(out, quant_report_data(report), html)
+        data = quant_report_data(report, task)
+        _write_report(out, data, html)
     except SqueezerError as exc:
         _fail(exc)
     if json_out:
-        print(report.to_json())
-    else:
-        console.print(report.table())
-        console.print(f"checkpoint written to {out}")
+        print(_json_text({**report.to_dict(), **({"task": task} if task else {})}))
+        return
+    _print_about(data)
+    console.print(report.table())
+    if task:
+        console.print("task metric: " + "; ".join(f"{name} {v['before']:.4g} -> {v['after']:.4g}"
+                                                  for name, v in task.items()), highlight=False)
+    console.print(f"checkpoint written to {out}")
+
+
+def _status(message: str, quiet: bool) -> Any:
+    """A spinner on stderr while ``message`` is under way (a no-op context when ``quiet``)."""
+    from contextlib import nullcontext
+
+    return nullcontext() if quiet else err_console.status(message)
+
+
+def _before_after(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``{name: {"before", "after"}}`` for the metric names both runs returned."""
+    return {name: {"before": before[name], "after": after[name]} for name in before if name in after}
+
+
+def _print_about(data: dict[str, Any]) -> None:
+    """One line: model, preset or strategy, date, versions."""
+    console.print(" · ".join(f"{key} {value}" for key, value in data["about"].items()), highlight=False)
 
 
 @app.command()
@@ -147,10 +221,10 @@ def info(directory: Path = typer.Argument(..., help="A checkpoint directory writ
                         f"format v{manifest['format_version']}")
     for col in ("layer", "type", "shape", "weight format"):
         table.add_column(col)
-    from .config import QuantConfig
+    from .quant.scheme import LayerScheme
 
     for name, layer in manifest["layers"].items():
-        cfg = QuantConfig.from_dict(layer["config"])
+        cfg = LayerScheme.from_dict(layer["scheme"])
         rotation = f", input rotated (Hadamard {layer['input_rotation']})" if "input_rotation" in layer else ""
         table.add_row(name, layer["type"], "×".join(map(str, layer["shape"])), cfg.weight.describe() + rotation)
     size = (directory / TENSORS).stat().st_size if (directory / TENSORS).exists() else 0
@@ -158,13 +232,47 @@ def info(directory: Path = typer.Argument(..., help="A checkpoint directory writ
     console.print(table)
 
 
-@app.command("export")
+class _ExportCommand(typer.core.TyperCommand):
+    """``squeezer export``, whose help lists the registered export formats and their options when shown."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from rich.markup import escape
+
+        from .export import describe_options, formats, get
+
+        lines = [(export_cmd.__doc__ or "").strip(), "Formats (--format, or from --out's suffix) and their options "
+                 "(--option key=value):"]
+        for name in formats():
+            exporter = get(name)
+            lines.append(f"{name} ({', '.join(exporter.suffixes)}): {exporter.summary}. Options: "
+                         + "; ".join(describe_options(exporter.options)))
+        self.help = escape("\n\n".join(lines))
+        super().format_help(ctx, formatter)
+
+
+def _option_texts(pairs: list[str], flags: dict[str, str | None]) -> dict[str, str]:
+    """``--option key=value`` pairs and the named flags that are set, as ``{key: value}``."""
+    from .errors import ConfigError
+
+    texts = {key: value for key, value in flags.items() if value is not None}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--option takes key=value, got {pair!r}")
+        if key in texts:
+            raise ConfigError(f"option {key!r} is given twice")
+        texts[key] = value
+    return texts
+
+
+@app.command("export", cls=_ExportCommand)
 def export_cmd(
     directory: Path = typer.Argument(..., help="A checkpoint directory written by squeezer."),
-    out: Path = typer.Option(..., "--out", help="Output file: model.onnx, model.tflite or model.pte."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="onnx, tflite or executorch (default: from --out's suffix)."),
+    out: Path = typer.Option(..., "--out", help="Output file, e.g. model.onnx, model.tflite or model.pte."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="An export format listed above (default: from --out's suffix)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model factory (default: the one recorded by quantize)."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Shape of one example input, e.g. 1x61."),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="A format option key=value (repeatable; listed above)."),
     calib: Optional[Path] = typer.Option(None, "--calib",
                                          help="TFLite full-integer models: data for the output grids of layers squeezer leaves unquantized."),
     unsupported: str = typer.Option("error", "--unsupported", help="A layer with no int8 form: error, or float."),
@@ -176,46 +284,27 @@ def export_cmd(
         help="ExecuTorch, weight-only Linear layers: dynamic (XNNPACK int8, also quantizes input rows; default) or exact."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
 ) -> None:
-    """Export a checkpoint for a runtime (ONNX Runtime / TensorRT, TFLite, ExecuTorch) with squeezer's integers."""
+    """Export a checkpoint for a runtime (ONNX Runtime / TensorRT, TFLite, ExecuTorch, ...) with squeezer's integers."""
     from dataclasses import asdict
 
-    import torch
-
-    from .calibration import example_from_signature
-    from .errors import ConfigError, DataError
+    from .errors import ConfigError
+    from .export import export_checkpoint, exporter_for, options_from_text
     from .io.calib_files import load_calibration
-    from .io.checkpoint import load, read_manifest
-    from .io.export import export
-    from .io.user_model import load_factory
 
     try:
-        manifest = read_manifest(directory)
-        factory = model or manifest.get("model_factory")
-        if not factory:
-            raise ConfigError("the checkpoint records no model factory: pass --model pkg.module:factory")
+        shape = None
         if input_shape:
             try:
-                dims = [int(d) for d in input_shape.lower().replace(",", "x").split("x")]
+                shape = tuple(int(d) for d in input_shape.lower().replace(",", "x").split("x"))
             except ValueError:
                 raise ConfigError(f"--input-shape must look like 1x61, got {input_shape!r}") from None
-            example = torch.zeros(*dims)
-        elif "example_inputs" in manifest:
-            example = example_from_signature(manifest["example_inputs"])
-        else:
-            raise ConfigError("the checkpoint records no example input: pass --input-shape, e.g. 1x61")
-        net = load(directory, model=load_factory(factory))
-        if out.exists() and out.is_dir():
-            raise DataError(f"--out {out} is a directory; give a file name such as model.onnx")
-        options: dict[str, Any] = {}
-        if unsupported != "error":
-            options["unsupported"] = unsupported
+        exporter = exporter_for(out, fmt)
+        texts = _option_texts(option or [], {"unsupported": None if unsupported == "error" else unsupported,
+                                             "unquantized_outputs": unquantized_outputs, "weight_only": weight_only})
+        options = options_from_text(exporter.name, exporter.options, texts)
         if calib is not None:
             options["calib"] = load_calibration(calib, 64)
-        if unquantized_outputs is not None:
-            options["unquantized_outputs"] = unquantized_outputs
-        if weight_only is not None:
-            options["weight_only"] = weight_only
-        report = export(net, example, out, format=fmt, **options)
+        report = export_checkpoint(directory, out, exporter.name, model=model, input_shape=shape, **options)
     except SqueezerError as exc:
         _fail(exc)
     if json_out:
@@ -233,30 +322,32 @@ def export_cmd(
 
 @app.command("compress")
 def compress_cmd(
-    recipe: str = typer.Option(..., "--recipe", help="A bundled recipe name or a YAML file."),
-    model: str = typer.Option(..., "--model", help="Model factory, pkg.module:function returning an nn.Module."),
+    recipe: str = typer.Option(..., "--recipe", help=f"A bundled recipe ({', '.join(RECIPES)}) or a YAML file."),
+    model: str = typer.Option(..., "--model", help="Model factory, pkg.module:function returning an nn.Module "
+                              "(imports and runs that Python code)."),
     data: Path = typer.Option(..., "--data", help=".npz with arrays x (inputs) and y (targets)."),
     out: Path = typer.Option(..., "--out", help="Output directory: report.json (+ checkpoint when quantized)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Float weights (.safetensors) to load first."),
-    evaluate: Optional[str] = typer.Option(None, "--eval", help="pkg.module:function(model) -> float, run after each step."),
+    evaluate: Optional[str] = typer.Option(None, "--eval", help="pkg.module:function(model) -> float, run after each "
+                                           "step (imports and runs that Python code)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Rows per batch."),
     html: bool = typer.Option(False, "--html", help="Also write report.html into --out."),
-    robust_metric: Optional[str] = typer.Option(None, "--robust-metric",
-                                                help="accuracy or roc_auc: add the robustness section on --data."),
+    robust_metric: Optional[str] = typer.Option(None, "--robust-metric", help=f"{' or '.join(METRICS)}: add the "
+                                                "robustness section on --data."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Run a compression recipe (prune, lowrank, quantize, qat, distill, finetune) on your model."""
-    import copy
+    with _status("squeezer compress: loading torch", json_out):
+        import copy
 
-    from .errors import DataError
-    from .io.atomic import _writable_parent, atomic_directory
-    from .report_data import task_metric
-    from .io.calib_files import load_calibration
-    from .io.checkpoint import save
-    from .io.user_model import load_attribute, load_factory, load_weights
-    from .modules import quant_layers
-    from .recipe import compress
-    from .report_data import add_robustness, compression_data
+        from .io.atomic import _writable_parent, atomic_directory
+        from .io.calib_files import load_pairs
+        from .io.checkpoint import save
+        from .io.user_model import load_attribute, load_factory, load_weights
+        from .modules import quant_layers
+        from .recipe import CompressionReport, compress
+        from .report.data import add_robustness, compression_data, task_metric
+        from .transform import report_of
 
     try:
         if robust_metric is not None:
@@ -265,22 +356,19 @@ def compress_cmd(
         net = load_factory(model)
         if weights is not None:
             load_weights(net, weights)
-        arrays = load_calibration(data, batch_size)
-        if not isinstance(arrays[0], dict) or set(arrays[0]) != {"x", "y"}:
-            raise DataError(f"--data {data} must be an .npz with exactly the arrays 'x' and 'y'")
-        batches = [(b["x"], b["y"]) for b in arrays]
+        batches = load_pairs(data, batch_size, "--data")
         metric = None if evaluate is None else load_attribute(evaluate, "--eval")
         original = copy.deepcopy(net).eval() if robust_metric else None
         result = compress(net, recipe, data=batches, evaluate=metric)
-        report = result.squeezer_compression.to_dict()
-        data = compression_data(report, f"squeezer compress: {recipe}")
+        report = report_of(result, CompressionReport).to_dict()
+        page = compression_data(report, f"squeezer compress: {recipe}")
         if original is not None:
-            add_robustness(data, {"fp32": original, "compressed": result.eval()}, batches, robust_metric)
+            add_robustness(page, {"fp32": original, "compressed": result.eval()}, batches, robust_metric)
         with atomic_directory(out) as tmp:
             (tmp / "report.json").write_text(_json_text(report))
             if quant_layers(result):
                 save(result, tmp / "checkpoint", extra={"model_factory": model})
-            _write_report(tmp, data, html)
+            _write_report(tmp, page, html)
     except SqueezerError as exc:
         _fail(exc)
     if json_out:
@@ -297,8 +385,10 @@ def compress_cmd(
 
 @app.command("search")
 def search_cmd(
-    model: str = typer.Option(..., "--model", help="Model factory, pkg.module:function returning an nn.Module."),
-    evaluate: str = typer.Option(..., "--eval", help="pkg.module:function(model) -> float, the metric to keep."),
+    model: str = typer.Option(..., "--model", help="Model factory, pkg.module:function returning an nn.Module "
+                              "(imports and runs that Python code)."),
+    evaluate: str = typer.Option(..., "--eval", help="pkg.module:function(model) -> float, the metric to keep "
+                                 "(imports and runs that Python code)."),
     calib: Path = typer.Option(..., "--calib", help="Calibration data: .npy, .npz, .safetensors or .csv."),
     out: Path = typer.Option(..., "--out", help="Output directory: checkpoint/, search.json, report_data.json."),
     max_drop: float = typer.Option(..., "--max-drop", help="Tolerated metric drop, in the units --eval returns."),
@@ -306,9 +396,12 @@ def search_cmd(
     budget_bits: Optional[float] = typer.Option(None, "--budget-bits", help="Mean code bits per weight to start from."),
     budget_bytes: Optional[float] = typer.Option(None, "--budget-bytes", help="Model bytes to start from."),
     trials: int = typer.Option(30, "--trials", help="Most models to evaluate."),
-    strategy: str = typer.Option("tune", "--strategy", help="tune (fallback from the budget) or pareto (Optuna study)."),
-    formats: str = typer.Option(",".join(DEFAULT_FORMATS), "--formats", help="Candidate formats, comma-separated."),
-    algorithm: str = typer.Option("rtn", "--algorithm", help="PTQ algorithm for every layer (rtn, gptq, awq, ...)."),
+    strategy: str = typer.Option("tune", "--strategy", help=f"{' or '.join(STRATEGIES)}: tune falls back from the "
+                                 "budget, pareto runs an Optuna study."),
+    formats: str = typer.Option(",".join(SEARCH_FORMATS), "--formats", help="Candidate formats, comma-separated: "
+                                f"fp32 (keep float) or presets without an algorithm ({', '.join(PRESETS)})."),
+    algorithm: str = typer.Option("rtn", "--algorithm", help=f"PTQ algorithm for every layer: {', '.join(ALGORITHMS)}, "
+                                  "or several joined by '+'."),
     relative: bool = typer.Option(False, "--relative", help="--max-drop is a fraction of the float metric."),
     lower_is_better: bool = typer.Option(False, "--lower-is-better", help="The metric is a loss / error."),
     resume: bool = typer.Option(False, "--resume", help="Continue the study in --out (strategy pareto)."),
@@ -319,19 +412,20 @@ def search_cmd(
     html: bool = typer.Option(False, "--html", help="Also write report.html into --out."),
     robust_data: Optional[Path] = typer.Option(None, "--robust-data",
                                                help=".npz with arrays x and y: add the robustness section."),
-    robust_metric: str = typer.Option("accuracy", "--robust-metric", help="accuracy or roc_auc (with --robust-data)."),
+    robust_metric: str = typer.Option("accuracy", "--robust-metric", help=f"{' or '.join(METRICS)} "
+                                      "(with --robust-data)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Find the smallest mixed-precision model whose metric stays within --max-drop."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .calibration import batch_signature
-    from .errors import ConfigError
-    from .io.atomic import _writable_parent
-    from .io.calib_files import load_calibration
-    from .io.user_model import load_attribute, load_factory, load_weights
-    from .report_data import add_robustness, task_metric
-    from .search.session import run_search
+    with _status("squeezer search: loading torch", json_out):
+        from .calibration import batch_signature
+        from .io.atomic import _writable_parent
+        from .io.calib_files import load_calibration, load_pairs
+        from .io.user_model import load_attribute, load_factory, load_weights
+        from .report.data import add_robustness, search_data, task_metric
+        from .search.session import run_search
 
     try:
         import optuna
@@ -365,25 +459,21 @@ def search_cmd(
                              rank=ranks, progress=not json_out,
                              on_trial=show,
                              extra={"model_factory": model, "example_inputs": batch_signature(batches[0])})
+        data = search_data(run)
         if robust_data is not None:
-            pairs = load_calibration(robust_data, batch_size)
-            if not isinstance(pairs[0], dict) or set(pairs[0]) != {"x", "y"}:
-                raise ConfigError(f"--robust-data {robust_data} must be an .npz with exactly the arrays 'x' and 'y'")
-            add_robustness(run.data, {"fp32": net, "compressed": run.model}, [(b["x"], b["y"]) for b in pairs],
-                           robust_metric)
-        _write_report(out, run.data, html)
+            add_robustness(data, {"fp32": net, "compressed": run.model}, load_pairs(robust_data, batch_size,
+                                                                                    "--robust-data"), robust_metric)
+        _write_report(out, data, html)
     except SqueezerError as exc:
         _fail(exc)
     if json_out:
-        print(_json_text(run.data))
+        print(_json_text(data))
         return
-    _print_search(run.data, out)
+    _print_search(data, out)
 
 
 def _numbers(text: str, flag: str) -> tuple[Any, ...]:
     """``"0,0.25"`` -> ``(0.0, 0.25)``; ``none`` -> ``None``."""
-    from .errors import ConfigError
-
     try:
         return tuple(None if v.strip().lower() == "none" else float(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -392,8 +482,8 @@ def _numbers(text: str, flag: str) -> tuple[Any, ...]:
 
 def _write_report(directory: Path, data: dict[str, Any], html: bool) -> None:
     """``report_data.json`` (what ``squeezer report`` renders) and, with ``html``, ``report.html``."""
-    from .html_report import write_html
     from .io.atomic import atomic_write_text
+    from .report.html import write_html
 
     atomic_write_text(directory / "report_data.json", _json_text(data))
     if html:
@@ -401,6 +491,7 @@ def _write_report(directory: Path, data: dict[str, Any], html: bool) -> None:
 
 
 def _print_search(data: dict[str, Any], out: Path) -> None:
+    _print_about(data)
     table = Table(title="squeezer search: chosen model")
     for col in ("", "bytes", "batch-1 ms", "metric"):
         table.add_column(col, justify="left" if not col else "right")
@@ -423,15 +514,15 @@ def report_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: DIRECTORY/report.html)."),
 ) -> None:
     """Write the self-contained HTML report of a quantize, compress or search run."""
-    from .errors import DataError
-    from .html_report import write_html
+    from .report.html import write_html
+    from .report.json import loads
 
     source = directory / "report_data.json"
     try:
         if not source.is_file():
             raise DataError(f"{directory} holds no report_data.json: run quantize, compress or search with --out first")
         try:
-            data = json.loads(source.read_text())
+            data = loads(source.read_text())
         except ValueError as exc:
             raise DataError(f"{source} is not valid JSON: {exc}") from None
         target = write_html(data, out or directory / "report.html")

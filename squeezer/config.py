@@ -6,8 +6,9 @@ layer types to take, ``include`` / ``ignore`` regular expressions on module name
 ``overrides``: ``{regex: {field: value}}`` applied to the layers whose name matches
 (the first matching pattern wins), e.g. ``{"^head$": {"weight": {"bits": 8}}}``, or
 ``{"type:embedding": {...}}`` for every layer of a type, and the
-weight ``algorithm`` (``rtn``, ``gptq``, ``awq``, ... with ``algorithm_options``). A preset name
-takes an algorithm suffix: ``"w4g128-gptq"`` is ``w4g128`` with GPTQ.
+weight ``algorithm`` (``rtn``, ``gptq``, ``awq``, ... with ``algorithm_options``; the name is checked
+where the algorithm is built, :mod:`squeezer.algorithms`). Each quantized layer gets its own
+:class:`LayerScheme` (:meth:`QuantConfig.for_layer`), not the config.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from .errors import ConfigError
-from .quant.observers import OBSERVERS
+from .quant.scheme import ActivationMode, LayerScheme
 from .quant.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 LAYER_TYPES: tuple[str, ...] = ("linear", "conv1d", "conv2d", "embedding")
 TYPE_KEY = "type:"  # an overrides key "type:embedding" selects layers by type instead of by name
-ActivationMode = Literal["none", "dynamic", "static"]
 
 
 @dataclass(frozen=True)
@@ -45,22 +45,11 @@ class QuantConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        if isinstance(self.weight, dict):
-            object.__setattr__(self, "weight", QuantSpec.from_dict(self.weight))
-        if isinstance(self.activation, dict):
-            object.__setattr__(self, "activation", QuantSpec.from_dict(self.activation))
-        if self.activation_mode not in ("none", "dynamic", "static"):
-            raise ConfigError(f"activation_mode must be none, dynamic or static, got {self.activation_mode!r}")
-        if (self.activation is None) != (self.activation_mode == "none"):
-            raise ConfigError("activation spec and activation_mode must be given together (mode 'none' has no spec)")
-        if self.activation is not None and self.activation.mapping != "uniform":
-            raise ConfigError(f"activations support the uniform mapping only, got {self.activation.mapping!r}")
-        if self.activation_mode == "static" and isinstance(self.activation.granularity, PerToken):
-            raise ConfigError("static activations need per-tensor (or per-channel) ranges, not per-token")
+        scheme = self.scheme  # validates the weight / activation fields (dicts become specs)
+        object.__setattr__(self, "weight", scheme.weight)
+        object.__setattr__(self, "activation", scheme.activation)
         if not isinstance(self.algorithm, str) or not isinstance(self.algorithm_options, dict):
             raise ConfigError("algorithm must be a name and algorithm_options a mapping")
-        if self.observer not in OBSERVERS:
-            raise ConfigError(f"unknown observer {self.observer!r}; valid: {', '.join(OBSERVERS)}")
         for name in ("layer_types", "include", "ignore"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
@@ -91,14 +80,32 @@ class QuantConfig:
             values["weight"] = QuantSpec.from_dict({**self.weight.to_dict(), **values["weight"]})
         return replace(self, **values, overrides={})
 
-    def for_layer(self, name: str, kind: str | None = None) -> "QuantConfig":
-        """The config of one layer: the first override whose pattern matches ``name`` (a key
-        ``"type:<layer type>"`` matches every layer of that type, e.g. ``"type:embedding"``), else self."""
+    @property
+    def scheme(self) -> LayerScheme:
+        """The scheme of a layer no override matches."""
+        return LayerScheme(self.weight, self.activation, self.activation_mode, self.observer)
+
+    def for_layer(self, name: str, kind: str | None = None) -> LayerScheme:
+        """The scheme of one layer: the first override whose pattern matches ``name`` (a key
+        ``"type:<layer type>"`` matches every layer of that type, e.g. ``"type:embedding"``) applied, else
+        :attr:`scheme`."""
         for pattern, change in self.overrides.items():
             hit = pattern == f"type:{kind}" if pattern.startswith(TYPE_KEY) else re.search(pattern, name)
             if hit:
-                return self._apply(change, f"overrides[{pattern!r}]")
-        return self
+                return self._apply(change, f"overrides[{pattern!r}]").scheme
+        return self.scheme
+
+    def skip_reason(self, name: str, kind: str | None) -> str | None:
+        """Why the layer ``name`` of type ``kind`` (None: not quantizable) is left in float, or None when
+        it is taken: its type is in ``layer_types``, its name matches ``include`` (when given) and no ``ignore``."""
+        if kind is None:
+            return "type not quantizable"
+        if kind not in self.layer_types:
+            return f"layer type {kind} not selected"
+        if self.include and not any(re.search(p, name) for p in self.include):
+            return "not matched by include patterns"
+        hit = next((p for p in self.ignore if re.search(p, name)), None)
+        return None if hit is None else f"ignored by pattern {hit!r}"
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -167,24 +174,3 @@ such as GELU outputs, at the cost of one zero-point correction per output), dyna
 ``MatMulNBits`` 8-bit format (uint8, a scale and zero point per group of 128): for export; PyTorch has no
 integer kernel for it.
 ``w8g128``, ``w4g128``, ``w3g128`` and ``w2g64`` keep embeddings at int8 per row (:data:`EMBEDDINGS_INT8`)."""
-
-
-def resolve_config(config: QuantConfig | str | dict[str, Any]) -> QuantConfig:
-    """A preset name, a dict, a YAML path or a :class:`QuantConfig` -> :class:`QuantConfig`."""
-    if isinstance(config, QuantConfig):
-        return config
-    if isinstance(config, dict):
-        return QuantConfig.from_dict(config)
-    if isinstance(config, str):
-        if config in PRESETS:
-            return PRESETS[config]
-        base, _, suffix = config.rpartition("-")
-        if base in PRESETS and suffix:
-            from .algorithms.base import algorithm_names  # late: algorithms build on this module
-
-            algorithm_names(suffix, where=f"preset {config!r}")
-            return replace(PRESETS[base], algorithm=suffix, name=config)
-        if config.endswith((".yaml", ".yml")):
-            return QuantConfig.from_yaml(config)
-        raise ConfigError(f"unknown preset {config!r}; valid presets: {', '.join(PRESETS)}")
-    raise ConfigError(f"config must be a preset name, dict, YAML path or QuantConfig, got {type(config).__name__}")

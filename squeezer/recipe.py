@@ -1,24 +1,12 @@
-"""Recipes: an ordered list of compression steps, and `squeezer.compress` that runs them.
+"""Recipes: a versioned list of typed steps (:mod:`squeezer.steps`), and `squeezer.compress`.
 
-A recipe is a list of one-key mappings (YAML or Python), each ``{step: options}``:
-
-* ``prune``: ``kind`` = ``unstructured`` (per layer) | ``global`` | ``nm`` (``n``, ``m``) |
-  ``structured`` (whole output channels, ``sparsity`` = fraction removed, ``norm``) |
-  ``features`` (input columns, ``sparsity`` = fraction dropped; the model keeps taking full rows) |
-  ``heads`` (whole attention heads, ``sparsity`` = fraction removed, ``norm`` (default l2),
-  ``scope`` = layer | global, ``min_heads``; see :mod:`squeezer.prune.heads`);
-  ``steps`` > 1 with ``finetune_epochs``: gradual cubic schedule with fine-tuning in between.
-* ``lowrank``: SVD factorisation, ``energy`` or ``budget`` (+ ``min_params``, include / ignore).
-* ``quantize``: ``preset`` or ``config`` (a :class:`QuantConfig` dict); calibration = the inputs of
-  the data batches.
-* ``qat``: ``preset`` / ``config``, ``epochs``, ``lr``, ``lam`` (``L = L_task + lam E_quant``),
-  ``learnable_scales``.
-* ``distill``: from the model as it was before the recipe (the teacher), ``epochs``, ``alpha``,
-  ``temperature``, ``lr``, ``cache_teacher`` (true: the teacher runs once per batch; data a list).
-* ``finetune``: ``epochs``, ``lr`` (pruning masks keep pruned weights at zero).
-
-``include`` / ``ignore`` regexes restrict prune / lowrank / quantize steps to layers by name.
-Every step appends a row (params, non-zero params, bytes, metric, seconds) to the report.
+A recipe is written in YAML (or Python) as ``{version: 1, steps: [{step: options}, ...]}``; a
+bare list of steps is read as version 1 (the format before recipes carried a version), and a
+version newer than :data:`RECIPE_VERSION` is refused. :meth:`Recipe.to_yaml` writes the
+versioned form, with each step's options that differ from the defaults. Every step of
+:func:`compress` appends a row (params, non-zero params, bytes, metric, seconds) to its
+:class:`CompressionReport`; the compressed model follows the rules of :mod:`squeezer.transform`
+(a copy unless ``inplace=True``; ``squeezer.report_of(model)`` is the report).
 """
 
 from __future__ import annotations
@@ -26,7 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,19 +24,57 @@ from torch import nn
 
 from .errors import ConfigError, DataError
 from .modules import quant_layers
+from .steps import Context, Step, parse_step
+from .transform import attach_report, working_copy
 
-Step = tuple[str, dict[str, Any]]
+RECIPE_VERSION = 1
+"""The recipe format this squeezer reads and writes."""
+_NOT_A_LIST = "a recipe must be a non-empty list of steps such as [{prune: {...}}, {quantize: {...}}]"
 
-OPTIONS: dict[str, set[str]] = {
-    "prune": {"kind", "sparsity", "n", "m", "norm", "scope", "min_heads", "steps", "finetune_epochs", "lr", "include",
-              "ignore"},
-    "lowrank": {"energy", "budget", "min_params", "include", "ignore"},
-    "quantize": {"preset", "config", "include", "ignore"},
-    "qat": {"preset", "config", "epochs", "lr", "lam", "learnable_scales"},
-    "distill": {"epochs", "alpha", "temperature", "lr", "cache_teacher"},
-    "finetune": {"epochs", "lr"},
-}
-TRAINING_STEPS = {"qat", "distill", "finetune"}
+
+@dataclass
+class Recipe:
+    """The ordered typed steps of a recipe and the format version it was written in."""
+
+    steps: list[Step]
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or not 1 <= self.version <= RECIPE_VERSION:
+            raise ConfigError(f"recipe version must be an integer from 1 to {RECIPE_VERSION} (this squeezer's), "
+                              f"got {self.version!r}")
+        if not self.steps:
+            raise ConfigError(_NOT_A_LIST)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @classmethod
+    def from_list(cls, items: Any, version: Any = RECIPE_VERSION) -> Recipe:
+        """Steps from a list of one-key mappings ``{step: options}`` (or typed steps)."""
+        if not isinstance(items, list):
+            raise ConfigError(_NOT_A_LIST)
+        return cls([parse_step(item, i) for i, item in enumerate(items)], version)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
+        """Parse YAML text: ``{version, steps}`` or a bare list of steps (version 1)."""
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+        if isinstance(doc, dict):
+            unknown = sorted(set(doc) - {"version", "steps"})
+            if unknown or "version" not in doc:
+                raise ConfigError(f"{source}: a recipe mapping has the keys version and steps, got {sorted(doc)}")
+            return cls.from_list(doc.get("steps"), doc["version"])
+        return cls.from_list(doc)
+
+    def to_list(self) -> list[dict[str, dict[str, Any]]]:
+        return [s.to_dict() for s in self.steps]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump({"version": self.version, "steps": self.to_list()}, sort_keys=False)
 
 
 def bundled_recipes() -> list[str]:
@@ -57,39 +83,21 @@ def bundled_recipes() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
-def load_recipe(recipe: str | Path | list[dict[str, Any]]) -> list[Step]:
-    """Parse a bundled recipe name, a YAML file or a list of one-key mappings; errors name the step."""
-    if isinstance(recipe, (str, Path)):
-        name = str(recipe)
-        if name in bundled_recipes():
-            text = resources.files("squeezer.recipes").joinpath(f"{name}.yaml").read_text()
-        else:
-            try:
-                text = Path(recipe).read_text()
-            except OSError as exc:
-                raise ConfigError(f"recipe {name!r} is neither a bundled recipe ({', '.join(bundled_recipes())}) "
-                                  f"nor a readable file: {exc.strerror or exc}") from None
-        try:
-            recipe = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe {name}: invalid YAML: {exc}") from None
-    if not isinstance(recipe, list) or not recipe:
-        raise ConfigError("a recipe must be a non-empty list of steps such as [{prune: {...}}, {quantize: {...}}]")
-    steps: list[Step] = []
-    for i, item in enumerate(recipe):
-        if not isinstance(item, dict) or len(item) != 1:
-            raise ConfigError(f"recipe step {i}: must be a mapping with one key (the step name), got {item!r}")
-        (kind, options), = item.items()
-        if kind not in OPTIONS:
-            raise ConfigError(f"recipe step {i}: unknown step {kind!r}; valid steps: {', '.join(OPTIONS)}")
-        options = {} if options is None else options
-        if not isinstance(options, dict):
-            raise ConfigError(f"recipe step {i} ({kind}): options must be a mapping, got {type(options).__name__}")
-        unknown = sorted(set(options) - OPTIONS[kind])
-        if unknown:
-            raise ConfigError(f"recipe step {i} ({kind}): unknown option(s) {unknown}; valid: {sorted(OPTIONS[kind])}")
-        steps.append((kind, dict(options)))
-    return steps
+def load_recipe(recipe: str | Path | list[Any] | Recipe) -> Recipe:
+    """A bundled recipe name, a YAML file, a list of steps or a :class:`Recipe` -> :class:`Recipe`."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if not isinstance(recipe, (str, Path)):
+        return Recipe.from_list(recipe)
+    name = str(recipe)
+    if name in bundled_recipes():
+        return Recipe.from_yaml(resources.files("squeezer.recipes").joinpath(f"{name}.yaml").read_text(), name)
+    try:
+        text = Path(recipe).read_text()
+    except OSError as exc:
+        raise ConfigError(f"recipe {name!r} is neither a bundled recipe ({', '.join(bundled_recipes())}) "
+                          f"nor a readable file: {exc.strerror or exc}") from None
+    return Recipe.from_yaml(text, f"recipe {name}")
 
 
 @dataclass
@@ -135,147 +143,29 @@ def model_size(model: nn.Module) -> tuple[int, int, int]:
     return params, nonzero, size
 
 
-def _select(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: options[k] for k in ("include", "ignore") if k in options}
-
-
-def _calib(data: list[Any]) -> list[Any]:
-    from .training import split_batch
-
-    return [split_batch(b, i)[0] for i, b in enumerate(data[:16])]
-
-
-class _Runner:
-    """Runs the steps of one recipe on one model, keeping the original as the teacher."""
-
-    def __init__(self, data: list[Any] | None, loss_fn: Callable | None, teacher: nn.Module) -> None:
-        self.data, self.loss_fn, self.teacher = data, loss_fn, teacher
-
-    def _fit(self, model: nn.Module, epochs: int, lr: float) -> dict[str, Any]:
-        from .training import fit
-
-        history = fit(model, self.data, epochs=epochs, lr=lr, loss_fn=self.loss_fn)
-        return {"final_loss": history[-1]["loss"]}
-
-    def prune(self, model: nn.Module, o: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-        from . import prune as P
-
-        kind, sparsity = o.get("kind", "unstructured"), o.get("sparsity", 0.5)
-        steps = int(o.get("steps", 1))
-        if steps > 1:
-            if kind not in ("unstructured", "global"):
-                raise ConfigError(f"prune: gradual steps apply to unstructured / global pruning, not {kind!r}")
-            self._need_data("prune (gradual)")
-            report = P.gradual_prune(model, sparsity, steps, lambda m: self._fit(m, int(o.get("finetune_epochs", 1)),
-                                                                                    float(o.get("lr", 1e-3))),
-                                     scope="global" if kind == "global" else "layer", **_select(o))
-            return model, report.to_dict()
-        if kind in ("unstructured", "global"):
-            report = P.magnitude_prune(model, sparsity, scope="layer" if kind == "unstructured" else "global", **_select(o))
-        elif kind == "nm":
-            report = P.nm_prune(model, int(o.get("n", 2)), int(o.get("m", 4)), **_select(o))
-        elif kind == "structured":
-            report = P.prune_channels(model, sparsity, norm=o.get("norm", "l1"), **_select(o))
-        elif kind == "features":
-            report = P.prune_features(model, sparsity, norm=o.get("norm", "l2"))
-            return P.SelectColumns(model, report.kept), asdict(report)
-        elif kind == "heads":
-            report = P.prune_heads(model, sparsity, norm=o.get("norm", "l2"), scope=o.get("scope", "layer"),
-                                   min_heads=o.get("min_heads", 1), **_select(o))
-        else:
-            raise ConfigError(f"prune: unknown kind {kind!r}; valid: unstructured, global, nm, structured, features, "
-                              "heads")
-        return model, report.to_dict()
-
-    def lowrank(self, model: nn.Module, o: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-        from .lowrank import low_rank
-
-        report = low_rank(model, energy=o.get("energy"), budget=o.get("budget"),
-                          min_params=int(o.get("min_params", 0)), **_select(o))
-        return model, report.to_dict()
-
-    def _config(self, o: dict[str, Any], step: str) -> Any:
-        from .config import QuantConfig, resolve_config
-
-        if ("preset" in o) == ("config" in o):
-            raise ConfigError(f"{step}: give exactly one of 'preset' and 'config'")
-        cfg = resolve_config(o["preset"] if "preset" in o else QuantConfig.from_dict(o["config"]))
-        return replace(cfg, **_select(o)) if _select(o) else cfg
-
-    def quantize(self, model: nn.Module, o: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-        from .api import quantize
-        from .prune import remove_masks
-
-        remove_masks(model)
-        q = quantize(model, self._config(o, "quantize"), calib=_calib(self.data) if self.data else None, progress=False)
-        summary = q.squeezer_report.to_dict()["summary"]
-        return q, {k: summary[k] for k in ("quantized_layers", "weight_compression", "bits_per_weight")}
-
-    def qat(self, model: nn.Module, o: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-        from .prune import remove_masks
-        from .qat import convert, prepare_qat, qat_loss
-        from .training import fit, infer_loss
-
-        self._need_data("qat")
-        remove_masks(model)
-        q = prepare_qat(model, self._config(o, "qat"), calib=_calib(self.data),
-                        learnable_scales=bool(o.get("learnable_scales", False)))
-        lam, task = float(o.get("lam", 0.0)), self.loss_fn
-
-        def loss(outputs: Any, targets: Any) -> dict[str, Any]:
-            nonlocal task
-            task = task or infer_loss(outputs, targets)
-            return qat_loss(task(outputs, targets), q, lam)._asdict()
-
-        history = fit(q, self.data, epochs=int(o.get("epochs", 1)), lr=float(o.get("lr", 1e-4)), loss_fn=loss)
-        return convert(q), {"final_loss": history[-1]["loss"], "final_quant_error": history[-1].get("quant")}
-
-    def distill(self, model: nn.Module, o: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-        from .distill import distill
-
-        self._need_data("distill")
-        cache = o.get("cache_teacher", False)
-        if not isinstance(cache, bool):
-            raise ConfigError(f"recipe step distill: cache_teacher must be true or false, got {cache!r}")
-        history = distill(model, self.teacher, self.data, epochs=int(o.get("epochs", 1)), alpha=float(o.get("alpha", 0.5)),
-                          temperature=float(o.get("temperature", 4.0)), lr=float(o.get("lr", 1e-3)), loss_fn=self.loss_fn,
-                          cache_teacher=cache)
-        return model, {"final_loss": history[-1]["loss"]}
-
-    def finetune(self, model: nn.Module, o: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-        self._need_data("finetune")
-        return model, self._fit(model, int(o.get("epochs", 1)), float(o.get("lr", 1e-3)))
-
-    def _need_data(self, step: str) -> None:
-        if not self.data:
-            raise DataError(f"recipe step {step} trains the model: pass data=[(inputs, targets), ...]")
-
-
 def compress(
     model: nn.Module,
-    recipe: str | Path | list[dict[str, Any]],
+    recipe: str | Path | list[Any] | Recipe,
     data: Iterable[Any] | None = None,
     evaluate: Callable[[nn.Module], float] | None = None,
     *,
     loss_fn: Callable | None = None,
     inplace: bool = False,
 ) -> nn.Module:
-    """Run ``recipe`` on ``model`` (a copy unless ``inplace``); returns the compressed model with
-    ``.squeezer_compression`` (a :class:`CompressionReport`, a row per step after the baseline).
+    """Run ``recipe`` on ``model`` (a copy unless ``inplace``); returns the compressed model carrying
+    its :class:`CompressionReport` (a row per step after the baseline) and the reports of the steps.
 
     ``data``: re-iterable ``(inputs, targets)`` batches (training steps and calibration);
     ``evaluate(model) -> float``: the metric recorded after every step; ``loss_fn`` is inferred
     from the targets when None (classification / regression).
     """
-    steps = load_recipe(recipe)
+    plan = load_recipe(recipe)
     batches = None if data is None else list(data)
-    missing = [kind for kind, _ in steps if kind in TRAINING_STEPS] if not batches else []
+    missing = [s.name for s in plan.steps if s.trains] if not batches else []
     if missing:
         raise DataError(f"recipe step(s) {missing} train the model: pass data=[(inputs, targets), ...]")
-    teacher = copy.deepcopy(model).eval()
-    if not inplace:
-        model = copy.deepcopy(model)
-    runner = _Runner(batches, loss_fn, teacher)
+    context = Context(batches, loss_fn, copy.deepcopy(model).eval())
+    model = working_copy(model, inplace)
     report = CompressionReport()
 
     def record(step: str, options: dict[str, Any], seconds: float, details: dict[str, Any]) -> None:
@@ -285,9 +175,8 @@ def compress(
         report.rows.append(StepRow(step, options, params, nonzero, size, metric, seconds, details))
 
     record("baseline", {}, 0.0, {})
-    for i, (kind, options) in enumerate(steps):
+    for step in plan.steps:
         start = time.perf_counter()
-        model, details = getattr(runner, kind)(model, options)
-        record(kind, options, time.perf_counter() - start, details)
-    model.squeezer_compression = report
-    return model
+        model, details = step.run(model, context)
+        record(step.name, step.options(), time.perf_counter() - start, details)
+    return attach_report(model, report)

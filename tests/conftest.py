@@ -51,6 +51,20 @@ class TextModel(nn.Module):
         return self.proj(h.sum(1) / attention_mask.sum(1, keepdim=True))
 
 
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One temporary cache directory for the whole session."""
+    return tmp_path_factory.mktemp("squeezer-cache")
+
+
+@pytest.fixture(autouse=True)
+def squeezer_cache(cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's squeezer caches (kernel choices, sensitivities) go to the session's temporary
+    directory, never under the home directory."""
+    monkeypatch.setenv("SQUEEZER_CACHE_DIR", str(cache_root))
+    return cache_root
+
+
 @pytest.fixture
 def mlp() -> MLP:
     torch.manual_seed(0)

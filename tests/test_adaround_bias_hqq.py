@@ -14,7 +14,7 @@ from squeezer.algorithms.adaround import AdaRound, RoundingProblem, element_para
 from squeezer.algorithms.bias_correction import BiasCorrection
 from squeezer.algorithms.hqq import HQQ, block_mse, hqq_qparams, optimize_zero, shrink_lp
 from squeezer.algorithms.stats import input_rows
-from squeezer.config import QuantConfig
+from squeezer.quant.scheme import LayerScheme
 from squeezer.modules import quant_layers
 from squeezer.modules.layers import quantized_class_for
 from squeezer.quant.blocks import to_blocks
@@ -35,7 +35,7 @@ def correlated(n: int, k: int, seed: int, offset: float = 0.0) -> torch.Tensor:
 
 def quant_layer(layer: nn.Module, spec: QuantSpec) -> nn.Module:
     """A quantized copy of ``layer`` (the float layer is left untouched), weights round-to-nearest."""
-    q = quantized_class_for(layer).from_float(copy.deepcopy(layer), QuantConfig(weight=spec))
+    q = quantized_class_for(layer).from_float(copy.deepcopy(layer), LayerScheme(weight=spec))
     q.calibrate_weight()
     return q
 
@@ -296,17 +296,17 @@ def test_end_to_end_presets_and_checkpoints(preset, tiny, tmp_path):
         q = squeezer.quantize(model, preset, calib=calib, progress=False)
         out = q(held_out)
         rtn_score, score = sqnr_db(ref, rtn_model(held_out)), sqnr_db(ref, out)
-    assert q.squeezer_report.config["algorithm"] == preset.split("-")[1]
+    assert squeezer.report_of(q).config["algorithm"] == preset.split("-")[1]
     if preset.endswith("adaround"):
         assert score > rtn_score + 1.0, (score, rtn_score)
     elif preset.endswith("hqq"):
         nocalib = squeezer.quantize(model, preset, progress=False)  # calibration-free
         with torch.no_grad():
             assert torch.equal(nocalib(held_out), out)
-        rtn_err = {r.name: r.weight_error.mse for r in rtn_model.squeezer_report.layers}
-        for r in q.squeezer_report.layers:
+        rtn_err = {r.name: r.weight_error.mse for r in squeezer.report_of(rtn_model).layers}
+        for r in squeezer.report_of(q).layers:
             assert r.weight_error.mse <= rtn_err[r.name]
-        assert sum(r.weight_error.mse for r in q.squeezer_report.layers) < 0.97 * sum(rtn_err.values())
+        assert sum(r.weight_error.mse for r in squeezer.report_of(q).layers) < 0.97 * sum(rtn_err.values())
     else:  # bias correction: every layer's mean output shift is zero on its calibration inputs
         inputs = {}
         layers = quant_layers(q)

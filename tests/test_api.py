@@ -10,6 +10,7 @@ from torch import nn
 
 import squeezer
 from squeezer import ConfigError, DataError, QuantConfig, QuantSpec
+from squeezer.quant.scheme import LayerScheme
 from squeezer.modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, quant_layers, set_mode
 from squeezer.quant.metrics import sqnr_db
 
@@ -22,7 +23,7 @@ MIN_OUTPUT_SQNR = {"w8": 30, "w8a8": 25, "w8a8-tensor": 20, "w8a8-static": 20, "
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_on_mlp(preset, mlp, mlp_batches):
     q = squeezer.quantize(mlp, preset, calib=mlp_batches)
-    report = q.squeezer_report
+    report = squeezer.report_of(q)
     assert [l.name for l in report.layers] == ["fc1", "fc2", "head"]
     assert [s.name for s in report.skipped] == ["norm"]
     assert all(isinstance(m, QuantLinear) for m in quant_layers(q).values())
@@ -52,12 +53,12 @@ def test_every_preset_on_cnn(preset, cnn, cnn_batches):
     with torch.no_grad():
         out = q(cnn_batches[0])
     assert out.shape == (4, 10) and torch.isfinite(out).all()
-    assert [s.name for s in q.squeezer_report.skipped] == ["bn"]
+    assert [s.name for s in squeezer.report_of(q).skipped] == ["bn"]
 
 
 def test_int8_is_close_and_int4_smaller(mlp, mlp_batches):
-    w8 = squeezer.quantize(mlp, "w8").squeezer_report
-    w4 = squeezer.quantize(mlp, "w4g128").squeezer_report
+    w8 = squeezer.report_of(squeezer.quantize(mlp, "w8"))
+    w4 = squeezer.report_of(squeezer.quantize(mlp, "w4g128"))
     assert w8.weight_compression > 3.9
     assert w4.weight_compression > 7.0
     assert w8.weight_sqnr_db > w4.weight_sqnr_db + 15
@@ -106,15 +107,15 @@ def test_keyword_and_tuple_batches():
     q = squeezer.quantize(model, "w8a8-static", calib=batches)
     assert isinstance(q.embed, QuantEmbedding) and q.embed.padding_idx == 0
     assert q.embed.act_spec is not None and q.proj.act_qparams is not None
-    assert q.squeezer_report.model_output_error.sqnr_db > 20
+    assert squeezer.report_of(q).model_output_error.sqnr_db > 20
     q2 = squeezer.quantize(model, "w8", calib=[(ids, torch.ones(8, 6))])
-    assert q2.squeezer_report.calibration_batches == 1
+    assert squeezer.report_of(q2).calibration_batches == 1
 
 
 def test_include_ignore_and_layer_types(mlp, cnn):
     q = squeezer.quantize(mlp, QuantConfig(ignore=[r"^head$"]))
     assert set(quant_layers(q)) == {"fc1", "fc2"}
-    skipped = {s.name: s.reason for s in q.squeezer_report.skipped}
+    skipped = {s.name: s.reason for s in squeezer.report_of(q).skipped}
     assert "ignored" in skipped["head"] and skipped["norm"] == "type not quantizable"
     q = squeezer.quantize(mlp, QuantConfig(include=[r"fc\d"]))
     assert set(quant_layers(q)) == {"fc1", "fc2"}
@@ -128,7 +129,7 @@ def test_overrides_change_one_layer(mlp):
     q = squeezer.quantize(mlp, cfg)
     assert q.head.weight_spec.bits == 8 and q.head.weight_spec.granularity == squeezer.PerGroup(64)
     assert q.fc1.weight_spec.bits == 4
-    bits = {l.name: l.bits for l in q.squeezer_report.layers}
+    bits = {l.name: l.bits for l in squeezer.report_of(q).layers}
     assert bits == {"fc1": 4, "fc2": 4, "head": 8}
 
 
@@ -249,7 +250,7 @@ def test_config_from_yaml_and_dict(tmp_path, mlp):
     path.write_text("weight: {bits: 3, symmetric: false, granularity: 'group:32'}\nignore: ['head']\n")
     q = squeezer.quantize(mlp, str(path))
     assert q.fc1.weight_spec.bits == 3 and "head" not in quant_layers(q)
-    assert QuantConfig.from_dict(q.fc1.config.to_dict()) == q.fc1.config
+    assert LayerScheme.from_dict(q.fc1.scheme.to_dict()) == q.fc1.scheme
     with pytest.raises(ConfigError, match="wieght"):
         QuantConfig.from_dict({"wieght": {}})
     with pytest.raises(ConfigError, match="observer"):
@@ -292,7 +293,7 @@ def test_reported_weight_error_equals_the_whole_tensor_one(weight):
     for name, layer in quant_layers(q).items():
         w = layer.weight.detach()
         whole = squeezer.quant.metrics.ErrorStats.between(w, layer.weight_qtensor().dequantize())
-        got = next(r for r in q.squeezer_report.layers if r.name == name).weight_error
+        got = next(r for r in squeezer.report_of(q).layers if r.name == name).weight_error
         assert got.mse == pytest.approx(whole.mse, rel=1e-9) and got.cosine == pytest.approx(whole.cosine, rel=1e-12)
 
 

@@ -17,7 +17,8 @@ from squeezer import ConfigError
 from squeezer.algorithms import ALGORITHMS, LayerStats, make_algorithm
 from squeezer.algorithms.awq import AWQ, awq_scales, scaled_error
 from squeezer.algorithms.smoothquant import SmoothQuant, layer_output_error, smooth_scales
-from squeezer.config import PRESETS, QuantConfig, resolve_config
+from squeezer.config import PRESETS, QuantConfig
+from squeezer.resolve import resolve_config
 from squeezer.modules.layers import QuantConv2d, QuantLinear
 from squeezer.quant.metrics import sqnr_db
 from squeezer.quant.spec import PerGroup, QuantSpec
@@ -39,7 +40,7 @@ def _layer_and_data(k: int = 256, n: int = 128, seed: int = 0, rows: int = 1024,
 
 
 def _quant_layer(lin: nn.Linear, preset: str) -> QuantLinear:
-    q = QuantLinear.from_float(copy.deepcopy(lin), PRESETS[preset])  # from_float shares the weight storage
+    q = QuantLinear.from_float(copy.deepcopy(lin), PRESETS[preset].scheme)  # from_float shares the weight storage
     q.calibrate_weight()
     return q
 
@@ -56,7 +57,7 @@ def _relative_error(lin: nn.Linear, preset: str, algorithm: str | None, x, test,
     q = _quant_layer(lin, preset)
     if algorithm is not None:
         make_algorithm(algorithm, options).quantize_layer(q, _stats(x))
-    if q.config.activation_mode == "static":
+    if q.scheme.activation_mode == "static":
         q.mode = "observe"
         q(x)
         q.freeze_activation()
@@ -69,7 +70,7 @@ def _relative_error(lin: nn.Linear, preset: str, algorithm: str | None, x, test,
 # ----------------------------------------------------------------------------- registry / options
 def test_registered_and_presets_resolve():
     assert ALGORITHMS["awq"] is AWQ and ALGORITHMS["smoothquant"] is SmoothQuant
-    from squeezer.config import resolve_config
+    from squeezer.resolve import resolve_config
 
     assert resolve_config("w4g128-awq").algorithm == "awq"
     assert resolve_config("w8a8-smoothquant").algorithm == "smoothquant"
@@ -88,10 +89,10 @@ def test_bad_options_are_config_errors(name, options):
 def test_applies_to():
     lin = nn.Linear(16, 8)
     conv = nn.Conv2d(4, 8, 3)
-    w4 = QuantLinear.from_float(copy.deepcopy(lin), PRESETS["w4g128"])
-    w8a8 = QuantLinear.from_float(copy.deepcopy(lin), PRESETS["w8a8"])
-    codebook = QuantLinear.from_float(copy.deepcopy(lin), PRESETS["kmeans-w4"])
-    conv_a = QuantConv2d.from_float(conv, PRESETS["w8a8"])
+    w4 = QuantLinear.from_float(copy.deepcopy(lin), PRESETS["w4g128"].scheme)
+    w8a8 = QuantLinear.from_float(copy.deepcopy(lin), PRESETS["w8a8"].scheme)
+    codebook = QuantLinear.from_float(copy.deepcopy(lin), PRESETS["kmeans-w4"].scheme)
+    conv_a = QuantConv2d.from_float(conv, PRESETS["w8a8"].scheme)
     assert AWQ().applies_to(w4) and AWQ().applies_to(w8a8)
     assert not AWQ().applies_to(codebook) and not AWQ().applies_to(conv_a)
     assert SmoothQuant().applies_to(w8a8)
@@ -288,7 +289,7 @@ def test_end_to_end_beats_rtn(e2e, quantized, algo, base):
     gain = sqnr_db(ref, out_algo) - sqnr_db(ref, out_rtn)
     assert gain > (5.0 if "smoothquant" in algo else 2.0), (algo, sqnr_db(ref, out_algo), sqnr_db(ref, out_rtn))
     assert quantized[algo].fc1.input_scale is not None
-    assert quantized[algo].squeezer_report.config["algorithm"] == algo.rsplit("-", 1)[1]
+    assert squeezer.report_of(quantized[algo]).config["algorithm"] == algo.rsplit("-", 1)[1]
     # the float function is unchanged
     squeezer.modules.set_mode(quantized[algo], "float")
     try:

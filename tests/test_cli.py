@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import squeezer
@@ -197,3 +197,54 @@ def test_compress_command(tmp_path):
     bad = invoke("compress", "--recipe", "prune50-int8-finetune", "--model", "tests.test_cli:credit_model",
                  "--data", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "o2"))
     assert bad.exit_code == 2 and "'x' and 'y'" in bad.output and not (tmp_path / "o2").exists()
+
+
+EVAL_MODULE = '''
+import torch
+
+
+def score(model):
+    x = torch.linspace(-1, 1, 8 * 40).reshape(8, 40)
+    with torch.no_grad():
+        y = model(x)
+    return {"mean": float(y.mean()), "norm": float(y.norm())}
+
+
+def scalar(model):
+    return 0.5
+
+
+def broken(model):
+    raise KeyError("no labels")
+'''
+
+
+def test_quantize_eval_reports_the_task_metric_before_and_after(tmp_path, calib_npy, monkeypatch):
+    (tmp_path / "task_eval_mod.py").write_text(EVAL_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file(MLP().state_dict(), str(weights))
+    out = tmp_path / "out"
+    result = invoke("quantize", "--model", FACTORY, "--weights", str(weights), "--preset", "w2g64",
+                    "--calib", str(calib_npy), "--eval", "task_eval_mod:score", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    task = json.loads(result.stdout)["task"]
+    import task_eval_mod
+
+    float_model = MLP()
+    float_model.load_state_dict(load_file(str(weights)))
+    assert task["mean"]["before"] == pytest.approx(task_eval_mod.score(float_model)["mean"], abs=1e-6)
+    quantized = task_eval_mod.score(squeezer.load(out, model=MLP))
+    assert task["norm"]["after"] == pytest.approx(quantized["norm"], rel=1e-4)
+    assert task["norm"]["after"] != pytest.approx(task["norm"]["before"], rel=1e-4)
+    data = json.loads((out / "report_data.json").read_text())
+    assert data["summary"]["before"]["task"] == {k: v["before"] for k, v in task.items()}
+    assert data["summary"]["after"]["task"] == {k: v["after"] for k, v in task.items()}
+
+    table = invoke("quantize", "--model", FACTORY, "--eval", "task_eval_mod:scalar", "--out", str(tmp_path / "o2"))
+    assert table.exit_code == 0, table.output
+    assert "task metric: metric 0.5 -> 0.5" in table.stdout
+    bad = invoke("quantize", "--model", FACTORY, "--eval", "task_eval_mod:broken", "--out", str(tmp_path / "o3"))
+    assert bad.exit_code == 2 and "--eval 'task_eval_mod:broken' raised KeyError" in bad.output
+    assert not (tmp_path / "o3").exists()

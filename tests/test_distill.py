@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from squeezer.transform import report_of
 import squeezer
 from squeezer import ConfigError, DataError
 from squeezer.distill import FeatureMatcher, distill, distillation_loss
@@ -146,7 +147,7 @@ def test_distill_small_student(teacher):
     student = _mlp(8, seed=2)
     assert sum(p.numel() for p in student.parameters()) * 4 <= sum(p.numel() for p in teacher.parameters())
     start = _agreement(student, teacher)
-    logs = distill(student, teacher, _data(), 10, alpha=0.5, temperature=2.0, lr=1e-2)
+    logs = report_of(distill(student, teacher, _data(), 10, alpha=0.5, temperature=2.0, lr=1e-2, inplace=True)).history
     assert {"loss", "task", "kd"} <= set(logs[0]) and logs[-1]["kd"] < logs[0]["kd"]
     assert _agreement(student, teacher) > max(start, 0.8)
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
@@ -155,7 +156,7 @@ def test_distill_small_student(teacher):
 
 def test_distill_with_features_and_kd_only(teacher):
     student = _mlp(16, seed=3)
-    logs = distill(student, teacher, _data(), 5, alpha=0.0, features={"1": "1"}, beta=0.1, lr=1e-2)
+    logs = report_of(distill(student, teacher, _data(), 5, alpha=0.0, features={"1": "1"}, beta=0.1, lr=1e-2, inplace=True)).history
     assert logs[-1]["feature"] < logs[0]["feature"] and logs[-1]["kd"] < logs[0]["kd"]
     assert not student[1]._forward_hooks and not teacher[1]._forward_hooks, "hooks removed at the end"
 
@@ -168,15 +169,15 @@ def test_distill_binary_single_logit():
     teacher = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 1), nn.Flatten(0))
     fit(teacher, data, 20, lr=1e-2)
     student = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1), nn.Flatten(0))
-    logs = distill(student, teacher.eval(), data, 10, lr=1e-2)
+    logs = report_of(distill(student, teacher.eval(), data, 10, lr=1e-2, inplace=True)).history
     assert logs[-1]["kd"] < logs[0]["kd"] and logs[-1]["task"] < logs[0]["task"]
 
 
 def test_distill_into_a_qat_student(tmp_path, teacher):
     student = prepare_qat(_mlp(16, seed=4), "w4g128", learnable_scales=True)
-    logs = distill(student, teacher, _data(), 4, lr=1e-2)
+    logs = report_of(distill(student, teacher, _data(), 4, lr=1e-2, inplace=True)).history
     assert logs[-1]["loss"] < logs[0]["loss"] and student.squeezer_qat.steps == 4 * len(_data())
-    convert(student)
+    convert(student, inplace=True)
     squeezer.save(student, tmp_path / "s")
     x = _data()[0][0]
     with torch.no_grad():
@@ -186,13 +187,13 @@ def test_distill_into_a_qat_student(tmp_path, teacher):
 def test_distill_errors(teacher):
     student = _mlp(8, seed=2)
     with pytest.raises(ConfigError, match="alpha"):
-        distill(student, teacher, _data(), 1, alpha=1.5)
+        distill(student, teacher, _data(), 1, alpha=1.5, inplace=True)
     with pytest.raises(ConfigError, match="beta"):
-        distill(student, teacher, _data(), 1, beta=-1.0)
+        distill(student, teacher, _data(), 1, beta=-1.0, inplace=True)
     with pytest.raises(DataError, match="re-iterable"):
-        distill(student, teacher, iter(_data()), 1)
+        distill(student, teacher, iter(_data()), 1, inplace=True)
     with pytest.raises(DataError, match="shape"):
-        distill(_mlp(8, seed=2, classes=3), teacher, _data(), 1)
+        distill(_mlp(8, seed=2, classes=3), teacher, _data(), 1, inplace=True)
 
 
 class _Counting(nn.Module):
@@ -215,7 +216,7 @@ def test_cache_teacher_runs_it_once_per_batch_and_trains_the_same(teacher, featu
         counting = _Counting(teacher)
         student = _mlp(16, seed=6)
         torch.manual_seed(0)  # the projection of the feature matcher
-        logs = distill(student, counting, data, 3, lr=1e-2, features=features, beta=0.1, cache_teacher=cache)
+        logs = report_of(distill(student, counting, data, 3, lr=1e-2, features=features, beta=0.1, cache_teacher=cache, inplace=True)).history
         assert counting.calls == len(data) * (1 if cache else 3) + (features is not None)  # + the sizing pass
         trained.append((student.state_dict(), logs))
     (plain, plain_logs), (cached, cached_logs) = trained
@@ -229,10 +230,10 @@ def test_cache_teacher_needs_the_same_batches_every_epoch(teacher):
             return ((x.clone(), y) for x, y in list.__iter__(self))
 
     with pytest.raises(DataError, match="batch 0 is not the batch of the first epoch"):
-        distill(_mlp(8, seed=2), teacher, Fresh(_data()), 2, cache_teacher=True)
+        distill(_mlp(8, seed=2), teacher, Fresh(_data()), 2, cache_teacher=True, inplace=True)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 16), torch.zeros(8, dtype=torch.long)))
     with pytest.raises(ConfigError, match="cache_teacher needs data as a sequence"):
-        distill(_mlp(8, seed=2), teacher, loader, 1, cache_teacher=True)
+        distill(_mlp(8, seed=2), teacher, loader, 1, cache_teacher=True, inplace=True)
 
 
 def test_keep_best_restores_the_best_epoch():
@@ -260,5 +261,5 @@ def test_kd_on_bundled_digits_cnn_teacher_mlp_student():
     fit(teacher, data, 10, lr=1e-2)
     student = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
     assert 4 * sum(p.numel() for p in student.parameters()) <= sum(p.numel() for p in teacher.parameters())
-    logs = distill(student, teacher.eval(), data, 10, lr=1e-2)
+    logs = report_of(distill(student, teacher.eval(), data, 10, lr=1e-2, inplace=True)).history
     assert logs[-1]["task"] < 0.5 * logs[0]["task"] and logs[-1]["kd"] < logs[0]["kd"]

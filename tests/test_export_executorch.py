@@ -154,7 +154,7 @@ def test_asymmetric_per_token_runs_as_xnnpack_rows_with_a_warning(tmp_path, mlp,
 def test_pruned_float_model(tmp_path, mlp_batches):
     torch.manual_seed(0)
     model = MLP().eval()
-    magnitude_prune(model, 0.5)
+    magnitude_prune(model, 0.5, inplace=True)
     path = tmp_path / "pruned.pte"
     assert export(model, mlp_batches[0], path).layers == {}
     with torch.no_grad():

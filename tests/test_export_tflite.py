@@ -194,7 +194,7 @@ def test_weight_only_codebook_and_float_fallback(tmp_path, mlp, mlp_batches):
 def test_pruned_float_model_and_refusals(tmp_path, mlp_batches):
     torch.manual_seed(0)
     model = MLP().eval()
-    magnitude_prune(model, 0.5)  # masks as parametrizations: float export of the effective weight
+    magnitude_prune(model, 0.5, inplace=True)  # masks as parametrizations: float export of the effective weight
     path = tmp_path / "pruned.tflite"
     report = export(model, mlp_batches[0], path)
     assert report.layers == {} and not report.warnings
@@ -254,7 +254,7 @@ def test_cli_exports_a_checkpoint_to_tflite(tmp_path):
 
 
 def test_channel_scales_recover_folded_factors():
-    from squeezer.io.tflite_int8_weights import channel_scales
+    from squeezer.export.tflite.int8_weights import channel_scales
 
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (6, 5, 3), generator=g, dtype=torch.int8).numpy()

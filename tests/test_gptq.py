@@ -16,7 +16,7 @@ from squeezer import ConfigError
 from squeezer.algorithms import ALGORITHMS, LayerStats, make_algorithm, stages
 from squeezer.algorithms.gptq import GPTQ, gptq_quantize, inverse_hessian_factor
 from squeezer.algorithms.stats import input_rows
-from squeezer.config import QuantConfig
+from squeezer.quant.scheme import LayerScheme
 from squeezer.modules import quant_layers
 from squeezer.modules.layers import QuantConv2d, QuantLinear
 from squeezer.quant.core import compute_qparams, fake_quantize, quantize
@@ -231,7 +231,7 @@ def test_linear_layer_and_registry(layer_data):
     lin = nn.Linear(200, 48)
     with torch.no_grad():
         lin.weight.copy_(w)
-    layer = QuantLinear.from_float(lin, QuantConfig(weight=SPECS["group32-asym"]))
+    layer = QuantLinear.from_float(lin, LayerScheme(weight=SPECS["group32-asym"]))
     assert algo.applies_to(layer)
     algo.quantize_layer(layer, stats_of(x))
     assert torch.equal(layer.quantized_weight(), layer.weight.detach())  # the weight sits on its grid
@@ -253,7 +253,7 @@ def test_conv2d_layer(spec):
     mix = torch.randn(8, 8)
     # spatially smooth, channel-correlated images: strongly correlated im2col columns
     img = torch.einsum("nchw,cd->ndhw", F.avg_pool2d(torch.randn(64, 8, 16, 16), 3, 1, 1), mix)
-    layer = QuantConv2d.from_float(conv, QuantConfig(weight=spec))
+    layer = QuantConv2d.from_float(conv, LayerScheme(weight=spec))
     stats = stats_of(input_rows(layer, img))
     assert stats.xtx.shape == (72, 72)
     w = layer.weight.detach().clone()
@@ -271,9 +271,9 @@ def test_conv2d_layer(spec):
 
 
 def test_grouped_conv_and_codebooks_are_not_treated():
-    grouped = QuantConv2d.from_float(nn.Conv2d(4, 4, 3, groups=2), QuantConfig(weight=QuantSpec(bits=4)))
-    kmeans = QuantLinear.from_float(nn.Linear(8, 4), QuantConfig(weight=QuantSpec(bits=4, mapping="kmeans")))
-    other_axis = QuantLinear.from_float(nn.Linear(8, 4), QuantConfig(weight=QuantSpec(bits=4, granularity=PerChannel(1))))
+    grouped = QuantConv2d.from_float(nn.Conv2d(4, 4, 3, groups=2), LayerScheme(weight=QuantSpec(bits=4)))
+    kmeans = QuantLinear.from_float(nn.Linear(8, 4), LayerScheme(weight=QuantSpec(bits=4, mapping="kmeans")))
+    other_axis = QuantLinear.from_float(nn.Linear(8, 4), LayerScheme(weight=QuantSpec(bits=4, granularity=PerChannel(1))))
     assert not any(GPTQ().applies_to(layer) for layer in (grouped, kmeans, other_axis))
 
 
@@ -296,7 +296,7 @@ def test_dead_input_columns_give_no_nan(layer_data):
 
 
 def test_layer_without_statistics_keeps_rtn():
-    lin = QuantLinear.from_float(nn.Linear(16, 4), QuantConfig(weight=SPECS["channel-asym"]))
+    lin = QuantLinear.from_float(nn.Linear(16, 4), LayerScheme(weight=SPECS["channel-asym"]))
     before = lin.weight.detach().clone()
     GPTQ().quantize_layer(lin, None)
     GPTQ().quantize_layer(lin, LayerStats(16))

@@ -15,7 +15,8 @@ from torch import nn
 import squeezer
 from squeezer import ConfigError, ModelError
 from squeezer.algorithms import LayerStats, make_algorithm
-from squeezer.config import PRESETS, resolve_config
+from squeezer.config import PRESETS
+from squeezer.resolve import resolve_config
 from squeezer.modules.layers import QuantLinear
 from squeezer.quant.rotation import hadamard, rotate, rotate_butterfly, rotation_block
 
@@ -39,7 +40,7 @@ def _outlier_layer(k: int = 256, n: int = 96, seed: int = 0) -> tuple[nn.Linear,
 
 
 def _layer(lin: nn.Linear, preset: str) -> QuantLinear:
-    q = QuantLinear.from_float(copy.deepcopy(lin), PRESETS[preset])
+    q = QuantLinear.from_float(copy.deepcopy(lin), PRESETS[preset].scheme)
     q.calibrate_weight()
     return q
 

@@ -1,4 +1,4 @@
-"""`squeezer.html_report`: a self-contained HTML page with escaped tables and embedded PNG plots."""
+"""`squeezer.report.html`: a self-contained HTML page with escaped tables and embedded PNG plots."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 import squeezer
 from squeezer.errors import DataError
-from squeezer.html_report import quant_report_data, render_html, write_html
+from squeezer.report.data import quant_report_data
+from squeezer.report.html import render_html, write_html
 from squeezer.robustness import robustness
 
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([^"]+)">')
@@ -115,7 +116,7 @@ def test_quant_report_data_from_a_quantized_model() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4), nn.LayerNorm(4))
     q = squeezer.quantize(model, "w4g128", calib=[torch.randn(8, 16)])
-    data = quant_report_data(q.squeezer_report)
+    data = quant_report_data(squeezer.report_of(q))
     assert [row["name"] for row in data["layers"]] == ["0", "2", "3"] and data["layers"][2]["format"] == "float"
     assert data["summary"]["after"]["quantized weight bytes"] < data["summary"]["before"]["quantized weight bytes"]
     text = render_html(data)
@@ -132,8 +133,7 @@ def test_real_robustness_results_render() -> None:
     def accuracy(outputs: Tensor, targets: Tensor) -> float:
         return float((outputs.argmax(-1) == targets).float().mean())
 
-    packed = squeezer.quantize(model, "w8")
-    squeezer.pack(packed)
+    packed = squeezer.pack(squeezer.quantize(model, "w8"), inplace=True)
     rob = robustness({"fp32": model, "w8 packed": packed}, [(x, y)], accuracy, noise_sigmas=(0.0, 0.5), eps=(0.0, 0.5))
     text = render_html({"robustness": rob})
     assert len(_images(text)) == 2 and "Skipped by white-box attacks" in text and "x0" in text

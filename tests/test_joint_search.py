@@ -33,7 +33,7 @@ def make_evaluate(model: nn.Module, fail_on: int | None = None, fail_quantized: 
 
     def evaluate(m: nn.Module) -> float:
         calls.append(1)
-        if (fail_on is not None and len(calls) - 1 == fail_on) or (fail_quantized and hasattr(m, "squeezer_report")):
+        if (fail_on is not None and len(calls) - 1 == fail_on) or (fail_quantized and hasattr(m, "squeezer_reports")):
             raise error("metric server down")
         with torch.no_grad():
             return -float((m(x) - target).pow(2).mean())

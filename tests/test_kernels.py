@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from squeezer.transform import report_of
 import squeezer
 from squeezer import QuantConfig, QuantSpec
 from squeezer.kernels import PATHS, LinearProblem, PackedWeight
@@ -21,7 +22,7 @@ def _problem(preset_or_cfg, n: int, k: int, calib: bool = True) -> tuple[LinearP
     q = squeezer.quantize(nn.Sequential(layer), preset_or_cfg, calib=[torch.randn(32, k)] if calib else None)
     ql = q[0]
     qt = ql.weight_qtensor()
-    problem = LinearProblem(PackedWeight.from_qtensor(qt), ql.bias.detach(), ql.config, ql.act_qparams)
+    problem = LinearProblem(PackedWeight.from_qtensor(qt), ql.bias.detach(), ql.scheme, ql.act_qparams)
     return problem, qt.dequantize(), ql
 
 
@@ -52,8 +53,8 @@ def test_each_path_matches_dequantized_reference(cfg, path_name, n, k):
         ref = _reference(problem, w_hat, x)
         rel = (y - ref).norm() / ref.norm()
         # bf16 activations / int8 activations cost < 1 %; exact float paths ~1e-7
-        assert rel < (0.02 if path.name != "dequant_matmul" else 1e-5) or problem.config.activation_mode != "none"
-        if problem.config.activation_mode != "none":
+        assert rel < (0.02 if path.name != "dequant_matmul" else 1e-5) or problem.scheme.activation_mode != "none"
+        if problem.scheme.activation_mode != "none":
             assert rel < 0.03
             with torch.no_grad():
                 sim = layer(x)
@@ -78,7 +79,8 @@ def test_int8_weight_bf16_keeps_each_channel_scale_in_float32():
     assert (gain - 1).abs().max() < 1e-3, (gain - 1).abs().max()
 
 
-def test_eligibility_rules():
+def test_eligibility_rules(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True)  # fbgemm's rules on a VNNI CPU
     p4, _, _ = _problem("w4g128", 64, 200)
     names = {p.name for p in PATHS if p.eligible(p4, 1)}
     assert "int4_weight_bf16" not in names, "K = 200 is not a multiple of the group: no int4 kernel"
@@ -96,6 +98,8 @@ def test_eligibility_rules():
     signed = QuantConfig(QuantSpec(8, granularity="channel:0"), QuantSpec(8, granularity="tensor"), activation_mode="dynamic")
     ps, _, _ = _problem(signed, 64, 128)
     assert not fb.eligible(ps, 8) and fb.eligible(ps, 1) is False, "symmetric per-tensor is not fbgemm's scheme"
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    assert not fb.eligible(pt, 1), "without VNNI fbgemm's int16 pair sums saturate"
 
 
 def test_int_mm_dynamic_per_tensor_uses_the_whole_input_range():
@@ -150,7 +154,7 @@ def test_packed_model_matches_simulated(preset):
     x1, x3 = torch.randn(1, 64), torch.randn(2, 3, 64)
     with torch.no_grad():
         sim1, sim3 = q(x1), q(x3)
-    rows = squeezer.pack(q)
+    rows = report_of(squeezer.pack(q, inplace=True)).layers
     assert q[0].weight is None and all(m.mode == "packed" for m in squeezer.modules.quant_layers(q).values())
     with torch.no_grad():
         out1, out3 = q(x1), q(x3)
@@ -168,7 +172,7 @@ def test_packed_model_matches_simulated(preset):
 
 def test_packing_frees_float_weights_and_sizes(mlp):
     q = squeezer.quantize(mlp, "w4g128")
-    rows = squeezer.pack(q)
+    rows = report_of(squeezer.pack(q, inplace=True)).layers
     fp32 = sum(p.numel() * 4 for n, p in mlp.named_parameters() if n.endswith("weight") and p.dim() == 2)
     assert all(name not in dict(q.named_parameters()) for name in ("fc1.weight", "fc2.weight", "head.weight"))
     packed = sum(r.runtime_bytes for r in rows)
@@ -177,7 +181,7 @@ def test_packing_frees_float_weights_and_sizes(mlp):
 
 def test_save_from_packed_and_load_packed(tmp_path, mlp):
     q = squeezer.quantize(mlp, "w8a8")
-    squeezer.pack(q)
+    squeezer.pack(q, inplace=True)
     squeezer.save(q, tmp_path / "p")
     loaded = squeezer.load(tmp_path / "p", model=type(mlp), packed=True)
     x = torch.randn(5, 40)
@@ -192,7 +196,7 @@ def test_cnn_and_embedding_pack(cnn, cnn_batches):
     q = squeezer.quantize(cnn, "w8", calib=cnn_batches)
     with torch.no_grad():
         sim = q(cnn_batches[0])
-        rows = squeezer.pack(q)
+        rows = report_of(squeezer.pack(q, inplace=True)).layers
         out = q(cnn_batches[0])
         assert (out - sim).norm() / sim.norm() < 0.01  # fc may run on bf16 activations
     assert next(r for r in rows if r.name == "conv1").warning.startswith("no integer convolution")
@@ -204,7 +208,7 @@ def test_cnn_and_embedding_pack(cnn, cnn_batches):
         ids, mask = torch.randint(0, 100, (3, 7)), torch.ones(3, 7)
         with torch.no_grad():
             sim, sim_rows = q(ids, mask), q.embed(ids)
-            squeezer.pack(q)
+            squeezer.pack(q, inplace=True)
             assert torch.equal(q.embed(ids), sim_rows), "gathered rows are exact"
             out = q(ids, mask)
             assert (out - sim).norm() / sim.norm() < 0.01
@@ -216,15 +220,12 @@ def test_kernel_choice_is_cached_on_disk(tmp_path, monkeypatch):
     from squeezer.kernels import select
 
     monkeypatch.setenv("SQUEEZER_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(select, "_MEMORY", {})
     problem, _, _ = _problem("w8a8", 48, 96)
-    eligible = [p for p in PATHS if p.eligible(problem, 8)]
-    states = {p.name: p.prepare(problem) for p in eligible}
-    first = select.choose(problem, PATHS, states, bucket_of(8))
-    saved = json.loads((tmp_path / "kernels.json").read_text())
-    assert list(saved.values()) == [first]
+    first = select.timed_choice(problem, PATHS)
+    saved = [json.loads(f.read_text()) for f in (tmp_path / "kernels").glob("*.json")]
+    assert sorted(e["key"]["bucket"] for e in saved) == [0, 1, 2, 3]
+    assert all(e["path"] == first[e["key"]["bucket"]] for e in saved)
     calls = []
-    monkeypatch.setattr(select, "_MEMORY", {})
-    monkeypatch.setattr(select, "time_path", lambda *a, **k: calls.append(a) or 1.0)
-    assert select.choose(problem, PATHS, states, bucket_of(8)) == first and not calls
+    monkeypatch.setattr(select, "time_paths", lambda *a, **k: calls.append(a) or {})
+    assert select.timed_choice(problem, PATHS) == first and not calls
     assert [bucket_of(m) for m in (1, 2, 16, 17, 128, 129)] == [0, 1, 1, 2, 2, 3] and len(BUCKETS) == 4

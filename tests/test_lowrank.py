@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from squeezer.transform import report_of
 from squeezer.errors import ConfigError
 from squeezer.lowrank import factorize_conv, factorize_linear, low_rank, rank_for_budget, rank_for_energy
 
@@ -78,7 +79,7 @@ def test_low_rank_by_energy_on_a_model():
     model = MLP().eval()
     _with_singular_values(model.fc2, [10.0, 8.0, 6.0, 1.0, 0.5, 0.1])  # rank 6 of 300 x 300
     original = copy.deepcopy(model)
-    report = low_rank(model, energy=0.99, include=r"^fc2$")
+    report = report_of(low_rank(model, energy=0.99, include=r"^fc2$", inplace=True))
     (row,) = report.layers
     power = torch.tensor([10.0, 8.0, 6.0, 1.0, 0.5, 0.1]) ** 2
     expected_rank = int((power.cumsum(0) < 0.99 * power.sum()).sum()) + 1
@@ -101,7 +102,7 @@ def test_exactly_low_rank_layer_is_reproduced():
     model = MLP().eval()
     _with_singular_values(model.fc2, [3.0, 2.0, 1.0])
     original = copy.deepcopy(model)
-    report = low_rank(model, energy=1.0, include="fc2")
+    report = report_of(low_rank(model, energy=1.0, include="fc2", inplace=True))
     assert report.layers[0].rank == 3 and report.layers[0].rel_error < 1e-6
     x = torch.randn(4, 40)
     torch.testing.assert_close(model(x), original(x), rtol=1e-5, atol=1e-5)
@@ -110,7 +111,7 @@ def test_exactly_low_rank_layer_is_reproduced():
 def test_low_rank_by_parameter_budget():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(100, 80), nn.ReLU(), nn.Linear(80, 80, bias=False))
-    report = low_rank(model, budget=0.25)
+    report = report_of(low_rank(model, budget=0.25, inplace=True))
     rows = {r.name: r for r in report.layers}
     # (0.25 * (8000 + 80) - 80) / 180 = 10.8 -> 10; 0.25 * 6400 / 160 = 10
     assert rows["0"].rank == rank_for_budget(80, 100, 0.25, bias=80) == 10 and rows["2"].rank == 10
@@ -125,18 +126,18 @@ def test_low_rank_by_parameter_budget():
 def test_never_increases_parameters_and_says_why():
     torch.manual_seed(0)
     model = MLP()
-    report = low_rank(model, energy=1.0)
+    report = report_of(low_rank(model, energy=1.0, inplace=True))
     assert report.layers == []
     reasons = {s.name: s.reason for s in report.skipped}
     assert reasons["fc2"] == "no saving: rank 300 needs 180000 >= 90000 weights"
     assert report.model_params_after == report.model_params_before
     assert rank_for_budget(10, 10, 0.01) == 0
-    report = low_rank(nn.Sequential(nn.Linear(10, 10)), budget=0.01)
+    report = report_of(low_rank(nn.Sequential(nn.Linear(10, 10)), budget=0.01, inplace=True))
     assert report.skipped[0].reason == "no saving: budget leaves no rank >= 1"
 
 
 def test_selection_by_type_names_and_size(cnn):
-    report = low_rank(cnn, budget=0.5, layer_types=("conv2d", "conv1d"), min_params=100)
+    report = report_of(low_rank(cnn, budget=0.5, layer_types=("conv2d", "conv1d"), min_params=100, inplace=True))
     reasons = {s.name: s.reason for s in report.skipped}
     assert reasons["conv1"] == "weight has 72 < min_params=100 elements"
     assert reasons["conv2"] == "grouped convolution"
@@ -144,14 +145,14 @@ def test_selection_by_type_names_and_size(cnn):
     assert [r.name for r in report.layers] == ["conv1d"]
     assert isinstance(cnn.conv1d, nn.Sequential) and isinstance(cnn.conv1d[1], nn.Conv1d)
     assert cnn(torch.randn(2, 1, 8, 8)).shape == (2, 10)
-    report = low_rank(MLP(), budget=0.3, ignore=["head", "fc1"])
+    report = report_of(low_rank(MLP(), budget=0.3, ignore=["head", "fc1"], inplace=True))
     assert [r.name for r in report.layers] == ["fc2"]
 
 
 @pytest.mark.parametrize("energy", [0.0, -0.5, 1.01, 2, True])
 def test_energy_outside_unit_interval_is_rejected(energy):
     with pytest.raises(ConfigError, match="energy"):
-        low_rank(MLP(), energy=energy)
+        low_rank(MLP(), energy=energy, inplace=True)
 
 
 def test_bad_arguments_raise_config_errors_naming_them():

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from squeezer.transform import report_of
 import squeezer
 from squeezer.examples.minilm import load_minilm, mean_pool
 
@@ -76,7 +77,7 @@ def test_minilm_presets_algorithms_packing_and_onnx(minilm, tmp_path):
     # A padded batch: ONNX Runtime's attention differs from PyTorch's by float rounding (~1e-6), which the
     # per-tensor activation grids turn into other codes: compare both with fp32 instead of with each other.
     assert abs(_cosine(run(**held_out), reference, held_out) - cos["w8a8-tensor"]) < 0.005
-    rows = squeezer.pack(q)
+    rows = report_of(squeezer.pack(q, inplace=True)).layers
     assert all(r.warning is None for r in rows if "embeddings" not in r.name)
     with torch.no_grad():
         assert abs(_cosine(q(**held_out), reference, held_out) - cos["w8a8-tensor"]) < 0.005

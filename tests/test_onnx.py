@@ -13,7 +13,7 @@ from torch import nn
 
 import squeezer
 from squeezer import ConfigError, ModelError
-from squeezer.io.onnx_export import nbits_tensors
+from squeezer.export.onnx.graph import nbits_tensors
 
 from .conftest import TextModel
 
@@ -78,14 +78,28 @@ def test_weights_in_file_are_squeezers_integers(tmp_path):
         graph = onnx.load(str(path)).graph
         consts = [numpy_helper.to_array(t) for t in graph.initializer]
         expected = [q.get_submodule(name).weight_qtensor().codes.numpy() for name in names]
-        if preset == "w8a8":  # MatMulInteger: W^T as int8
-            found = [c.T for c in consts if c.dtype == np.int8 and c.ndim == 2]
+        if preset == "w8a8":  # MatMulInteger (u8 x u8): W^T as uint8 codes + 128
+            found = [c.T.astype(np.int16) - 128 for c in consts if c.dtype == np.uint8 and c.ndim == 2]
         else:  # MatMulNBits 8 bits: (N, blocks, block) uint8; signed codes + 128, unsigned (w8g128) as they are
             offset = 128 if q.get_submodule(names[0]).weight_spec.signed else 0
             found = [c.reshape(c.shape[0], -1).astype(np.int16) - offset for c in consts if c.dtype == np.uint8 and c.ndim == 3]
         assert len(found) == 3
         for e in expected:
             assert any(f.shape[0] == e.shape[0] and np.array_equal(f[:, : e.shape[1]], e) for f in found), preset
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-asym", "w8a8-tensor", "w8a8-static"])
+def test_uint8_activations_meet_uint8_weights(tmp_path, preset):
+    """ONNX Runtime's x86 u8 x s8 kernels add product pairs in saturating int16 on CPUs without VNNI
+    (outputs 10-30 % off): with uint8 activations the weight codes are written as uint8 ``q + 128``, so
+    the file is exact on any CPU, not only on the one running this test."""
+    q = squeezer.quantize(_model(), preset, calib=[torch.randn(16, 96) for _ in range(2)])
+    path = tmp_path / "m.onnx"
+    squeezer.export_onnx(q, torch.randn(1, 96), path)
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if len(t.dims) == 2]
+    assert len(weights) == 3 and all(w.dtype == np.uint8 for w in weights), [w.dtype for w in weights]
+    expected = [q.get_submodule(name).weight_qtensor().codes.numpy() for name in ("0", "2", "4")]
+    assert all(np.array_equal(w.T.astype(np.int16) - 128, e) for w, e in zip(weights, expected))
 
 
 def test_matmul_nbits_layout_short_last_group():
@@ -104,7 +118,7 @@ def test_matmul_nbits_layout_short_last_group():
 
 def test_cnn_static_and_packed_export(tmp_path, cnn, cnn_batches):
     q = squeezer.quantize(cnn, "w8a8-static", calib=cnn_batches)
-    squeezer.pack(q)
+    squeezer.pack(q, inplace=True)
     path = tmp_path / "cnn.onnx"
     report = squeezer.export_onnx(q, cnn_batches[0][:1], path)
     assert report.layers["conv1"].startswith("DequantizeLinear") and "Conv" in _ops(path)
@@ -286,7 +300,7 @@ def test_compact_export_same_outputs_smaller_file_layer_names(tmp_path):
 def test_compact_onnx_deduplicates_and_keeps_subgraph_names():
     from onnx import TensorProto, helper
 
-    from squeezer.io.onnx_compact import compact_onnx, module_of
+    from squeezer.export.onnx.compact import compact_onnx, module_of
 
     assert module_of("/encoder/layer.0/attention/self/query/MatMul") == "encoder.layer.0.attention.self.query"
     assert module_of("/Relu_1") == ""

@@ -12,7 +12,7 @@ from squeezer.algorithms import ALGORITHMS, LayerStats, stages
 from squeezer.algorithms.clip_search import best_clip_qparams, block_output_error
 from squeezer.algorithms.pipeline import collect_stats
 from squeezer.algorithms.stats import input_rows
-from squeezer.config import resolve_config
+from squeezer.resolve import resolve_config
 from squeezer.modules import quant_layers
 from squeezer.quant.core import compute_qparams, fake_quantize
 from squeezer.quant.metrics import sqnr_db
@@ -187,4 +187,4 @@ def test_stage_statistics_keep_the_rows_the_algorithm_needs(monkeypatch, algorit
     preset = "w8a8-" + algorithm
     q = squeezer.quantize(Stacked().eval(), preset, calib=[torch.randn(3000, 32)], progress=False)
     assert seen and set(seen) == {kept}
-    assert all(r.output_error is not None for r in q.squeezer_report.layers)
+    assert all(r.output_error is not None for r in squeezer.report_of(q).layers)

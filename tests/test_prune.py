@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from squeezer.transform import report_of
 from squeezer.errors import ConfigError, DataError, ModelError
 from squeezer.prune import (
     SelectColumns,
@@ -52,7 +53,7 @@ def _train_steps(model: nn.Module, steps: int = 5, d_in: int = 40, seed: int = 0
 # ----------------------------------------------------------------------------- masks
 
 def test_masked_weights_stay_zero_through_fine_tuning(mlp):
-    magnitude_prune(mlp, 0.6)
+    magnitude_prune(mlp, 0.6, inplace=True)
     pruned = {name: weight_mask(m) == 0 for name, m in mlp.named_modules() if weight_mask(m) is not None}
     assert set(pruned) == {"fc1", "fc2", "head"}
     before = {name: mlp.get_submodule(name).weight.detach().clone() for name in pruned}
@@ -66,7 +67,7 @@ def test_masked_weights_stay_zero_through_fine_tuning(mlp):
 
 
 def test_remove_masks_makes_pruning_permanent(mlp, mlp_batches):
-    magnitude_prune(mlp, 0.5)
+    magnitude_prune(mlp, 0.5, inplace=True)
     x = mlp_batches[0]
     expected = mlp(x)
     zeros = {n: _zeros(mlp.get_submodule(n)) for n in ("fc1", "fc2", "head")}
@@ -81,7 +82,7 @@ def test_remove_masks_makes_pruning_permanent(mlp, mlp_batches):
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.9, 0.99])
 def test_per_layer_sparsity_hits_target(mlp, sparsity):
-    report = magnitude_prune(mlp, sparsity)
+    report = report_of(magnitude_prune(mlp, sparsity, inplace=True))
     for name in ("fc1", "fc2", "head"):
         layer = mlp.get_submodule(name)
         assert _zeros(layer) == round(sparsity * layer.weight.numel()), name
@@ -97,7 +98,7 @@ def test_per_layer_sparsity_hits_target(mlp, sparsity):
 def test_global_sparsity_uses_one_threshold(mlp, sparsity):
     with torch.no_grad():
         mlp.fc1.weight.mul_(10.0)  # larger weights: global pruning should spare this layer
-    report = magnitude_prune(mlp, sparsity, scope="global")
+    report = report_of(magnitude_prune(mlp, sparsity, scope="global", inplace=True))
     layers = [mlp.fc1, mlp.fc2, mlp.head]
     total = sum(l.weight.numel() for l in layers)
     assert sum(_zeros(l) for l in layers) == round(sparsity * total)
@@ -110,10 +111,10 @@ def test_global_sparsity_uses_one_threshold(mlp, sparsity):
 
 
 def test_masks_only_grow(mlp):
-    magnitude_prune(mlp, 0.3)
+    magnitude_prune(mlp, 0.3, inplace=True)
     first = {n: weight_mask(mlp.get_submodule(n)).clone() for n in ("fc1", "fc2", "head")}
     _train_steps(mlp)
-    magnitude_prune(mlp, 0.6)
+    magnitude_prune(mlp, 0.6, inplace=True)
     for name, old in first.items():
         new = weight_mask(mlp.get_submodule(name))
         assert torch.all(new[old == 0] == 0), name
@@ -121,18 +122,18 @@ def test_masks_only_grow(mlp):
 
 
 def test_selection_by_type_and_names(cnn):
-    report = magnitude_prune(cnn, 0.5, layer_types=("conv2d", "conv1d"), ignore=[r"^conv2$"])
+    report = report_of(magnitude_prune(cnn, 0.5, layer_types=("conv2d", "conv1d"), ignore=[r"^conv2$"], inplace=True))
     assert [r.name for r in report.layers] == ["conv1", "conv1d"]
     reasons = {s.name: s.reason for s in report.skipped}
     assert reasons == {"conv2": "ignored by pattern '^conv2$'", "fc": "layer type linear not selected"}
     assert weight_mask(cnn.fc) is None and weight_mask(cnn.conv2) is None
-    report = magnitude_prune(cnn, 0.5, include="fc")
+    report = report_of(magnitude_prune(cnn, 0.5, include="fc", inplace=True))
     assert [r.name for r in report.layers] == ["fc"]
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
 def test_nm_pattern_is_exact(mlp, n, m):
-    report = nm_prune(mlp, n, m)
+    report = report_of(nm_prune(mlp, n, m, inplace=True))
     for name in ("fc1", "fc2"):  # in_features 40 and 300 are multiples of 4 and 8 / 4
         layer = mlp.get_submodule(name)
         if layer.in_features % m:
@@ -149,7 +150,7 @@ def test_nm_pattern_is_exact(mlp, n, m):
 
 
 def test_nm_skips_layers_whose_inputs_do_not_divide(cnn):
-    report = nm_prune(cnn, 2, 4)
+    report = report_of(nm_prune(cnn, 2, 4, inplace=True))
     reasons = {s.name: s.reason for s in report.skipped}
     assert reasons == {"conv1": "input size 9 is not a multiple of m=4"}  # 1 channel x 3x3
     groups = cnn.conv2.weight.flatten(1).reshape(16, -1, 4)  # 4 in / group x 3x3 = 36
@@ -158,7 +159,7 @@ def test_nm_skips_layers_whose_inputs_do_not_divide(cnn):
 
 def test_report_totals_and_json(mlp):
     before = count_params(mlp)
-    report = magnitude_prune(mlp, 0.5)
+    report = report_of(magnitude_prune(mlp, 0.5, inplace=True))
     assert report.model_params_before == before == sum(p.numel() for p in MLP().parameters())
     removed = sum(_zeros(mlp.get_submodule(n)) for n in ("fc1", "fc2", "head"))
     assert report.model_params_after == before - removed == count_params(mlp)
@@ -186,7 +187,7 @@ def test_gradual_prune_follows_schedule_and_fine_tunes(mlp):
         calls.append(weight_sparsity(model.modules()))
         _train_steps(model, steps=2, seed=len(calls))
 
-    report = gradual_prune(mlp, 0.8, 4, train_fn, scope="layer")
+    report = report_of(gradual_prune(mlp, 0.8, 4, train_fn, scope="layer", inplace=True))
     total = sum(m.weight.numel() for m in (mlp.fc1, mlp.fc2, mlp.head))
     assert [s.step for s in report.steps] == [1, 2, 3, 4]
     for step in report.steps:
@@ -259,7 +260,7 @@ def test_structured_mlp_with_batchnorm_equals_channel_zeroed_model():
     _randomise_norms(model)
     masked = copy.deepcopy(model)
     before = count_params(model)
-    report = prune_channels(model, 0.5, norm="l2")
+    report = report_of(prune_channels(model, 0.5, norm="l2", inplace=True))
 
     assert set(report.channels) == {"body.0", "body.4.0"}
     assert model.body[0].out_features == 32 and model.body[1].num_features == 32
@@ -283,7 +284,7 @@ def test_structured_mlp_with_batchnorm_equals_channel_zeroed_model():
 def test_structured_layernorm_mlp_renormalises_over_kept_channels(mlp):
     _randomise_norms(mlp)
     original = copy.deepcopy(mlp)
-    report = prune_channels(mlp, 0.5)
+    report = report_of(prune_channels(mlp, 0.5, inplace=True))
     k1, k2 = report.channels["fc1"], report.channels["fc2"]
     assert len(k1) == len(k2) == 150 and "head" not in report.channels
     assert "approximate" in next(r.note for r in report.layers if r.name == "norm")
@@ -302,7 +303,7 @@ def test_structured_cnn_equals_channel_zeroed_model():
     model = CNN().eval()
     _randomise_norms(model)
     masked = copy.deepcopy(model)
-    report = prune_channels(model, 0.5)
+    report = report_of(prune_channels(model, 0.5, inplace=True))
     assert set(report.channels) == {"conv1", "conv2", "conv3"}
     assert [model.conv1.out_channels, model.conv2.out_channels, model.conv3.out_channels] == [8, 16, 8]
     assert model.bn1.num_features == 8 and model.bn2.running_var.shape == (16,)
@@ -339,7 +340,7 @@ def test_structured_leaves_unresizable_layers_alone_with_reasons():
     model = Blocked().eval()
     x = torch.randn(5, 8)
     reference = copy.deepcopy(model)
-    report = prune_channels(model, 0.5)
+    report = report_of(prune_channels(model, 0.5, inplace=True))
     assert list(report.channels) == ["fc1"]
     reasons = {s.name: s.reason for s in report.skipped}
     assert "function 'add'" in reasons["fc2"]
@@ -352,9 +353,9 @@ def test_structured_leaves_unresizable_layers_alone_with_reasons():
 
 
 def test_structured_refuses_masked_and_untraceable_models(mlp):
-    magnitude_prune(mlp, 0.5, include="fc2")
+    magnitude_prune(mlp, 0.5, include="fc2", inplace=True)
     with pytest.raises(ModelError, match="remove_masks"):
-        prune_channels(mlp, 0.5)
+        prune_channels(mlp, 0.5, inplace=True)
 
     class Branchy(nn.Module):
         def __init__(self) -> None:
@@ -366,7 +367,7 @@ def test_structured_refuses_masked_and_untraceable_models(mlp):
             return self.out(self.fc(x)) if x.sum() > 0 else x
 
     with pytest.raises(ModelError, match="cannot trace Branchy"):
-        prune_channels(Branchy(), 0.5)
+        prune_channels(Branchy(), 0.5, inplace=True)
 
 
 # ----------------------------------------------------------------------------- input features
@@ -378,7 +379,7 @@ def test_feature_pruning_drops_least_used_columns():
         model[1].weight[:, [2, 5, 7]] *= 0.01  # clearly the least used columns
     original = copy.deepcopy(model)
     names = [f"f{j}" for j in range(12)]
-    report = prune_features(model, 0.25, feature_names=names)
+    report = report_of(prune_features(model, 0.25, feature_names=names, inplace=True))
     assert report.layer == "1" and report.dropped == [2, 5, 7]
     assert report.dropped_names == ["f2", "f5", "f7"] and len(report.kept) == 9
     assert model[1].in_features == 9 and report.params_after == report.params_before - 3 * 16
@@ -395,7 +396,7 @@ def test_feature_pruning_drops_least_used_columns():
 def test_feature_pruning_keep_k_and_given_importance():
     torch.manual_seed(0)
     model = MLP(d_in=6).eval()
-    report = prune_features(model, keep=4, importance=[5.0, 0.1, 3.0, 0.2, 4.0, 1.0], layer="fc1")
+    report = report_of(prune_features(model, keep=4, importance=[5.0, 0.1, 3.0, 0.2, 4.0, 1.0], layer="fc1", inplace=True))
     assert report.kept == [0, 2, 4, 5] and report.dropped == [1, 3] and report.dropped_names is None
     assert model.fc1.weight.shape == (300, 4)
     assert model(torch.randn(3, 4)).shape == (3, 5)
@@ -419,12 +420,12 @@ def test_feature_pruning_rejects_inputs_read_elsewhere():
             return self.fc(x) if x.sum() > 0 else -self.fc(x)
 
     with pytest.raises(ModelError, match="read by function node 'add'"):
-        prune_features(Skip(), 0.5)
+        prune_features(Skip(), 0.5, inplace=True)
     with pytest.raises(ConfigError, match="does not read the model input"):
-        prune_features(MLP(), 0.5, layer="fc2")
+        prune_features(MLP(), 0.5, layer="fc2", inplace=True)
     with pytest.raises(ModelError, match="cannot trace Untraceable"):
-        prune_features(Untraceable(), 0.5)
-    report = prune_features(Untraceable(), 0.5, layer="fc")  # an explicit layer is trusted
+        prune_features(Untraceable(), 0.5, inplace=True)
+    report = report_of(prune_features(Untraceable(), 0.5, layer="fc", inplace=True))  # an explicit layer is trusted
     assert len(report.kept) == 2
 
 
@@ -433,7 +434,7 @@ def test_feature_pruning_rejects_inputs_read_elsewhere():
 @pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5, True, "0.5"])
 def test_sparsity_outside_unit_interval_is_rejected(mlp, sparsity):
     with pytest.raises(ConfigError, match="sparsity"):
-        magnitude_prune(mlp, sparsity)
+        magnitude_prune(mlp, sparsity, inplace=True)
 
 
 def test_bad_arguments_raise_config_errors_naming_them(mlp, cnn):
@@ -469,17 +470,17 @@ def test_bad_arguments_raise_config_errors_naming_them(mlp, cnn):
 
 def test_non_finite_inputs_raise_data_errors(mlp):
     with pytest.raises(DataError, match="importance"):
-        prune_features(mlp, 0.5, importance=[float("nan")] * 40)
+        prune_features(mlp, 0.5, importance=[float("nan")] * 40, inplace=True)
     with torch.no_grad():
         mlp.fc2.weight[0, 0] = float("inf")
     with pytest.raises(DataError, match="'fc2'"):
-        magnitude_prune(mlp, 0.5)
+        magnitude_prune(mlp, 0.5, inplace=True)
 
 
 def test_small_cnn_fixture_prunes_what_it_can(cnn, cnn_batches):
     x = cnn_batches[0]
     masked = copy.deepcopy(cnn)
-    report = prune_channels(cnn, 0.5)
+    report = report_of(prune_channels(cnn, 0.5, inplace=True))
     assert list(report.channels) == ["conv1d"]  # conv1 feeds a grouped conv, conv2 is grouped
     _zero_inputs(masked, "fc", _dropped(report, "conv1d", 8), block=16)
     torch.testing.assert_close(cnn(x), masked(x), rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from squeezer.transform import report_of
 import squeezer
 from squeezer import ConfigError, ModelError
 from squeezer.prune import HeadGroup, attention_groups, head_scores, prune_heads
@@ -68,7 +69,7 @@ def test_detects_bert_blocks(bert):
                                     {"heads": {BLOCKS[0]: [1, 3], BLOCKS[1]: [0]}}])
 def test_pruned_model_equals_value_zeroed_model(bert, inputs, kwargs):
     zeroed_source = copy.deepcopy(bert)
-    report = prune_heads(bert, **kwargs)
+    report = report_of(prune_heads(bert, **kwargs, inplace=True))
     assert any(len(kept) < HEADS for kept in report.heads.values())
     expected = _run(_zero_values(zeroed_source, report.heads, attention_groups(zeroed_source)), inputs)
     torch.testing.assert_close(_run(bert, inputs), expected, atol=1e-5, rtol=0)
@@ -76,7 +77,7 @@ def test_pruned_model_equals_value_zeroed_model(bert, inputs, kwargs):
 
 def test_sparsity_zero_changes_nothing(bert, inputs):
     before, weights = _run(bert, inputs), [p for p in bert.parameters()]
-    report = prune_heads(bert, 0.0)
+    report = report_of(prune_heads(bert, 0.0, inplace=True))
     assert report.model_params_after == report.model_params_before
     assert report.heads == {b: list(range(HEADS)) for b in BLOCKS}
     assert all(a is b for a, b in zip(bert.parameters(), weights, strict=True))
@@ -85,7 +86,7 @@ def test_sparsity_zero_changes_nothing(bert, inputs):
 
 def test_params_drop_by_exactly_the_removed_rows_and_columns(bert, inputs):
     n_before = sum(p.numel() for p in bert.parameters())
-    report = prune_heads(bert, heads={BLOCKS[0]: [0, 2], BLOCKS[1]: [3]})
+    report = report_of(prune_heads(bert, heads={BLOCKS[0]: [0, 2], BLOCKS[1]: [3]}, inplace=True))
     removed_heads = 3
     per_head = 3 * D * (HIDDEN + 1) + HIDDEN * D  # q / k / v rows with bias + output columns
     assert sum(p.numel() for p in bert.parameters()) == n_before - removed_heads * per_head
@@ -115,15 +116,15 @@ def test_head_score_formula(bert):
 def test_lowest_norm_heads_are_removed(bert, norm):
     _scale_head(bert, BLOCKS[0], 2, 1e-3)
     _scale_head(bert, BLOCKS[1], 0, 1e-3)
-    report = prune_heads(bert, 0.25, norm=norm)
+    report = report_of(prune_heads(bert, 0.25, norm=norm, inplace=True))
     assert report.heads == {BLOCKS[0]: [0, 1, 3], BLOCKS[1]: [1, 2, 3]}
     assert report.method == f"heads-{norm}"
 
 
 def test_min_heads_respected_near_full_sparsity(bert, inputs):
-    report = prune_heads(copy.deepcopy(bert), 0.99)
+    report = report_of(prune_heads(copy.deepcopy(bert), 0.99, inplace=True))
     assert [len(k) for k in report.heads.values()] == [1, 1]
-    report = prune_heads(bert, 0.99, scope="global", min_heads=2)
+    report = report_of(prune_heads(bert, 0.99, scope="global", min_heads=2, inplace=True))
     assert [len(k) for k in report.heads.values()] == [2, 2]
     assert _run(bert, inputs).shape == (3, 12, HIDDEN)
 
@@ -131,14 +132,14 @@ def test_min_heads_respected_near_full_sparsity(bert, inputs):
 def test_global_scope_removes_unequal_numbers_per_layer(bert, inputs):
     for h in range(HEADS):
         _scale_head(bert, BLOCKS[0], h, 1e-3)
-    report = prune_heads(bert, 0.5, scope="global")
+    report = report_of(prune_heads(bert, 0.5, scope="global", inplace=True))
     assert [len(k) for k in report.heads.values()] == [1, 3]  # 4 of 8: 3 weak ones (min_heads=1) + 1
     assert [row.sparsity for row in report.layers] == [0.75, 0.25]
     assert _run(bert, inputs).shape == (3, 12, HIDDEN)
 
 
 def test_pruned_model_can_be_quantized(bert, inputs):
-    prune_heads(bert, 0.5)
+    prune_heads(bert, 0.5, inplace=True)
     expected = _run(bert, inputs)
     q = squeezer.quantize(bert, "w8", progress=False)
     out = _run(q, inputs)
@@ -164,11 +165,11 @@ def test_explicit_groups_for_other_architectures():
     model = nn.Sequential(TinyAttention(), nn.ReLU(), nn.MultiheadAttention(32, 4)).eval()
     assert attention_groups(model) == []
     with pytest.raises(ModelError, match=r"no attention block found in Sequential.*2: nn.MultiheadAttention packs"):
-        prune_heads(model, 0.5)
+        prune_heads(model, 0.5, inplace=True)
     group = HeadGroup("0.q_proj", "0.k_proj", "0.v_proj", "0.out_proj", head_size=8)
     x = torch.randn(2, 5, 32)
     reference = copy.deepcopy(model[0])
-    report = prune_heads(model, 0.5, groups=[group])
+    report = report_of(prune_heads(model, 0.5, groups=[group], inplace=True))
     assert report.heads == {"0": report.heads["0"]} and len(report.heads["0"]) == 2 and model[0].num_heads == 2
     zeroed = _zero_values(nn.Sequential(reference), report.heads, [group])[0]
     torch.testing.assert_close(model[0](x), zeroed(x), atol=1e-5, rtol=0)
@@ -176,17 +177,17 @@ def test_explicit_groups_for_other_architectures():
 
 def test_multihead_attention_is_listed_as_skipped(bert):
     model = nn.ModuleDict({"bert": bert, "mha": nn.MultiheadAttention(HIDDEN, HEADS)})
-    report = prune_heads(model, 0.25)
+    report = report_of(prune_heads(model, 0.25, inplace=True))
     assert [s.name for s in report.skipped] == ["mha"] and "in_proj_weight" in report.skipped[0].reason
     assert len(report.layers) == 2
 
 
 def test_include_ignore_select_blocks(bert):
-    report = prune_heads(bert, 0.5, ignore=r"layer\.0\.")
+    report = report_of(prune_heads(bert, 0.5, ignore=r"layer\.0\.", inplace=True))
     assert list(report.heads) == [BLOCKS[1]] and [s.name for s in report.skipped] == [BLOCKS[0]]
     assert report.skipped[0].kind == "BertSelfAttention" and "ignored by pattern" in report.skipped[0].reason
     with pytest.raises(ConfigError, match="include pattern 'decoder' matches no attention block"):
-        prune_heads(bert, 0.5, include="decoder")
+        prune_heads(bert, 0.5, include="decoder", inplace=True)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -209,18 +210,18 @@ def test_include_ignore_select_blocks(bert):
 ])
 def test_bad_inputs_name_the_culprit(bert, kwargs, error, message):
     with pytest.raises(error, match=message):
-        prune_heads(bert, **kwargs)
+        prune_heads(bert, **kwargs, inplace=True)
 
 
 def test_model_without_attention_is_named(mlp):
     with pytest.raises(ModelError, match="no attention block found in MLP"):
-        prune_heads(mlp, 0.5)
+        prune_heads(mlp, 0.5, inplace=True)
 
 
 def test_quantized_model_is_refused(bert):
     q = squeezer.quantize(bert, "w8", progress=False)
     with pytest.raises(ModelError, match="encoder.layer.0.attention.self.query' is quantized or masked"):
-        prune_heads(q, 0.5)
+        prune_heads(q, 0.5, inplace=True)
 
 
 class Classifier(nn.Module):
@@ -241,7 +242,7 @@ def test_recipe_kind_heads(bert):
     data = list(zip(ids.split(16), (ids[:, 0] > 50).float().split(16)))
     recipe = [{"prune": {"kind": "heads", "sparsity": 0.25, "norm": "l2"}}, {"quantize": {"preset": "w8"}}]
     out = squeezer.compress(model, recipe, data=data, evaluate=lambda m: float(m(ids).detach().abs().mean()))
-    rows = out.squeezer_compression.rows
+    rows = squeezer.report_of(out).rows
     assert [r.step for r in rows] == ["baseline", "prune", "quantize"] and all(r.metric is not None for r in rows)
     assert rows[1].params == rows[0].params - 2 * (3 * D * (HIDDEN + 1) + HIDDEN * D)
     assert rows[1].details["method"] == "heads-l2" and rows[1].details["heads_before"] == dict.fromkeys(
@@ -263,7 +264,7 @@ def test_real_minilm():
     batch = tokenizer(sentences, padding=True, return_tensors="pt")
     pruned = copy.deepcopy(model)
     start = time.perf_counter()
-    report = prune_heads(pruned, 0.25)
+    report = report_of(prune_heads(pruned, 0.25, inplace=True))
     assert time.perf_counter() - start < 5
     assert list(report.heads_before.values()) == [12] * 6 and all(len(k) == 9 for k in report.heads.values())
     assert report.model_params_after < report.model_params_before

@@ -85,7 +85,7 @@ def test_prepare_qat_returns_a_trainable_copy(mlp):
     assert q.training and not any(p.requires_grad is False for p in q.parameters())
     assert all(layer.mode == "simulate" for layer in quant_layers(q).values())
     assert not quant_layers(mlp), "the original model stays float"
-    assert q.squeezer_qat.steps == 0 and q.squeezer_report.layers
+    assert q.squeezer_qat.steps == 0 and squeezer.report_of(q).layers
 
 
 def test_qat_8bit_matches_fp32_training():
@@ -104,7 +104,7 @@ def test_uniform_weight_ranges_follow_the_weights_until_frozen():
     _train(q, data, 1, step_callbacks=[lambda step, m, logs: seen.append(layer.weight_qparams.scale.clone())])
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
     assert all(torch.equal(seen[2], later) for later in seen[3:]), "frozen after 3 steps"
-    convert(q)
+    convert(q, inplace=True)
     assert torch.equal(layer.weight_qparams.scale, seen[2])
     fixed = prepare_qat(_net(), "w4g128", freeze_observers_after=0)
     before = fixed[0].weight_qparams.scale.clone()
@@ -210,7 +210,7 @@ def test_convert_save_load_pack_after_qat(tmp_path, preset, learnable):
     q.eval()
     with torch.no_grad():
         trained = q(x)
-    convert(q)
+    convert(q, inplace=True)
     assert not q.training and not hasattr(q, "squeezer_qat")
     assert not any("fake_quant" in name for name, _ in q.named_modules())
     with torch.no_grad():
@@ -220,17 +220,17 @@ def test_convert_save_load_pack_after_qat(tmp_path, preset, learnable):
     again = squeezer.load(tmp_path / "ckpt", MLP)
     with torch.no_grad():
         assert torch.equal(again(x), converted)
-    squeezer.pack(again)
+    squeezer.pack(again, inplace=True)
     with torch.no_grad():
         assert torch.allclose(again(x), converted, rtol=1e-4, atol=1e-4)
     with pytest.raises(ModelError, match="prepare_qat"):
-        convert(q)
+        convert(q, inplace=True)
 
 
 def test_convert_refits_tracked_ranges_to_the_final_weights():
     q = prepare_qat(_net(), "w4g128")
     _train(q, _task(), 1)  # the last optimizer step moved the weights after the last forward
-    convert(q)
+    convert(q, inplace=True)
     expected = compute_qparams(q[0].weight, q[0].weight_spec)
     assert torch.equal(q[0].weight_qparams.scale, expected.scale)
 
@@ -240,7 +240,7 @@ def test_conv_qat_exports_to_onnx(tmp_path, cnn):
     data = [(torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(3)]
     q = prepare_qat(cnn, "w8", learnable_scales=True)
     fit(q, data, 1)
-    convert(q)
+    convert(q, inplace=True)
     squeezer.export_onnx(q, data[0][0], tmp_path / "m.onnx")
     run = squeezer.runtime.load(tmp_path / "m.onnx")
     with torch.no_grad():
@@ -258,9 +258,9 @@ def test_user_written_loop():
             terms = qat_loss(F.cross_entropy(qmodel(x), y), qmodel, lam=1e-2)
             optimizer.zero_grad(); terms.loss.backward(); optimizer.step()
             losses.append(terms.task.item())
-    convert(qmodel)
+    convert(qmodel, inplace=True)
     assert sum(losses[-8:]) < 0.6 * sum(losses[:8])
-    assert qmodel.squeezer_report.layers and squeezer.pack(qmodel)
+    assert squeezer.report_of(qmodel).layers and squeezer.pack(qmodel, inplace=True)
 
 
 def test_qat_argument_errors(mlp, mlp_batches):
@@ -277,7 +277,7 @@ def test_qat_argument_errors(mlp, mlp_batches):
     with pytest.raises(ModelError, match="no quantized layers"):
         quant_error(mlp)
     packed = squeezer.quantize(mlp, "w8")
-    squeezer.pack(packed)
+    squeezer.pack(packed, inplace=True)
     with pytest.raises(ModelError, match="packed"):
         quant_error(packed)
 
@@ -363,7 +363,7 @@ def test_unconverted_qat_model_cannot_be_deployed(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)).eval()
     q = prepare_qat(model, "w4g128", learnable_scales=True)
-    for action, call in (("save", lambda: squeezer.save(q, tmp_path / "c")), ("pack", lambda: squeezer.pack(q)),
+    for action, call in (("save", lambda: squeezer.save(q, tmp_path / "c")), ("pack", lambda: squeezer.pack(q, inplace=True)),
                          ("export_onnx", lambda: squeezer.export_onnx(q, torch.randn(1, 16), tmp_path / "m.onnx"))):
         with _pytest.raises(squeezer.ModelError, match=f"{action}: .*convert"):
             call()

@@ -71,7 +71,7 @@ def test_quantized_model_is_attacked_through_ste_and_state_is_restored(task, pre
 def test_packed_model_is_skipped_for_white_box_but_gets_transfer(task) -> None:
     model, batches = task
     packed = squeezer.quantize(model, "w8")
-    squeezer.pack(packed)
+    squeezer.pack(packed, inplace=True)
     out = robustness({"fp32": model, "packed": packed}, batches, accuracy, noise_sigmas=(0.0, 0.1), eps=(0.0, 0.1),
                      feature_shift=None)
     assert "packed" in out["skipped"]["packed"] and "transfer" in out["skipped"]["packed"]
@@ -83,7 +83,7 @@ def test_packed_model_is_skipped_for_white_box_but_gets_transfer(task) -> None:
 def test_no_transfer_when_the_source_is_skipped(task) -> None:
     model, batches = task
     packed = squeezer.quantize(model, "w8")
-    squeezer.pack(packed)
+    squeezer.pack(packed, inplace=True)
     out = robustness({"fp32": model, "packed": packed}, batches, accuracy, noise_sigmas=(), eps=(0.1,),
                      feature_shift=None, source="packed")
     assert out["adversarial"]["source"] == "packed" and out["adversarial"]["transfer"] == {}

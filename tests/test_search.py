@@ -21,7 +21,7 @@ from squeezer.search import (
     measure_latency,
     measure_sensitivity,
 )
-from squeezer.search.auto import checkpoint_bytes
+from squeezer.search.auto import auto_quantize, checkpoint_bytes
 from squeezer.search.hessian import hessian_traces
 from squeezer.search.tune import tune
 
@@ -174,7 +174,7 @@ def test_allocation_config_quantizes_each_layer_in_its_format(mlp, mlp_batches, 
             assert name not in layers
         else:
             assert layers[name].weight_spec == squeezer.PRESETS[fmt].weight
-    assert q.squeezer_report.weight_bytes_after == sum(sens.bytes[l][f] for l, f in a.choice.items() if f != "fp32")
+    assert squeezer.report_of(q).weight_bytes_after == sum(sens.bytes[l][f] for l, f in a.choice.items() if f != "fp32")
 
 
 def test_bops_and_latency_budgets(mlp, mlp_batches, sens):
@@ -193,8 +193,8 @@ def test_bops_and_latency_budgets(mlp, mlp_batches, sens):
 def test_auto_quantize_honours_checkpoint_bytes(mlp, mlp_batches, sens, tmp_path):
     fp32 = sum(p.numel() * 4 for p in mlp.parameters())
     budget = fp32 / 5
-    q = squeezer.quantize(mlp, "auto", mlp_batches, budget={"bytes": budget}, progress=False)
-    allocation = q.squeezer_report.config["allocation"]
+    q = auto_quantize(mlp, mlp_batches, {"bytes": budget}, progress=False)
+    allocation = squeezer.report_of(q).config["allocation"]
     squeezer.save(q, tmp_path / "ck")
     on_disk = sum(f.stat().st_size for f in (tmp_path / "ck").iterdir())
     assert on_disk == allocation["checkpoint_bytes"] == checkpoint_bytes(q) and on_disk <= budget
@@ -203,12 +203,12 @@ def test_auto_quantize_honours_checkpoint_bytes(mlp, mlp_batches, sens, tmp_path
 
 
 def test_auto_needs_budget_and_calib(mlp, mlp_batches):
-    with pytest.raises(ConfigError, match="needs budget"):
-        squeezer.quantize(mlp, "auto", mlp_batches)
+    with pytest.raises(ConfigError, match="needs a budget"):
+        auto_quantize(mlp, mlp_batches, None)
     with pytest.raises(DataError, match="calibration"):
-        squeezer.quantize(mlp, "auto", budget=4)
-    with pytest.raises(ConfigError, match="only used with config='auto'"):
-        squeezer.quantize(mlp, "w8", budget=4)
+        auto_quantize(mlp, None, 4)
+    with pytest.raises(ConfigError, match=r"squeezer\.search\.auto_quantize"):
+        squeezer.quantize(mlp, "auto", mlp_batches)
 
 
 def test_tune_falls_back_until_the_metric_holds(mlp, mlp_batches, sens):

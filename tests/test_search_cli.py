@@ -34,7 +34,7 @@ def search(out, calib_file, *extra):
 
 
 def test_search_writes_a_loadable_checkpoint_within_the_tolerance(tmp_path, calib_file, monkeypatch):
-    monkeypatch.setattr("squeezer.search.sensitivity.CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("SQUEEZER_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "out"
     result = search(out, calib_file, "--max-drop", "0.01", "--budget-bits", "4", "--trials", "6", "--json")
     assert result.exit_code == 0, result.output
@@ -55,7 +55,7 @@ def test_search_writes_a_loadable_checkpoint_within_the_tolerance(tmp_path, cali
 
 
 def test_pareto_strategy_resumes_its_study(tmp_path, calib_file, monkeypatch):
-    monkeypatch.setattr("squeezer.search.sensitivity.CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("SQUEEZER_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "out"
     first = search(out, calib_file, "--max-drop", "0.05", "--strategy", "pareto", "--trials", "2", "--json")
     assert first.exit_code == 0, first.output
@@ -92,7 +92,7 @@ def test_evaluate_that_raises_is_named(tmp_path, calib_file):
 def test_html_reports_of_search_quantize_and_compress(tmp_path, calib_file, monkeypatch):
     from squeezer.examples.credit import make_credit_task
 
-    monkeypatch.setattr("squeezer.search.sensitivity.CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("SQUEEZER_CACHE_DIR", str(tmp_path / "cache"))
     task = make_credit_task()
     np.savez(tmp_path / "xy.npz", x=task.x_test[:96].numpy(), y=task.y_test[:96].numpy())
     out = tmp_path / "search"

@@ -10,6 +10,7 @@ Every algorithm reuses :mod:`squeezer.quant.core`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
@@ -95,18 +96,64 @@ def algorithm_names(name: object, where: str = "") -> list[str]:
     return parts
 
 
-def make_algorithm(name: str, options: dict[str, Any] | None = None) -> Algorithm:
-    """One algorithm with ``options`` (its fields), or a chain ``"a+b"`` with ``options`` given per
-    step: ``{"gptq": {"act_order": True}}``."""
-    parts = algorithm_names(name)
-    if len(parts) > 1:
-        options = options or {}
+AlgorithmSpelling = str | Sequence[str | Mapping[str, Mapping[str, Any] | None]]
+"""``"smoothquant+gptq"`` (a preset suffix) or the same chain as a list of algorithm steps:
+``["smoothquant", {"gptq": {"act_order": True}}]``."""
+
+
+def split_algorithms(spelling: AlgorithmSpelling, options: Mapping[str, Any] | None = None,
+                     where: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """The ``(name, options)`` steps of an algorithm chain, in order. A ``"a+b"`` string takes
+    ``options`` as a config's ``algorithm_options`` (one algorithm: its fields; a chain: per step,
+    ``{"gptq": {...}}``); a list carries each step's options itself. Names are checked by
+    :func:`algorithm_names`; errors are prefixed by ``where``."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(spelling, str):
+        parts = algorithm_names(spelling, where)
+        options = dict(options or {})
+        if len(parts) == 1:
+            return [(spelling, options)]
         stray = [k for k in options if k not in parts]
-        if stray or not all(isinstance(v, dict) for v in options.values()):
-            raise ConfigError(f"algorithm {name!r}: options are given per step, e.g. "
+        if stray or not all(isinstance(v, Mapping) for v in options.values()):
+            raise ConfigError(f"{prefix}algorithm {spelling!r}: options are given per step, e.g. "
                               f"{{{parts[-1]!r}: {{...}}}}; got {options}")
-        return Chain([make_algorithm(p, options.get(p)) for p in parts])
+        return [(p, dict(options.get(p) or {})) for p in parts]
+    if options:
+        raise ConfigError(f"{prefix}a list of algorithm steps carries its own options, got options={dict(options)}")
+    if not isinstance(spelling, Sequence) or not spelling:
+        raise ConfigError(f"{prefix}an algorithm is a name such as 'smoothquant+gptq' or a non-empty list of "
+                          f"steps, got {spelling!r}")
+    steps = [_listed_step(item, prefix) for item in spelling]
+    algorithm_names("+".join(name for name, _ in steps), where)
+    return steps
+
+
+def _listed_step(item: Any, prefix: str) -> tuple[str, dict[str, Any]]:
+    """``"gptq"`` or ``{"gptq": {...}}`` -> ``("gptq", {...})``."""
+    if isinstance(item, str):
+        return item, {}
+    if isinstance(item, Mapping) and len(item) == 1:
+        (name, options), = item.items()
+        if isinstance(name, str) and (options is None or isinstance(options, Mapping)):
+            return name, dict(options or {})
+    raise ConfigError(f"{prefix}an algorithm step is a name or {{name: options}}, got {item!r}")
+
+
+def algorithm_spelling(steps: list[tuple[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    """``(algorithm, algorithm_options)`` of a :class:`QuantConfig` for the steps of a chain."""
+    name = "+".join(n for n, _ in steps)
+    return name, steps[0][1] if len(steps) == 1 else {n: o for n, o in steps if o}
+
+
+def make_algorithm(name: AlgorithmSpelling, options: Mapping[str, Any] | None = None) -> Algorithm:
+    """One algorithm with ``options`` (its fields), or a :class:`Chain` of the typed algorithm
+    steps that :func:`split_algorithms` reads from ``name``."""
+    steps = [_algorithm(n, o) for n, o in split_algorithms(name, options)]
+    return steps[0] if len(steps) == 1 else Chain(steps)
+
+
+def _algorithm(name: str, options: dict[str, Any]) -> Algorithm:
     try:
-        return ALGORITHMS[name](**(options or {}))
+        return ALGORITHMS[name](**options)
     except TypeError as exc:
         raise ConfigError(f"algorithm {name!r}: bad options {options}: {exc}") from None

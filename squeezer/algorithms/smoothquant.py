@@ -62,7 +62,7 @@ def layer_output_error(layer: QuantMixin, rows: Tensor, weight: Tensor, s: Tenso
     x = rows if s is None else rows / s
     ws = weight if s is None else weight * s
     spec = layer.act_spec
-    if layer.config.activation_mode == "dynamic":
+    if layer.scheme.activation_mode == "dynamic":
         xq = fake_quantize(x, spec)
     else:
         xq = fake_quantize(x, spec, compute_qparams(x, spec))

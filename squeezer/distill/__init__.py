@@ -2,11 +2,12 @@
 
 * :func:`distillation_loss` -- ``T^2 KL(teacher || student)`` on tempered softmax / sigmoid outputs;
 * :class:`FeatureMatcher` -- MSE between paired intermediate outputs (optionally projected);
-* :func:`distill` -- the training loop: ``alpha * task + (1 - alpha) * KD (+ beta * features)``.
+* :func:`distill` -- the training loop: ``alpha * task + (1 - alpha) * KD (+ beta * features)``; it
+  returns the trained student, a copy unless ``inplace=True`` (:mod:`squeezer.transform`).
 """
 
 from .features import FeatureMatcher
 from .losses import distillation_loss
-from .loop import distill, logits_of
+from .loop import DistillReport, distill, logits_of
 
-__all__ = ["distillation_loss", "FeatureMatcher", "distill", "logits_of"]
+__all__ = ["distillation_loss", "FeatureMatcher", "DistillReport", "distill", "logits_of"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,9 +21,20 @@ from torch import Tensor, nn
 
 from ..calibration import call_model
 from ..errors import ConfigError, DataError
+from ..transform import attach_report, working_copy
 from ..training import Callback, LossFn, fit, infer_loss, model_device, split_batch, to_device
 from .features import FeatureMatcher
 from .losses import distillation_loss
+
+
+@dataclass
+class DistillReport:
+    """Per-epoch logs of a :func:`distill` run: ``loss``, ``task``, ``kd`` (and ``feature``)."""
+
+    history: list[dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
 
 
 def logits_of(output: Any) -> Tensor:
@@ -101,7 +113,8 @@ def distill(
     callbacks: Iterable[Callback] = (),
     step_callbacks: Iterable[Callback] = (),
     cache_teacher: bool = False,
-) -> list[dict[str, float]]:
+    inplace: bool = False,
+) -> nn.Module:
     """Train ``student`` against ``teacher`` (module docstring) with :func:`squeezer.training.fit`.
 
     ``data``: re-iterable ``(inputs, targets)`` batches; ``loss_fn(outputs, targets)`` is the task
@@ -111,8 +124,15 @@ def distill(
     and the projections. ``cache_teacher`` runs the teacher once per batch (first epoch) and
     reuses its logits and matched features afterwards: for a large teacher, ``epochs`` times fewer
     teacher forwards, at the memory of those outputs; ``data`` must then be a list of batches.
-    Returns per-epoch logs of ``loss``, ``task``, ``kd`` (and ``feature``).
+    Returns the trained student (a copy unless ``inplace``; :mod:`squeezer.transform`) carrying a
+    :class:`DistillReport` of per-epoch logs of ``loss``, ``task``, ``kd`` (and ``feature``). An
+    ``optimizer`` or a ready :class:`FeatureMatcher` holds the student's own modules: it needs
+    ``inplace=True``.
     """
+    if not inplace and (optimizer is not None or isinstance(features, FeatureMatcher)):
+        raise ConfigError("distill: an optimizer or a FeatureMatcher built on the student trains that very student: "
+                          "pass inplace=True")
+    student = working_copy(student, inplace)
     _check_weight("alpha", alpha, 1.0)
     _check_weight("beta", beta, None)
     if iter(data) is data:
@@ -147,9 +167,10 @@ def distill(
     teacher_mode = teacher.training
     teacher.eval()
     try:
-        return fit(student, _WithTeacher(data, teacher, matcher, cache_teacher), epochs, optimizer, objective,
-                   callbacks, step_callbacks=step_callbacks)
+        history = fit(student, _WithTeacher(data, teacher, matcher, cache_teacher), epochs, optimizer, objective,
+                      callbacks, step_callbacks=step_callbacks)
     finally:
         teacher.train(teacher_mode)
         if isinstance(features, Mapping):
             matcher.remove()
+    return attach_report(student, DistillReport(history))

@@ -2,7 +2,8 @@
 
 One array gives tensor batches (``model(x)``). Several arrays give keyword batches
 (``model(**batch)``) named by their keys, except numpy's positional names ``arr_0, arr_1, ...``
-which give tuple batches (``model(*batch)``). Every array is split along axis 0.
+which give tuple batches (``model(*batch)``). Every array is split along axis 0. Labelled data
+(:func:`load_pairs`) is an ``.npz`` with exactly the arrays ``x`` (inputs) and ``y`` (targets).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..calibration import Batch
 from ..errors import DataError
@@ -74,3 +76,12 @@ def load_calibration(path: str | Path, batch_size: int = 32) -> list[Batch]:
         else:
             batches.append(part)
     return batches
+
+
+def load_pairs(path: str | Path, batch_size: int, flag: str) -> list[tuple[Tensor, Tensor]]:
+    """``(x, y)`` batches of ``batch_size`` rows from an ``.npz`` holding exactly ``x`` and ``y``;
+    ``flag`` names the option that gave ``path`` in errors."""
+    batches = load_calibration(path, batch_size)
+    if not isinstance(batches[0], dict) or set(batches[0]) != {"x", "y"}:
+        raise DataError(f"{flag} {path} must be an .npz with exactly the arrays 'x' and 'y'")
+    return [(b["x"], b["y"]) for b in batches]

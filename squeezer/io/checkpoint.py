@@ -3,8 +3,10 @@
 Tensors per quantized layer ``L``: ``L.weight.codes`` (uint8, bit-packed), ``L.weight.scale``,
 ``L.weight.zero_point``, ``L.weight.levels`` (when present), ``L.act.scale`` / ``L.act.zero_point``
 (static activations). Every other entry of the state dict is stored as is. The manifest holds
-the format version, each layer's config and weight shape, the versions that wrote it and the
-SHA-256 of the tensor file. No pickle is involved on either side.
+the format version, each layer's scheme (:class:`LayerScheme`) and weight shape, the versions that wrote it, the
+SHA-256 of the tensor file and ``kernels``: the kernel path(s) of each packed layer
+(:func:`squeezer.kernels.packed_kernels`, empty for an unpacked model), which ``load(packed=True)``
+packs with again. No pickle is involved on either side.
 """
 
 from __future__ import annotations
@@ -21,18 +23,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..version import __version__
-from ..config import QuantConfig
 from ..errors import ModelError
+from ..kernels import pack, packed_kernels
 from ..modules.layers import quantized_class_for
 from ..modules.swap import ensure_deployable, set_child
 from ..quant.core import QParams, QTensor, code_dtype, dequantize
+from ..quant.scheme import LayerScheme
 from ..quant.spec import QuantSpec
 from .atomic import atomic_directory
 from ..quant.packing import pack_codes, unpack_codes
 from ..quant.rotation import is_block_size
 
 FORMAT = "squeezer-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer "scheme" (LayerScheme) in place of the whole config
 TENSORS, MANIFEST = "model.safetensors", "manifest.json"
 
 
@@ -69,7 +72,7 @@ def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None =
             tensors.update(_qparam_tensors(f"{name}.act", layer.act_qparams, layer.act_spec))
         manifest_layers[name] = {
             "type": type(layer).__name__, "shape": list(qt.shape), "dtype": "float32" if layer.is_packed else str(layer.weight.dtype).removeprefix("torch."),
-            "config": layer.config.to_dict(),
+            "scheme": layer.scheme.to_dict(),
         }
         if layer.input_rotation > 1:
             manifest_layers[name]["input_rotation"] = layer.input_rotation
@@ -79,7 +82,8 @@ def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None =
         digest = hashlib.sha256((tmp / TENSORS).read_bytes()).hexdigest()
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "squeezer_version": __version__,
-            "torch_version": torch.__version__, "sha256": digest, "layers": manifest_layers, **(extra or {}),
+            "torch_version": torch.__version__, "sha256": digest, "layers": manifest_layers,
+            "kernels": packed_kernels(model), **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return Path(directory)
@@ -119,7 +123,9 @@ def _read_tensors(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.
 def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module], packed: bool = False) -> nn.Module:
     """Restore a checkpoint into ``model`` (an fp32 skeleton of the same architecture, changed
     in place, or a factory returning one). Outputs equal the saved model's bit for bit.
-    ``packed=True`` returns it packed on integer kernels (see :func:`squeezer.pack`)."""
+    ``packed=True`` returns it packed on integer kernels (see :func:`squeezer.pack`): the kernels the
+    manifest records when the saved model was packed (the same paths, so the same outputs bit for
+    bit), else those of the rule."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     tensors = _read_tensors(directory, manifest)
@@ -133,7 +139,7 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module], pack
         cls = quantized_class_for(layer)
         if cls is None or cls.__name__ != info["type"]:
             raise ModelError(f"checkpoint layer {name!r} is a {info['type']}, the model has {type(layer).__name__}")
-        new = cls.from_float(layer, QuantConfig.from_dict(info["config"]))
+        new = cls.from_float(layer, LayerScheme.from_dict(info["scheme"]))
         shape = tuple(info["shape"])
         if tuple(new.weight.shape) != shape:
             raise ModelError(f"checkpoint layer {name!r} has weight shape {shape}, the model {tuple(new.weight.shape)}")
@@ -166,7 +172,5 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module], pack
         raise ModelError(f"checkpoint {directory} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.eval()
     if packed:
-        from ..kernels import pack
-
-        pack(model)
+        pack(model, kernels=manifest.get("kernels") or "rule", inplace=True)
     return model

@@ -1,9 +1,12 @@
-"""Build a user's model from ``pkg.module:factory`` and load float weights into it."""
+"""A user's code named on the command line: build the model from ``pkg.module:factory``, load float
+weights into it, and run a task metric ``pkg.module:fn`` on it."""
 
 from __future__ import annotations
 
 import importlib
+import math
 import sys
+from numbers import Real
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,3 +71,28 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if bad:
         raise DataError(f"weights file {path}: tensor(s) {bad[:5]} contain NaN or Inf")
     model.load_state_dict(state)
+
+
+def evaluate_user(fn: Callable[[nn.Module], Any], model: nn.Module, spec: str,
+                  flag: str = "--eval") -> dict[str, float]:
+    """``fn(model)`` in eval mode (mode restored after) as ``{name: value}``: ``fn`` returns a float
+    (named ``"metric"``) or a dict of str -> float; every value must be finite."""
+    was_training = model.training
+    model.eval()
+    try:
+        value = fn(model)
+    except Exception as exc:  # noqa: BLE001 - the user's function: name it
+        raise ModelError(f"{flag} {spec!r} raised {type(exc).__name__}: {exc}") from None
+    finally:
+        model.train(was_training)
+    scores = value if isinstance(value, dict) else {"metric": value}
+    if not all(isinstance(k, str) and _is_real(v) for k, v in scores.items()):
+        raise DataError(f"{flag} {spec!r} must return a float or a dict of str -> float, got {value!r:.200}")
+    bad = {k: v for k, v in scores.items() if not math.isfinite(float(v))}
+    if bad:
+        raise DataError(f"{flag} {spec!r} returned non-finite values {bad}")
+    return {k: float(v) for k, v in scores.items()}
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)

@@ -9,7 +9,9 @@
 * ``fbgemm_dynamic``: ``quantized::linear_dynamic`` (fbgemm, VNNI): one asymmetric uint8 scale
   for the whole input: squeezer's scheme for dynamic per-tensor uint8 activations (``w8a8-tensor``;
   fbgemm computes that scale and zero point itself, so its output is not bit-identical to squeezer's:
-  the tests bound it at 0.2 %), and equal to (or better than) per-token int8 for one row, so eligible there too.
+  the tests bound it at 0.2 %), and equal to (or better than) per-token 8-bit for one row, so eligible there too.
+  Taken only on CPUs with AVX-512 VNNI: without it fbgemm adds u8 x s8 pairs in saturating int16
+  (measured on an AVX2 CPU: 9 % output error).
 * ``int8_weight_bf16``: ``aten._weight_int8pack_mm`` on bf16 activations (weight-only int8,
   per-channel symmetric); the op is slow on fp32 inputs, so inputs are cast to bf16. The op takes
   its scales in the input's dtype: it gets scales of 1 and squeezer's float32 scales multiply its
@@ -20,7 +22,10 @@
   ``K % g == 0``, ``N % 16 == 0``); its dequantization is ``(q - 8) s + z_f`` so squeezer's
   ``(q - Z) S`` maps to ``s = S``, ``z_f = (8 - Z) S``; bf16 activations.
 * ``dequant_matmul``: any format: unpack, reconstruct ``W^``, fake-quantize the activations as
-  the config says and multiply in fp32 (no integer kernel; the report says so).
+  the scheme says and multiply in fp32 (no integer kernel; the report says so).
+
+Each path states the formats it runs as name sets (``weights`` / ``activations``, names of
+:mod:`squeezer.quant.formats`); ``eligible`` adds its shape conditions.
 """
 
 from __future__ import annotations
@@ -33,14 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..quant.core import fake_quantize, uniform_qparams
-from ..quant.spec import PerChannel, PerGroup, PerTensor, PerToken
+from ..quant.formats import integer_types
+from ..quant.spec import PerTensor, PerToken
 from .base import KernelPath, LinearProblem, available
 
-
-def _int8_symmetric_channel(problem: LinearProblem) -> bool:
-    spec = problem.weight.spec
-    return (spec.mapping == "uniform" and spec.bits == 8 and spec.symmetric and spec.signed
-            and isinstance(spec.granularity, PerChannel) and spec.granularity.axis == 0)
+INT8_CHANNEL = frozenset({"int8-channel"})
+WEIGHT_ONLY = frozenset({"none"})
+TOKEN_8BIT = frozenset(f"dynamic-token-{t}" for t in integer_types(8))
+TENSOR_8BIT = frozenset(f"{mode}-tensor-{t}" for mode in ("dynamic", "static") for t in integer_types(8))
 
 
 def _int8_codes(problem: LinearProblem) -> Tensor:
@@ -49,27 +54,24 @@ def _int8_codes(problem: LinearProblem) -> Tensor:
 
 class IntMM(KernelPath):
     name = "int_mm"
+    weights = INT8_CHANNEL
+    activations = (TOKEN_8BIT - {"dynamic-token-uint8-sym"}) | TENSOR_8BIT
 
     def eligible(self, problem: LinearProblem, m: int) -> bool:
-        act = problem.config.activation
-        if not (_int8_symmetric_channel(problem) and act is not None and act.bits == 8 and available("_int_mm")
-                and problem.in_features % 8 == 0):
-            return False
-        if problem.config.activation_mode == "dynamic":
-            token = isinstance(act.granularity, PerToken) and (act.signed or not act.symmetric)
-            return token or isinstance(act.granularity, PerTensor)
-        return isinstance(act.granularity, PerTensor) and problem.act_qparams is not None
+        static_ready = problem.scheme.activation_mode != "static" or problem.act_qparams is not None
+        return (self.supports(problem.format) and static_ready and available("_int_mm")
+                and problem.in_features % 8 == 0)
 
     def prepare(self, problem: LinearProblem) -> dict[str, Any]:
         w = _int8_codes(problem)
-        act = problem.config.activation
+        act = problem.scheme.activation
         # symmetric per token: s_x = max|x_row| / 127 inline; else squeezer's min-max parameters (per
         # tensor: static, or of this call's input; per token: of each row) with a zero point
         general = isinstance(act.granularity, PerTensor) or not act.symmetric
         state = {"w_t": w.t(), "scale": problem.weight.qparams.scale.float().reshape(1, -1),
                  "bias": problem.bias, "general": general}
         if general:
-            static = problem.config.activation_mode == "static"
+            static = problem.scheme.activation_mode == "static"
             state.update(act=act, act_qparams=problem.act_qparams if static else None,
                          per_row=isinstance(act.granularity, PerToken),
                          shift=0 if act.signed else 128,  # uint8 -> int8 codes
@@ -118,15 +120,13 @@ class IntMM(KernelPath):
 
 class FbgemmDynamic(KernelPath):
     name = "fbgemm_dynamic"
+    OWN = "dynamic-tensor-uint8"  # fbgemm's own scheme: exactly uint8 asymmetric min-max over the input
+    weights = INT8_CHANNEL
+    activations = TOKEN_8BIT | {OWN}
 
     def eligible(self, problem: LinearProblem, m: int) -> bool:
-        act = problem.config.activation
-        if not (_int8_symmetric_channel(problem) and problem.config.activation_mode == "dynamic" and act is not None
-                and "fbgemm" in torch.backends.quantized.supported_engines):
-            return False
-        if isinstance(act.granularity, PerTensor):  # fbgemm's own scheme: exactly uint8 asymmetric min-max
-            return act.bits == 8 and not act.symmetric and not act.signed
-        return m == 1 and isinstance(act.granularity, PerToken)
+        return (self.supports(problem.format) and (m == 1 or problem.format.activation == self.OWN)
+                and "fbgemm" in torch.backends.quantized.supported_engines and torch.cpu._is_vnni_supported())
 
     def prepare(self, problem: LinearProblem) -> Any:
         w = _int8_codes(problem)
@@ -143,10 +143,11 @@ class FbgemmDynamic(KernelPath):
 
 class Int8WeightBF16(KernelPath):
     name = "int8_weight_bf16"
+    weights = INT8_CHANNEL
+    activations = WEIGHT_ONLY
 
     def eligible(self, problem: LinearProblem, m: int) -> bool:
-        return (_int8_symmetric_channel(problem) and problem.config.activation_mode == "none"
-                and problem.in_features % 16 == 0 and available("_weight_int8pack_mm"))
+        return self.supports(problem.format) and problem.in_features % 16 == 0 and available("_weight_int8pack_mm")
 
     def prepare(self, problem: LinearProblem) -> dict[str, Any]:
         return {"w": _int8_codes(problem), "ones": torch.ones(problem.out_features, dtype=torch.bfloat16),
@@ -161,13 +162,14 @@ class Int8WeightBF16(KernelPath):
 class Int4WeightBF16(KernelPath):
     name = "int4_weight_bf16"
     GROUPS = (32, 64, 128, 256)
+    weights = frozenset({"uint4-group"})
+    activations = WEIGHT_ONLY
 
     def eligible(self, problem: LinearProblem, m: int) -> bool:
-        spec = problem.weight.spec
-        g = spec.granularity
-        return (spec.mapping == "uniform" and spec.bits == 4 and not spec.symmetric and not spec.signed
-                and isinstance(g, PerGroup) and g.size in self.GROUPS and problem.in_features % g.size == 0
-                and problem.out_features % 16 == 0 and problem.config.activation_mode == "none"
+        if not self.supports(problem.format):
+            return False
+        size = problem.weight.spec.granularity.size
+        return (size in self.GROUPS and problem.in_features % size == 0 and problem.out_features % 16 == 0
                 and available("_weight_int4pack_mm_for_cpu"))
 
     def prepare(self, problem: LinearProblem) -> dict[str, Any]:
@@ -196,12 +198,12 @@ class DequantMatmul(KernelPath):
         return problem
 
     def run(self, state: LinearProblem, x: Tensor) -> Tensor:
-        cfg = state.config
+        scheme = state.scheme
         x = x.float()
-        if cfg.activation_mode == "dynamic":
-            x = fake_quantize(x, cfg.activation)
-        elif cfg.activation_mode == "static":
-            x = fake_quantize(x, cfg.activation, state.act_qparams)
+        if scheme.activation_mode == "dynamic":
+            x = fake_quantize(x, scheme.activation)
+        elif scheme.activation_mode == "static":
+            x = fake_quantize(x, scheme.activation, state.act_qparams)
         return F.linear(x, state.weight.dequantize(), state.bias)
 
 

@@ -1,7 +1,9 @@
 """Packed runtimes: what a quantized layer calls in ``packed`` mode.
 
 * linear: ``x (..., K)`` is flattened to ``(m, K)`` and sent to the path chosen for ``m``'s
-  bucket; only the chosen paths' prepared weights are kept.
+  bucket; only the chosen paths' prepared weights are kept. A layer whose format no given path
+  supports is refused (:func:`squeezer.quant.formats.unsupported_format`), as is one that some bucket
+  has no eligible path for (its shape).
 * conv: the packed weight is reconstructed per call and convolved in fp32 (no integer conv
   kernel here); activations are fake-quantized as configured.
 * embedding: codes are kept one byte each so rows can be gathered, then only the gathered
@@ -10,18 +12,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..quant.core import QParams, QTensor, dequantize
+from ..quant.formats import unsupported_format
 from ..quant.rotation import rotate
 from ..quant.spec import PerChannel, PerGroup, PerTensor
-from .base import KernelPath, LinearProblem, PackedWeight
+from .base import KernelPath, LinearProblem, PackedWeight, supported_formats
 from .paths import PATHS
-from .select import BUCKETS, bucket_of, choose
+from .select import BUCKETS, bucket_label, bucket_of
 
 
 @dataclass
@@ -34,11 +39,21 @@ class PackedLinear:
     paths: dict[str, KernelPath] = field(default_factory=lambda: {p.name: p for p in PATHS})
 
     @classmethod
-    def build(cls, problem: LinearProblem, paths: tuple[KernelPath, ...] = PATHS) -> "PackedLinear":
-        eligible = [p for p in paths if any(p.eligible(problem, m) for _, m in BUCKETS)]
-        states = {p.name: p.prepare(problem) for p in eligible}
-        choice = [choose(problem, paths, states, b) for b in range(len(BUCKETS))]
-        return cls(problem, choice, {name: states[name] for name in set(choice)}, {p.name: p for p in paths})
+    def build(cls, problem: LinearProblem, choose: Callable[[LinearProblem], list[str]],
+              paths: tuple[KernelPath, ...] = PATHS, layer: str = "") -> "PackedLinear":
+        """Check that ``paths`` run the layer, then prepare the ones ``choose(problem)`` names (one per
+        rows-bucket, :mod:`squeezer.kernels.select`); ``layer``: the name errors give."""
+        names = ", ".join(p.name for p in paths)
+        if not any(p.supports(problem.format) for p in paths):
+            raise unsupported_format(f"the kernels ({names})", layer, problem.format.name, supported_formats(paths),
+                                     problem.weight.spec.describe())
+        empty = next((m for _, m in BUCKETS if not any(p.eligible(problem, m) for p in paths)), None)
+        if empty is not None:
+            raise ConfigError(f"layer {layer!r}: no kernel of ({names}) runs format {problem.format.name} with "
+                              f"{problem.out_features}x{problem.in_features} weights on {empty} rows")
+        choice = choose(problem)
+        by_name = {p.name: p for p in paths}
+        return cls(problem, choice, {name: by_name[name].prepare(problem) for name in set(choice)}, by_name)
 
     def __post_init__(self) -> None:
         # (run, state) per bucket, resolved once: the call below is on the hot path.
@@ -63,8 +78,7 @@ class PackedLinear:
         return self.problem.weight
 
     def describe(self) -> dict[str, str]:
-        return {f"m<={top}" if top < 1 << 62 else f"m>{BUCKETS[-2][0]}": name
-                for (top, _), name in zip(BUCKETS, self.choice)}
+        return {bucket_label(b): name for b, name in enumerate(self.choice)}
 
     def nbytes(self) -> int:
         """Bytes held at run time: the packed weight (for fallback / saving) + chosen states."""

@@ -1,6 +1,7 @@
 """Low-rank factorisation: replace Linear / conv layers by two thinner ones (truncated SVD).
 
-:func:`low_rank` changes the given model in place and returns a :class:`LowRankReport`.
+:func:`low_rank` returns the factorised model (a copy unless ``inplace=True``) carrying its
+:class:`LowRankReport` (``squeezer.report_of(model)``); see :mod:`squeezer.transform`.
 """
 
 from .svd import (

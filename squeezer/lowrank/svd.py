@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..transform import attach_report, working_copy
 from ..prune.report import SkippedLayer, count_params
 from ..prune.select import LAYER_CLASSES, select_layers
 
@@ -152,14 +153,16 @@ def low_rank(
     include: str | Sequence[str] = (),
     ignore: str | Sequence[str] = (),
     min_params: int = 0,
-) -> LowRankReport:
-    """Replace the selected layers by their rank-``r`` factorisations, in place.
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace the selected layers by their rank-``r`` factorisations.
 
     The rank comes from exactly one of ``energy`` (:func:`rank_for_energy`) and ``budget``
     (:func:`rank_for_budget`, a fraction of each layer's parameters). Layers with fewer than
     ``min_params`` weights, grouped convolutions, and layers whose factorisation would not have
     fewer weights (``r (N + K) >= N K``) are left alone and listed in ``report.skipped``.
     """
+    model = working_copy(model, inplace)
     if (energy is None) == (budget is None):
         raise ConfigError("give exactly one of energy (kept fraction of sum s_i^2) and budget (kept fraction of params)")
     _fraction(energy if budget is None else budget, "energy" if budget is None else "budget")
@@ -186,7 +189,7 @@ def low_rank(
         error = math.sqrt(float(power[rank:].sum() / power.sum())) if float(power.sum()) > 0 else 0.0
         report.layers.append(LowRankLayer(name, type(layer).__name__, rank, min(n, k), params, count_params(pair), error))
     report.model_params_after = count_params(model)
-    return report
+    return attach_report(model, report)
 
 
 def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:

@@ -1,7 +1,8 @@
 """`QuantMixin`: what every quantized layer shares.
 
-A quantized layer keeps its float ``weight`` (so QAT can keep training it), the weight's
-:class:`QParams`, and optionally an activation quantizer. It runs in one of four modes:
+A quantized layer keeps its :class:`LayerScheme` (``layer.scheme``: weight / activation specs, activation
+mode, observer), its float ``weight`` (so QAT can keep training it), the weight's :class:`QParams`, and
+optionally an activation quantizer. It runs in one of four modes:
 
 * ``float``:    the original layer's function (for references and A/B comparisons);
 * ``observe``:  float compute, while the activation observer records the input range;
@@ -23,11 +24,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..config import QuantConfig
 from ..quant.core import QParams, compute_qparams, fake_quantize, quantize, rows_qparams
 from ..quant.metrics import ErrorAccumulator, ErrorStats
 from ..quant.observers import Observer, make_observer
 from ..quant.rotation import hadamard, rotate
+from ..quant.scheme import LayerScheme
 from ..quant.spec import PerChannel, PerToken, QuantSpec
 
 Mode = Literal["float", "observe", "simulate", "compare", "packed"]
@@ -39,8 +40,8 @@ class QuantMixin:
     weight: torch.nn.Parameter
     token_axis_is_last: bool = True
 
-    def _init_quant(self, config: QuantConfig) -> None:
-        self.config = config
+    def _init_quant(self, scheme: LayerScheme) -> None:
+        self.scheme = scheme
         self.mode: Mode = "simulate"
         self.weight_qparams: QParams | None = None
         self.act_observer: Observer | None = None
@@ -55,13 +56,13 @@ class QuantMixin:
 
     @property
     def weight_spec(self) -> QuantSpec:
-        return self.config.weight
+        return self.scheme.weight
 
     @property
     def act_spec(self) -> QuantSpec | None:
-        if self.config.activation is None:
+        if self.scheme.activation is None:
             return None
-        spec = self.config.activation
+        spec = self.scheme.activation
         if isinstance(spec.granularity, PerToken) and not self.token_axis_is_last:
             # A "token" of a convolution is one sample: one scale per batch element.
             return QuantSpec(**{**spec.to_dict(), "granularity": PerChannel(0)})
@@ -114,8 +115,8 @@ class QuantMixin:
 
     def reset_observer(self) -> None:
         """A fresh activation observer (static mode), forgetting what was observed so far."""
-        if self.config.activation_mode == "static":
-            self.act_observer = make_observer(self.config.observer, self.config.activation)
+        if self.scheme.activation_mode == "static":
+            self.act_observer = make_observer(self.scheme.observer, self.scheme.activation)
 
     def freeze_activation(self) -> None:
         """Turn the observed input range into fixed activation parameters (static mode)."""
@@ -166,7 +167,7 @@ class QuantMixin:
         learned = self._modules.get("act_fake_quant")
         if learned is not None:
             return learned(x)
-        if self.config.activation_mode == "dynamic":
+        if self.scheme.activation_mode == "dynamic":
             return fake_quantize(x, spec)
         if self.act_qparams is None:
             raise RuntimeError(f"{type(self).__name__}: static activations need calibration data before use")
@@ -206,5 +207,5 @@ class QuantMixin:
 
     def extra_repr(self) -> str:  # type: ignore[override]
         base = super().extra_repr()  # type: ignore[misc]
-        act = "" if self.act_spec is None else f", act={self.act_spec.describe()} {self.config.activation_mode}"
+        act = "" if self.act_spec is None else f", act={self.act_spec.describe()} {self.scheme.activation_mode}"
         return f"{base}, weight={self.weight_spec.describe()}{act}, mode={self.mode}"

@@ -1,7 +1,7 @@
 """Quantized drop-in replacements for ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``.
 
 Each is a subclass of the torch layer (so ``isinstance`` checks and attributes still work)
-plus :class:`QuantMixin`; ``from_float(layer, config, copy)`` moves the layer's parameters over
+plus :class:`QuantMixin`; ``from_float(layer, scheme, copy)`` moves the layer's parameters over
 (copies of them with ``copy=True``, else the same storage: no second copy of a model being
 quantized in place or already copied).
 Transformers' ``Conv1D`` (``y = x W + b`` with ``W: (in, out)``) becomes a ``QuantLinear`` with
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import QuantConfig
 from ..quant.core import fake_quantize, rows_qparams
+from ..quant.scheme import LayerScheme
 from .base import QuantMixin
 
 
@@ -32,13 +32,13 @@ class QuantLinear(QuantMixin, nn.Linear):
     """``y = fq_a(x) fq_w(W)^T + b``; ``W: (out, in)``."""
 
     @classmethod
-    def from_float(cls, layer: nn.Module, config: QuantConfig, copy: bool = True) -> "QuantLinear":
+    def from_float(cls, layer: nn.Module, scheme: LayerScheme, copy: bool = True) -> "QuantLinear":
         weight = layer.weight
         if type(layer).__name__ == "Conv1D" and not isinstance(layer, nn.Linear):
             weight = weight.t().contiguous()
         new = cls(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device="meta")
         _adopt(new, weight, layer.bias, copy)
-        new._init_quant(config)
+        new._init_quant(scheme)
         return new
 
     def _op(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -49,14 +49,14 @@ class _QuantConvNd(QuantMixin):
     token_axis_is_last = False
 
     @classmethod
-    def from_float(cls, layer: nn.Module, config: QuantConfig, copy: bool = True):
+    def from_float(cls, layer: nn.Module, scheme: LayerScheme, copy: bool = True):
         new = cls(
             layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
             padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
             bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta",
         )
         _adopt(new, layer.weight, layer.bias, copy)
-        new._init_quant(config)
+        new._init_quant(scheme)
         return new
 
     def _op(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -75,14 +75,14 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
     """``y = fq_w(W)[idx]``; ``W: (num_embeddings, dim)``, one scale per row (token vector) by default."""
 
     @classmethod
-    def from_float(cls, layer: nn.Embedding, config: QuantConfig, copy: bool = True) -> "QuantEmbedding":
+    def from_float(cls, layer: nn.Embedding, scheme: LayerScheme, copy: bool = True) -> "QuantEmbedding":
         new = cls(
             layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx,
             max_norm=layer.max_norm, norm_type=layer.norm_type,
             scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse, device="meta",
         )
         _adopt(new, layer.weight, None, copy)
-        new._init_quant(config)
+        new._init_quant(scheme)
         return new
 
     def _op(self, x: Tensor, weight: Tensor) -> Tensor:

@@ -1,20 +1,20 @@
 """Model surgery: replace supported layers by their quantized counterparts.
 
-A layer is taken when its type is in ``config.layer_types``, its name matches one of
-``config.include`` (when given) and none of ``config.ignore``. Every other module that owns
-parameters is listed as skipped, with the reason.
+Which layers are taken, and each one's :class:`LayerScheme`, is the config's to say (a
+:class:`LayerSelection`, e.g. :class:`squeezer.config.QuantConfig`: layer types, include / ignore
+patterns, per-layer overrides). Every other module that owns parameters is listed as skipped, with the reason.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from ..config import QuantConfig
 from ..errors import DataError
+from ..quant.scheme import LayerScheme
 from .base import QuantMixin
 from .layers import layer_type_name, quantized_class_for
 
@@ -29,15 +29,15 @@ class SkippedLayer:
     reason: str
 
 
-def _skip_reason(name: str, kind: str | None, config: QuantConfig) -> str | None:
-    if kind is None:
-        return "type not quantizable"
-    if kind not in config.layer_types:
-        return f"layer type {kind} not selected"
-    if config.include and not any(re.search(p, name) for p in config.include):
-        return "not matched by include patterns"
-    hit = next((p for p in config.ignore if re.search(p, name)), None)
-    return None if hit is None else f"ignored by pattern {hit!r}"
+class LayerSelection(Protocol):
+    """What :func:`swap_layers` asks of a config; ``kind``: ``linear`` / ``conv1d`` / ``conv2d`` /
+    ``embedding``, or None for a module of no quantizable type."""
+
+    def skip_reason(self, name: str, kind: str | None) -> str | None:
+        """Why the module is left in float, or None when it is quantized."""
+
+    def for_layer(self, name: str, kind: str | None = None) -> LayerScheme:
+        """The scheme of a quantized layer."""
 
 
 def set_child(model: nn.Module, name: str, child: nn.Module) -> None:
@@ -55,8 +55,9 @@ def _tied_storages(model: nn.Module) -> set[int]:
     return tied
 
 
-def swap_layers(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[SkippedLayer]]:
-    """Swap in place. Returns the swapped layer names and the skipped modules. A quantized layer takes
+def swap_layers(model: nn.Module, config: LayerSelection) -> tuple[list[str], list[SkippedLayer]]:
+    """Swap in place, each chosen layer with its scheme ``config.for_layer(name, kind)``. Returns the
+    swapped layer names and the skipped modules. A quantized layer takes
     over its float layer's parameter storage (no copy), except where the storage is tied to another
     parameter: that one gets its own copy, so that an algorithm's in-place rounding stays in its layer.
 
@@ -69,7 +70,7 @@ def swap_layers(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[
             continue
         own = sum(p.numel() for p in module.parameters(recurse=False))
         kind = layer_type_name(module)
-        reason = _skip_reason(name, kind, config)
+        reason = config.skip_reason(name, kind)
         if reason is None:
             if not torch.isfinite(module.weight).all():
                 raise DataError(f"layer {name!r}: weight contains NaN or Inf")
@@ -80,8 +81,8 @@ def swap_layers(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[
     tied = _tied_storages(model)
     for name, module in chosen:
         copy = any(p.untyped_storage().data_ptr() in tied for p in module.parameters(recurse=False))
-        layer_config = config.for_layer(name, layer_type_name(module))
-        set_child(model, name, quantized_class_for(module).from_float(module, layer_config, copy=copy))
+        scheme = config.for_layer(name, layer_type_name(module))
+        set_child(model, name, quantized_class_for(module).from_float(module, scheme, copy=copy))
     return names, skipped
 
 

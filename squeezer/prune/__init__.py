@@ -1,7 +1,9 @@
 """Pruning: masks (unstructured, N:M, gradual) and real shrinking (channels, attention heads,
 input features).
 
-Every function changes the given model in place and returns a report with ``to_dict()``.
+Every pruning function follows :mod:`squeezer.transform`: it returns the pruned model, a copy unless
+``inplace=True``, carrying its report (``squeezer.report_of(model)``, with ``to_dict()``).
+:func:`remove_masks` is the exception: a helper that makes the masks of a model permanent, in place.
 """
 
 from .features import (

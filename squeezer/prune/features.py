@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..errors import ConfigError, DataError, ModelError
+from ..transform import attach_report, working_copy
 from .graph import call_counts, trace
 from .mask import weight_mask
 from .report import count_params
@@ -107,8 +108,9 @@ def prune_features(
     norm: Norm = "l2",
     feature_names: Sequence[str] | None = None,
     layer: str | None = None,
-) -> FeaturePruneReport:
-    """Drop the least important input columns of ``model``'s first Linear, in place.
+    inplace: bool = False,
+) -> nn.Module:
+    """Drop the least important input columns of ``model``'s first Linear.
 
     Give exactly one of ``fraction`` (drop ``round(fraction * K)`` columns, at most ``K - 1``) and
     ``keep`` (keep ``keep`` columns). Columns are ranked by ``importance`` when given (length
@@ -116,6 +118,7 @@ def prune_features(
     names the input layer; by default it is found by tracing (:func:`input_layer`). A model that
     cannot be traced needs ``layer``, which is then trusted to read the raw input.
     """
+    model = working_copy(model, inplace)
     if (fraction is None) == (keep is None):
         raise ConfigError("give exactly one of fraction (columns to drop) and keep (columns to keep)")
     check_norm(norm)
@@ -135,12 +138,12 @@ def prune_features(
     first.in_features = kept.numel()
     kept_list = kept.tolist()
     dropped = sorted(set(range(k)) - set(kept_list))
-    return FeaturePruneReport(
+    return attach_report(model, FeaturePruneReport(
         name, kept_list, dropped,
         None if names is None else [names[j] for j in kept_list],
         None if names is None else [names[j] for j in dropped],
         scores.tolist(), params_before, count_params(first), model_before, count_params(model),
-    )
+    ))
 
 
 def _linear(model: nn.Module, name: str) -> nn.Linear:

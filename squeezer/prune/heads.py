@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DataError, ModelError
+from ..transform import attach_report, working_copy
 from ..modules.base import QuantMixin
 from .magnitude import check_sparsity
 from .mask import weight_mask
@@ -150,8 +151,9 @@ def prune_heads(
     groups: Sequence[HeadGroup] | None = None,
     include: str | Sequence[str] = (),
     ignore: str | Sequence[str] = (),
-) -> HeadPruneReport:
-    """Remove whole attention heads in place, shrinking q / k / v / output projections (module
+    inplace: bool = False,
+) -> nn.Module:
+    """Remove whole attention heads, shrinking q / k / v / output projections (module
     objects are kept; their weights become new, smaller ``nn.Parameter`` s, so build optimisers
     afterwards). Give exactly one of:
 
@@ -166,6 +168,7 @@ def prune_heads(
     / ``ignore``: regexes on block names. Raises :class:`ConfigError` / :class:`ModelError`
     (:class:`DataError` for NaN / Inf weights) naming the bad value, block or head.
     """
+    model = working_copy(model, inplace)
     check_norm(norm)
     if scope not in ("layer", "global"):
         raise ConfigError(f"scope must be 'layer' or 'global', got {scope!r}")
@@ -187,7 +190,7 @@ def prune_heads(
         scores = {g.name: head_scores(model, g, norm) for g in selected}
         kept = _kept_by_score(scores, check_sparsity(sparsity), scope, min_heads)
     method = "heads-explicit" if heads is not None else f"heads-{norm}"
-    return _apply(model, selected, counts, kept, skipped, method)
+    return attach_report(model, _apply(model, selected, counts, kept, skipped, method))
 
 
 def _select(groups: list[HeadGroup], include: str | Sequence[str], ignore: str | Sequence[str],

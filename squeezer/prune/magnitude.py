@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..transform import attach_report, working_copy
 from .mask import set_mask, weight_mask
 from .report import LayerPruneReport, PruneReport, SkippedLayer, count_params
 from .select import LAYER_CLASSES, select_layers
@@ -37,8 +38,9 @@ def magnitude_prune(
     layer_types: str | Sequence[str] = tuple(LAYER_CLASSES),
     include: str | Sequence[str] = (),
     ignore: str | Sequence[str] = (),
-) -> PruneReport:
-    """Mask the smallest-magnitude weights of the selected layers, in place.
+    inplace: bool = False,
+) -> nn.Module:
+    """Mask the smallest-magnitude weights of the selected layers.
 
     ``scope="layer"``: in each layer with ``n_l`` weights, the ``round(sparsity * n_l)`` entries
     with the smallest ``|w|`` get mask 0. ``scope="global"``: one threshold over all selected
@@ -46,6 +48,7 @@ def magnitude_prune(
     (layers with larger weights keep more). Ties at the threshold are broken arbitrarily, so the
     counts are exact. Biases are not pruned.
     """
+    model = working_copy(model, inplace)
     sparsity = check_sparsity(sparsity)
     if scope not in ("layer", "global"):
         raise ConfigError(f"scope must be 'layer' or 'global', got {scope!r}")
@@ -60,7 +63,7 @@ def magnitude_prune(
             keep = dict(zip(scores, flat.split([s.numel() for s in scores.values()])))
         for name, m in layers.items():
             _combine_mask(m, keep[name].view_as(m.weight))
-    return mask_report(f"magnitude-{scope}", model, layers, before, model_before, skipped)
+    return attach_report(model, mask_report(f"magnitude-{scope}", model, layers, before, model_before, skipped))
 
 
 def nm_prune(
@@ -71,8 +74,9 @@ def nm_prune(
     layer_types: str | Sequence[str] = tuple(LAYER_CLASSES),
     include: str | Sequence[str] = (),
     ignore: str | Sequence[str] = (),
-) -> PruneReport:
-    """N:M sparsity in place: in every group of ``m`` consecutive weights along the (flattened)
+    inplace: bool = False,
+) -> nn.Module:
+    """N:M sparsity: in every group of ``m`` consecutive weights along the (flattened)
     input dimension, keep the ``n`` largest ``|w|`` and mask the rest.
 
     The weight is viewed as ``(out, K)`` with ``K = in_features`` (Linear) or
@@ -80,6 +84,7 @@ def nm_prune(
     same grouping as squeezer's per-group quantization. A layer whose ``K`` is not a multiple of
     ``m`` is skipped with the reason. ``n == m`` keeps everything.
     """
+    model = working_copy(model, inplace)
     for argument, value in (("n", n), ("m", m)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{argument} must be an integer >= 1, got {value!r}")
@@ -99,7 +104,7 @@ def nm_prune(
             keep = torch.zeros_like(groups, dtype=torch.bool)
             keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
             _combine_mask(layer, keep.view_as(layer.weight))
-    return mask_report(f"{n}:{m}", model, layers, before, model_before, skipped)
+    return attach_report(model, mask_report(f"{n}:{m}", model, layers, before, model_before, skipped))
 
 
 def _keep_largest(scores: Tensor, drop: int) -> Tensor:

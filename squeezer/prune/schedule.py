@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
+from ..transform import attach_report, report_of, working_copy
 from .magnitude import Scope, check_sparsity, magnitude_prune, mask_report, weight_sparsity
 from .report import PruneReport, count_params
 from .select import LAYER_CLASSES, select_layers
@@ -63,8 +64,9 @@ def gradual_prune(
     layer_types: str | Sequence[str] = tuple(LAYER_CLASSES),
     include: str | Sequence[str] = (),
     ignore: str | Sequence[str] = (),
-) -> GradualPruneReport:
-    """Prune ``model`` in place to ``target`` sparsity in ``steps`` magnitude-pruning steps.
+    inplace: bool = False,
+) -> nn.Module:
+    """Prune ``model`` to ``target`` sparsity in ``steps`` magnitude-pruning steps.
 
     For ``t = 1 .. steps``: mask to :func:`cubic_sparsity` ``(t, steps, target, initial)`` with
     :func:`magnitude_prune` (masks only grow), then call ``train_fn(model)``, which fine-tunes
@@ -73,6 +75,7 @@ def gradual_prune(
     step is measured on the selected layers' weights right after pruning; ``final`` compares
     the parameters in use before the first step with those after the last.
     """
+    model = working_copy(model, inplace)
     target = check_sparsity(target, "target")
     initial = check_sparsity(initial, "initial")
     if initial > target:
@@ -85,8 +88,9 @@ def gradual_prune(
     report = GradualPruneReport()
     for t in range(1, steps + 1):
         scheduled = cubic_sparsity(t, steps, target, initial)
-        last = magnitude_prune(model, scheduled, scope=scope, layer_types=layer_types, include=include, ignore=ignore)
+        last = report_of(magnitude_prune(model, scheduled, scope=scope, layer_types=layer_types, include=include,
+                                         ignore=ignore, inplace=True))
         report.steps.append(PruneStep(t, scheduled, weight_sparsity(layers.values())))
         train_fn(model)
     report.final = mask_report(f"gradual-{scope}", model, layers, before, model_before, last.skipped)
-    return report
+    return attach_report(model, report)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ModelError
+from ..transform import attach_report, working_copy
 from .graph import Blocked, ChannelGroup, call_counts, channel_group, trace
 from .magnitude import check_sparsity
 from .mask import weight_mask
@@ -56,9 +57,10 @@ def prune_channels(
     layer_types: str | Sequence[str] = tuple(LAYER_CLASSES),
     include: str | Sequence[str] = (),
     ignore: str | Sequence[str] = (),
-) -> PruneReport:
+    inplace: bool = False,
+) -> nn.Module:
     """Remove ``amount`` of the output channels of every selected layer whose outputs can be
-    followed to resizable consumers, shrinking the layers in place (module objects are kept;
+    followed to resizable consumers, shrinking the layers (module objects are kept;
     their weights become new, smaller ``nn.Parameter`` s, so build optimisers afterwards).
     ``layer_types`` / ``include`` / ``ignore`` choose whose outputs are pruned; the modules
     reading them shrink whether selected or not.
@@ -68,6 +70,7 @@ def prune_channels(
     final layer therefore never loses outputs. ``report.channels`` maps each pruned layer to its
     kept output channels (original numbering).
     """
+    model = working_copy(model, inplace)
     amount = check_sparsity(amount, "amount")
     check_norm(norm)
     masked = [name for name, m in model.named_modules() if weight_mask(m) is not None]
@@ -99,8 +102,8 @@ def prune_channels(
             sparsity = 1.0 - _weight_size(module) / w_before if w_before else 0.0
             rows.append(LayerPruneReport(name, type(module).__name__, before[name], count_params(module), sparsity,
                                          "; ".join(notes.get(name, []))))
-    return PruneReport(f"structured-{norm}", rows, skipped, model_before, count_params(model),
-                       {g.producer: kept[g.producer].tolist() for g in groups})
+    return attach_report(model, PruneReport(f"structured-{norm}", rows, skipped, model_before, count_params(model),
+                       {g.producer: kept[g.producer].tolist() for g in groups}))
 
 
 def _shrink_groups(model: nn.Module, groups: list[ChannelGroup], kept: dict[str, Tensor]) -> dict[str, list[str]]:

@@ -7,7 +7,7 @@ With your own training loop (``fit`` from :mod:`squeezer.training` does the same
     for x, y in batches:
         terms = qat_loss(loss_fn(qmodel(x), y), qmodel, lam=1e-2)            # 3. L_task + lam * E_quant
         optimizer.zero_grad(); terms.loss.backward(); optimizer.step()       # 4. an ordinary step
-    convert(qmodel)                                                          # 5. fixed qparams: pack / save / export
+    qmodel = convert(qmodel)                                                 # 5. fixed qparams: pack / save / export
 
 ``qat_loss`` is optional (plain ``loss_fn(...)`` is QAT with ``lam = 0``); ``terms.task`` and
 ``terms.quant`` are there for logging.

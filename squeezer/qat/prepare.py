@@ -1,6 +1,7 @@
 """Quantization-aware training: `prepare_qat` before training, `convert` after.
 
-``prepare_qat`` runs :func:`squeezer.quantize` (a copy: swap, RTN, weight algorithm,
+Both follow :mod:`squeezer.transform`: they return a new model unless ``inplace=True``.
+``prepare_qat`` runs :func:`squeezer.quantize` (swap, RTN, weight algorithm,
 activation calibration) and leaves the layers in ``simulate`` mode with trainable float weights,
 so ``y = op(fq_a(x), fq_w(W))`` trains with straight-through gradients. Options:
 
@@ -18,7 +19,8 @@ so ``y = op(fq_a(x), fq_w(W))`` trains with straight-through gradients. Options:
   (running statistics fixed), even when the model is put back in train mode.
 
 A *step* is one forward pass of the whole model in training mode with gradients enabled, so
-any training loop drives the schedule; ``model.squeezer_qat.steps`` counts them.
+any training loop drives the schedule; ``model.squeezer_qat.steps`` counts them (the prepared
+model's training state, not a report: ``convert`` removes it).
 
 ``convert`` writes the learned step sizes into ordinary ``weight_qparams`` / ``act_qparams`` and
 removes the QAT machinery: afterwards ``squeezer.pack`` / ``save`` / ``export_onnx`` work as
@@ -38,6 +40,7 @@ from ..api import quantize
 from ..calibration import Batch
 from ..config import QuantConfig
 from ..errors import ConfigError, ModelError
+from ..transform import working_copy
 from ..modules import quant_layers
 from ..modules.base import QuantMixin
 from ..quant.core import representable_range
@@ -138,16 +141,18 @@ def prepare_qat(
     learnable_scales: bool = False,
     freeze_observers_after: int | None = None,
     freeze_bn_after: int | None = None,
+    *,
+    inplace: bool = False,
 ) -> nn.Module:
-    """A quantized copy of ``model`` ready for quantization-aware training (train mode,
-    ``simulate``, float weights requiring grad); see the module docstring for the options.
+    """``model`` quantized (a copy unless ``inplace``) and ready for quantization-aware training (train
+    mode, ``simulate``, float weights requiring grad); see the module docstring for the options.
 
     ``config``: as for :func:`squeezer.quantize`; ``calib`` is required for static activations.
     Train it with any loop (``squeezer.training.fit`` or your own), then call :func:`convert`.
     """
     _check_steps("freeze_observers_after", freeze_observers_after)
     _check_steps("freeze_bn_after", freeze_bn_after)
-    qmodel = quantize(model, config, calib=calib, progress=False)
+    qmodel = quantize(model, config, calib=calib, inplace=inplace, progress=False)
     layers = quant_layers(qmodel)
     batchnorms = [m for m in qmodel.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if freeze_bn_after is not None and not batchnorms:
@@ -180,10 +185,11 @@ def prepare_qat(
     return qmodel.train()
 
 
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Fix the quantizers for deployment: learned step sizes become ``weight_qparams`` /
     ``act_qparams``, tracked weight ranges are re-fitted to the final weights (unless frozen), the
-    QAT hooks and state are removed; returns ``model`` (changed in place) in eval mode."""
+    QAT hooks and state are removed; returns the model (a copy unless ``inplace``) in eval mode."""
+    model = working_copy(model, inplace)
     state = getattr(model, "squeezer_qat", None)
     if not isinstance(state, QATState):
         raise ModelError("convert: model was not prepared with squeezer.qat.prepare_qat (or is already converted)")

@@ -2,6 +2,7 @@
 accuracy-driven tuning, the joint Pareto search, and one search run with its report."""
 
 from .allocate import Allocation, Budget, allocate, costs
+from .auto import auto_quantize
 from .formats import DEFAULT_FORMATS, FLOAT
 from .joint import SearchResult, SearchSpace, pareto_search
 from .latency import LatencyTable, measure_latency
@@ -10,5 +11,5 @@ from .tune import TuneResult, tune
 
 __all__ = [
     "DEFAULT_FORMATS", "FLOAT", "Allocation", "Budget", "LatencyTable", "SearchResult", "SearchSpace", "Sensitivity",
-    "TuneResult", "allocate", "costs", "measure_latency", "measure_sensitivity", "pareto_search", "tune",
+    "TuneResult", "allocate", "auto_quantize", "costs", "measure_latency", "measure_sensitivity", "pareto_search", "tune",
 ]

@@ -11,7 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from ..config import QuantConfig, resolve_config
+from ..config import QuantConfig
+from ..resolve import resolve_config
 from ..errors import ConfigError
 from ..quant.core import compute_qparams, packed_nbytes
 

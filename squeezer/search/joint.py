@@ -32,15 +32,19 @@ from typing import Any, Literal
 
 from torch import nn
 
+from ..algorithms.base import algorithm_names
+from ..cache import CacheDir, resolve
 from ..calibration import Batch, call_model, check_batches
 from ..errors import ConfigError
+from ..kernels import pack
 from ..lowrank import low_rank
+from ..modules import quant_layers
 from ..prune import magnitude_prune, prune_channels, remove_masks
 from ..prune.magnitude import check_sparsity
 from .allocate import Budget, allocate
 from .formats import DEFAULT_FORMATS, FLOAT, check_formats, format_config
 from .latency import first_row, median_ms
-from .sensitivity import CACHE_DIR, _evaluate, measure_sensitivity
+from .sensitivity import _evaluate, measure_sensitivity
 from .tune import build, check_tolerance
 
 BITS_STEP = 0.25
@@ -67,8 +71,6 @@ class SearchSpace:
     pruning: Literal["channels", "magnitude"] = "channels"
 
     def __post_init__(self) -> None:
-        from ..algorithms.base import algorithm_names
-
         object.__setattr__(self, "formats", check_formats(self.formats))
         for name in ("bits", "algorithms", "sparsity", "rank"):
             value = getattr(self, name)
@@ -114,12 +116,11 @@ def transform(model: nn.Module, params: dict[str, Any], pruning: str = "channels
     model = copy.deepcopy(model).eval()
     if params["sparsity"] > 0:
         if pruning == "channels":
-            prune_channels(model, params["sparsity"])
+            prune_channels(model, params["sparsity"], inplace=True)
         else:
-            magnitude_prune(model, params["sparsity"])
-            remove_masks(model)
+            remove_masks(magnitude_prune(model, params["sparsity"], inplace=True))
     if params["rank"] is not None:
-        low_rank(model, budget=params["rank"])
+        low_rank(model, budget=params["rank"], inplace=True)
     return model
 
 
@@ -131,7 +132,7 @@ class _Job:
     params: dict[str, Any]
     space: SearchSpace
     objective: str
-    cache_dir: str | None
+    cache_dir: Path | None
 
     @property
     def what(self) -> str:
@@ -149,11 +150,8 @@ def _run_trial(model: nn.Module, batches: list[Batch], evaluate: Callable[[nn.Mo
     result = {"bytes": alloc.bytes, "bits": alloc.bits, "choice": alloc.choice,
               "metric": _evaluate(evaluate, q, job.what)}
     if job.objective == "latency":
-        from ..kernels import pack
-        from ..modules import quant_layers
-
         if quant_layers(q):
-            pack(q)
+            pack(q, inplace=True)
         example = first_row(batches[0])
         result["latency_ms"] = median_ms(lambda: call_model(q, example))
     return result
@@ -274,7 +272,7 @@ def pareto_search(
     max_drop: float | None = None,
     higher_is_better: bool = True,
     metric_name: str = "metric",
-    cache_dir: str | Path | None = CACHE_DIR,
+    cache_dir: CacheDir = True,
     progress: bool = True,
 ) -> SearchResult:
     """Search ``space`` for ``trials`` finished trials and return the Pareto front (module docstring).
@@ -304,7 +302,7 @@ def pareto_search(
     directions = ["minimize", "maximize" if higher_is_better else "minimize"]
     attrs = {"space": space.to_dict(), "objective": objective, "higher_is_better": higher_is_better}
     study = _open_study(study_name, url, resume, directions, attrs, seed)
-    cache = None if cache_dir is None else str(cache_dir)
+    cache = resolve("sensitivity", cache_dir)  # resolved here: Ray workers may not share the environment
     x = OBJECTIVES[objective]
     console = None
     if progress:

@@ -8,7 +8,6 @@ from a float pass); ``fixed_ms = max(0, t_model - sum_l ms[l]["fp32"])`` is the 
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -17,8 +16,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from ..api import quantize
 from ..calibration import Batch, call_model
 from ..errors import DataError
+from ..kernels import pack
 from .formats import FLOAT, format_config
 
 
@@ -76,14 +77,8 @@ def _layer_inputs(model: nn.Module, names: list[str], batch: Batch) -> dict[str,
 
 def _packed_layer(layer: nn.Module, fmt: str) -> nn.Module:
     """A packed copy of ``layer`` alone in format ``fmt``."""
-    from ..api import quantize
-    from ..kernels import pack
-
-    holder = nn.ModuleDict({"layer": copy.deepcopy(layer)})
     cfg = replace(format_config(fmt), include=("^layer$",))
-    q = quantize(holder, cfg, progress=False)
-    pack(q)
-    return q["layer"]
+    return pack(quantize(nn.ModuleDict({"layer": layer}), cfg, progress=False), inplace=True)["layer"]
 
 
 def measure_latency(model: nn.Module, batch: Batch, names: list[str], formats: list[str],

@@ -10,7 +10,8 @@ the float outputs ``y``:
 * ``metric[l][f] = evaluate(model)`` when the user gives ``evaluate`` (their own metric).
 
 Layers are quantized by the given algorithm (``rtn`` by default) from the same weights for every
-format, so one quantized copy per format serves all layers. The result is cached on disk under a
+format, so one quantized copy per format serves all layers. The result is cached on disk
+(:func:`squeezer.cache.cache_dir` ``("sensitivity")`` by default) under a
 key made of the model's weights, the calibration data, the formats and the algorithm, so a
 second search on the same model and data skips the measurement.
 """
@@ -23,17 +24,17 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..api import quantize
+from ..cache import CacheDir, read_entry, resolve, write_entry
 from ..calibration import Batch, check_batches, run_batches
 from ..config import QuantConfig
 from ..errors import ConfigError, DataError
-from ..io.atomic import atomic_write_text
 from ..modules import quant_layers, set_mode
 from ..version import __version__
 from .formats import (
@@ -44,8 +45,8 @@ from .formats import (
     format_bytes,
     format_config,
 )
+from .hessian import hessian_sensitivity
 
-CACHE_DIR = Path.home() / ".cache" / "squeezer" / "sensitivity"
 SCORES = ("rel_mse", "kl", "metric", "hessian")
 
 
@@ -189,32 +190,30 @@ def measure_sensitivity(
     algorithm: str = "rtn",
     evaluate: Callable[[nn.Module], float] | None = None,
     hessian: bool = False,
-    cache_dir: str | Path | None = CACHE_DIR,
+    cache_dir: CacheDir = True,
     progress: bool = True,
 ) -> Sensitivity:
     """Measure (or load from ``cache_dir``) each layer's sensitivity to each format.
 
     ``config`` selects the candidate layers (its layer types / include / ignore; default: every
-    supported layer); ``cache_dir=None`` disables the cache. ``hessian=True`` adds the
+    supported layer); ``cache_dir``: ``True`` = :func:`squeezer.cache.cache_dir` ``("sensitivity")``
+    (``$SQUEEZER_CACHE_DIR``, read at this call), a path = that directory, ``None`` = no cache. ``hessian=True`` adds the
     Hutchinson proxy of :mod:`squeezer.search.hessian`.
     """
-    from ..api import (
-        quantize,  # late: the API builds on the modules this package also uses
-    )
-
     formats = check_formats(formats)
     batches = check_batches(calib)
     selector = config or QuantConfig()
     started = time.perf_counter()
     key = _fingerprint(model, batches, {"formats": formats, "algorithm": algorithm, "select": selector.to_dict(),
                                          "evaluate": evaluate is not None, "hessian": hessian})
-    cached = None if cache_dir is None else Path(cache_dir) / f"{key}.json"
-    if cached is not None and cached.is_file():
+    directory = resolve("sensitivity", cache_dir)
+    stored = None if directory is None else read_entry(directory, key)
+    if stored is not None:
         try:
-            sens = Sensitivity.from_dict(json.loads(cached.read_text()))
+            sens = Sensitivity.from_dict(stored)
             sens.from_cache, sens.seconds = True, time.perf_counter() - started
             return sens
-        except (ValueError, TypeError):
+        except TypeError:
             pass  # a damaged cache entry is measured again and overwritten
 
     was_training = model.training
@@ -260,16 +259,10 @@ def measure_sensitivity(
         baseline=baseline, key=key,
     )
     if hessian:
-        from .hessian import hessian_sensitivity
-
         sens.hessian = hessian_sensitivity(model, batches, names, formats)
     sens.seconds = time.perf_counter() - started
-    if cached is not None:
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cached, json.dumps(_finite_table(sens.to_dict())))
-        except (OSError, DataError):
-            pass  # an unwritable cache only costs time
+    if directory is not None:
+        write_entry(directory, key, _finite_table(sens.to_dict()))
     return sens
 
 

@@ -1,17 +1,16 @@
 """One search run, as ``squeezer search`` does it: sensitivities -> search -> the chosen model saved
-as a checkpoint, with its before / after figures and the data of the HTML report.
+as a checkpoint, with its before / after figures (:func:`squeezer.report.data.search_data` turns
+a :class:`SearchRun` into the data of the HTML report).
 
 Strategies: ``tune`` (accuracy-driven fallback from the budget's allocation, :mod:`.tune`) and
 ``pareto`` (the joint Optuna study of :mod:`.joint` over mean bits up to the budget's, pruning
 ``sparsity`` and SVD ``rank``; resumable from ``out/study.db``). ``out`` receives
-``checkpoint/`` (``squeezer.load`` reads it), ``search.json`` (every trial) and ``report_data.json``
-(what ``squeezer report`` renders as HTML); each file is written atomically.
+``checkpoint/`` (``squeezer.load`` reads it) and ``search.json`` (every trial); each file is
+written atomically.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +18,18 @@ from typing import Any
 
 from torch import nn
 
+from ..cache import CacheDir
 from ..calibration import Batch, call_model
 from ..errors import ConfigError
 from ..io.atomic import atomic_write_text
-from ..report import _finite
+from ..io.checkpoint import save
+from ..kernels import pack
+from ..report.json import dumps
 from .allocate import Budget
 from .formats import DEFAULT_FORMATS
+from .joint import SearchSpace, pareto_search
 from .latency import first_row, median_ms
-from .sensitivity import CACHE_DIR, Sensitivity, measure_sensitivity
+from .sensitivity import Sensitivity, measure_sensitivity
 from .tune import Trial, check_tolerance, tune
 
 STRATEGIES = ("tune", "pareto")
@@ -34,10 +37,16 @@ STRATEGIES = ("tune", "pareto")
 
 @dataclass
 class SearchRun:
-    """What a search produced: the chosen model (simulate mode) and the report data."""
+    """What a search produced: the chosen model (simulate mode), its before / after ``summary``
+    (bytes, batch-1 latency, metric), the sensitivities, the trials as Pareto points, the ``config``
+    (strategy, budget, formats, chosen format per layer, ...) and the caller's ``extra``."""
 
     model: nn.Module
-    data: dict[str, Any]
+    summary: dict[str, Any]
+    sensitivity: Sensitivity
+    pareto: dict[str, Any]
+    config: dict[str, Any]
+    extra: dict[str, Any]
 
 
 def pareto_flags(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[bool]:
@@ -65,11 +74,8 @@ def _counts(choice: dict[str, str]) -> dict[str, int]:
 
 def batch1_latency_ms(model: nn.Module, batch: Batch, packed: bool, repeats: int = 100) -> float:
     """Median batch-1 latency; ``packed``: of a copy packed on the real kernels."""
-    from ..kernels import pack
-
     if packed:
-        model = copy.deepcopy(model)
-        pack(model)
+        model = pack(model)
     example = first_row(batch)
     return median_ms(lambda: call_model(model, example), repeats)
 
@@ -92,14 +98,12 @@ def run_search(
     seed: int = 0,
     sparsity: tuple[float, ...] = (0.0,),
     rank: tuple[float | None, ...] = (None,),
-    cache_dir: str | Path | None = CACHE_DIR,
+    cache_dir: CacheDir = True,
     progress: bool = True,
     on_trial: Callable[[Any], None] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> SearchRun:
     """Run one search and write ``out`` (see module docstring)."""
-    from ..io.checkpoint import save
-
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown search strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
     check_tolerance(max_drop)
@@ -117,8 +121,6 @@ def run_search(
         trial_log = [t.__dict__ for t in result.trials]
         pareto = _trial_points(result.trials, choice, higher_is_better)
     else:
-        from .joint import SearchSpace, pareto_search
-
         bits = (Budget.parse(budget).bits if budget is not None else None) or 8.0
         space = SearchSpace(bits=(min(2.0, bits), bits), formats=tuple(formats), algorithms=(algorithm,),
                             sparsity=tuple(sparsity), rank=tuple(rank))
@@ -142,22 +144,5 @@ def run_search(
                    "metric": baseline},
         "after": {"bytes": size, "latency_ms": batch1_latency_ms(chosen, calib[0], packed=True), "metric": metric},
     }
-    report = chosen.squeezer_report
-    layers = [{"name": l.name, "format": l.format, "params": l.params, "bytes": l.bytes_after,
-               "weight_sqnr_db": l.weight_error.sqnr_db,
-               "output_sqnr_db": None if l.output_error is None else l.output_error.sqnr_db,
-               "sensitivity": sens.rel_mse.get(l.name, {}).get(choice.get(l.name, ""))} for l in report.layers]
-    layers += [{"name": n, "format": "fp32", "params": sens.params[n], "bytes": sens.bytes[n]["fp32"],
-                "sensitivity": 0.0} for n, f in choice.items() if f == "fp32" and n in sens.params]
-    data = {
-        "title": "squeezer search",
-        "summary": summary,
-        "layers": layers,
-        "sensitivity": {"formats": sens.formats, "layers": sens.rel_mse},
-        "pareto": pareto,
-        "config": config,
-        "extra": {"sensitivity_seconds": sens.seconds, "sensitivity_from_cache": sens.from_cache, **(extra or {})},
-    }
-    atomic_write_text(out / "search.json", json.dumps(_finite({"trials": trial_log, "choice": choice}), indent=2))
-    atomic_write_text(out / "report_data.json", json.dumps(_finite(data), indent=2))
-    return SearchRun(chosen, data)
+    atomic_write_text(out / "search.json", dumps({"trials": trial_log, "choice": choice}))
+    return SearchRun(chosen, summary, sens, pareto, config, extra or {})

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from ..api import quantize
 from ..calibration import Batch, check_batches
 from ..errors import ConfigError
 from .allocate import Allocation, Budget, allocate, choice_config, costs
@@ -66,11 +67,10 @@ def check_tolerance(max_drop: float) -> float:
     return float(max_drop)
 
 
-def build(model: nn.Module, choice: dict[str, str], calib: list[Batch], algorithm: str = "rtn") -> nn.Module:
-    """The model quantized with one format per layer (a copy in eval mode; ``model`` is unchanged)."""
-    from ..api import quantize
-
-    return quantize(model, choice_config(choice, algorithm), calib, progress=False).eval()
+def build(model: nn.Module, choice: dict[str, str], calib: list[Batch], algorithm: str = "rtn", *,
+          inplace: bool = False) -> nn.Module:
+    """The model quantized with one format per layer, in eval mode (a copy unless ``inplace``)."""
+    return quantize(model, choice_config(choice, algorithm), calib, inplace=inplace, progress=False).eval()
 
 
 def _ladder(sens: Sensitivity, layer: str, formats: list[str]) -> list[str]:

@@ -29,9 +29,9 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from ..config import QuantConfig
-from ..errors import ModelError
-from ..quant.spec import PerChannel, PerTensor, QuantSpec
+from ...config import QuantConfig
+from ...errors import ModelError
+from ...quant.spec import PerChannel, PerTensor, QuantSpec
 
 TENSORRT_CONFIG = QuantConfig(QuantSpec(bits=8, granularity=PerChannel(0)), QuantSpec(bits=8, granularity=PerTensor()),
                               activation_mode="static", name="w8a8-tensorrt")

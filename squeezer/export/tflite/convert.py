@@ -1,6 +1,6 @@
 """TFLite export through litert-torch (extra ``squeezer[tflite]``) that carries squeezer's integers.
 
-The model's QDQ form (:mod:`squeezer.io.export`) goes to ``litert_torch.convert``, which folds
+The model's QDQ form (:mod:`squeezer.export.qdq`) goes to ``litert_torch.convert``, which folds
 ``quantize(W^)`` into int8 weight tensors holding squeezer's codes and scales (zero point 0; per
 output channel, ``quantized_dimension`` following TFLite's layout). Two modes, by the layers' activations:
 
@@ -18,8 +18,8 @@ output channel, ``quantized_dimension`` following TFLite's layout). Two modes, b
   squeezer's model: a warning names the layer and the grid), or with ``unquantized_outputs="float"``
   as a float op on its dequantized int8 input and squeezer's ``W^`` (no grid squeezer did not
   choose; its int8 weights are stored as such and dequantized once by a ``DEQUANTIZE`` op:
-  :mod:`squeezer.io.tflite_int8_weights`). A model whose first op quantizes the input / last op
-  dequantizes the output takes / returns int8; :mod:`squeezer.runtime` applies the scale and zero point.
+  :mod:`squeezer.export.tflite.int8_weights`). A model whose first op quantizes the input / last op
+  dequantizes the output takes / returns int8; :mod:`squeezer.export.tflite.runner` applies the scale and zero point.
 
 Every quantized layer of a static model must be static: the converter stores the weights of a
 weight-only layer there in float (ConfigError naming it). In dynamic-range mode the converter
@@ -31,6 +31,7 @@ The batch size is the example's; the runner resizes (or runs in chunks) for othe
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,30 +39,30 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..calibration import call_model, check_batches
-from ..errors import ConfigError
-from .export import (
+from ...calibration import call_model, check_batches
+from ...errors import ConfigError
+from ...modules import QuantEmbedding, QuantLinear
+from ...modules.base import QuantMixin
+from ...quant.core import uniform_qparams
+from ...quant.formats import activation_format
+from ...quant.spec import PerTensor, QuantSpec
+from ..base import ExportReport, require_extra
+from ..files import check_output_dir, write_atomic
+from ..qdq import (
     QdqLayer,
     Unsupported,
     activation_mode,
-    check_output_dir,
     checked_weight,
     deployable_layers,
     example_call,
     int8_weight,
     qdq_model,
-    require_extra,
     static_input_grid,
-    write_atomic,
 )
-from ..modules import QuantEmbedding, QuantLinear
-from ..modules.base import QuantMixin
-from ..quant.core import uniform_qparams
-from ..quant.spec import PerTensor, PerToken, QuantSpec
-from .onnx_export import ExportReport
-from .tflite_int8_weights import store_int8_weights
+from .int8_weights import store_int8_weights
 
 INT8_ASYM = QuantSpec(bits=8, symmetric=False, signed=True, granularity=PerTensor())
+ROW_INT8 = "dynamic-token-int8"  # what TFLite's dynamic-range kernels do to each input row: s = max|x_row| / 127
 _ATEN = torch.ops.aten
 # ops through which an int8 grid passes unchanged (TFLite keeps their input's quantization)
 PASS_THROUGH = {_ATEN.relu.default, _ATEN.relu_.default, _ATEN.view.default, _ATEN.reshape.default,
@@ -138,7 +139,7 @@ def _mode(layers: dict[str, QuantMixin]) -> str:
     static = [n for n, layer in layers.items() if activation_mode(layer) == "static"]
     other = [n for n, layer in layers.items() if n not in static and not isinstance(layer, QuantEmbedding)]
     if static and other:
-        raise ConfigError(f"layer {other[0]!r}: TFLite cannot mix it ({layers[other[0]].config.activation_mode} "
+        raise ConfigError(f"layer {other[0]!r}: TFLite cannot mix it ({layers[other[0]].scheme.activation_mode} "
                           f"activations) with static layers such as {static[0]!r}: the converter would store its "
                           "weights in float; quantize every layer with static activations, or none")
     return "static" if static else "dynamic"
@@ -149,33 +150,43 @@ def _dynamic_note(layer: QuantMixin, name: str) -> str | None:
     act = layer.act_spec
     if isinstance(layer, QuantEmbedding):
         return None
-    if layer.config.activation_mode == "none":
+    if layer.scheme.activation_mode == "none":
         return (f"layer {name!r}: weight-only in squeezer, but TFLite's dynamic-range kernels also quantize "
                 "its input rows to int8 at run time (not in squeezer's model)")
-    exact = isinstance(layer, QuantLinear) and isinstance(act.granularity, PerToken) and act.bits == 8 and act.symmetric
-    if exact:
+    if isinstance(layer, QuantLinear) and activation_format("dynamic", act) == ROW_INT8:
         return None
     return (f"layer {name!r}: dynamic {act.describe()} activations run as TFLite's int8 symmetric per-row "
             "quantization (the nearest supported)")
 
 
-def export_tflite(model: nn.Module, example_inputs: Any, path: str | Path, *, calib: Any = None,
-                  unsupported: Unsupported = "error",
-                  unquantized_outputs: Literal["int8", "float"] = "int8") -> ExportReport:
+@dataclass
+class TfliteOptions:
+    """Options of the TFLite export."""
+
+    calib: Any = field(default=None, metadata={
+        "help": "full-integer models: batches for the output grids of layers squeezer leaves unquantized"})
+    unsupported: Unsupported = field(default="error", metadata={
+        "help": "a layer with no int8 form: error, or float (its dequantized weights in float32)"})
+    unquantized_outputs: Literal["int8", "float"] = field(default="int8", metadata={
+        "help": "full-integer models, a layer whose output squeezer leaves in float: int8 (an output grid of its own) "
+                "or float (a float op on squeezer's dequantized weights)"})
+
+
+def export_tflite(model: nn.Module, example_inputs: Any, path: Path, options: TfliteOptions) -> ExportReport:
     """Write ``model`` (quantized by squeezer, pruned or fp32) to ``path`` as TFLite; see the module doc.
 
     ``example_inputs``: a tensor, a tuple (``model(*args)``) or a dict (``model(**kwargs)``);
-    ``unquantized_outputs``: a static layer whose output squeezer leaves in float (e.g. the last one)
+    ``options.unquantized_outputs``: a static layer whose output squeezer leaves in float (e.g. the last one)
     runs in TFLite's int8 kernel with an output grid of its own (``"int8"``, default: int8 weights, an
     approximation; a warning gives the grid) or as a float op on squeezer's dequantized weights
-    (``"float"``: no grid of its own; int8 weights dequantized once); ``calib``: batches for those grids' ranges.
+    (``"float"``: no grid of its own; int8 weights dequantized once); ``options.calib``: batches for those grids' ranges.
     """
+    calib, unsupported, unquantized_outputs = options.calib, options.unsupported, options.unquantized_outputs
     if unquantized_outputs not in ("int8", "float"):
         raise ConfigError(f"unquantized_outputs must be 'int8' or 'float', got {unquantized_outputs!r}")
     litert = require_extra("litert_torch", "tflite")
     from litert_torch.quantize import pt2e_quantizer, quant_config
 
-    path = Path(path)
     check_output_dir(path, "TFLite")
     layers = deployable_layers(model, "export_tflite")
     report = ExportReport(str(path))
@@ -183,7 +194,7 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: str | Path, *, ca
 
     def make(name: str, layer: QuantMixin) -> QdqLayer:
         weight = checked_weight(layer, name, "TFLite", unsupported, report)
-        grid = static_input_grid(layer, name) if activation_mode(layer) == "static" else None
+        grid = static_input_grid(layer, name, "TFLite") if activation_mode(layer) == "static" else None
         note = _dynamic_note(layer, name) if mode == "dynamic" and weight is not None else None
         if note:
             report.warnings.append(note)

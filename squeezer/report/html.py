@@ -1,9 +1,13 @@
-"""One self-contained HTML report: tables, and plots embedded as base64 PNG (matplotlib, Agg canvas).
+"""One self-contained HTML page from report data: data in, HTML out. Tables, and plots embedded as
+base64 PNG (matplotlib, Agg canvas, imported only when a plot is drawn).
 
-The page needs no network: no external CSS, fonts, scripts or images. Its input is a plain dict;
-every section is optional and rendered only when its key is present:
+The page needs no network: no external CSS, fonts, scripts or images. Its input is a plain dict
+(:mod:`squeezer.report.data` builds it); every section is optional and rendered only when its key
+is present:
 
 * ``"title"``: the page title (default ``"squeezer report"``);
+* ``"about"``: ``{field: value}`` (model, preset, date, versions) -> a table under the title;
+* ``"headline"``: one sentence (the whole model's bytes before -> after) -> a paragraph;
 * ``"summary"``: ``{"before": {...}, "after": {...}}`` (size in bytes, latency in ms, metrics;
   nested dicts are flattened to dotted names) -> one row per quantity with ``after / before``;
 * ``"layers"``: a list of per-layer dicts -> a table with every column present in any row;
@@ -26,20 +30,19 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from collections.abc import Callable, Iterable
 from io import BytesIO
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from ..errors import DataError
+from ..io.atomic import atomic_write_text
+from .json import dumps
 
-from .errors import DataError
-from .io.atomic import atomic_write_text
-from .report import QuantReport, _finite
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -76,36 +79,6 @@ def write_html(data: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def quant_report_data(report: QuantReport) -> dict[str, Any]:
-    """The ``title``, ``summary``, ``layers`` and ``config`` parts of :func:`render_html` for a report.
-
-    Bits per weight before = ``8 * float weight bytes / #quantized weights``; the SQNRs exist only after.
-    """
-    d = report.to_dict()
-    s = d["summary"]
-    params = sum(layer.params for layer in report.layers)
-    before = {"model bytes": s["model_bytes_before"], "quantized weight bytes": s["weight_bytes_before"],
-              "bits per weight": 8 * s["weight_bytes_before"] / max(params, 1)}
-    after = {"model bytes": s["model_bytes_after"], "quantized weight bytes": s["weight_bytes_after"],
-             "bits per weight": s["bits_per_weight"], "weight SQNR dB": s["weight_sqnr_db"]}
-    if s["model_output_error"] is not None:
-        after["model output SQNR dB"] = s["model_output_error"]["sqnr_db"]
-    layers = [_layer_row(row) for row in d["layers"]]
-    layers += [{"name": r["name"], "kind": r["kind"], "format": "float", "params": r["params"], "skipped": r["reason"]}
-               for r in d["skipped"]]
-    return {"title": f"squeezer: {report.config.get('name', 'custom')}", "summary": {"before": before, "after": after},
-            "layers": layers, "config": d["config"]}
-
-
-def _layer_row(row: dict[str, Any]) -> dict[str, Any]:
-    out = {key: row[key] for key in ("name", "kind", "format", "activation", "params", "bytes_before", "bytes_after")}
-    out["weight_sqnr_db"] = row["weight_error"]["sqnr_db"]
-    out["weight_cosine"] = row["weight_error"]["cosine"]
-    if row["output_error"] is not None:
-        out["output_sqnr_db"] = row["output_error"]["sqnr_db"]
-    return out
-
-
 # -- formatting ------------------------------------------------------------------------------
 
 def _esc(value: Any) -> str:
@@ -130,7 +103,7 @@ def _fmt(value: Any) -> str:
             return str(v)
         return f"{v:,.0f}" if 1e4 <= abs(v) < 1e15 else f"{v:.4g}"
     if isinstance(value, (dict, list, tuple)):
-        return json.dumps(_finite(value), default=str)
+        return dumps(value, indent=None, default=str)
     return str(value)
 
 
@@ -143,10 +116,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _table(headers: list[str], rows: Iterable[list[Any]]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+def _table(headers: list[str] | None, rows: Iterable[list[Any]]) -> str:
+    """A table; ``headers=None``: no header row."""
+    head = "" if headers is None else "<thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in headers) + "</tr></thead>\n"
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>\n" for row in rows)
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n"
+    return f"<table>\n{head}<tbody>\n{body}</tbody>\n</table>\n"
 
 
 def _cell(value: Any) -> str:
@@ -172,6 +146,9 @@ def _require(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
 # -- plots -----------------------------------------------------------------------------------
 
 def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -204,6 +181,16 @@ def _series(ax: Any, x: list[float], lines: dict[str, list[Any]], colors: dict[s
 
 
 # -- sections --------------------------------------------------------------------------------
+
+def _about(fields: dict[str, Any]) -> str:
+    """A two-column table under the title: model, preset, date, versions."""
+    _require(fields, dict, "'about'")
+    return _table(None, ([key, value] for key, value in fields.items()))
+
+
+def _headline(text: str) -> str:
+    return f"<p><b>{_esc(text)}</b></p>\n"
+
 
 def _summary(summary: dict[str, Any]) -> str:
     """One row per quantity: before, after, ``after / before``."""
@@ -390,13 +377,13 @@ def _shift_table(shift: dict[str, Any] | None, clean: dict[str, Any]) -> str:
 
 def _json_details(title: str) -> Callable[[Any], str]:
     def render(value: Any) -> str:
-        text = json.dumps(_finite(value), indent=2, default=str)
+        text = dumps(value, default=str)
         return _section(title, f"<details>\n<summary>{_esc(title)} (JSON)</summary>\n<pre>{_esc(text)}</pre>\n"
                                "</details>\n")
     return render
 
 
 SECTIONS: tuple[tuple[str, Callable[[Any], str]], ...] = (
-    ("summary", _summary), ("layers", _layers), ("sensitivity", _sensitivity), ("pareto", _pareto),
+    ("about", _about), ("headline", _headline), ("summary", _summary), ("layers", _layers), ("sensitivity", _sensitivity), ("pareto", _pareto),
     ("robustness", _robustness), ("config", _json_details("Configuration")), ("extra", _json_details("Extra")),
 )

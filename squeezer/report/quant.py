@@ -1,22 +1,28 @@
-"""`QuantReport`: what quantization did to each layer, as a table and as JSON.
+"""`QuantReport`: what quantization did to each layer, as a table and as a dict.
 
 Per layer: format, bits, granularity, #params, bytes before (float) and after (packed:
 ``bits`` per weight + fp32 scales / zero points / codebooks), weight error (MSE, SQNR,
 cosine of ``W^`` vs ``W``) and, with calibration data, the layer's output error measured in
-isolation (float input, quantized layer vs float layer). Model totals count every parameter.
+isolation (float input, quantized layer vs float layer). Model totals count every parameter;
+a layer left in float is listed with its share ``params / model_params`` of the model.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.table import Table
 
-from .modules.swap import SkippedLayer
-from .quant.metrics import ErrorStats
+from ..modules.swap import SkippedLayer
+from ..quant.metrics import ErrorStats
+from .json import dumps
+
+
+def ratio_text(before: float, after: float) -> str:
+    """``"×3.76"``: how many times smaller ``after`` is than ``before``."""
+    return f"×{before / max(after, 1):.2f}"
 
 
 @dataclass
@@ -34,6 +40,11 @@ class LayerReport:
     weight_error: ErrorStats
     output_error: ErrorStats | None = None
 
+    @property
+    def bits_per_weight(self) -> float:
+        """Packed bits (codes + parameters) per weight: ``8 bytes_after / params``."""
+        return 8 * self.bytes_after / max(self.params, 1)
+
 
 @dataclass
 class QuantReport:
@@ -44,6 +55,8 @@ class QuantReport:
     model_bytes_after: int = 0
     model_output_error: ErrorStats | None = None
     calibration_batches: int = 0
+    model_class: str = ""
+    model_params: int = 0
 
     @property
     def weight_bytes_before(self) -> int:
@@ -59,6 +72,11 @@ class QuantReport:
         return self.weight_bytes_before / max(self.weight_bytes_after, 1)
 
     @property
+    def model_compression(self) -> float:
+        """Bytes of every parameter before / after (float layers and biases count on both sides)."""
+        return self.model_bytes_before / max(self.model_bytes_after, 1)
+
+    @property
     def bits_per_weight(self) -> float:
         """Packed bits (codes + parameters) per quantized weight."""
         params = sum(layer.params for layer in self.layers)
@@ -72,10 +90,16 @@ class QuantReport:
         noise = sum(l.weight_error.mse * l.params for l in self.layers)
         return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf
 
+    def param_share(self, params: int) -> float | None:
+        """``params / model_params`` (``None`` when the model's parameter count is unknown)."""
+        return params / self.model_params if self.model_params else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
             "summary": {
+                "model_class": self.model_class,
+                "model_params": self.model_params,
                 "quantized_layers": len(self.layers),
                 "skipped_layers": len(self.skipped),
                 "weight_bytes_before": self.weight_bytes_before,
@@ -85,38 +109,40 @@ class QuantReport:
                 "weight_sqnr_db": self.weight_sqnr_db,
                 "model_bytes_before": self.model_bytes_before,
                 "model_bytes_after": self.model_bytes_after,
+                "model_compression": self.model_compression,
                 "calibration_batches": self.calibration_batches,
                 "model_output_error": None if self.model_output_error is None else self.model_output_error.to_dict(),
             },
             "layers": [asdict(layer) for layer in self.layers],
-            "skipped": [asdict(s) for s in self.skipped],
+            "skipped": [{**asdict(s), "param_share": self.param_share(s.params)} for s in self.skipped],
         }
 
     def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(_finite(self.to_dict()), **{"indent": 2, **kwargs})
+        return dumps(self.to_dict(), **kwargs)
+
+    def headline(self) -> str:
+        """The whole model's bytes before -> after, then the quantized weights' share of it."""
+        return (f"model {self.model_bytes_before:,} -> {self.model_bytes_after:,} bytes "
+                f"({ratio_text(self.model_bytes_before, self.model_bytes_after)}); quantized weights "
+                f"{self.weight_bytes_before:,} -> {self.weight_bytes_after:,} bytes "
+                f"({ratio_text(self.weight_bytes_before, self.weight_bytes_after)}, "
+                f"{self.bits_per_weight:.2f} bits/weight)")
 
     def table(self) -> Table:
-        """A rich table, one row per quantized layer, then the skipped ones."""
-        t = Table(title=f"squeezer: {self.config.get('name', 'custom')}")
-        for col in ("layer", "format", "params", "bytes before", "bytes after", "weight SQNR dB", "output SQNR dB"):
+        """A rich table, one row per quantized layer, then the layers left in float with their share."""
+        model = f"{self.model_class}, " if self.model_class else ""
+        t = Table(title=f"squeezer: {model}preset {self.config.get('name', 'custom')}")
+        for col in ("layer", "format", "params", "bytes before", "bytes after", "smaller", "bits/weight",
+                    "weight SQNR dB", "output SQNR dB"):
             t.add_column(col, justify="left" if col in ("layer", "format") else "right")
         for l in self.layers:
             out = "-" if l.output_error is None else f"{l.output_error.sqnr_db:.1f}"
             t.add_row(l.name, l.format, f"{l.params:,}", f"{l.bytes_before:,}", f"{l.bytes_after:,}",
+                      ratio_text(l.bytes_before, l.bytes_after), f"{l.bits_per_weight:.2f}",
                       f"{l.weight_error.sqnr_db:.1f}", out)
         for s in self.skipped:
-            t.add_row(s.name, f"float ({s.reason})", f"{s.params:,}", "", "", "", "")
-        t.caption = (f"quantized weights {self.weight_bytes_before:,} -> {self.weight_bytes_after:,} bytes "
-                     f"(x{self.weight_compression:.2f}, {self.bits_per_weight:.2f} bits/weight)")
+            share = self.param_share(s.params)
+            t.add_row(s.name, f"float ({s.reason})", f"{s.params:,}" + ("" if share is None else f" ({share:.1%})"),
+                      "", "", "", "", "", "")
+        t.caption = self.headline()
         return t
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no inf / nan: write them as strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value

@@ -1,10 +1,4 @@
-"""``squeezer.export`` (:mod:`squeezer.io.export`): write a model (quantized by squeezer, pruned or plain fp32) for a runtime.
-
-Formats (``format=`` or the file suffix): ``onnx`` (``.onnx``, :mod:`squeezer.io.onnx_export`),
-``tflite`` (``.tflite``, :mod:`squeezer.io.export_tflite`, extra ``squeezer[tflite]``) and
-``executorch`` (``.pte``, :mod:`squeezer.io.export_executorch`, extra ``squeezer[executorch]``).
-
-The two ``torch.export``-based formats share the *QDQ form* built here: each quantized layer
+"""The *QDQ form* shared by the ``torch.export``-based formats (TFLite, ExecuTorch): each quantized layer
 becomes a :class:`QdqLayer` calling PyTorch's ``quantized_decomposed`` ops (the PT2E
 representation that litert-torch and ExecuTorch lower to int8 kernels) with squeezer's numbers:
 
@@ -29,88 +23,30 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
-import inspect
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..modules import QuantConv1d, QuantConv2d, QuantEmbedding, quant_layers
 from ..modules.base import QuantMixin
 from ..modules.swap import ensure_deployable
+from ..quant.formats import INT8_WEIGHTS, STATIC_INT8, activation_format, unsupported_format, weight_format
 from ..quant.levels import lookup
 from ..quant.rotation import rotate_butterfly
-from ..quant.spec import PerChannel, PerTensor
-from .onnx_export import ExportReport, export_onnx
+from ..quant.spec import PerChannel
+from .base import ExportReport
 
-FORMATS = {".onnx": "onnx", ".tflite": "tflite", ".pte": "executorch"}
 Unsupported = Literal["error", "float"]
-
-
-def export(model: nn.Module, example_inputs: Any, path: str | Path, format: str | None = None,
-           **options: Any) -> ExportReport:
-    """Write ``model`` to ``path`` as ``format`` (default: from the suffix ``.onnx`` / ``.tflite`` /
-    ``.pte``); returns what each layer became and the warnings. ``options`` go to the format's
-    exporter (e.g. ``unsupported="float"``, ``calib=batches`` for TFLite, ``max_batch`` for
-    ExecuTorch, ``opset`` for ONNX)."""
-    path = Path(path)
-    fmt = format if format is not None else FORMATS.get(path.suffix)
-    if fmt not in FORMATS.values():
-        raise ConfigError(f"unknown export format {fmt if format is not None else path.suffix!r} for {path}; "
-                          f"valid: {', '.join(FORMATS.values())} (or a path ending in {', '.join(FORMATS)})")
-    if fmt == "onnx":
-        exporter: Callable[..., ExportReport] = functools.partial(export_onnx, require_quantized=False)
-    elif fmt == "tflite":
-        from .export_tflite import export_tflite as exporter
-    else:
-        from .export_executorch import export_executorch as exporter
-    accepted = set(inspect.signature(exporter).parameters) - set(getattr(exporter, "keywords", {}))
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ConfigError(f"option(s) {unknown} are not understood by the {fmt} export; "
-                          f"it takes: {sorted(k for k in accepted if k not in ('model', 'example_inputs', 'path'))}")
-    return exporter(model, example_inputs, path, **options)
-
-
-def require_extra(module: str, extra: str) -> ModuleType:
-    """Import an optional dependency, or :class:`ConfigError` naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ConfigError(f"the {extra} format needs the optional package {module.split('.')[0]!r} "
-                          f"({exc}); install it with: pip install 'squeezer[{extra}]'") from None
 
 
 def deployable_layers(model: nn.Module, action: str) -> dict[str, QuantMixin]:
     """The quantized layers of ``model`` (none for a float or pruned model); QAT-prepared models are refused."""
     return ensure_deployable(model, action) if quant_layers(model) else {}
-
-
-def check_output_dir(path: Path, what: str) -> None:
-    if not path.parent.is_dir():
-        raise DataError(f"{what} output directory {path.parent} does not exist")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling, then rename it onto ``path``: never half-written."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def example_call(example_inputs: Any) -> tuple[tuple, dict[str, Tensor]]:
@@ -122,7 +58,6 @@ def example_call(example_inputs: Any) -> tuple[tuple, dict[str, Tensor]]:
     return (example_inputs,), {}
 
 
-# ----------------------------------------------------------------------------- QDQ form
 @functools.cache
 def qd() -> Any:
     """``torch.ops.quantized_decomposed`` (registered by importing its module)."""
@@ -140,41 +75,32 @@ class Int8Weight:
 
 
 def int8_weight(layer: QuantMixin) -> Int8Weight | None:
-    """Squeezer's weight codes as int8 with zero point 0, or None when the format has no such form."""
+    """Squeezer's weight codes as int8 with zero point 0 (``levels[code]`` for an integer codebook), or None
+    when the weight's format, classified with its k-means levels, is not in :data:`INT8_WEIGHTS`."""
     qt = layer.weight_qtensor()
-    spec, g = qt.spec, qt.spec.granularity
-    per_channel = isinstance(g, PerChannel) and g.axis == 0
-    if not (per_channel or isinstance(g, PerTensor)):
+    levels = qt.qparams.levels
+    if weight_format(qt.spec, levels) not in INT8_WEIGHTS:
         return None
-    if spec.mapping == "uniform":
-        if not (spec.symmetric and spec.signed and spec.bits <= 8):
-            return None
-        codes = qt.codes
-    else:
-        levels = qt.qparams.levels
-        if levels.dim() > 1 and levels.shape[0] != 1:
-            return None
-        levels = levels.reshape(-1)
-        if not torch.equal(levels, levels.round()) or levels.abs().max() > 127:
-            return None
-        codes = lookup(qt.codes.long(), levels)
-    scale = qt.qparams.scale.float().reshape(-1) if per_channel else qt.qparams.scale.float().reshape(())
-    return Int8Weight(codes.to(torch.int8), scale.contiguous(), f"int8 codes of {spec.describe()}")
+    codes = qt.codes if levels is None else lookup(qt.codes.long(), levels.reshape(-1))
+    scale = qt.qparams.scale.float().reshape((-1,) if isinstance(qt.spec.granularity, PerChannel) else ())
+    return Int8Weight(codes.to(torch.int8), scale.contiguous(), f"int8 codes of {qt.spec.describe()}")
 
 
 def activation_mode(layer: QuantMixin) -> str:
     """``none`` / ``dynamic`` / ``static``: how the layer's input is quantized; an embedding's input is token
-    ids, never quantized, whatever its config says."""
-    return "none" if isinstance(layer, QuantEmbedding) else layer.config.activation_mode
+    ids, never quantized, whatever its scheme says."""
+    return "none" if isinstance(layer, QuantEmbedding) else layer.scheme.activation_mode
 
 
-def static_input_grid(layer: QuantMixin, name: str) -> tuple[float, int]:
-    """Squeezer's static input ``(scale, zero point)`` on the int8 code range."""
+def static_input_grid(layer: QuantMixin, name: str, backend: str) -> tuple[float, int]:
+    """Squeezer's static input ``(scale, zero point)`` on the int8 code range; ``backend`` names the format
+    that refuses activations outside :data:`STATIC_INT8`."""
     spec, qp = layer.act_spec, layer.act_qparams
     if qp is None:
         raise ConfigError(f"layer {name!r}: static activations are not calibrated")
-    if spec.bits != 8 or qp.scale.numel() != 1:
-        raise ConfigError(f"layer {name!r}: static activations {spec.describe()} have no int8 per-tensor form")
+    fmt = activation_format("static", spec)
+    if fmt not in STATIC_INT8:
+        raise unsupported_format(backend, name, fmt, STATIC_INT8, spec.describe())
     zero = 0 if qp.zero_point is None else int(qp.zero_point.reshape(-1)[0])
     return float(qp.scale.reshape(-1)[0]), zero - (0 if spec.signed else 128)
 
@@ -264,19 +190,21 @@ class QdqLayer(nn.Module):
         return y if self.output_grid is None else fake_quant(y, self.output_grid)
 
 
-def checked_weight(layer: QuantMixin, name: str, fmt: str, unsupported: Unsupported,
+def checked_weight(layer: QuantMixin, name: str, backend: str, unsupported: Unsupported,
                    report: ExportReport) -> Int8Weight | None:
-    """:func:`int8_weight`, or per ``unsupported`` a :class:`ConfigError` / a float32 fallback with a warning."""
+    """:func:`int8_weight`, or per ``unsupported`` the ``backend``'s refusal (:func:`unsupported_format`) /
+    a float32 fallback with a warning."""
     if unsupported not in ("error", "float"):
         raise ConfigError(f"unsupported must be 'error' or 'float', got {unsupported!r}")
     weight = int8_weight(layer)
     if weight is None:
-        what = layer.weight_qtensor().spec.describe()
+        qt = layer.weight_qtensor()
+        fmt, what = weight_format(qt.spec, qt.qparams.levels), qt.spec.describe()
         if unsupported == "error":
-            raise ConfigError(f"layer {name!r}: {what} weights have no {fmt} int8 form (int8 symmetric per "
-                              "channel / per tensor, integer codebooks); quantize it with an int8 preset, or pass "
-                              "unsupported='float' to store its dequantized weights in float32")
-        report.warnings.append(f"layer {name!r}: {what} weights have no {fmt} int8 form; stored as float32 "
+            raise unsupported_format(backend, name, fmt, INT8_WEIGHTS, what,
+                                     hint="quantize it with an int8 preset, or pass unsupported='float' to store its "
+                                          "dequantized weights in float32")
+        report.warnings.append(f"layer {name!r}: format {fmt} ({what}) has no {backend} int8 form; stored as float32 "
                                "(the same outputs, no integer kernel)")
     return weight
 

@@ -4,7 +4,8 @@ Each quantized layer is exported by a symbolic function that writes its own node
 
 * uniform weights of <= 8 bits per channel / tensor: ``DequantizeLinear(int8|uint8 codes, S, Z)`` in
   front of ``MatMul`` (codes stored ``W^T (K, N)``, ``axis=1``) / ``Conv`` (``axis=0``) (QDQ; ONNX Runtime
-  fuses it into integer kernels);
+  fuses it into integer kernels); in front of uint8 static activations, signed codes are stored as
+  uint8 ``q + 128`` with zero point ``Z + 128`` (see the last point);
 * uniform 4- or 8-bit weight-only layers (per group of a power of two >= 16, or per channel with the
   scale repeated over blocks of 128): ``com.microsoft.MatMulNBits`` (``accuracy_level=4``: ONNX Runtime
   quantizes activations per block internally, its fastest CPU path); see :func:`nbits_tensors`;
@@ -16,8 +17,8 @@ Each quantized layer is exported by a symbolic function that writes its own node
 * static activations: ``QuantizeLinear`` / ``DequantizeLinear`` on the input;
 * dynamic per-token int8 activations with int8 weights: ``s = max|x| / 127`` per row,
   ``x_q = clip(round(x / s)) + 128`` as uint8 with zero point 128 (one ``QuantizeLinear`` per row),
-  ``MatMulInteger(x_q, W_q^T) * s * S_w``: integer GEMM with the exact per-token semantics (ONNX has
-  no per-token ``DynamicQuantizeLinear``);
+  ``MatMulInteger(x_q, W_q^T + 128) * s * S_w`` (both zero points 128): integer GEMM with the exact
+  per-token semantics (ONNX has no per-token ``DynamicQuantizeLinear``);
   for a convolution one scale per sample and ``ConvInteger`` (weights as uint8 ``q + 128``, zero point 128);
 * dynamic per-token asymmetric 8-bit activations with int8 weights (``w8a8-asym``): squeezer's min-max
   ``(s, z)`` per row, one per-axis ``QuantizeLinear`` to uint8, ``MatMulInteger`` and an exact int32
@@ -25,9 +26,13 @@ Each quantized layer is exported by a symbolic function that writes its own node
 * dynamic per-tensor uint8 activations with int8 weights (``w8a8-tensor``): ``DynamicQuantizeLinear``
   (exactly squeezer's asymmetric min-max formula) + ``MatMulInteger``, which ONNX Runtime fuses
   into ``DynamicQuantizeMatMul``; convolutions take the float fake-quantization form (warned).
+* integer operands are u8 x u8 or s8 x s8, never u8 x s8: ONNX Runtime's x86 u8 x s8 kernels on CPUs
+  without VNNI (AVX2, AVX-512 without VNNI) add pairs of products in saturating int16 (``vpmaddubsw``),
+  which puts outputs 10-30 % off (since release 1.23 this includes static QDQ, fused into ``QGemm``;
+  ``MatMulInteger`` always did); u8 x u8 is exact on every CPU and about as fast.
 Anything else is written as its reconstructed float weight and listed in the export report
 as a warning naming the layer (never silently). The file is then compacted
-(:mod:`squeezer.io.onnx_compact`).
+(:mod:`squeezer.export.onnx.compact`).
 """
 
 from __future__ import annotations
@@ -45,27 +50,50 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from ..calibration import call_model, output_tensors
-from ..errors import ConfigError, DataError
-from ..modules import QuantEmbedding, QuantLinear, quant_layers
-from ..modules.swap import ensure_deployable
-from ..modules.base import QuantMixin
-from ..quant.core import QTensor
-from ..quant.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
-from .onnx_compact import compact_onnx
+from ...calibration import call_model, output_tensors
+from ...errors import ConfigError, DataError
+from ...modules import QuantEmbedding, QuantLinear, quant_layers
+from ...modules.swap import ensure_deployable
+from ...modules.base import QuantMixin
+from ...quant.core import QTensor
+from ...quant.formats import (
+    AXIS0,
+    INT8_WEIGHTS,
+    STATIC_INT8,
+    Format,
+    activation_format,
+    classify,
+    uniform_formats,
+    unsupported_format,
+)
+from ...quant.spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from ..base import ExportReport
+from ..options import build_options
+from .compact import compact_onnx
 
-_LAYERS: dict[int, tuple[QuantMixin, "ExportReport", str]] = {}
+NBITS_WEIGHTS = uniform_formats((4, 8), ("channel", "group"))
+"""``MatMulNBits`` (weight-only Linear; a group size must be a power of two >= 16)."""
+QDQ_WEIGHTS = uniform_formats(range(1, 9), AXIS0)
+GROUP_WEIGHTS = uniform_formats(range(1, 9), ("group",))
+ROW_WEIGHTS = uniform_formats(range(1, 9), ("channel",))
+"""Embedding tables whose rows are gathered as 8-bit codes and dequantized per row."""
+CODEBOOK_WEIGHTS = frozenset(f"{c}-{g}" for c in ("codebook", "codebook-int8") for g in AXIS0)
+INT_GEMM_WEIGHTS = INT8_WEIGHTS & QDQ_WEIGHTS
+"""Symmetric signed codes of <= 8 bits: the int8 operand of ``MatMulInteger`` / ``ConvInteger``."""
+ASYM_TOKEN = frozenset({"dynamic-token-uint8", "dynamic-token-int8-asym"})
 KIND_LABEL = {"qdq": "DequantizeLinear", "codebook": "uint8 codes -> Gather(levels) * scale",
               "group": "uint8 codes -> (q - Z) * S per group", "float": "float weight"}
 
 
 @dataclass
-class ExportReport:
-    """What each layer became in the ONNX graph, and the layers stored in float."""
+class OnnxOptions:
+    """Options of the ONNX export."""
 
-    path: str
-    layers: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    opset: int = field(default=17, metadata={"help": "ONNX opset version"})
+    dynamic_axes: dict[str, dict[int, str]] | None = field(
+        default=None, metadata={"help": "dynamic axes per input / output name (default: batch, and the sequence of token ids)"})
+    compact: bool = field(default=True, metadata={"help": "constants as initializers, short tensor names (False: "
+                                                          "PyTorch's module-path names, for debugging)"})
 
 
 def _const(g: Any, t: Tensor) -> Any:
@@ -80,15 +108,34 @@ def _unsqueeze_last(g: Any, v: Any) -> Any:
     return g.op("Unsqueeze", v, _const(g, torch.tensor([-1], dtype=torch.int64)))
 
 
-def _dq_weight(g: Any, qt: QTensor, transposed: bool = False) -> Any:
+def _uint8_zero(g: Any) -> Any:
+    return _const(g, torch.tensor(128, dtype=torch.uint8))
+
+
+def _uint8_codes(codes: Tensor) -> Tensor:
+    """Signed codes ``q`` as uint8 ``q + 128``: with zero point ``Z + 128``, the same values."""
+    return (codes.to(torch.int16) + 128).to(torch.uint8)
+
+
+def _unsigned_weights(layer: QuantMixin) -> bool:
+    """Whether the layer's ``DequantizeLinear`` weight is written as uint8 (``q + 128``): in front of uint8
+    static activations, so that ONNX Runtime's fused kernel is u8 x u8, not a saturating u8 x s8."""
+    return layer.scheme.activation_mode == "static" and not layer.act_spec.signed
+
+
+def _dq_weight(g: Any, qt: QTensor, transposed: bool = False, unsigned: bool = False) -> Any:
     """``DequantizeLinear`` of uniform codes, per tensor (scalar params) or per output channel.
     ``transposed``: a Linear weight stored as ``W^T (K, N)`` with ``axis=1``, ONNX Runtime's QDQ
-    MatMul layout, so that ``DequantizeLinear -> MatMul`` fuses into an integer kernel."""
+    MatMul layout, so that ``DequantizeLinear -> MatMul`` fuses into an integer kernel.
+    ``unsigned``: signed codes stored as uint8 ``(q + 128, Z + 128)`` (:func:`_uint8_codes`)."""
     spec = qt.spec
-    dtype = torch.int8 if spec.signed else torch.uint8
     scale = qt.qparams.scale.float().reshape(-1)
-    zero = torch.zeros_like(scale, dtype=dtype) if qt.qparams.zero_point is None else qt.qparams.zero_point.reshape(-1).to(dtype)
-    codes = qt.codes.to(dtype).t() if transposed else qt.codes.to(dtype)
+    zero = torch.zeros_like(scale, dtype=torch.int8) if qt.qparams.zero_point is None else qt.qparams.zero_point.reshape(-1)
+    codes = qt.codes.t() if transposed else qt.codes
+    if spec.signed and unsigned:
+        codes, zero = _uint8_codes(codes), _uint8_codes(zero)
+    dtype = torch.int8 if spec.signed and not unsigned else torch.uint8
+    codes, zero = codes.to(dtype), zero.to(dtype)
     if isinstance(spec.granularity, PerTensor):
         return g.op("DequantizeLinear", _const(g, codes), _const(g, scale[0]), _const(g, zero[0]))
     return g.op("DequantizeLinear", _const(g, codes), _const(g, scale), _const(g, zero), axis_i=1 if transposed else 0)
@@ -120,27 +167,27 @@ def _group_weight(g: Any, qt: QTensor) -> Any:
     return g.op("Reshape", w, _const(g, torch.tensor(list(qt.codes.shape), dtype=torch.int64)))
 
 
+def _format(layer: QuantMixin) -> Format:
+    """The layer's classified format (k-means levels read from its weight parameters)."""
+    levels = layer.weight_qtensor().qparams.levels if layer.weight_spec.mapping == "kmeans" else None
+    return classify(layer.scheme, levels)
+
+
 def _weight_kind(layer: QuantMixin) -> str:
-    spec = layer.weight_spec
-    g = spec.granularity
-    axis0 = isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0)
-    pow2_group = isinstance(g, PerGroup) and g.size >= 16 and g.size & (g.size - 1) == 0
-    if (spec.mapping == "uniform" and spec.bits in (4, 8) and (pow2_group or (axis0 and not isinstance(g, PerTensor)))
-            and isinstance(layer, QuantLinear) and layer.config.activation_mode == "none"):
+    fmt, g = _format(layer), layer.weight_spec.granularity
+    pow2_group = not isinstance(g, PerGroup) or (g.size >= 16 and g.size & (g.size - 1) == 0)
+    if fmt.weight in NBITS_WEIGHTS and pow2_group and fmt.activation == "none" and isinstance(layer, QuantLinear):
         return "nbits"
-    if spec.mapping == "uniform" and spec.bits <= 8 and axis0:
+    if fmt.weight in QDQ_WEIGHTS:
         return "qdq"
-    if spec.mapping == "uniform" and spec.bits <= 8 and isinstance(g, PerGroup):
+    if fmt.weight in GROUP_WEIGHTS:
         return "group"
-    levels = layer.weight_qtensor().qparams.levels
-    if spec.is_codebook and axis0 and (levels.dim() == 1 or levels.shape[0] == 1):
-        return "codebook"
-    return "float"
+    return "codebook" if fmt.weight in CODEBOOK_WEIGHTS else "float"
 
 
 def _weight_node(g: Any, layer: QuantMixin, qt: QTensor, kind: str) -> Any:
     if kind == "qdq":
-        return _dq_weight(g, qt)
+        return _dq_weight(g, qt, unsigned=_unsigned_weights(layer))
     if kind == "codebook":
         return _codebook_weight(g, qt)
     if kind == "group":
@@ -175,39 +222,19 @@ def _per_row_scale(g: Any, x: Any, qmax: int, axes: list[int] | None, keepdims: 
 def _quantize_uint8_per_row(g: Any, x: Any, axes: list[int]) -> tuple[Any, Any]:
     """Symmetric int8 codes ``clip(round(x / s), -127, 127)`` per slice of axis 0, ``s = max|x| / 127``
     over ``axes``, stored as uint8 ``+ 128`` (zero point 128) by one per-axis ``QuantizeLinear`` (round
-    half to even, as squeezer; ``|x / s| <= 127``, so it never saturates): the u8 x s8 form ONNX
-    Runtime's integer kernels are fastest on. Returns ``(codes, s)`` with ``s`` of shape ``(x.shape[0],)``."""
+    half to even, as squeezer; ``|x / s| <= 127``, so it never saturates), the u8 operand of a u8 x u8
+    integer kernel. Returns ``(codes, s)`` with ``s`` of shape ``(x.shape[0],)``."""
     s = _per_row_scale(g, x, 127, axes, keepdims=False)
-    zero = g.op("Expand", _const(g, torch.tensor(128, dtype=torch.uint8)), g.op("Shape", s))
+    zero = g.op("Expand", _uint8_zero(g), g.op("Shape", s))
     return g.op("QuantizeLinear", x, s, zero, axis_i=0), s
 
 
-def _dynamic_with_int8_weights(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
-    """Dynamic 8-bit activations in front of symmetric int8 (or narrower) QDQ weights."""
-    return (layer.config.activation_mode == "dynamic" and kind == "qdq" and layer.act_spec.bits == 8
-            and qt.spec.symmetric and qt.spec.signed and qt.spec.bits <= 8)
-
-
-def _int8_dynamic(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
-    """Dynamic per-token symmetric int8 activations with symmetric int8 weights: an integer GEMM / convolution."""
-    act = layer.act_spec
-    return (_dynamic_with_int8_weights(layer, qt, kind) and isinstance(layer.config.activation.granularity, PerToken)
-            and act.symmetric and act.signed)
-
-
-def _asym_int8_dynamic_per_token(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
-    """Dynamic per-token asymmetric 8-bit activations with symmetric int8 weights (``w8a8-asym``)."""
-    act = layer.act_spec
-    return (_dynamic_with_int8_weights(layer, qt, kind) and isinstance(act.granularity, PerToken)
-            and not act.symmetric)
-
-
-def _uint8_dynamic_per_tensor(layer: QuantMixin, qt: QTensor, kind: str) -> bool:
-    """Dynamic per-tensor asymmetric uint8 activations with symmetric int8 weights: ONNX's own
-    ``DynamicQuantizeLinear`` computes exactly squeezer's parameters for them."""
-    act = layer.act_spec
-    return (_dynamic_with_int8_weights(layer, qt, kind) and isinstance(act.granularity, PerTensor)
-            and not act.symmetric and not act.signed)
+def _gemm_activation(layer: QuantMixin) -> str | None:
+    """The activation format of a layer whose weights are an int8 GEMM operand (:data:`INT_GEMM_WEIGHTS`),
+    else None. Integer forms: ``dynamic-token-int8`` (GEMM / convolution), ``dynamic-tensor-uint8`` (ONNX's own
+    ``DynamicQuantizeLinear`` computes exactly squeezer's parameters), :data:`ASYM_TOKEN` (``w8a8-asym``)."""
+    fmt = _format(layer)
+    return fmt.activation if fmt.weight in INT_GEMM_WEIGHTS else None
 
 
 def _channel_scale(qt: QTensor, dims: int) -> Tensor:
@@ -250,12 +277,18 @@ def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin, axes: list[int]) -
     return g.op("Mul", q, s)
 
 
+def _uint8_gemm_weight(g: Any, qt: QTensor) -> tuple[Any, Any]:
+    """Signed weight codes as the B operand of a u8 x u8 ``MatMulInteger``: ``(q_W^T + 128 (K, N), 128)``."""
+    return _const(g, _uint8_codes(qt.codes.t())), _uint8_zero(g)
+
+
 def _per_token_int8_matmul(g: Any, x: Any, qt: QTensor, bias: Any) -> Any:
     """``y = s * ((q_x - 128) @ q_W^T) * S_w + b`` for ``x (..., K)``: ``q_x`` per row of the ``(M, K)``
-    view (:func:`_quantize_uint8_per_row`), then ``MatMulInteger`` (u8 x s8) and the two scales."""
+    view (:func:`_quantize_uint8_per_row`), then ``MatMulInteger`` (u8 x u8) and the two scales."""
     k = qt.codes.shape[1]
     xq, s = _quantize_uint8_per_row(g, g.op("Reshape", x, _const(g, torch.tensor([-1, k], dtype=torch.int64))), [1])
-    acc = g.op("MatMulInteger", xq, _const(g, qt.codes.to(torch.int8).t()), _const(g, torch.tensor(128, dtype=torch.uint8)))
+    w, w_zero = _uint8_gemm_weight(g, qt)
+    acc = g.op("MatMulInteger", xq, w, _uint8_zero(g), w_zero)
     return _rescaled_rows(g, acc, s, qt, x, bias)
 
 
@@ -263,16 +296,16 @@ def _per_token_asym_int8_matmul(g: Any, x: Any, spec: QuantSpec, qt: QTensor, bi
     """``y = s ((q_x - z) @ q_W^T) S_w + b`` for ``x (..., K)`` with squeezer's asymmetric ``(s, z)`` per row
     of the ``(M, K)`` view (:func:`_minmax_params`). ``q_x = clip(round(x / s) + z)`` is stored as uint8
     (``+ 128`` for signed codes) by one per-axis ``QuantizeLinear`` with zero points ``z_u = z + 128``
-    (round half to even and saturation to [0, 255], as squeezer's clip); ``MatMulInteger`` (u8 x s8,
-    zero point 0) and the exact int32 correction ``- z_u colsum(q_W)`` remove the zero points."""
+    (round half to even and saturation to [0, 255], as squeezer's clip); ``MatMulInteger`` (u8 x u8,
+    zero points 0 and 128) and the exact int32 correction ``- z_u colsum(q_W)`` remove the zero points."""
     k = qt.codes.shape[1]
     rows = g.op("Reshape", x, _const(g, torch.tensor([-1, k], dtype=torch.int64)))
     s, zero = _minmax_params(g, rows, spec, [1], keepdims=False)
     zero_u8 = g.op("Cast", g.op("Add", zero, _scalar(g, 128.0 if spec.signed else 0.0)), to_i=2)  # uint8
-    codes = qt.codes.to(torch.int8)
-    acc = g.op("MatMulInteger", g.op("QuantizeLinear", rows, s, zero_u8, axis_i=0), _const(g, codes.t()))
+    w, w_zero = _uint8_gemm_weight(g, qt)
+    acc = g.op("MatMulInteger", g.op("QuantizeLinear", rows, s, zero_u8, axis_i=0), w, _scalar(g, 0, torch.uint8), w_zero)
     shift = g.op("Mul", _unsqueeze_last(g, g.op("Cast", zero_u8, to_i=6)),  # int32 (M, 1) x (N,)
-                 _const(g, codes.to(torch.int32).sum(dim=1)))
+                 _const(g, qt.codes.to(torch.int32).sum(dim=1)))
     acc = g.op("Sub", acc, shift)
     return _rescaled_rows(g, acc, s, qt, x, bias)
 
@@ -291,10 +324,11 @@ def _rescaled_rows(g: Any, acc: Any, s: Any, qt: QTensor, x: Any, bias: Any) -> 
 def _per_tensor_uint8_matmul(g: Any, x: Any, qt: QTensor, bias: Any) -> Any:
     """``y = s_x ((q_x - z_x) @ q_W^T) * S_w + b`` with ``(q_x, s_x, z_x) = DynamicQuantizeLinear(x)``
     (uint8, ``s_x = (max(x, 0) - min(x, 0)) / 255``, ``z_x = round(-min(x, 0) / s_x)``: squeezer's
-    formula), ``MatMulInteger`` (u8 x s8) and one ``Mul`` by ``s_x * S_w``: the pattern ONNX Runtime
+    formula), ``MatMulInteger`` (u8 x u8) and one ``Mul`` by ``s_x * S_w``: the pattern ONNX Runtime
     fuses into its ``DynamicQuantizeMatMul`` kernel."""
     xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
-    acc = g.op("MatMulInteger", xq, _const(g, qt.codes.to(torch.int8).t()), xz)
+    w, w_zero = _uint8_gemm_weight(g, qt)
+    acc = g.op("MatMulInteger", xq, w, xz, w_zero)
     y = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Mul", xs, _const(g, _channel_scale(qt, 2))))
     return y if bias is None else g.op("Add", y, bias)
 
@@ -309,14 +343,14 @@ def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, n
         x = g.op("Reshape", g.op("MatMul", blocks, _const(g, h)), g.op("Shape", x))
     if layer.input_scale is not None:
         x = g.op("Mul", x, _const(g, layer.input_scale.float()))
-    mode = layer.config.activation_mode
-    if _int8_dynamic(layer, qt, kind):
+    mode, gemm = layer.scheme.activation_mode, _gemm_activation(layer)
+    if gemm == "dynamic-token-int8":
         report.layers[name] = "MatMulInteger (int8 weights, dynamic per-token int8 activations)"
         return _per_token_int8_matmul(g, x, qt, bias)
-    if _uint8_dynamic_per_tensor(layer, qt, kind):
+    if gemm == "dynamic-tensor-uint8":
         report.layers[name] = "MatMulInteger (int8 weights, dynamic per-tensor uint8 activations: DynamicQuantizeLinear)"
         return _per_tensor_uint8_matmul(g, x, qt, bias)
-    if _asym_int8_dynamic_per_token(layer, qt, kind):
+    if gemm in ASYM_TOKEN:
         report.layers[name] = "MatMulInteger (int8 weights, dynamic per-token asymmetric 8-bit activations)"
         return _per_token_asym_int8_matmul(g, x, layer.act_spec, qt, bias)
     if mode == "static":
@@ -328,7 +362,7 @@ def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, n
         y = _matmul_nbits(g, x, qt)
         report.layers[name] = f"MatMulNBits ({qt.spec.bits} bits, block {nbits_block(qt)})"
     else:
-        w = _dq_weight(g, qt, transposed=True) if kind == "qdq" else g.op("Transpose", _weight_node(g, layer, qt, kind), perm_i=[1, 0])
+        w = _dq_weight(g, qt, transposed=True, unsigned=_unsigned_weights(layer)) if kind == "qdq" else g.op("Transpose", _weight_node(g, layer, qt, kind), perm_i=[1, 0])
         y = g.op("MatMul", x, w)
         report.layers[name] = KIND_LABEL[kind] + " + MatMul" + (" (static QDQ activations)" if mode == "static" else "")
         if kind == "float":
@@ -390,19 +424,18 @@ def _conv_symbolic(g: Any, x: Any, layer: QuantMixin, report: ExportReport, name
     bias = None if layer.bias is None else layer.bias.detach().float()
     if layer.input_scale is not None:
         x = g.op("Mul", x, _const(g, layer.input_scale.float().reshape([1, -1] + [1] * (dims - 2))))
-    if _int8_dynamic(layer, qt, kind):
+    if _gemm_activation(layer) == "dynamic-token-int8":
         # one scale per sample (squeezer's "token" of a convolution); weights as uint8 codes + 128
         xq, s = _quantize_uint8_per_row(g, x, list(range(1, dims)))
-        w_u8 = (qt.codes.to(torch.int16) + 128).to(torch.uint8)
-        zero = _const(g, torch.tensor(128, dtype=torch.uint8))
-        acc = g.op("ConvInteger", xq, _const(g, w_u8), zero, zero, **attrs)
+        zero = _uint8_zero(g)
+        acc = g.op("ConvInteger", xq, _const(g, _uint8_codes(qt.codes)), zero, zero, **attrs)
         s = g.op("Reshape", s, _const(g, torch.tensor([-1] + [1] * (dims - 1), dtype=torch.int64)))
         y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), s), _const(g, _channel_scale(qt, dims)))
         report.layers[name] = "ConvInteger (int8 weights, dynamic per-sample int8 activations)"
         return y if bias is None else g.op("Add", y, _const(g, bias.reshape([1, -1] + [1] * (dims - 2))))
-    if layer.config.activation_mode == "static":
+    if layer.scheme.activation_mode == "static":
         x = _quantize_input_static(g, x, layer)
-    elif layer.config.activation_mode == "dynamic":
+    elif layer.scheme.activation_mode == "dynamic":
         x = _fake_quantize_dynamic(g, x, layer, axes=list(range(1, dims)))
         report.warnings.append(f"layer {name!r}: dynamic activations exported as float fake-quantization")
     args = [x, _weight_node(g, layer, qt, kind)] + ([] if bias is None else [_const(g, bias)])
@@ -415,8 +448,7 @@ def _conv_symbolic(g: Any, x: Any, layer: QuantMixin, report: ExportReport, name
 def _embedding_symbolic(g: Any, idx: Any, layer: QuantEmbedding, report: ExportReport, name: str) -> Any:
     qt = layer.weight_qtensor()
     spec = qt.spec
-    per_row = isinstance(spec.granularity, PerChannel) and spec.granularity.axis == 0
-    if spec.mapping == "uniform" and per_row and spec.bits <= 8:
+    if _format(layer).weight in ROW_WEIGHTS:
         rows = g.op("Cast", g.op("Gather", _const(g, qt.codes.to(torch.int8 if spec.signed else torch.uint8)), idx), to_i=1)
         if qt.qparams.zero_point is not None:
             zero = g.op("Gather", _const(g, qt.qparams.zero_point.float().reshape(-1)), idx)
@@ -430,12 +462,21 @@ def _embedding_symbolic(g: Any, idx: Any, layer: QuantEmbedding, report: ExportR
     return g.op("Gather", _weight_node(g, layer, qt, kind), idx)
 
 
+@dataclass(frozen=True, eq=False)
+class _Traced:
+    """A quantized layer being exported: its module, its name and the report its symbolic writes to."""
+
+    layer: QuantMixin
+    name: str
+    report: ExportReport
+
+
 class _QuantLayerOp(torch.autograd.Function):
     """Runs the layer for tracing; ``symbolic`` writes its ONNX nodes."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, key: int) -> Tensor:  # type: ignore[override]
-        layer = _LAYERS[key][0]
+    def forward(ctx: Any, x: Tensor, traced: _Traced) -> Tensor:  # type: ignore[override]
+        layer = traced.layer
         tracing = torch._C._get_tracing_state()
         torch._C._set_tracing_state(None)  # the symbolic below stands for this computation
         try:
@@ -447,8 +488,8 @@ class _QuantLayerOp(torch.autograd.Function):
             torch._C._set_tracing_state(tracing)
 
     @staticmethod
-    def symbolic(g: Any, x: Any, key: int) -> Any:
-        layer, report, name = _LAYERS[key]
+    def symbolic(g: Any, x: Any, traced: _Traced) -> Any:
+        layer, report, name = traced.layer, traced.report, traced.name
         if isinstance(layer, QuantLinear):
             return _linear_symbolic(g, x, layer, report, name)
         if isinstance(layer, QuantEmbedding):
@@ -456,21 +497,27 @@ class _QuantLayerOp(torch.autograd.Function):
         return _conv_symbolic(g, x, layer, report, name)
 
 
+def _check_static(layer: QuantMixin, name: str) -> None:
+    """Static activations are written as one 8-bit ``QuantizeLinear`` grid per tensor (:data:`STATIC_INT8`)."""
+    if layer.act_qparams is None:
+        raise ConfigError(f"layer {name!r}: static activations are not calibrated")
+    fmt = activation_format("static", layer.act_spec)
+    if fmt not in STATIC_INT8:
+        raise unsupported_format("ONNX", name, fmt, STATIC_INT8, layer.act_spec.describe())
+
+
 @contextlib.contextmanager
 def _export_forwards(model: nn.Module, report: ExportReport) -> Iterator[None]:
+    """Each quantized layer's ``forward`` replaced by :class:`_QuantLayerOp` for the duration."""
     layers = quant_layers(model)
     saved = {name: layer.__dict__.get("forward") for name, layer in layers.items()}
     try:
         for name, layer in layers.items():
-            if layer.config.activation_mode == "static" and layer.act_qparams is None:
-                raise ConfigError(f"layer {name!r}: static activations are not calibrated")
-            key = len(_LAYERS) + 1
-            _LAYERS[key] = (layer, report, name)
-            layer.forward = (lambda k: (lambda x: _QuantLayerOp.apply(x, k)))(key)
+            if layer.scheme.activation_mode == "static":
+                _check_static(layer, name)
+            layer.forward = (lambda t: (lambda x: _QuantLayerOp.apply(x, t)))(_Traced(layer, name, report))
         yield
     finally:
-        for key in [k for k, v in _LAYERS.items() if v[1] is report]:
-            del _LAYERS[key]
         for name, layer in layers.items():
             if saved[name] is None:
                 layer.__dict__.pop("forward", None)
@@ -498,17 +545,17 @@ def _names_and_axes(example: Any) -> tuple[tuple, list[str], dict[str, dict[int,
     return args, names, axes, kwargs, bool(seq)
 
 
-def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opset: int = 17,
-                dynamic_axes: dict[str, dict[int, str]] | None = None, require_quantized: bool = True,
-                compact: bool = True) -> ExportReport:
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, require_quantized: bool = True,
+                **options: Any) -> ExportReport:
     """Write ``model`` (quantized, simulated or packed) to ``path`` as ONNX; returns what each layer became.
 
     ``example_inputs``: a tensor, a tuple (``model(*args)``) or a dict (``model(**kwargs)``); the
     batch axis (and the sequence axis of integer inputs) is dynamic unless ``dynamic_axes`` says otherwise.
     ``require_quantized=False`` also writes a model without quantized layers (fp32, pruned) as plain ONNX.
-    ``compact``: constants as initializers, small equal ones stored once, short internal tensor names
-    (:mod:`squeezer.io.onnx_compact`; ``False`` keeps PyTorch's module-path names, for debugging).
+    ``options``: the fields of :class:`OnnxOptions` (``opset``, ``dynamic_axes``, ``compact``: constants as
+    initializers, small equal ones stored once, short internal tensor names, :mod:`squeezer.export.onnx.compact`).
     """
+    opts: OnnxOptions = build_options("onnx", OnnxOptions, options)
     if require_quantized or quant_layers(model):
         ensure_deployable(model, "export_onnx")
     path = Path(path)
@@ -530,11 +577,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, opse
     try:
         with _export_forwards(model, report), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, args + ((kwargs,) if kwargs else ()), tmp, dynamo=False, opset_version=opset,
-                              input_names=names, output_names=out_names, dynamic_axes=dynamic_axes or axes,
+            torch.onnx.export(model, args + ((kwargs,) if kwargs else ()), tmp, dynamo=False, opset_version=opts.opset,
+                              input_names=names, output_names=out_names, dynamic_axes=opts.dynamic_axes or axes,
                               do_constant_folding=False,
                               custom_opsets={"com.microsoft": 1} if uses_nbits else None)
-        proto = onnx.load(tmp, load_external_data=False) if compact else None
+        proto = onnx.load(tmp, load_external_data=False) if opts.compact else None
         if proto is not None and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
             onnx.save(compact_onnx(proto), tmp)  # a model past 2 GB (external data) keeps its layout
         os.replace(tmp, path)

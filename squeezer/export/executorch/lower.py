@@ -1,6 +1,6 @@
 """ExecuTorch export (extra ``squeezer[executorch]``): ``torch.export`` -> XNNPACK partition -> ``.pte``.
 
-The QDQ form (:mod:`squeezer.io.export`) holds squeezer's int8 codes and scales as buffers, so the
+The QDQ form (:mod:`squeezer.export.qdq`) holds squeezer's int8 codes and scales as buffers, so the
 ``.pte`` stores them unchanged (inside XNNPACK's blob for delegated layers, as program constants
 for the others). Per layer:
 
@@ -28,29 +28,28 @@ the example's (a warning says so).
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from .export import (
+from ...errors import ConfigError
+from ...modules import QuantLinear
+from ...modules.base import QuantMixin
+from ..base import ExportReport, require_extra
+from ..files import check_output_dir, write_atomic
+from ..qdq import (
     QdqLayer,
     Unsupported,
     activation_mode,
-    check_output_dir,
     checked_weight,
     deployable_layers,
     example_call,
     qdq_model,
-    require_extra,
     static_input_grid,
-    write_atomic,
 )
-from ..modules import QuantLinear
-from ..modules.base import QuantMixin
-from .onnx_export import ExportReport
 
 ACTIVATIONS = {"none": "weight-only", "dynamic": "dynamic int8 activations", "static": "static int8 activations"}
 WeightOnly = Literal["dynamic", "exact"]
@@ -81,12 +80,23 @@ def _export(qmodel: nn.Module, example_inputs: Any, max_batch: int, report: Expo
             return torch.export.export(qmodel, args, kwargs)
 
 
-def export_executorch(model: nn.Module, example_inputs: Any, path: str | Path, *, max_batch: int = 1024,
-                      unsupported: Unsupported = "error", weight_only: WeightOnly = "dynamic") -> ExportReport:
+@dataclass
+class ExecutorchOptions:
+    """Options of the ExecuTorch export."""
+
+    max_batch: int = field(default=1024, metadata={"help": "largest batch the program plans memory for (dynamic batch axis)"})
+    unsupported: Unsupported = field(default="error", metadata={
+        "help": "a layer with no int8 form: error, or float (its dequantized weights in float32)"})
+    weight_only: WeightOnly = field(default="dynamic", metadata={
+        "help": "weight-only Linear layers: dynamic (XNNPACK int8, also quantizes input rows) or exact (portable kernels)"})
+
+
+def export_executorch(model: nn.Module, example_inputs: Any, path: Path, options: ExecutorchOptions) -> ExportReport:
     """Write ``model`` (quantized by squeezer, pruned or fp32) to ``path`` as an ExecuTorch ``.pte``
     with the XNNPACK delegate; see the module doc. ``example_inputs``: a tensor, a tuple
-    (``model(*args)``) or a dict (``model(**kwargs)``); ``weight_only``: how weight-only Linear
+    (``model(*args)``) or a dict (``model(**kwargs)``); ``options.weight_only``: how weight-only Linear
     layers run, ``"dynamic"`` (XNNPACK int8, fast) or ``"exact"`` (float inputs, portable kernels)."""
+    max_batch, unsupported, weight_only = options.max_batch, options.unsupported, options.weight_only
     require_extra("executorch.exir", "executorch")
     require_extra("executorch.kernels.quantized", "executorch")  # out variants of the quantized ops
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
@@ -103,7 +113,6 @@ def export_executorch(model: nn.Module, example_inputs: Any, path: str | Path, *
         raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
     if weight_only not in WEIGHT_ONLY:
         raise ConfigError(f"weight_only must be one of {', '.join(WEIGHT_ONLY)}, got {weight_only!r}")
-    path = Path(path)
     check_output_dir(path, "ExecuTorch")
     deployable_layers(model, "export_executorch")
     report = ExportReport(str(path))
@@ -115,7 +124,7 @@ def export_executorch(model: nn.Module, example_inputs: Any, path: str | Path, *
         if mode == "dynamic":
             report.warnings.append(f"layer {name!r}: dynamic {layer.act_spec.describe()} activations run as "
                                    "ExecuTorch's dynamic asymmetric int8 (per row in XNNPACK's GEMMs): the nearest supported")
-        grid = static_input_grid(layer, name) if mode == "static" else None
+        grid = static_input_grid(layer, name, "ExecuTorch") if mode == "static" else None
         report.layers[name] = ("float32 weights" if weight is None else weight.label) + f", {ACTIVATIONS[mode]}"
         rows_int8 = mode == "none" and weight is not None and weight_only == "dynamic" and isinstance(layer, QuantLinear)
         if rows_int8:
