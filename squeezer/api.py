@@ -18,16 +18,16 @@ from typing import Any
 from torch import Tensor, nn
 
 from .algorithms import make_algorithm, run_algorithm
-from .calibration import Batch, batch_outputs, check_batches, run_batches, with_progress
+from .calibration import Batch, batch_outputs, check_batches, check_fits, run_batches, with_progress
 from .config import QuantConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, ModelError
 from .modules import quant_layers, set_mode, swap_layers
 from .modules.base import QuantMixin
 from .quant.core import packed_nbytes
 from .quant.metrics import ErrorAccumulator, ErrorStats
 from .report.quant import LayerReport, QuantReport
 from .resolve import resolve_config
-from .transform import attach_report, working_copy
+from .transform import attach_report, report_of, working_copy
 
 
 def _param_bytes(model: nn.Module) -> int:
@@ -48,6 +48,24 @@ def _layer_report(name: str, layer: QuantMixin) -> LayerReport:
         weight_error=layer.measured_weight_error(),
         output_error=layer.output_error.stats() if layer.output_error.count else None,
     )
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    """A model squeezer already quantized is refused: its float weights are rounded (or, packed, gone), so
+    quantizing again would compound rounding errors under a report naming only the new preset."""
+    layers = quant_layers(model)
+    if not layers:
+        return
+    if any(layer.is_packed for layer in layers.values()):
+        raise ConfigError(f"model {type(model).__name__} is packed (its float weights are gone): "
+                          "quantize the float model instead")
+    try:
+        preset = report_of(model, QuantReport).config.get("name")
+    except ModelError:
+        preset = None
+    done = repr(preset) if preset else next(iter(layers.values())).weight_spec.describe()
+    raise ConfigError(f"model {type(model).__name__} is already quantized with {done}: quantize the float model "
+                      "instead (e.g. the one you quantized, or a fresh one with its float weights)")
 
 
 def _calibrate(model: nn.Module, batches: list[Batch], reference: list[list[Tensor]] | None,
@@ -88,21 +106,32 @@ def quantize(
 ) -> nn.Module:
     """Quantize ``model`` with a preset name, a dict / YAML path or a :class:`QuantConfig`.
 
-    ``calib``: batches (tensor, tuple for ``model(*b)``, dict for ``model(**b)``); required
-    for static activations, optional otherwise (it adds output errors to the report).
+    ``calib``: batches (tensor, tuple for ``model(*b)`` or ``(x, y)`` pairs, mapping for ``model(**b)``:
+    :mod:`squeezer.calibration`); required for static activations, optional otherwise (it adds output
+    errors to the report). The first batch is run through the model before any other work, so data
+    that does not fit it is a :class:`DataError` at once. A model squeezer already quantized (or packed)
+    is a :class:`ConfigError`: quantize the float model.
     Returns the quantized model (a copy unless ``inplace``) carrying its :class:`QuantReport`.
     """
     if isinstance(config, str) and (config == "auto" or config.startswith("auto-")):
         raise ConfigError(f"config {config!r}: mixed precision under a budget is squeezer.search.auto_quantize(model, "
                           "calib, budget, algorithm=...) (command line: squeezer search)")
     cfg = resolve_config(config)
+    _refuse_quantized(model)
     batches = None if calib is None else check_batches(calib)
     if cfg.activation_mode == "static" and batches is None:
-        raise DataError(f"config {cfg.name!r} has static activations: pass calibration batches with calib=...")
+        raise DataError(f"config {cfg.name!r} has static activations: pass calibration batches with calib=...",
+                        argument="calib")
     model = working_copy(model, inplace)
     bytes_before = _param_bytes(model)
     was_training = model.training
     model.eval()
+    if batches is not None:
+        try:
+            check_fits(model, batches[0], "calib batch 0")
+        except DataError:
+            model.train(was_training)
+            raise
     _, skipped = swap_layers(model, cfg)
     layers = quant_layers(model)
     for layer in layers.values():
@@ -114,7 +143,7 @@ def quantize(
     if cfg.algorithm != "rtn":
         algorithm = make_algorithm(cfg.algorithm, cfg.algorithm_options)
         if batches is None and algorithm.needs_stats:
-            raise DataError(f"algorithm {cfg.algorithm!r} needs calibration batches: pass calib=...")
+            raise DataError(f"algorithm {cfg.algorithm!r} needs calibration batches: pass calib=...", argument="calib")
         run_algorithm(model, algorithm, batches or [], progress)
     model_error = None if batches is None else _calibrate(model, batches, reference, progress)
     set_mode(model, "simulate")

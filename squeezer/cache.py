@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .io.atomic import atomic_write_text
+from .errors import DataError
+from .io.atomic import atomic_write
 
 ENV = "SQUEEZER_CACHE_DIR"
 
@@ -64,6 +65,6 @@ def write_entry(directory: Path, key: str, value: Any) -> None:
     """Store ``value`` (JSON-ready) under ``key`` atomically; an unwritable cache is skipped."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / f"{key}.json", json.dumps(value))
-    except OSError:
+        atomic_write(directory / f"{key}.json", json.dumps(value))
+    except (OSError, DataError):
         pass  # an unwritable cache only costs a re-measurement

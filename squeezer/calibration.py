@@ -1,12 +1,17 @@
-"""Calibration batches: validation, calling the model, and a progress bar.
+"""Calibration batches: validation, calling the model, a check that they fit it, and a progress bar.
 
 A batch is a tensor (``model(batch)``), a tuple / list of tensors (``model(*batch)``) or a
-keyword dict (``model(**batch)``, as tokenizers return).
+keyword mapping (``model(**batch)``: a dict, or a tokenizer's ``BatchEncoding``). Labelled pairs are
+accepted as they come from a ``DataLoader``: the elements of a tuple / list beyond the positional inputs
+``model.forward`` takes are targets and are left out, so ``(x, y)`` gives ``model(x)`` to a
+``forward(x)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import inspect
+from collections.abc import Iterable, Iterator, Mapping
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -15,9 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from .memory import release_free_memory
-from .errors import DataError
+from .errors import DataError, SqueezerError, one_line
 
-Batch = Tensor | tuple | list | dict
+Batch = Tensor | tuple | list | Mapping
 
 
 def _tensors(batch: Any) -> Iterator[tuple[str, Tensor]]:
@@ -27,7 +32,7 @@ def _tensors(batch: Any) -> Iterator[tuple[str, Tensor]]:
         for i, item in enumerate(batch):
             for key, t in _tensors(item):
                 yield f"[{i}]" if key == "input" else f"[{i}]{key}", t
-    elif isinstance(batch, dict):
+    elif isinstance(batch, Mapping):
         for name, item in batch.items():
             for key, t in _tensors(item):
                 yield str(name) if key == "input" else f"{name}{key}", t
@@ -35,13 +40,13 @@ def _tensors(batch: Any) -> Iterator[tuple[str, Tensor]]:
 
 def check_batches(calib: Iterable[Batch]) -> list[Batch]:
     """Materialise and validate: non-empty, every tensor finite. Errors name batch and field."""
-    if isinstance(calib, (Tensor, dict)):
+    if isinstance(calib, (Tensor, Mapping)):
         raise DataError("calib must be an iterable of batches (e.g. a list or DataLoader), not a single batch")
     batches = list(calib)
     if not batches:
         raise DataError("calibration data is empty: give at least one batch")
     for i, batch in enumerate(batches):
-        if not isinstance(batch, (Tensor, tuple, list, dict)):
+        if not isinstance(batch, (Tensor, tuple, list, Mapping)):
             raise DataError(f"calibration batch {i} is a {type(batch).__name__}; expected a tensor, tuple or dict")
         named = list(_tensors(batch))
         if not named:
@@ -54,13 +59,73 @@ def check_batches(calib: Iterable[Batch]) -> list[Batch]:
     return batches
 
 
+@lru_cache(maxsize=256)
+def _positional_inputs(forward: Any) -> float:
+    """How many positional inputs the (unbound) ``forward`` takes after ``self``; ``inf`` with ``*args``."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return float("inf")
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return float("inf")
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def model_inputs(model: nn.Module, batch: Batch) -> Batch:
+    """What of ``batch`` the model takes: a tuple / list cut to the positional inputs of its
+    ``forward`` (the rest, e.g. the ``y`` of ``(x, y)``, are targets); anything else unchanged."""
+    if isinstance(batch, (tuple, list)):
+        limit = _positional_inputs(getattr(type(model), "forward"))
+        if len(batch) > limit:
+            return tuple(batch[:int(limit)])
+    return batch
+
+
 def call_model(model: nn.Module, batch: Batch) -> Any:
-    """``model(batch)``, ``model(*batch)`` or ``model(**batch)``."""
-    if isinstance(batch, dict):
+    """``model(batch)``, ``model(*inputs)`` (:func:`model_inputs`) or ``model(**batch)``."""
+    if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
+        return model(*model_inputs(model, batch))
     return model(batch)
+
+
+_FIRST_LAYER_INPUT = {
+    nn.Linear: lambda m: f"takes {m.in_features} input features (shape [rows, ..., {m.in_features}])",
+    nn.Conv1d: lambda m: f"takes {m.in_channels} channels (shape [rows, {m.in_channels}, length])",
+    nn.Conv2d: lambda m: f"takes {m.in_channels} channels (shape [rows, {m.in_channels}, height, width])",
+    nn.Embedding: lambda m: f"takes integer token ids below {m.num_embeddings} (shape [rows, tokens])",
+}
+
+
+def first_layer_input(model: nn.Module) -> str:
+    """What the model's first quantizable layer takes, e.g. ``"its first layer 'fc1' (Linear) takes 61 input
+    features (shape [rows, ..., 61])"``; empty when it has none."""
+    for name, module in model.named_modules():
+        for kind, describe in _FIRST_LAYER_INPUT.items():
+            if isinstance(module, kind):
+                return f"its first layer {name!r} ({kind.__name__}) {describe(module)}"
+    return ""
+
+
+def describe_batch(batch: Batch) -> str:
+    """Each tensor's name, shape and dtype, e.g. ``"input [32, 5] float32"``."""
+    return ", ".join(f"{key} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for key, t in _tensors(batch))
+
+
+def check_fits(model: nn.Module, batch: Batch, where: str, error: type[SqueezerError] = DataError) -> None:
+    """Run ``model`` once on ``batch`` (without gradients) before any long work; when it fails, ``error``
+    naming ``where`` (the file, flag or argument that gave the batch), each input's shape and dtype and
+    what the model's first quantizable layer takes."""
+    try:
+        batch_outputs(model, batch)
+    except SqueezerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model may raise anything on inputs it cannot take
+        expected = first_layer_input(model)
+        reason = one_line(f"{type(exc).__name__}: {exc}")
+        raise error(f"{where}: inputs {describe_batch(model_inputs(model, batch))} do not fit the model"
+                    f"{'; ' + expected if expected else ''} ({reason})") from None
 
 
 def output_tensors(output: Any) -> list[Tensor]:
@@ -100,8 +165,8 @@ def run_batches(model: nn.Module, batches: list[Batch], label: str, progress: bo
 
 def batch_signature(batch: Batch) -> dict[str, Any]:
     """Kind (tensor / tuple / dict) and each input's per-row shape and dtype, JSON-ready."""
-    kind = "dict" if isinstance(batch, dict) else "tuple" if isinstance(batch, (tuple, list)) else "tensor"
-    items = batch.items() if isinstance(batch, dict) else enumerate(batch if kind == "tuple" else [batch])
+    kind = "dict" if isinstance(batch, Mapping) else "tuple" if isinstance(batch, (tuple, list)) else "tensor"
+    items = batch.items() if isinstance(batch, Mapping) else enumerate(batch if kind == "tuple" else [batch])
     return {"kind": kind, "inputs": [{"name": str(k), "shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
                                      for k, t in items]}
 

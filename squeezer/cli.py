@@ -34,7 +34,7 @@ STRATEGIES = ("tune", "pareto")
 RECIPES = ("lowrank-int8-distill", "prune50-int8-finetune", "qat-w2", "sparse80-int8")
 """``squeezer.recipe.bundled_recipes()``."""
 METRICS = ("accuracy", "roc_auc")
-"""``squeezer.report.data.METRICS``."""
+"""``squeezer.task_metrics.METRICS``."""
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make PyTorch models smaller and faster, with evidence.")
 console = Console(width=None if Console().is_terminal else 160)
@@ -53,8 +53,18 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+_FLAGS = {"calib": "--calib", "data": "--data"}
+"""API keyword arguments a message may ask for (``calib=...``) and the flag that gives them here."""
+
+
+def _fail(exc: SqueezerError) -> None:
+    """One line ``error: <message>`` (the API's ``name=...`` said as its flag; no rich markup read in it), exit 2."""
+    from rich.markup import escape
+
+    text = str(exc)
+    if exc.argument in _FLAGS:
+        text = text.replace(f"{exc.argument}=...", _FLAGS[exc.argument])
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -81,7 +91,7 @@ def demo(
     """Train the bundled credit-scoring model and quantize it with every preset."""
     with _status("squeezer demo: loading torch", json_out) as status:
         from .examples.demo import run_demo
-        from .io.atomic import _writable_parent, atomic_write_text
+        from .io.atomic import _writable_parent, atomic_write
 
         def step(message: str, row: dict[str, Any] | None) -> None:
             if status is None:
@@ -98,7 +108,7 @@ def demo(
             result = run_demo(seed=seed, on_step=step)
             if out is not None:
                 out.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(out / "demo.json", _json_text(result))
+                atomic_write(out / "demo.json", _json_text(result))
         except SqueezerError as exc:
             _fail(exc)
     if json_out:
@@ -142,7 +152,7 @@ def quantize_cmd(
         from dataclasses import replace
 
         from .api import quantize
-        from .calibration import batch_signature
+        from .calibration import batch_signature, check_fits
         from .resolve import resolve_config
         from .io.atomic import _writable_parent
         from .io.calib_files import load_calibration
@@ -168,6 +178,8 @@ def quantize_cmd(
         if weights is not None:
             load_weights(net, weights)
         batches = None if calib is None else load_calibration(calib, batch_size)
+        if batches is not None:
+            check_fits(net.eval(), batches[0], f"--calib {calib}")
         before = None if metric is None else evaluate_user(metric, net, evaluate)
         q = quantize(net, cfg, calib=batches, inplace=True, progress=not json_out)
         report = report_of(q, QuantReport)
@@ -210,11 +222,11 @@ def _print_about(data: dict[str, Any]) -> None:
 
 @app.command()
 def info(directory: Path = typer.Argument(..., help="A checkpoint directory written by squeezer.")) -> None:
-    """Describe a checkpoint: versions, layers, formats and sizes."""
-    from .io.checkpoint import TENSORS, read_manifest
+    """Verify a checkpoint (digest, every tensor) and describe it: versions, layers, formats and sizes."""
+    from .io.checkpoint import TENSORS, verify
 
     try:
-        manifest = read_manifest(directory)
+        manifest = verify(directory)
     except SqueezerError as exc:
         _fail(exc)
     table = Table(title=f"{directory}: squeezer {manifest['squeezer_version']}, torch {manifest['torch_version']}, "
@@ -270,7 +282,9 @@ def export_cmd(
     directory: Path = typer.Argument(..., help="A checkpoint directory written by squeezer."),
     out: Path = typer.Option(..., "--out", help="Output file, e.g. model.onnx, model.tflite or model.pte."),
     fmt: Optional[str] = typer.Option(None, "--format", help="An export format listed above (default: from --out's suffix)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model factory (default: the one recorded by quantize)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model factory, pkg.module:function returning the float "
+                                        "nn.Module (required: imports and runs that Python code; a checkpoint never "
+                                        "names code to run)."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Shape of one example input, e.g. 1x61."),
     option: Optional[list[str]] = typer.Option(None, "--option", help="A format option key=value (repeatable; listed above)."),
     calib: Optional[Path] = typer.Option(None, "--calib",
@@ -346,7 +360,8 @@ def compress_cmd(
         from .io.user_model import load_attribute, load_factory, load_weights
         from .modules import quant_layers
         from .recipe import CompressionReport, compress
-        from .report.data import add_robustness, compression_data, task_metric
+        from .report.data import add_robustness, compression_data
+        from .task_metrics import task_metric
         from .transform import report_of
 
     try:
@@ -420,11 +435,12 @@ def search_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with _status("squeezer search: loading torch", json_out):
-        from .calibration import batch_signature
+        from .calibration import batch_signature, check_fits
         from .io.atomic import _writable_parent
         from .io.calib_files import load_calibration, load_pairs
         from .io.user_model import load_attribute, load_factory, load_weights
-        from .report.data import add_robustness, search_data, task_metric
+        from .report.data import add_robustness, search_data
+        from .task_metrics import task_metric
         from .search.session import run_search
 
     try:
@@ -443,6 +459,7 @@ def search_cmd(
         if weights is not None:
             load_weights(net, weights)
         batches = load_calibration(calib, batch_size)
+        check_fits(net, batches[0], f"--calib {calib}")
         metric = load_attribute(evaluate, "--eval")
         columns = (TextColumn("searching"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[last]}"))
@@ -482,10 +499,10 @@ def _numbers(text: str, flag: str) -> tuple[Any, ...]:
 
 def _write_report(directory: Path, data: dict[str, Any], html: bool) -> None:
     """``report_data.json`` (what ``squeezer report`` renders) and, with ``html``, ``report.html``."""
-    from .io.atomic import atomic_write_text
+    from .io.atomic import atomic_write
     from .report.html import write_html
 
-    atomic_write_text(directory / "report_data.json", _json_text(data))
+    atomic_write(directory / "report_data.json", _json_text(data))
     if html:
         write_html(data, directory / "report.html")
 

@@ -18,13 +18,23 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .errors import ConfigError
+from .errors import ConfigError, excerpt
+from .modules.layers import layer_type_names
 from .quant.scheme import ActivationMode, LayerScheme
 from .quant.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from .safe_yaml import load_yaml
 
-LAYER_TYPES: tuple[str, ...] = ("linear", "conv1d", "conv2d", "embedding")
+_NAMES = (str, list, tuple)
+_FIELD_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "weight": ((dict, QuantSpec), "a quant spec mapping"),
+    "activation": ((dict, QuantSpec, type(None)), "a quant spec mapping or null"),
+    "activation_mode": ((str,), "a name"), "observer": ((str,), "a name"),
+    "layer_types": ((*_NAMES, type(None)), "a name, a list of names or null"),
+    "include": (_NAMES, "a regex or a list of regexes"), "ignore": (_NAMES, "a regex or a list of regexes"),
+    "overrides": ((dict,), "a mapping {regex: {field: value}}"), "algorithm": ((str,), "a name"),
+    "algorithm_options": ((dict,), "a mapping"), "name": ((str,), "a name"),
+}
+"""What each field of a config read from a mapping (YAML) may be, and how an error says it."""
 TYPE_KEY = "type:"  # an overrides key "type:embedding" selects layers by type instead of by name
 
 
@@ -36,7 +46,7 @@ class QuantConfig:
     activation: QuantSpec | None = None
     activation_mode: ActivationMode = "none"
     observer: str = "minmax"
-    layer_types: tuple[str, ...] = LAYER_TYPES
+    layer_types: tuple[str, ...] | None = None
     include: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -52,14 +62,16 @@ class QuantConfig:
             raise ConfigError("algorithm must be a name and algorithm_options a mapping")
         for name in ("layer_types", "include", "ignore"):
             value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
-        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if value is not None:
+                object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        known = layer_type_names()
+        bad = [t for t in self.layer_types or () if t not in known]
         if bad:
-            raise ConfigError(f"unknown layer type(s) {bad}; valid: {', '.join(LAYER_TYPES)}")
-        bad_types = [p for p in self.overrides if p.startswith(TYPE_KEY) and p[len(TYPE_KEY):] not in LAYER_TYPES]
+            raise ConfigError(f"unknown layer type(s) {bad}; valid: {', '.join(known)}")
+        bad_types = [p for p in self.overrides if p.startswith(TYPE_KEY) and p[len(TYPE_KEY):] not in known]
         if bad_types:
             raise ConfigError(f"unknown layer type in overrides {bad_types}; valid: "
-                              f"{', '.join(TYPE_KEY + t for t in LAYER_TYPES)}")
+                              f"{', '.join(TYPE_KEY + t for t in known)}")
         for pattern in (*self.include, *self.ignore, *self.overrides):
             try:
                 re.compile(pattern)
@@ -100,7 +112,7 @@ class QuantConfig:
         it is taken: its type is in ``layer_types``, its name matches ``include`` (when given) and no ``ignore``."""
         if kind is None:
             return "type not quantizable"
-        if kind not in self.layer_types:
+        if self.layer_types is not None and kind not in self.layer_types:
             return f"layer type {kind} not selected"
         if self.include and not any(re.search(p, name) for p in self.include):
             return "not matched by include patterns"
@@ -112,7 +124,7 @@ class QuantConfig:
         data["weight"] = self.weight.to_dict()
         data["activation"] = None if self.activation is None else self.activation.to_dict()
         for key in ("layer_types", "include", "ignore"):
-            data[key] = list(data[key])
+            data[key] = None if data[key] is None else list(data[key])
         return data
 
     @classmethod
@@ -120,18 +132,23 @@ class QuantConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a quant config must be a mapping, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown config field(s) {excerpt(unknown)}; known: {sorted(known)}")
+        for key, value in data.items():
+            kinds, what = _FIELD_KINDS[key]
+            if not isinstance(value, kinds) or isinstance(value, bool) or (
+                    isinstance(value, (list, tuple)) and not all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"config field {key!r} must be {what}, got {excerpt(value)}")
         return cls(**data)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "QuantConfig":
         try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(load_yaml(text, f"config file {path}"))
 
 
 def _w(bits: int, granularity: Any, **kw: Any) -> QuantSpec:

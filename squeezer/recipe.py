@@ -22,8 +22,9 @@ from typing import Any
 import yaml
 from torch import nn
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, excerpt
 from .modules import quant_layers
+from .safe_yaml import load_yaml
 from .steps import Context, Step, parse_step
 from .transform import attach_report, working_copy
 
@@ -42,7 +43,7 @@ class Recipe:
     def __post_init__(self) -> None:
         if isinstance(self.version, bool) or not isinstance(self.version, int) or not 1 <= self.version <= RECIPE_VERSION:
             raise ConfigError(f"recipe version must be an integer from 1 to {RECIPE_VERSION} (this squeezer's), "
-                              f"got {self.version!r}")
+                              f"got {excerpt(self.version)}")
         if not self.steps:
             raise ConfigError(_NOT_A_LIST)
 
@@ -59,14 +60,11 @@ class Recipe:
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
         """Parse YAML text: ``{version, steps}`` or a bare list of steps (version 1)."""
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+        doc = load_yaml(text, source)
         if isinstance(doc, dict):
-            unknown = sorted(set(doc) - {"version", "steps"})
-            if unknown or "version" not in doc:
-                raise ConfigError(f"{source}: a recipe mapping has the keys version and steps, got {sorted(doc)}")
+            if set(doc) - {"version", "steps"} or "version" not in doc:
+                raise ConfigError(f"{source}: a recipe mapping has the keys version and steps, "
+                                  f"got {excerpt(sorted(map(str, doc)))}")
             return cls.from_list(doc.get("steps"), doc["version"])
         return cls.from_list(doc)
 
@@ -94,9 +92,9 @@ def load_recipe(recipe: str | Path | list[Any] | Recipe) -> Recipe:
         return Recipe.from_yaml(resources.files("squeezer.recipes").joinpath(f"{name}.yaml").read_text(), name)
     try:
         text = Path(recipe).read_text()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"recipe {name!r} is neither a bundled recipe ({', '.join(bundled_recipes())}) "
-                          f"nor a readable file: {exc.strerror or exc}") from None
+                          f"nor a readable file: {getattr(exc, 'strerror', None) or exc}") from None
     return Recipe.from_yaml(text, f"recipe {name}")
 
 

@@ -38,7 +38,7 @@ from .algorithms.base import algorithm_spelling, make_algorithm, split_algorithm
 from .api import quantize
 from .config import QuantConfig
 from .distill import distill
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, excerpt
 from .lowrank import low_rank
 from .prune.magnitude import check_sparsity
 from .qat import convert, prepare_qat, qat_loss
@@ -100,19 +100,19 @@ class Step:
     def _check_int(self, field_name: str, low: int) -> None:
         value = getattr(self, field_name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise self._fail(field_name, f"must be an integer >= {low}, got {value!r}")
+            raise self._fail(field_name, f"must be an integer >= {low}, got {excerpt(value)}")
 
     def _check_number(self, field_name: str, low: float = 0.0, high: float | None = None) -> None:
         value = getattr(self, field_name)
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or value < low
                 or (high is not None and value > high)):
             bounds = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
-            raise self._fail(field_name, f"must be a number {bounds}, got {value!r}")
+            raise self._fail(field_name, f"must be a number {bounds}, got {excerpt(value)}")
 
     def _check_bool(self, field_name: str) -> None:
         value = getattr(self, field_name)
         if not isinstance(value, bool):
-            raise self._fail(field_name, f"must be true or false, got {value!r}")
+            raise self._fail(field_name, f"must be true or false, got {excerpt(value)}")
 
     def _patterns(self) -> None:
         for name in ("include", "ignore"):
@@ -120,7 +120,7 @@ class Step:
             if isinstance(value, Sequence) and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
             if not isinstance(getattr(self, name), (str, tuple)):
-                raise self._fail(name, f"must be a regex or a list of regexes, got {value!r}")
+                raise self._fail(name, f"must be a regex or a list of regexes, got {excerpt(value)}")
 
     def _select(self) -> dict[str, Patterns]:
         return {k: getattr(self, k) for k in ("include", "ignore") if getattr(self, k, ())}
@@ -158,7 +158,7 @@ class Prune(Step):
 
     def __post_init__(self) -> None:
         if self.kind not in PRUNE_KINDS:
-            raise ConfigError(f"prune: unknown kind {self.kind!r}; valid: {', '.join(PRUNE_KINDS)}")
+            raise ConfigError(f"prune: unknown kind {excerpt(self.kind)}; valid: {', '.join(PRUNE_KINDS)}")
         try:
             check_sparsity(self.sparsity)
         except ConfigError as exc:
@@ -349,17 +349,17 @@ def parse_step(item: Any, index: int) -> Step:
     if isinstance(item, Step):
         return item
     if not isinstance(item, Mapping) or len(item) != 1:
-        raise ConfigError(f"recipe step {index}: must be a mapping with one key (the step name), got {item!r}")
+        raise ConfigError(f"recipe step {index}: must be a mapping with one key (the step name), got {excerpt(item)}")
     (name, options), = item.items()
     if name not in STEPS:
-        raise ConfigError(f"recipe step {index}: unknown step {name!r}; valid steps: {', '.join(STEPS)}")
+        raise ConfigError(f"recipe step {index}: unknown step {excerpt(name)}; valid steps: {', '.join(STEPS)}")
     options = {} if options is None else options
     if not isinstance(options, Mapping):
         raise ConfigError(f"recipe step {index} ({name}): options must be a mapping, got {type(options).__name__}")
     valid = [f.name for f in fields(STEPS[name])]  # type: ignore[arg-type]
-    unknown = sorted(set(options) - set(valid))
+    unknown = sorted(map(str, set(options) - set(valid)))
     if unknown:
-        raise ConfigError(f"recipe step {index} ({name}): unknown option(s) {unknown}; valid: {sorted(valid)}")
+        raise ConfigError(f"recipe step {index} ({name}): unknown option(s) {excerpt(unknown)}; valid: {sorted(valid)}")
     try:
         return STEPS[name](**options)
     except ConfigError as exc:

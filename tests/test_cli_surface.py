@@ -35,7 +35,7 @@ def test_importing_the_cli_does_not_import_torch() -> None:
 def test_listed_choices_match_the_library() -> None:
     from squeezer.algorithms.base import ALGORITHMS
     from squeezer.recipe import bundled_recipes
-    from squeezer.report.data import METRICS
+    from squeezer.task_metrics import METRICS
     from squeezer.search.formats import DEFAULT_FORMATS
     from squeezer.search.session import STRATEGIES
 

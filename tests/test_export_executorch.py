@@ -207,7 +207,7 @@ def test_cli_weight_only_option(tmp_path):
                                str(tmp_path / "x.npy"), "--out", str(tmp_path / "ck")])
     assert done.exit_code == 0, done.output
     for mode, kernels in (("exact", "portable kernels"), ("dynamic", "XNNPACK")):
-        result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--out", str(tmp_path / f"{mode}.pte"), "--json",
+        result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--model", "tests.conftest:MLP", "--out", str(tmp_path / f"{mode}.pte"), "--json",
                                      "--weight-only", mode])
         assert result.exit_code == 0, result.output
         layers = json.loads(result.stdout[result.stdout.index("{"):])["layers"]

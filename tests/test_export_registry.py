@@ -125,7 +125,7 @@ def test_cli_exports_and_lists_a_registered_format(tmp_path, toy):
                                str(tmp_path / "x.npy"), "--out", str(tmp_path / "ck")])
     assert done.exit_code == 0, done.output
     out = tmp_path / "m.bin"
-    result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--format", "toy", "--out", str(out), "--json",
+    result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--model", "tests.conftest:MLP", "--format", "toy", "--out", str(out), "--json",
                                  "--option", "factory=tests.conftest:MLP", "--option", "precision=float16"])
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.stdout)["layers"]) == {"fc1", "fc2", "head"}

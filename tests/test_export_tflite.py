@@ -234,7 +234,7 @@ def test_cli_exports_a_checkpoint_to_tflite(tmp_path):
                                str(tmp_path / "x.npy"), "--out", str(tmp_path / "ck")])
     assert done.exit_code == 0, done.output
     out = tmp_path / "m.tflite"
-    result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--out", str(out), "--json"])
+    result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--model", "tests.conftest:MLP", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     assert out.is_file() and set(json.loads(result.stdout[result.stdout.index("{"):])["layers"]) == {"fc1", "fc2", "head"}
     q = squeezer.load(tmp_path / "ck", model=MLP)
@@ -246,7 +246,7 @@ def test_cli_exports_a_checkpoint_to_tflite(tmp_path):
                                  str(tmp_path / "x.npy"), "--out", str(tmp_path / "st")])
     assert static.exit_code == 0, static.output
     for mode, expected in (("int8", "output grid"), ("float", "float op")):
-        result = runner.invoke(app, ["export", str(tmp_path / "st"), "--out", str(tmp_path / f"{mode}.tflite"), "--json",
+        result = runner.invoke(app, ["export", str(tmp_path / "st"), "--model", "tests.conftest:MLP", "--out", str(tmp_path / f"{mode}.tflite"), "--json",
                                      "--unquantized-outputs", mode, "--calib", str(tmp_path / "x.npy")])
         assert result.exit_code == 0, result.output
         warnings = json.loads(result.stdout[result.stdout.index("{"):])["warnings"]

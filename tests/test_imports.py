@@ -101,3 +101,41 @@ def test_no_import_circle() -> None:
         " <-> ".join(c) + "\n    " + "\n    ".join(f"{m} -> {sorted(graph[m] & set(c))}" for m in c) for c in found
     )
     assert not found, f"import circles in squeezer/:\n{detail}"
+
+
+ARCHITECTURE = ROOT.parent / "docs" / "architecture.md"
+
+
+def floors() -> dict[str, int]:
+    """The ```floors block of docs/architecture.md: ``N name: prefix prefix ...`` per line, prefixes relative
+    to ``squeezer`` (``.`` is the package's face); a module's floor is that of its longest matching prefix."""
+    text = ARCHITECTURE.read_text()
+    block = text.split("```floors\n", 1)[1].split("```", 1)[0]
+    table: dict[str, int] = {}
+    for line in block.strip().splitlines():
+        number, _, rest = line.partition(" ")
+        for prefix in rest.partition(":")[2].split():
+            table["squeezer" if prefix == "." else f"squeezer.{prefix}"] = int(number)
+    return table
+
+
+def floor_of(module: str, table: dict[str, int]) -> int | None:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in table and (n > 1 or module == "squeezer"):
+            return table[".".join(parts[:n])]
+    return None
+
+
+def test_every_module_has_a_floor_in_the_architecture_doc() -> None:
+    table = floors()
+    missing = sorted(m for m in import_graph() if floor_of(m, table) is None)
+    assert not missing, f"modules missing from the floors block of docs/architecture.md: {missing}"
+
+
+def test_arrows_only_go_down_the_floors_of_the_architecture_doc() -> None:
+    table = floors()
+    up = [f"{m} (floor {floor_of(m, table)}) -> {t} (floor {floor_of(t, table)})"
+          for m, targets in sorted(import_graph().items()) for t in sorted(targets)
+          if (floor_of(t, table) or 0) > (floor_of(m, table) or 0)]
+    assert not up, "imports that run up the floors of docs/architecture.md:\n" + "\n".join(up)

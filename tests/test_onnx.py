@@ -267,7 +267,7 @@ def test_cli_export_from_quantize_checkpoint(tmp_path):
     result = runner.invoke(app, ["quantize", "--model", "tests.conftest:MLP", "--preset", "w8a8",
                                  "--calib", str(tmp_path / "calib.npy"), "--out", str(ckpt)])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["export", str(ckpt), "--format", "onnx", "--out", str(onnx_path), "--json"])
+    result = runner.invoke(app, ["export", str(ckpt), "--model", "tests.conftest:MLP", "--format", "onnx", "--out", str(onnx_path), "--json"])
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.stdout)["layers"]) == {"fc1", "fc2", "head"}
     loaded = squeezer.load(ckpt, model=__import__("tests.conftest", fromlist=["MLP"]).MLP)

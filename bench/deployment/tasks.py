@@ -56,7 +56,8 @@ SMALL_PEERS = ("torch.ao dynamic", "ORT quantize_dynamic", "ORT quantize_static 
 
 
 def credit_task() -> Task:
-    from squeezer.examples.credit import accuracy, make_credit_task, roc_auc, train_credit_model
+    from squeezer.examples.credit import accuracy, make_credit_task, train_credit_model
+    from squeezer.task_metrics import roc_auc
 
     task = make_credit_task(0)
     model = train_credit_model(task)
@@ -92,7 +93,7 @@ def digits_task() -> Task:
 
 def fraud_task(quick: bool) -> Task:
     from squeezer.examples.fraud import make_fraud_task, pr_auc, train_fraud_model
-    from squeezer.examples.credit import roc_auc
+    from squeezer.task_metrics import roc_auc
 
     task = make_fraud_task(0)
     model = train_fraud_model(0, task)

@@ -14,8 +14,9 @@ from importlib.resources import files
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import Tensor, nn
+
+from ..task_metrics import roc_auc
 
 DATA_FILE = "german_credit.csv.gz"
 LABEL_COLUMN = "creditability"
@@ -159,26 +160,6 @@ def train_credit_model(
             loss.backward()
             optimizer.step()
     return model.eval()
-
-
-def roc_auc(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> float:
-    """ROC-AUC via the Mann-Whitney U statistic.
-
-    With ``r_i`` the rank of ``scores[i]`` among all scores (ties get their average rank),
-    ``n1`` positives and ``n0`` negatives: ``AUC = (sum_{i: y_i = 1} r_i - n1 (n1 + 1) / 2) / (n1 n0)``,
-    i.e. ``P(s_pos > s_neg) + P(s_pos = s_neg) / 2``. Raises ``ValueError`` unless both classes occur.
-    """
-    s, y = (v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v) for v in (scores, labels))
-    s = s.astype(np.float64).reshape(-1)
-    y = y.reshape(-1) > 0.5
-    if s.shape != y.shape:
-        raise ValueError(f"scores and labels differ in length: {s.size} vs {y.size}")
-    n1 = int(y.sum())
-    n0 = y.size - n1
-    if n1 == 0 or n0 == 0:
-        raise ValueError("roc_auc needs both positive and negative labels")
-    ranks = rankdata(s)
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .credit import roc_auc
+from ..task_metrics import roc_auc
 
 MERCHANTS = ("grocery", "fuel", "restaurant", "pharmacy", "transport", "utilities", "clothing",
              "online_retail", "electronics", "travel", "gaming", "cash_withdrawal")

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ..errors import ConfigError
+from ..io.digest import write_sidecar
 from .options import build_options
 
 
@@ -109,10 +110,13 @@ def export(model: nn.Module, example_inputs: Any, path: str | Path, format: str 
     """Write ``model`` (quantized by squeezer, pruned or plain fp32) to ``path`` as ``format`` (a name of
     :func:`formats`; default: from ``path``'s suffix); returns what each layer became and the warnings.
     ``options`` are the fields of the format's options dataclass (e.g. ``unsupported="float"``,
-    ``calib=batches`` for TFLite, ``max_batch`` for ExecuTorch, ``opset`` for ONNX)."""
+    ``calib=batches`` for TFLite, ``max_batch`` for ExecuTorch, ``opset`` for ONNX). The file's SHA-256 is
+    written beside it (``model.onnx.sha256``), which :func:`squeezer.runtime.load` checks."""
     path = Path(path)
     exporter = exporter_for(path, format)
-    return exporter.export(model, example_inputs, path, build_options(exporter.name, exporter.options, options))
+    report = exporter.export(model, example_inputs, path, build_options(exporter.name, exporter.options, options))
+    write_sidecar(path)
+    return report
 
 
 def require_extra(module: str, extra: str) -> ModuleType:

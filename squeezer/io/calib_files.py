@@ -16,7 +16,10 @@ import torch
 from torch import Tensor
 
 from ..calibration import Batch
-from ..errors import DataError
+from ..errors import DataError, excerpt, one_line
+
+_NUMERIC_KINDS = "biuf"
+"""numpy dtype kinds a calibration array may hold: bool, signed / unsigned integer, float."""
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -54,16 +57,20 @@ def load_calibration(path: str | Path, batch_size: int = 32) -> list[Batch]:
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, Exception) as exc:  # noqa: BLE001 - any parse failure
-        raise DataError(f"cannot read calibration file {path}: {exc}") from None
+        raise DataError(f"cannot read calibration file {path}: {one_line(exc)}") from None
     if not arrays:
         raise DataError(f"calibration file {path} holds no arrays")
     rows = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
     if len(set(rows.values())) != 1:
-        raise DataError(f"calibration file {path}: arrays have different numbers of rows {rows}")
+        raise DataError(f"calibration file {path}: arrays have different numbers of rows {excerpt(rows)}")
     n = next(iter(rows.values()))
     if n == 0:
         raise DataError(f"calibration file {path} is empty")
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    for k, v in arrays.items():
+        if v.dtype.kind not in _NUMERIC_KINDS:
+            raise DataError(f"calibration file {path}: array {excerpt(k)} holds {v.dtype} values; "
+                            "expected numbers (bool, integer or float)")
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("="))) for k, v in arrays.items()}
     tensors = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
     positional = all(k == f"arr_{i}" for i, k in enumerate(tensors))
     batches: list[Batch] = []

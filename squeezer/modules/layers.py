@@ -1,4 +1,5 @@
-"""Quantized drop-in replacements for ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``.
+"""Quantized drop-in replacements for ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, and the
+registry of layer types that :func:`squeezer.modules.swap_layers` quantizes.
 
 Each is a subclass of the torch layer (so ``isinstance`` checks and attributes still work)
 plus :class:`QuantMixin`; ``from_float(layer, scheme, copy)`` moves the layer's parameters over
@@ -9,6 +10,9 @@ Transformers' ``Conv1D`` (``y = x W + b`` with ``W: (in, out)``) becomes a ``Qua
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -100,23 +104,64 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
         return fake_quantize(rows, self.weight_spec, qp).reshape(*x.shape, rows.shape[-1])
 
 
-def quantized_class_for(layer: nn.Module) -> type[QuantMixin] | None:
-    """The quantized class that replaces ``layer``, or None when its type is not supported."""
+@dataclass(frozen=True)
+class LayerType:
+    """A quantizable layer type: its name (``QuantConfig.layer_types``, override keys ``type:<name>``),
+    the quantized class that replaces a matching module (``from_float(module, scheme, copy)``) and the
+    predicate that says which modules match."""
+
+    name: str
+    quantized: type[QuantMixin]
+    matches: Callable[[nn.Module], bool]
+
+
+def _is_transformers_conv1d(layer: nn.Module) -> bool:
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
+
+
+_BUILTIN = (
+    LayerType("linear", QuantLinear, lambda m: isinstance(m, nn.Linear) or _is_transformers_conv1d(m)),
+    LayerType("conv1d", QuantConv1d, lambda m: isinstance(m, nn.Conv1d)),
+    LayerType("conv2d", QuantConv2d, lambda m: isinstance(m, nn.Conv2d)),
+    LayerType("embedding", QuantEmbedding, lambda m: isinstance(m, nn.Embedding)),
+)
+_REGISTRY: dict[str, LayerType] = {t.name: t for t in _BUILTIN}
+
+
+def register_layer_type(layer_type: LayerType) -> LayerType:
+    """Make ``layer_type`` quantizable by every config that does not restrict ``layer_types``; types are
+    matched in registration order (the built-in ones first)."""
+    if layer_type.name in _REGISTRY:
+        raise ValueError(f"layer type {layer_type.name!r} is already registered")
+    _REGISTRY[layer_type.name] = layer_type
+    return layer_type
+
+
+def unregister_layer_type(name: str) -> None:
+    """Forget a registered layer type (the built-in ones stay)."""
+    if name in {t.name for t in _BUILTIN}:
+        raise ValueError(f"the built-in layer type {name!r} cannot be unregistered")
+    _REGISTRY.pop(name, None)
+
+
+def layer_type_names() -> tuple[str, ...]:
+    """The registered layer type names, in matching order."""
+    return tuple(_REGISTRY)
+
+
+def _layer_type(layer: nn.Module) -> LayerType | None:
     if isinstance(layer, QuantMixin):
         return None
-    if isinstance(layer, nn.Linear) or (type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")):
-        return QuantLinear
-    if isinstance(layer, nn.Conv2d):
-        return QuantConv2d
-    if isinstance(layer, nn.Conv1d):
-        return QuantConv1d
-    if isinstance(layer, nn.Embedding):
-        return QuantEmbedding
-    return None
+    return next((t for t in _REGISTRY.values() if t.matches(layer)), None)
+
+
+def quantized_class_for(layer: nn.Module) -> type[QuantMixin] | None:
+    """The quantized class that replaces ``layer``, or None when its type is not supported."""
+    found = _layer_type(layer)
+    return None if found is None else found.quantized
 
 
 def layer_type_name(layer: nn.Module) -> str | None:
-    """``linear`` / ``conv1d`` / ``conv2d`` / ``embedding`` for a supported layer, else None."""
-    cls = quantized_class_for(layer)
-    names = {QuantLinear: "linear", QuantConv1d: "conv1d", QuantConv2d: "conv2d", QuantEmbedding: "embedding"}
-    return None if cls is None else names[cls]
+    """The registered type name of ``layer`` (``linear`` / ``conv1d`` / ``conv2d`` / ``embedding`` / ...), else None."""
+    found = _layer_type(layer)
+    return None if found is None else found.name

@@ -179,7 +179,7 @@ class QuantSpec:
         if not isinstance(data, dict):
             raise ConfigError(f"a quant spec must be a mapping, got {type(data).__name__}")
         known = {"bits", "symmetric", "signed", "granularity", "mapping", "base"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
-            raise ConfigError(f"unknown quant spec field(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown quant spec field(s) {unknown[:10]}; known: {sorted(known)}")
         return cls(**data)

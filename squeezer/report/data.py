@@ -1,55 +1,25 @@
 """The report data of ``quantize``, ``compress`` and ``search`` runs (what :mod:`.html` renders and
-``report_data.json`` holds), the robustness section, and the task metrics the CLI names.
+``report_data.json`` holds) and the robustness section (task metrics: :mod:`squeezer.task_metrics`).
 
 Every run's data opens with ``about`` (model class, preset or strategy, date, squeezer and torch
-versions) and a one-line ``headline``. Task metrics take the concatenated model outputs ``o`` and
-targets ``y``: ``accuracy``: ``mean(argmax o == y)``, or ``mean(1[o > 0] == y)`` for one logit per
-sample; ``roc_auc``: the Mann-Whitney ROC-AUC of one score per sample (``o[:, 1] - o[:, 0]`` for
-two-class logits).
+versions) and a one-line ``headline``.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..task_metrics import task_metric
 from ..transform import report_of
 from ..version import __version__
 from .quant import QuantReport, ratio_text
 
 if TYPE_CHECKING:
     from ..search.session import SearchRun
-
-
-def accuracy(outputs: Tensor, targets: Tensor) -> float:
-    o = outputs.squeeze(-1) if outputs.dim() > 1 and outputs.shape[-1] == 1 else outputs
-    predicted = o.argmax(-1) if o.dim() > 1 else (o > 0).long()
-    return float((predicted == targets.reshape(predicted.shape).long()).float().mean())
-
-
-def roc_auc(outputs: Tensor, targets: Tensor) -> float:
-    from ..examples.credit import roc_auc as auc
-
-    o = outputs.squeeze(-1) if outputs.dim() > 1 and outputs.shape[-1] == 1 else outputs
-    if o.dim() > 1:
-        if o.shape[-1] != 2:
-            raise ConfigError(f"roc_auc needs one score or two-class logits per sample, got outputs {tuple(o.shape)}")
-        o = o[:, 1] - o[:, 0]
-    return auc(o, targets)
-
-
-METRICS: dict[str, Callable[[Tensor, Tensor], float]] = {"accuracy": accuracy, "roc_auc": roc_auc}
-
-
-def task_metric(name: str) -> Callable[[Tensor, Tensor], float]:
-    if name not in METRICS:
-        raise ConfigError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
-    return METRICS[name]
 
 
 def about(model_class: str, **fields: Any) -> dict[str, Any]:

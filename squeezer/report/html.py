@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError
-from ..io.atomic import atomic_write_text
+from ..io.atomic import atomic_write
 from .json import dumps
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def write_html(data: dict[str, Any], path: str | Path) -> Path:
     text = render_html(data)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, text)
+        atomic_write(path, text)
     except OSError as exc:
         raise DataError(f"cannot write the HTML report {path}: {exc.strerror or exc}") from None
     return path

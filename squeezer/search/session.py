@@ -21,7 +21,7 @@ from torch import nn
 from ..cache import CacheDir
 from ..calibration import Batch, call_model
 from ..errors import ConfigError
-from ..io.atomic import atomic_write_text
+from ..io.atomic import atomic_write
 from ..io.checkpoint import save
 from ..kernels import pack
 from ..report.json import dumps
@@ -144,5 +144,5 @@ def run_search(
                    "metric": baseline},
         "after": {"bytes": size, "latency_ms": batch1_latency_ms(chosen, calib[0], packed=True), "metric": metric},
     }
-    atomic_write_text(out / "search.json", dumps({"trials": trial_log, "choice": choice}))
+    atomic_write(out / "search.json", dumps({"trials": trial_log, "choice": choice}))
     return SearchRun(chosen, summary, sens, pareto, config, extra or {})

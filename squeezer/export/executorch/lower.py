@@ -39,7 +39,8 @@ from ...errors import ConfigError
 from ...modules import QuantLinear
 from ...modules.base import QuantMixin
 from ..base import ExportReport, require_extra
-from ..files import check_output_dir, write_atomic
+from ...io.atomic import atomic_write
+from ..files import check_output_dir
 from ..qdq import (
     QdqLayer,
     Unsupported,
@@ -144,5 +145,5 @@ def export_executorch(model: nn.Module, example_inputs: Any, path: Path, options
     portable = set(program.exported_program().graph_signature.inputs_to_buffers.values())
     for name in report.layers:
         report.layers[name] += ": portable kernels" if f"{name}.weight" in portable else ": XNNPACK"
-    write_atomic(path, program.to_executorch().buffer)
+    atomic_write(path, program.to_executorch().buffer)
     return report

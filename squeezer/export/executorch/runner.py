@@ -31,14 +31,14 @@ class PteModule(Runner):
         meta = self.method.metadata
         infos = [meta.input_tensor_meta(i) for i in range(meta.num_inputs())]
         self.inputs = [(f"input_{i}", _ET_TYPES.get(info.dtype())) for i, info in enumerate(infos)]
+        self.shapes = {f"input_{i}": tuple(info.sizes()) for i, info in enumerate(infos)}
         self.rows = int(infos[0].sizes()[0]) if infos and infos[0].sizes() else 1
 
     def _execute(self, feeds: Arrays) -> list[np.ndarray]:
         try:
             outputs = self.method.execute([torch.from_numpy(v) for v in feeds.values()])
-        except RuntimeError as exc:
-            raise ModelError(f"{self.path.name}: ExecuTorch failed on inputs of shapes "
-                             f"{[v.shape for v in feeds.values()]}: {exc}") from None
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise self._failed(feeds, exc) from None
         return [o.numpy() for o in outputs]
 
     def _run(self, feeds: Arrays) -> list[np.ndarray]:

@@ -28,8 +28,9 @@ Each quantized layer is exported by a symbolic function that writes its own node
   into ``DynamicQuantizeMatMul``; convolutions take the float fake-quantization form (warned).
 * integer operands are u8 x u8 or s8 x s8, never u8 x s8: ONNX Runtime's x86 u8 x s8 kernels on CPUs
   without VNNI (AVX2, AVX-512 without VNNI) add pairs of products in saturating int16 (``vpmaddubsw``),
-  which puts outputs 10-30 % off (since release 1.23 this includes static QDQ, fused into ``QGemm``;
-  ``MatMulInteger`` always did); u8 x u8 is exact on every CPU and about as fast.
+  which puts outputs 10-30 % off (measured on AVX2: ``MatMulInteger`` in ONNX Runtime 1.20-1.32, static
+  QDQ since 1.23, which fuses it into ``QGemm`` / ``QLinearConv``); u8 x u8 is exact on every CPU, within
+  1.1-1.4x of u8 x s8's speed there (s8 x s8 is exact too, but a scalar fallback: 6-50x slower).
 Anything else is written as its reconstructed float weight and listed in the export report
 as a warning naming the layer (never silently). The file is then compacted
 (:mod:`squeezer.export.onnx.compact`).
@@ -130,7 +131,7 @@ def _dq_weight(g: Any, qt: QTensor, transposed: bool = False, unsigned: bool = F
     ``unsigned``: signed codes stored as uint8 ``(q + 128, Z + 128)`` (:func:`_uint8_codes`)."""
     spec = qt.spec
     scale = qt.qparams.scale.float().reshape(-1)
-    zero = torch.zeros_like(scale, dtype=torch.int8) if qt.qparams.zero_point is None else qt.qparams.zero_point.reshape(-1)
+    zero = torch.zeros(scale.shape, dtype=torch.int8) if qt.qparams.zero_point is None else qt.qparams.zero_point.reshape(-1)
     codes = qt.codes.t() if transposed else qt.codes
     if spec.signed and unsigned:
         codes, zero = _uint8_codes(codes), _uint8_codes(zero)
@@ -362,7 +363,10 @@ def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, n
         y = _matmul_nbits(g, x, qt)
         report.layers[name] = f"MatMulNBits ({qt.spec.bits} bits, block {nbits_block(qt)})"
     else:
-        w = _dq_weight(g, qt, transposed=True, unsigned=_unsigned_weights(layer)) if kind == "qdq" else g.op("Transpose", _weight_node(g, layer, qt, kind), perm_i=[1, 0])
+        if kind == "qdq":
+            w = _dq_weight(g, qt, transposed=True, unsigned=_unsigned_weights(layer))
+        else:
+            w = g.op("Transpose", _weight_node(g, layer, qt, kind), perm_i=[1, 0])
         y = g.op("MatMul", x, w)
         report.layers[name] = KIND_LABEL[kind] + " + MatMul" + (" (static QDQ activations)" if mode == "static" else "")
         if kind == "float":

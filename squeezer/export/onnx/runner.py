@@ -40,7 +40,11 @@ class OnnxModule(Runner):
             raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from None
         self.path = Path(path)
         self.inputs = [(i.name, _ONNX_TYPES.get(i.type)) for i in self.session.get_inputs()]
+        self.shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _run(self, feeds: Arrays) -> list[np.ndarray]:
-        return self.session.run(self.output_names, feeds)
+        try:
+            return self.session.run(self.output_names, feeds)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types (InvalidArgument, Fail, ...)
+            raise self._failed(feeds, exc) from None

@@ -47,7 +47,8 @@ from ...quant.core import uniform_qparams
 from ...quant.formats import activation_format
 from ...quant.spec import PerTensor, QuantSpec
 from ..base import ExportReport, require_extra
-from ..files import check_output_dir, write_atomic
+from ...io.atomic import atomic_write
+from ..files import check_output_dir
 from ..qdq import (
     QdqLayer,
     Unsupported,
@@ -243,5 +244,5 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: Path, options: Tf
     if mode == "dynamic" and layers:
         report.warnings += [f"TFLite's dynamic-range converter quantized the float weight {name!r} to int8 "
                             "itself (not squeezer's quantization)" for name in _converter_quantized(content, qmodel)]
-    write_atomic(path, content)
+    atomic_write(path, content)
     return report

@@ -43,6 +43,8 @@ class TfliteModule(Runner):
         self.inputs = [(n, np.float32 if self._quantized(details[n]) else details[n]["dtype"])
                        for n in _signature_order(list(details), "args_")]
         self.output_names = _signature_order(list(self.output_details), "output_")
+        self.shapes = {n: tuple(None if s < 0 else int(s) for s in details[n].get("shape_signature", details[n]["shape"]))
+                       for n, _ in self.inputs}
         self.rows = int(details[self.inputs[0][0]]["shape"][0]) if self.inputs else 1
 
     def _load(self) -> None:
@@ -71,8 +73,7 @@ class TfliteModule(Runner):
             try:
                 outputs = in_chunks(self._invoke, feeds, self.rows)
             except (ValueError, RuntimeError) as exc:
-                raise ModelError(f"{self.path.name}: inputs of shapes {[v.shape for v in feeds.values()]} do not fit "
-                                 f"the exported model: {exc}") from None
+                raise self._failed(feeds, exc) from None
         for i, name in enumerate(self.output_names):
             detail = self.output_details[name]
             if self._quantized(detail):

@@ -1,0 +1,191 @@
+"""A checkpoint's ``manifest.json``: bounded JSON reading, its schema, and the digest that seals it.
+
+The digest is ``SHA-256(TAG || len(C) as 8 bytes big-endian || C || tensor file bytes)`` where ``C`` is
+the canonical JSON of the manifest without its ``sha256`` field (sorted keys, no spaces, ASCII): a
+change to any manifest field or any tensor byte changes it. Reading is bounded: the file size, the
+nesting depth and the length of each number are capped, so a hostile manifest gives a
+:class:`ModelError` (never a ``RecursionError`` or a huge integer conversion).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError, SqueezerError
+from ..quant.scheme import LayerScheme
+from .digest import update_from_file
+
+FORMAT = "squeezer-checkpoint"
+FORMAT_VERSION = 3  # 3: the digest covers the manifest; 2: per-layer "scheme" (LayerScheme)
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_DEPTH = 32
+MAX_NUMBER_CHARS = 40
+_TAG = b"squeezer-checkpoint-digest\0"
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_EXAMPLE_KINDS = ("tensor", "tuple", "dict")
+_EXAMPLE_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+MAX_EXAMPLE_ELEMENTS = 1 << 24
+_LAYER_KEYS = {"type", "shape", "dtype", "scheme", "input_rotation"}
+
+
+def canonical(manifest: dict[str, Any]) -> bytes:
+    """The manifest without its ``sha256`` field as canonical JSON bytes."""
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def digest(manifest: dict[str, Any], tensors: Path) -> str:
+    """Hex digest of ``manifest`` (canonical form) and the tensor file, streamed."""
+    body = canonical(manifest)
+    hasher = hashlib.sha256(_TAG + len(body).to_bytes(8, "big") + body)
+    update_from_file(hasher, tensors)
+    return hasher.hexdigest()
+
+
+def _number(kind: type, path: Path) -> Any:
+    def parse(text: str) -> Any:
+        if len(text) > MAX_NUMBER_CHARS:
+            raise ModelError(f"checkpoint manifest {path}: a number of {len(text)} characters (at most {MAX_NUMBER_CHARS})")
+        return kind(text)
+    return parse
+
+
+def _unique_keys(path: Path):
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(items)
+        if len(out) != len(items):
+            raise ModelError(f"checkpoint manifest {path}: a JSON object repeats a key")
+        return out
+    return pairs
+
+
+def _depth(text: str) -> int:
+    """Deepest nesting of ``[`` / ``{`` in JSON ``text`` (brackets inside strings ignored)."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def parse_bounded(path: Path) -> Any:
+    """JSON from ``path`` within the size, depth and number-length bounds, else :class:`ModelError`."""
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ModelError(f"checkpoint manifest {path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ModelError(f"{path.parent} is not a squeezer checkpoint: {path.name} is missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"checkpoint manifest {path} is corrupt: {exc}") from None
+    if _depth(text) > MAX_DEPTH:
+        raise ModelError(f"checkpoint manifest {path} is corrupt: JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(text, parse_int=_number(int, path), parse_float=_number(float, path),
+                          object_pairs_hook=_unique_keys(path))
+    except (json.JSONDecodeError, ValueError) as exc:
+        if isinstance(exc, SqueezerError):
+            raise
+        raise ModelError(f"checkpoint manifest {path} is corrupt: {exc}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _expect(ok: bool, path: Path, where: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ModelError(f"checkpoint manifest {path}: {where} must be {what}, got {value!r:.80}")
+
+
+def _check_spec_types(spec: Any, path: Path, where: str) -> None:
+    """JSON types of a quant spec dict (``QuantSpec`` checks the values): no truthy strings for booleans."""
+    _expect(isinstance(spec, dict), path, where, "a mapping", spec)
+    for key, ok, what in (("bits", _is_int, "an integer"), ("symmetric", lambda v: isinstance(v, bool), "true or false"),
+                          ("signed", lambda v: v is None or isinstance(v, bool), "true, false or null"),
+                          ("granularity", lambda v: isinstance(v, str), "a string"),
+                          ("mapping", lambda v: isinstance(v, str), "a string"),
+                          ("base", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+                           "a number or null")):
+        if key in spec:
+            _expect(ok(spec[key]), path, f"{where}.{key}", what, spec[key])
+
+
+def _check_layer(name: str, info: Any, path: Path) -> LayerScheme:
+    where = f"layer {name!r}"
+    _expect(isinstance(info, dict), path, where, "a mapping", info)
+    unknown = sorted(set(info) - _LAYER_KEYS)
+    _expect(not unknown, path, f"{where} field(s) {unknown}", f"among {sorted(_LAYER_KEYS)}", unknown)
+    _expect(isinstance(info.get("type"), str), path, f"{where}.type", "a layer class name", info.get("type"))
+    shape = info.get("shape")
+    _expect(isinstance(shape, list) and 1 <= len(shape) <= 5 and all(_is_int(d) and 0 < d < 2**31 for d in shape),
+            path, f"{where}.shape", "a list of 1 to 5 positive integers", shape)
+    _expect(info.get("dtype") in _WEIGHT_DTYPES, path, f"{where}.dtype", f"one of {_WEIGHT_DTYPES}", info.get("dtype"))
+    rotation = info.get("input_rotation", 1)
+    _expect(_is_int(rotation) and 1 <= rotation <= 2**20, path, f"{where}.input_rotation", "a positive integer", rotation)
+    scheme = info.get("scheme")
+    _expect(isinstance(scheme, dict), path, f"{where}.scheme", "a mapping", scheme)
+    for key in ("activation_mode", "observer"):
+        if key in scheme:
+            _expect(isinstance(scheme[key], str), path, f"{where}.scheme.{key}", "a string", scheme[key])
+    _check_spec_types(scheme.get("weight"), path, f"{where}.scheme.weight")
+    if scheme.get("activation") is not None:
+        _check_spec_types(scheme["activation"], path, f"{where}.scheme.activation")
+    try:
+        return LayerScheme.from_dict(scheme)
+    except SqueezerError as exc:
+        raise ModelError(f"checkpoint manifest {path}: {where}.scheme: {exc}") from None
+
+
+def _check_kernels(kernels: Any, layers: dict[str, Any], path: Path) -> None:
+    _expect(isinstance(kernels, dict), path, "kernels", "a mapping of layer -> kernel path(s)", kernels)
+    for name, value in kernels.items():
+        _expect(name in layers, path, f"kernels[{name!r}]", "a layer of the manifest", name)
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        _expect(ok, path, f"kernels[{name!r}]", "a path name or a list of them", value)
+
+
+def _check_example(example: Any, path: Path) -> None:
+    """``example_inputs`` as :func:`squeezer.calibration.batch_signature` writes it, of bounded size."""
+    where = "example_inputs"
+    _expect(isinstance(example, dict) and example.get("kind") in _EXAMPLE_KINDS, path, f"{where}.kind",
+            f"one of {_EXAMPLE_KINDS}", example.get("kind") if isinstance(example, dict) else example)
+    inputs = example.get("inputs")
+    _expect(isinstance(inputs, list) and 0 < len(inputs) <= 64, path, f"{where}.inputs", "a list of 1 to 64 inputs", inputs)
+    for i, item in enumerate(inputs):
+        _expect(isinstance(item, dict) and isinstance(item.get("name"), str) and item.get("dtype") in _EXAMPLE_DTYPES,
+                path, f"{where}.inputs[{i}]", f"a name and a dtype among {_EXAMPLE_DTYPES}", item)
+        shape = item.get("shape")
+        _expect(isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d) and 0 <= d for d in shape)
+                and math.prod(shape) <= MAX_EXAMPLE_ELEMENTS, path, f"{where}.inputs[{i}].shape",
+                f"at most 8 dimensions and {MAX_EXAMPLE_ELEMENTS} elements", shape)
+
+
+def validate(manifest: Any, path: Path) -> dict[str, LayerScheme]:
+    """Check ``manifest`` (parsed from ``path``) field by field; returns each layer's scheme."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelError(f"{path} is not a squeezer checkpoint manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{path}: format version {manifest.get('format_version')!r:.40} is not supported "
+                         f"(this squeezer reads version {FORMAT_VERSION})")
+    for key in ("squeezer_version", "torch_version"):
+        _expect(isinstance(manifest.get(key), str), path, key, "a string", manifest.get(key))
+    _expect(isinstance(manifest.get("sha256"), str) and _HEX64.fullmatch(manifest["sha256"]) is not None, path,
+            "sha256", "64 lowercase hex digits", manifest.get("sha256"))
+    layers = manifest.get("layers")
+    _expect(isinstance(layers, dict) and len(layers) > 0, path, "layers", "a non-empty mapping", layers)
+    schemes = {name: _check_layer(name, info, path) for name, info in layers.items()}
+    _check_kernels(manifest.get("kernels", {}), layers, path)
+    if "example_inputs" in manifest:
+        _check_example(manifest["example_inputs"], path)
+    if "model_factory" in manifest:
+        _expect(isinstance(manifest["model_factory"], str), path, "model_factory", "a string", manifest["model_factory"])
+    return schemes
