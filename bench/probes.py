@@ -7,8 +7,11 @@
     python bench/probes.py memory       # what quantizing MiniLM adds to resident memory, part by part
     python bench/probes.py w4           # MiniLM W4 g128: GPTQ's options, calibration size and Hadamard rotation vs the accuracy goal
     python bench/probes.py w4-ceiling   # MiniLM: the best W4 g128 algorithm with finer groups and more bits (where agreement 0.97 lies)
+    python bench/probes.py kernel-choice [--seconds N | --quick]
+                                        # squeezer.pack(kernels="rule") vs kernels="time", timed against each other
+                                        # round by round (MLP of peers.py and a 4096x4096 Linear, batches 1 and 16)
 
-Each prints a table and writes ``bench/results/probe_<name>.json``.
+Each prints a table and writes ``bench/results/probe_<name>.json`` (``--quick``: ``bench/results/quick/``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -33,11 +37,14 @@ from torch import nn
 import squeezer
 from squeezer.examples.minilm import load_minilm
 from compression import digits_data
-from common import RESULTS, write_json
+from common import RESULTS, fmt_ms, log, table_head, table_row, write_json
 from machine import PeakMemory, cpu_info
+from peers import THREADS, make_mlp, mlp_inputs
+from round_robin import paired_rounds, time_round_robin
 from squeezer.distill import distill
 from squeezer.examples.credit import evaluate_credit, make_credit_task, train_credit_model
 from squeezer.examples.digits import DigitsCNN, digits_accuracy, make_digits_task, train_digits_model
+from squeezer.kernels import packed_kernels
 from squeezer.training import fit
 
 SEEDS = (1, 2, 3, 4, 5, 6)
@@ -336,11 +343,96 @@ def probe_w4(variants: tuple[W4Variant, ...]) -> dict[str, Any]:
     return {"test_texts": len(ev.test_x), "rows": rows}
 
 
+KERNEL_PRESETS = ("w8", "w8a8", "w8a8-tensor", "w8a8-static", "w4g128")
+KERNEL_BATCHES = (1, 16)
+KERNEL_SECONDS = 10.0
+"""Timing budget per (model, preset, batch) of a full run: 20 cases, 200 s nominal (up to twice that on a busy
+machine, see :func:`~round_robin.time_round_robin`), plus quantizing and packing: within 8 minutes."""
+KERNEL_QUICK_SECONDS = 1.0
+KERNEL_MAX_ROUNDS = 1000
+
+
+def kernel_models(quick: bool) -> dict[str, tuple[nn.Module, list[torch.Tensor], dict[int, torch.Tensor]]]:
+    """``{name: (model, calibration batches, {batch: timed input})}``: peers.py's MLP, and (not with ``quick``)
+    one seeded ``Linear(4096, 4096)`` with standard normal inputs."""
+    timed, calib, _ = mlp_inputs(KERNEL_BATCHES)
+    models = {"MLP 1024-4096-4096-1024": (make_mlp(), calib, timed)}
+    if not quick:
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+        models["Linear 4096x4096"] = (nn.Sequential(nn.Linear(4096, 4096)).eval(),
+                                      [torch.randn(64, 4096, generator=g) for _ in range(4)],
+                                      {b: torch.randn(b, 4096, generator=g) for b in KERNEL_BATCHES})
+    return models
+
+
+def probe_kernel_choice(cache: Path, seconds: float, quick: bool) -> dict[str, Any]:
+    """Is a model packed with ``kernels="rule"`` (the default) at least as fast as one packed with
+    ``kernels="time"`` (timed on this machine, fresh kernel cache in ``cache``)? Per model, preset and batch,
+    the two packed models are timed in one round-robin run (``seconds`` of budget); the verdict reads the 95 %
+    interval of the median per-round ratio ``rule ms / time ms``: at or below 1 means "at least as fast"."""
+    os.environ["SQUEEZER_CACHE_DIR"] = str(cache)
+    torch.set_num_threads(THREADS)
+    rows = []
+    for model_name, (model, calib, timed) in kernel_models(quick).items():
+        for preset in KERNEL_PRESETS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                q = squeezer.quantize(model, preset, calib=calib, progress=False)
+            packed, pack_s = {}, {}
+            for choice in ("rule", "time"):
+                start = time.perf_counter()
+                packed[choice] = squeezer.pack(q, kernels=choice).eval()
+                pack_s[choice] = round(time.perf_counter() - start, 3)
+            kernels = {choice: packed_kernels(m) for choice, m in packed.items()}
+            for b, x in timed.items():
+                log(f"kernel-choice: {model_name}, {preset}, batch {b} (~{seconds:.0f}s)")
+                with torch.inference_mode():
+                    ys = {choice: m(x) for choice, m in packed.items()}
+                    calls = {choice: (lambda m=m: m(x)) for choice, m in packed.items()}
+                    samples, round_ms, info = time_round_robin(calls, seconds, 3, KERNEL_MAX_ROUNDS)
+                paired = paired_rounds(round_ms["rule"], round_ms["time"])
+                rows.append({"model": model_name, "preset": preset, "batch": b, "kernels": kernels,
+                             "same_kernels": kernels["rule"] == kernels["time"], "pack_s": pack_s,
+                             "median_ms": {c: statistics.median(s) for c, s in samples.items()},
+                             "output_rel_diff": float((ys["rule"] - ys["time"]).norm() / ys["time"].norm()),
+                             "rounds": info, **paired,
+                             "rule_at_least_as_fast": paired.get("verdict") in ("faster", "equal within noise")})
+    print(kernel_choice_table(rows))
+    for r in rows:
+        if not r["same_kernels"] and r["batch"] == KERNEL_BATCHES[0]:
+            print(f"{r['model']}, {r['preset']}: rule {r['kernels']['rule']}; time {r['kernels']['time']}")
+    return {"presets": list(KERNEL_PRESETS), "batches": list(KERNEL_BATCHES), "seconds_per_case": seconds,
+            "threads": THREADS, "rows": rows}
+
+
+def kernel_choice_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per model, preset and batch, both medians, the ratio rule / time with its interval, the verdict."""
+    lines = table_head(["model", "preset", "batch", "same kernels", "rule ms", "time ms", "rule / time (95 % interval)",
+                        "rounds kept", "rule at least as fast"])
+    for r in rows:
+        lo, hi = r.get("ratio_ci95", (float("nan"), float("nan")))
+        ratio = f"{r['median_ratio']:.3f} ({lo:.3f}-{hi:.3f})" if r.get("rounds") else "no paired rounds"
+        lines.append(table_row([r["model"], r["preset"], str(r["batch"]), "yes" if r["same_kernels"] else "no",
+                                fmt_ms(r["median_ms"]["rule"]), fmt_ms(r["median_ms"]["time"]), ratio,
+                                f"{r['rounds']['rounds_kept']} / {r['rounds']['rounds']}",
+                                "yes" if r["rule_at_least_as_fast"] else "**no**"]))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=("distill", "same-graph", "memory", "memory-part", "w4", "w4-ceiling"))
+    parser.add_argument("probe", choices=("distill", "same-graph", "memory", "memory-part", "w4", "w4-ceiling",
+                                          "kernel-choice"))
     parser.add_argument("part", nargs="?", help="memory-part only (internal)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help=f"kernel-choice: timing budget per case in seconds (default {KERNEL_SECONDS:g}; "
+                             f"--quick {KERNEL_QUICK_SECONDS:g})")
+    parser.add_argument("--quick", action="store_true",
+                        help="kernel-choice: a smoke run (MLP only, short timing) written under bench/results/quick")
     args = parser.parse_args()
+    if (args.quick or args.seconds is not None) and args.probe != "kernel-choice":
+        parser.error("--quick and --seconds apply to kernel-choice only")
     if args.probe == "memory-part":
         print(json.dumps(memory_part(args.part)))
         return
@@ -349,10 +441,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = {"distill": probe_distill, "memory": probe_memory, "w4": lambda: probe_w4(W4_VARIANTS),
                   "w4-ceiling": lambda: probe_w4(W4_CEILING),
-                  "same-graph": lambda: probe_same_graph(Path(tmp))}[args.probe]()
+                  "same-graph": lambda: probe_same_graph(Path(tmp)),
+                  "kernel-choice": lambda: probe_kernel_choice(
+                      Path(tmp) / "kernel-cache",
+                      args.seconds or (KERNEL_QUICK_SECONDS if args.quick else KERNEL_SECONDS), args.quick)}[args.probe]()
     result["machine"] = cpu_info()
     result["date"] = time.strftime("%Y-%m-%d %H:%M")
-    out = RESULTS / f"probe_{args.probe.replace('-', '_')}.json"
+    out = (RESULTS / "quick" if args.quick else RESULTS) / f"probe_{args.probe.replace('-', '_')}.json"
     write_json(out, result)
     print(f"wrote {out}")
 

@@ -197,6 +197,9 @@ def quantize_cmd(
         return
     _print_about(data)
     console.print(report.table())
+    float_warning = report.float_warning()
+    if float_warning:
+        console.print(f"[yellow]warning:[/] {float_warning}", highlight=False)
     if task:
         console.print("task metric: " + "; ".join(f"{name} {v['before']:.4g} -> {v['after']:.4g}"
                                                   for name, v in task.items()), highlight=False)

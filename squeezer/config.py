@@ -84,7 +84,7 @@ class QuantConfig:
         if not isinstance(change, dict):
             raise ConfigError(f"{where} must be a mapping of config fields, got {type(change).__name__}")
         allowed = {"weight", "activation", "activation_mode", "observer"}
-        unknown = sorted(set(change) - allowed)
+        unknown = sorted(map(str, set(change) - allowed))
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
         values = dict(change)
@@ -137,8 +137,8 @@ class QuantConfig:
             raise ConfigError(f"unknown config field(s) {excerpt(unknown)}; known: {sorted(known)}")
         for key, value in data.items():
             kinds, what = _FIELD_KINDS[key]
-            if not isinstance(value, kinds) or isinstance(value, bool) or (
-                    isinstance(value, (list, tuple)) and not all(isinstance(v, str) for v in value)):
+            names = value if isinstance(value, (list, tuple)) else value if isinstance(value, dict) and key == "overrides" else ()
+            if not isinstance(value, kinds) or isinstance(value, bool) or not all(isinstance(v, str) for v in names):
                 raise ConfigError(f"config field {key!r} must be {what}, got {excerpt(value)}")
         return cls(**data)
 

@@ -141,6 +141,9 @@ PRUNE_KINDS = ("unstructured", "global", "nm", "structured", "features", "heads"
 @step
 @dataclass(frozen=True)
 class Prune(Step):
+    """Zero or remove weights: ``kind`` unstructured / global / nm / structured / features / heads, to ``sparsity``
+    (``n`` of every ``m`` for N:M); ``steps`` > 1 prunes on a cubic schedule with ``finetune_epochs`` in between."""
+
     name: ClassVar[str] = "prune"
 
     kind: str = "unstructured"
@@ -198,6 +201,9 @@ class Prune(Step):
 @step
 @dataclass(frozen=True)
 class LowRank(Step):
+    """Factorise ``W (out, in) ~ U_r V_r`` by truncated SVD: rank from the kept ``energy`` share of ``sum s_i^2``
+    or from a parameter ``budget``."""
+
     name: ClassVar[str] = "lowrank"
 
     energy: float | None = None
@@ -244,6 +250,8 @@ class _QuantConfigStep(Step):
 @step
 @dataclass(frozen=True)
 class Quantize(_QuantConfigStep):
+    """Post-training quantization (:func:`squeezer.quantize`), calibrated on the inputs of the data batches."""
+
     name: ClassVar[str] = "quantize"
 
     preset: str | None = None
@@ -266,6 +274,8 @@ class Quantize(_QuantConfigStep):
 @step
 @dataclass(frozen=True)
 class QAT(_QuantConfigStep):
+    """Quantization-aware training for ``epochs``: ``L = L_task + lam E_quant``, then folded into fixed qparams."""
+
     name: ClassVar[str] = "qat"
     trains: ClassVar[bool] = True
 
@@ -304,6 +314,9 @@ class QAT(_QuantConfigStep):
 @step
 @dataclass(frozen=True)
 class Distill(Step):
+    """Train the model against the recipe's input model (the teacher ``t``), temperature ``T``:
+    ``L = alpha L_task + (1 - alpha) T^2 KL(softmax(t / T) || softmax(s / T))``."""
+
     name: ClassVar[str] = "distill"
     trains: ClassVar[bool] = True
 
@@ -330,6 +343,8 @@ class Distill(Step):
 @step
 @dataclass(frozen=True)
 class Finetune(Step):
+    """Train on the task loss for ``epochs`` (pruning masks keep pruned weights at zero)."""
+
     name: ClassVar[str] = "finetune"
     trains: ClassVar[bool] = True
 

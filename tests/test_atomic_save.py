@@ -127,7 +127,7 @@ def test_a_kill_at_any_step_leaves_the_old_or_the_new_checkpoint(tmp_path, model
         assert [p.name for p in target.parent.iterdir()] == ["ckpt"], (kill_at, name)
         assert torch.equal(_outputs(target), new_out)
     assert which == sorted(which) and which[0] == 0 and which[-1] == 1, "old until the swap, new after it"
-    assert {".ckpt.tmp", ".ckpt.old", ".ckpt.lock"} <= leftovers, "the kills did leave leftovers to clean"
+    assert {".ckpt.tmp", ".ckpt.old", ".ckpt.del", ".ckpt.lock"} <= leftovers, "the kills did leave leftovers to clean"
 
 
 def test_a_real_save_killed_between_its_renames_is_repaired_by_load(tmp_path, models):

@@ -26,7 +26,7 @@ from squeezer.recipe import Recipe
 
 from .conftest import MLP
 
-FUZZ = settings(max_examples=300, deadline=None, database=None,
+FUZZ = settings(max_examples=60, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 OUTCOMES: Counter = Counter()
 """(loader, outcome) -> count over the whole module (printed at the end with ``-s``)."""
@@ -120,7 +120,10 @@ def _load_and_quantize(path: Path, batch_size: int) -> None:
 
 
 @FUZZ
-@given(text=st.lists(st.sampled_from(list("0123456789.,-e\n ab") + ["nan", "inf"]), max_size=40).map("".join),
+@given(text=st.one_of(
+    st.lists(st.sampled_from(list("0123456789.,-e\n ab") + ["nan", "inf"]), max_size=40).map("".join),
+    st.lists(st.lists(st.one_of(st.floats(-1e3, 1e3).map(str), st.floats(-1e3, 1e3).map(str), st.sampled_from(["", "x", "1e999"])), min_size=4,
+                      max_size=4).map(",".join), min_size=1, max_size=6).map("\n".join)),
        raw=st.binary(max_size=40))
 def test_csv_calibration_files(tmp_path_factory, text, raw):
     folder = tmp_path_factory.mktemp("csv")

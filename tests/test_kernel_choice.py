@@ -4,6 +4,9 @@ caches that live only where ``SQUEEZER_CACHE_DIR`` (read at each call) says."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,3 +174,30 @@ def test_no_module_level_cache_paths():
     for fn in (sensitivity.measure_sensitivity, joint.pareto_search, session.run_search):
         assert inspect.signature(fn).parameters["cache_dir"].default is True, fn.__name__
     assert not any(isinstance(v, Path) for mod in (select, sensitivity) for v in vars(mod).values())
+
+
+_PACK_IN_A_PROCESS = """
+import hashlib, json, sys, torch, squeezer
+from squeezer.kernels import packed_kernels
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).eval()
+calib = [torch.randn(16, 64) for _ in range(2)]
+out = {}
+for preset in sys.argv[1:]:
+    packed = squeezer.pack(squeezer.quantize(model, preset, calib=calib, progress=False))
+    with torch.no_grad():
+        y = torch.cat([packed(torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))) for rows in (1, 7, 64)])
+    out[preset] = [packed_kernels(packed), hashlib.sha256(y.numpy().tobytes()).hexdigest()]
+print(json.dumps(out))
+"""
+
+
+def test_pack_is_identical_across_processes(tmp_path):
+    """Two processes (default rule): the same kernels per layer and bit-identical packed outputs."""
+    presets = ["w8", "w8a8", "w8a8-static", "w4g128"]
+    env = {**os.environ, "SQUEEZER_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", _PACK_IN_A_PROCESS, *presets], capture_output=True, text=True,
+                           env=env, check=True, timeout=600).stdout for _ in range(2)]
+    first, second = (json.loads(r.strip().splitlines()[-1]) for r in runs)
+    assert set(first) == set(presets) and all(first[p][0] for p in presets)
+    assert first == second

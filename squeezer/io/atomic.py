@@ -40,7 +40,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import DataError
@@ -145,7 +145,8 @@ def _locked(target: Path, timeout: float) -> Iterator[None]:
     try:
         yield
     finally:
-        os.unlink(lock)  # before unlocking: a waiter then sees a stale file and retries
+        with suppress(FileNotFoundError):
+            os.unlink(lock)  # before unlocking: a waiter then sees a stale file and retries
         os.close(fd)
 
 

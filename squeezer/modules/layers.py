@@ -7,12 +7,19 @@ plus :class:`QuantMixin`; ``from_float(layer, scheme, copy)`` moves the layer's 
 quantized in place or already copied).
 Transformers' ``Conv1D`` (``y = x W + b`` with ``W: (in, out)``) becomes a ``QuantLinear`` with
 ``W^T`` so that output channels are on axis 0 like every other weight.
+
+A user's subclass of a torch layer that redefines the layer's function (``forward``, or ``_conv_forward``
+that a convolution's ``forward`` calls: "same" padding, weight standardisation, an output scale) is not
+replaced by the plain quantized layer, which would compute something else: it becomes
+``Quant<Subclass>`` (:func:`own_forward_class`), whose ``_op(x, W^)`` runs the subclass's own forward with
+``fq_w(W)`` in place of its weight. Such a layer runs in simulation only (packing and export refuse it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -104,15 +111,68 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
         return fake_quantize(rows, self.weight_spec, qp).reshape(*x.shape, rows.shape[-1])
 
 
+class OwnForward(QuantMixin):
+    """Mixed in first into ``Quant<Subclass>``: ``op(x, W^)`` = the subclass's own ``forward(x)`` reading
+    ``W^`` as ``self.weight`` (the float weight stays the parameter), so whatever it does around the weight
+    (pad the input, standardise ``W^``, scale the output) runs on the quantized weight."""
+
+    float_class: type[nn.Module]
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, scheme: LayerScheme, copy: bool = True) -> "OwnForward":
+        """The layer with its attributes, submodules and buffers as they are (its own ``__init__`` may take
+        other arguments than the torch layer's), its weight and bias adopted like every quantized layer's."""
+        new = cls.__new__(cls)
+        new.__dict__.update(layer.__dict__)
+        for key in ("_parameters", "_buffers", "_modules"):
+            new.__dict__[key] = dict(layer.__dict__[key])
+        _adopt(new, layer.weight, getattr(layer, "bias", None), copy)
+        new._init_quant(scheme)
+        return new
+
+    def _op(self, x: Tensor, weight: Tensor) -> Tensor:
+        params = self._parameters
+        float_weight = params["weight"]
+        params["weight"] = weight
+        try:
+            return self.float_class.forward(self, x)
+        finally:
+            params["weight"] = float_weight
+
+    def _simulate(self, x: Tensor) -> Tensor:
+        """``op(fq_a(x), fq_w(W))``: the whole weight fake-quantized, whatever the torch layer's shortcut."""
+        return QuantMixin._simulate(self, x)
+
+
+@cache
+def own_forward_class(quantized: type[QuantMixin], float_class: type[nn.Module]) -> type[OwnForward]:
+    """``Quant<Subclass>`` (one per pair, cached): ``OwnForward``, then ``quantized`` (so algorithms and checks
+    see e.g. a ``QuantConv2d``), then the user's ``float_class`` (whose methods come before the torch layer's)."""
+    return type(f"Quant{float_class.__name__}", (OwnForward, quantized, float_class),
+                {"float_class": float_class, "__module__": float_class.__module__})
+
+
+_FUNCTION_METHODS = ("forward", "_conv_forward")
+"""The methods a torch layer's function is made of: a subclass that redefines one computes something else."""
+
+
+def redefined_methods(layer: nn.Module, torch_class: type[nn.Module]) -> tuple[str, ...]:
+    """The methods of ``_FUNCTION_METHODS`` that ``type(layer)`` (a subclass of ``torch_class``) redefines."""
+    above = type(layer).__mro__[:type(layer).__mro__.index(torch_class)]
+    return tuple(m for m in _FUNCTION_METHODS if hasattr(torch_class, m) and any(m in vars(c) for c in above))
+
+
 @dataclass(frozen=True)
 class LayerType:
     """A quantizable layer type: its name (``QuantConfig.layer_types``, override keys ``type:<name>``),
-    the quantized class that replaces a matching module (``from_float(module, scheme, copy)``) and the
-    predicate that says which modules match."""
+    the quantized class that replaces a matching module (``from_float(module, scheme, copy)``), the
+    predicate that says which modules match and, for a torch layer, its class (``torch_class``): a
+    subclass that redefines its function gets ``own_forward_class(quantized, subclass)`` instead."""
 
     name: str
     quantized: type[QuantMixin]
     matches: Callable[[nn.Module], bool]
+    torch_class: type[nn.Module] | None = None
 
 
 def _is_transformers_conv1d(layer: nn.Module) -> bool:
@@ -120,10 +180,10 @@ def _is_transformers_conv1d(layer: nn.Module) -> bool:
 
 
 _BUILTIN = (
-    LayerType("linear", QuantLinear, lambda m: isinstance(m, nn.Linear) or _is_transformers_conv1d(m)),
-    LayerType("conv1d", QuantConv1d, lambda m: isinstance(m, nn.Conv1d)),
-    LayerType("conv2d", QuantConv2d, lambda m: isinstance(m, nn.Conv2d)),
-    LayerType("embedding", QuantEmbedding, lambda m: isinstance(m, nn.Embedding)),
+    LayerType("linear", QuantLinear, lambda m: isinstance(m, nn.Linear) or _is_transformers_conv1d(m), nn.Linear),
+    LayerType("conv1d", QuantConv1d, lambda m: isinstance(m, nn.Conv1d), nn.Conv1d),
+    LayerType("conv2d", QuantConv2d, lambda m: isinstance(m, nn.Conv2d), nn.Conv2d),
+    LayerType("embedding", QuantEmbedding, lambda m: isinstance(m, nn.Embedding), nn.Embedding),
 )
 _REGISTRY: dict[str, LayerType] = {t.name: t for t in _BUILTIN}
 
@@ -156,9 +216,15 @@ def _layer_type(layer: nn.Module) -> LayerType | None:
 
 
 def quantized_class_for(layer: nn.Module) -> type[QuantMixin] | None:
-    """The quantized class that replaces ``layer``, or None when its type is not supported."""
+    """The quantized class that replaces ``layer``, or None when its type is not supported: the type's
+    quantized class, or ``Quant<Subclass>`` for a subclass of the torch layer that redefines its function."""
     found = _layer_type(layer)
-    return None if found is None else found.quantized
+    if found is None:
+        return None
+    torch_class = found.torch_class
+    if torch_class is not None and isinstance(layer, torch_class) and redefined_methods(layer, torch_class):
+        return own_forward_class(found.quantized, type(layer))
+    return found.quantized
 
 
 def layer_type_name(layer: nn.Module) -> str | None:

@@ -2,7 +2,9 @@
 
 Which layers are taken, and each one's :class:`LayerScheme`, is the config's to say (a
 :class:`LayerSelection`, e.g. :class:`squeezer.config.QuantConfig`: layer types, include / ignore
-patterns, per-layer overrides). Every other module that owns parameters is listed as skipped, with the reason.
+patterns, per-layer overrides). Every other module that owns parameters is listed as skipped, with the reason
+(the model's own parameters, outside any submodule, under the name ``""``). A subclass of a torch layer that
+redefines its function is quantized as ``Quant<Subclass>`` running its own forward (:mod:`.layers`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError, ModelError
 from ..quant.scheme import LayerScheme
 from .base import QuantMixin
-from .layers import layer_type_name, quantized_class_for
+from .layers import OwnForward, layer_type_name, quantized_class_for
 
 
 @dataclass
@@ -65,6 +67,9 @@ def swap_layers(model: nn.Module, config: LayerSelection) -> tuple[list[str], li
     """
     chosen: list[tuple[str, nn.Module]] = []
     skipped: list[SkippedLayer] = []
+    root_params = sum(p.numel() for p in model.parameters(recurse=False))
+    if root_params and not isinstance(model, QuantMixin):
+        skipped.append(SkippedLayer("", type(model).__name__, root_params, "parameters of the model itself"))
     for name, module in model.named_modules():
         if isinstance(module, QuantMixin) or not name:
             continue
@@ -100,10 +105,15 @@ def set_mode(model: nn.Module, mode: str) -> None:
 
 
 def ensure_deployable(model: nn.Module, action: str) -> dict[str, QuantMixin]:
-    """The quantized layers of ``model``, or a clear error when it has none or is still in QAT."""
-    from ..errors import ModelError
-
+    """The quantized layers of ``model``, or a clear error when it has none, is still in QAT, or has a layer
+    running its own forward (a subclass's function that packed kernels and exports do not reproduce)."""
     layers = quant_layers(model)
+    own = next(((n, l) for n, l in layers.items() if isinstance(l, OwnForward)), None)
+    if own is not None:
+        name, layer = own
+        raise ConfigError(f"{action}: layer {name!r} is a {layer.float_class.__name__}, a subclass that redefines its "
+                          f"torch layer's forward: it runs in simulation only; quantize with ignore=[{name!r}] "
+                          "to keep it in float")
     if not layers:
         raise ModelError(f"{action}: the model has no quantized layers: call squeezer.quantize first")
     training = [n for n, l in layers.items() if "weight_fake_quant" in l._modules or "act_fake_quant" in l._modules]

@@ -4,7 +4,9 @@ Per layer: format, bits, granularity, #params, bytes before (float) and after (p
 ``bits`` per weight + fp32 scales / zero points / codebooks), weight error (MSE, SQNR,
 cosine of ``W^`` vs ``W``) and, with calibration data, the layer's output error measured in
 isolation (float input, quantized layer vs float layer). Model totals count every parameter;
-a layer left in float is listed with its share ``params / model_params`` of the model.
+a layer left in float is listed with its share ``params / model_params`` of the model, and the
+float share of the whole model is ``1 - sum(quantized weights) / model_params`` (biases, norms and
+skipped layers): :meth:`QuantReport.float_warning` speaks up when it is more than half.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from rich.table import Table
 from ..modules.swap import SkippedLayer
 from ..quant.metrics import ErrorStats
 from .json import dumps
+
+
+def _display_name(name: str) -> str:
+    """A module's name in the table; the model's own parameters (name ``""``) as ``(model)``."""
+    return name or "(model)"
 
 
 def ratio_text(before: float, after: float) -> str:
@@ -94,6 +101,23 @@ class QuantReport:
         """``params / model_params`` (``None`` when the model's parameter count is unknown)."""
         return params / self.model_params if self.model_params else None
 
+    @property
+    def float_params(self) -> int:
+        """Parameters left in float: ``model_params - sum(quantized weights)``."""
+        return self.model_params - sum(layer.params for layer in self.layers)
+
+    def float_warning(self) -> str | None:
+        """A warning line when more than half of the model's parameters stay float, naming the largest
+        float layers; else None."""
+        share = self.param_share(self.float_params)
+        if share is None or share <= 0.5:
+            return None
+        largest = sorted(self.skipped, key=lambda s: -s.params)[:3]
+        named = ", ".join(f"{_display_name(s.name)} ({s.kind}, {self.param_share(s.params):.1%}: {s.reason})"
+                          for s in largest)
+        return (f"{share:.1%} of the model's {self.model_params:,} parameters stay float"
+                + (f"; largest float layers: {named}" if named else ""))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
@@ -102,6 +126,8 @@ class QuantReport:
                 "model_params": self.model_params,
                 "quantized_layers": len(self.layers),
                 "skipped_layers": len(self.skipped),
+                "float_params": self.float_params,
+                "float_param_share": self.param_share(self.float_params),
                 "weight_bytes_before": self.weight_bytes_before,
                 "weight_bytes_after": self.weight_bytes_after,
                 "weight_compression": self.weight_compression,
@@ -142,7 +168,7 @@ class QuantReport:
                       f"{l.weight_error.sqnr_db:.1f}", out)
         for s in self.skipped:
             share = self.param_share(s.params)
-            t.add_row(s.name, f"float ({s.reason})", f"{s.params:,}" + ("" if share is None else f" ({share:.1%})"),
+            t.add_row(_display_name(s.name), f"float ({s.reason})", f"{s.params:,}" + ("" if share is None else f" ({share:.1%})"),
                       "", "", "", "", "", "")
         t.caption = self.headline()
         return t
