@@ -384,6 +384,7 @@ def probe_kernel_choice(cache: Path, seconds: float, quick: bool) -> dict[str, A
                 start = time.perf_counter()
                 packed[choice] = squeezer.pack(q, kernels=choice).eval()
                 pack_s[choice] = round(time.perf_counter() - start, 3)
+            log(f"kernel-choice: {model_name}, {preset}: packed in {pack_s['rule']:.1f}s (rule), {pack_s['time']:.1f}s (time)")
             kernels = {choice: packed_kernels(m) for choice, m in packed.items()}
             for b, x in timed.items():
                 log(f"kernel-choice: {model_name}, {preset}, batch {b} (~{seconds:.0f}s)")
@@ -396,7 +397,7 @@ def probe_kernel_choice(cache: Path, seconds: float, quick: bool) -> dict[str, A
                              "same_kernels": kernels["rule"] == kernels["time"], "pack_s": pack_s,
                              "median_ms": {c: statistics.median(s) for c, s in samples.items()},
                              "output_rel_diff": float((ys["rule"] - ys["time"]).norm() / ys["time"].norm()),
-                             "rounds": info, **paired,
+                             "timing": info, **paired,
                              "rule_at_least_as_fast": paired.get("verdict") in ("faster", "equal within noise")})
     print(kernel_choice_table(rows))
     for r in rows:
@@ -415,7 +416,7 @@ def kernel_choice_table(rows: list[dict[str, Any]]) -> str:
         ratio = f"{r['median_ratio']:.3f} ({lo:.3f}-{hi:.3f})" if r.get("rounds") else "no paired rounds"
         lines.append(table_row([r["model"], r["preset"], str(r["batch"]), "yes" if r["same_kernels"] else "no",
                                 fmt_ms(r["median_ms"]["rule"]), fmt_ms(r["median_ms"]["time"]), ratio,
-                                f"{r['rounds']['rounds_kept']} / {r['rounds']['rounds']}",
+                                f"{r['timing']['rounds_kept']} / {r['timing']['rounds']}",
                                 "yes" if r["rule_at_least_as_fast"] else "**no**"]))
     return "\n".join(lines)
 

@@ -127,11 +127,7 @@ def quantize(
     was_training = model.training
     model.eval()
     if batches is not None:
-        try:
-            check_fits(model, batches[0], "calib batch 0")
-        except DataError:
-            model.train(was_training)
-            raise
+        check_fits(model, batches[0], "calib batch 0")
     _, skipped = swap_layers(model, cfg)
     layers = quant_layers(model)
     for layer in layers.values():

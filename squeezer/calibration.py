@@ -116,9 +116,10 @@ def describe_batch(batch: Batch) -> str:
 def check_fits(model: nn.Module, batch: Batch, where: str, error: type[SqueezerError] = DataError) -> None:
     """Run ``model`` once on ``batch`` (without gradients) before any long work; when it fails, ``error``
     naming ``where`` (the file, flag or argument that gave the batch), each input's shape and dtype and
-    what the model's first quantizable layer takes."""
+    what the model's first quantizable layer takes. The model runs in eval mode (its mode is restored)."""
+    was_training = model.training
     try:
-        batch_outputs(model, batch)
+        batch_outputs(model.eval(), batch)
     except SqueezerError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's model may raise anything on inputs it cannot take
@@ -126,6 +127,8 @@ def check_fits(model: nn.Module, batch: Batch, where: str, error: type[SqueezerE
         reason = one_line(f"{type(exc).__name__}: {exc}")
         raise error(f"{where}: inputs {describe_batch(model_inputs(model, batch))} do not fit the model"
                     f"{'; ' + expected if expected else ''} ({reason})") from None
+    finally:
+        model.train(was_training)
 
 
 def output_tensors(output: Any) -> list[Tensor]:

@@ -152,7 +152,7 @@ def quantize_cmd(
         from dataclasses import replace
 
         from .api import quantize
-        from .calibration import batch_signature, check_fits
+        from .calibration import batch_signature, check_fits, model_inputs
         from .resolve import resolve_config
         from .io.atomic import _writable_parent
         from .io.calib_files import load_calibration
@@ -179,14 +179,14 @@ def quantize_cmd(
             load_weights(net, weights)
         batches = None if calib is None else load_calibration(calib, batch_size)
         if batches is not None:
-            check_fits(net.eval(), batches[0], f"--calib {calib}")
+            check_fits(net, batches[0], f"--calib {calib}")
         before = None if metric is None else evaluate_user(metric, net, evaluate)
         q = quantize(net, cfg, calib=batches, inplace=True, progress=not json_out)
         report = report_of(q, QuantReport)
         task = None if metric is None else _before_after(before, evaluate_user(metric, q, evaluate))
         extra = {"report": report.to_dict(), "model_factory": model, **({"task": task} if task else {})}
         if batches:
-            extra["example_inputs"] = batch_signature(batches[0])
+            extra["example_inputs"] = batch_signature(model_inputs(net, batches[0]))
         save(q, out, extra=extra)
         data = quant_report_data(report, task)
         _write_report(out, data, html)
@@ -438,7 +438,7 @@ def search_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with _status("squeezer search: loading torch", json_out):
-        from .calibration import batch_signature, check_fits
+        from .calibration import batch_signature, check_fits, model_inputs
         from .io.atomic import _writable_parent
         from .io.calib_files import load_calibration, load_pairs
         from .io.user_model import load_attribute, load_factory, load_weights
@@ -478,7 +478,7 @@ def search_cmd(
                              higher_is_better=not lower_is_better, resume=resume, seed=seed, sparsity=sparsities,
                              rank=ranks, progress=not json_out,
                              on_trial=show,
-                             extra={"model_factory": model, "example_inputs": batch_signature(batches[0])})
+                             extra={"model_factory": model, "example_inputs": batch_signature(model_inputs(net, batches[0]))})
         data = search_data(run)
         if robust_data is not None:
             add_robustness(data, {"fp32": net, "compressed": run.model}, load_pairs(robust_data, batch_size,

@@ -17,6 +17,12 @@ def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def one_line(text: object, limit: int = 200) -> str:
+    """``str(text)`` (e.g. an underlying library's error) on one line, cut to at most ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
 class SqueezerError(Exception):
     """Base class of every error squeezer raises on bad input. ``argument``: the keyword argument of the
     API that the message asks for as ``name=...`` (the command line renders it as its flag)."""
@@ -36,9 +42,3 @@ class DataError(SqueezerError, ValueError):
 
 class ModelError(SqueezerError, ValueError):
     """A model cannot be built, imported, or does not match the given weights."""
-
-
-def one_line(text: object, limit: int = 200) -> str:
-    """``str(text)`` (e.g. an underlying library's error) on one line, cut to at most ``limit`` characters."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[:limit - 3] + "..."

@@ -13,7 +13,7 @@ from typing import Any
 
 from .algorithms.base import algorithm_names
 from .config import PRESETS, QuantConfig
-from .errors import ConfigError
+from .errors import ConfigError, excerpt
 
 
 def resolve_config(config: QuantConfig | str | dict[str, Any]) -> QuantConfig:
@@ -27,9 +27,9 @@ def resolve_config(config: QuantConfig | str | dict[str, Any]) -> QuantConfig:
             return PRESETS[config]
         base, _, suffix = config.rpartition("-")
         if base in PRESETS and suffix:
-            algorithm_names(suffix, where=f"preset {config!r}")
+            algorithm_names(suffix, where=f"preset {excerpt(config)}")
             return replace(PRESETS[base], algorithm=suffix, name=config)
         if config.endswith((".yaml", ".yml")):
             return QuantConfig.from_yaml(config)
-        raise ConfigError(f"unknown preset {config!r}; valid presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {excerpt(config)}; valid presets: {', '.join(PRESETS)}")
     raise ConfigError(f"config must be a preset name, dict, YAML path or QuantConfig, got {type(config).__name__}")

@@ -4,7 +4,6 @@ and none takes over 10 s. Bounded: few examples, no deadline per example (the ma
 
 from __future__ import annotations
 
-import io
 import time
 from collections import Counter
 from pathlib import Path

@@ -81,6 +81,17 @@ def test_export_input_shape_of_the_wrong_width(tmp_path, weights):
     text = cli_error("export", str(out), "--model", FACTORY, "--input-shape", "1x7", "--out", str(tmp_path / "m.onnx"))
     assert "input shape 1x7" in text and "40 input features" in text
     assert not (tmp_path / "m.onnx").exists()
+    np.save(tmp_path / "calib.npy", np.ones((8, 5), np.float32))
+    text = cli_error("export", str(out), "--model", FACTORY, "--input-shape", "1x40", "--calib", str(tmp_path / "calib.npy"),
+                     "--out", str(tmp_path / "m.tflite"))
+    assert "calib batch 0" in text and "[8, 5]" in text
+
+
+def test_export_example_of_the_wrong_width(tmp_path):
+    model = MLP().train()
+    with pytest.raises(ModelError, match=r"example_inputs: inputs input \[1, 7\] float32 do not fit.*40 input"):
+        squeezer.export(squeezer.quantize(model, "w8"), torch.randn(1, 7), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 # batches as DataLoaders and tokenizers give them
@@ -91,6 +102,14 @@ def test_labelled_pairs_from_a_data_loader():
     q = squeezer.quantize(MLP(), "w8a8-static", calib=DataLoader(data, batch_size=8))
     assert squeezer.report_of(q).calibration_batches == 4
     assert q(torch.randn(2, 40)).shape == (2, 5)
+
+
+def test_labelled_pairs_from_a_file(tmp_path):
+    """An .npz of two positional arrays is a tuple batch: (x, y) for a forward(x)."""
+    np.savez(tmp_path / "pairs.npz", np.ones((8, 40), np.float32), np.zeros(8, np.int64))
+    result = runner.invoke(app, ["quantize", "--model", FACTORY, "--calib", str(tmp_path / "pairs.npz"),
+                                 "--out", str(tmp_path / "o"), "--json"])
+    assert result.exit_code == 0, result.output
 
 
 class TwoInputs(nn.Module):
@@ -171,6 +190,11 @@ def test_billion_laughs_are_refused_quickly(tmp_path):
         load_recipe(str(tmp_path / "r.yaml"))
     assert time.perf_counter() - start < 2
     cli_error("quantize", "--model", FACTORY, "--preset", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"))
+    np.savez(tmp_path / "d.npz", x=np.ones((4, 40), np.float32), y=np.zeros(4, np.int64))
+    out = cli_error("compress", "--recipe", str(tmp_path / "r.yaml"), "--model", FACTORY, "--data", str(tmp_path / "d.npz"),
+                    "--out", str(tmp_path / "o"))
+    assert "expands to more than" in out
+    assert time.perf_counter() - start < 20
 
 
 @pytest.mark.parametrize("text, match", [

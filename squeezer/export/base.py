@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..calibration import check_fits
+from ..errors import ConfigError, ModelError
 from ..io.digest import write_sidecar
 from .options import build_options
 
@@ -114,6 +115,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | Path, format: str 
     written beside it (``model.onnx.sha256``), which :func:`squeezer.runtime.load` checks."""
     path = Path(path)
     exporter = exporter_for(path, format)
+    check_fits(model, example_inputs, "example_inputs", ModelError)
     report = exporter.export(model, example_inputs, path, build_options(exporter.name, exporter.options, options))
     write_sidecar(path)
     return report

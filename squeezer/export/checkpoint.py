@@ -42,6 +42,8 @@ def export_checkpoint(directory: str | Path, path: str | Path, format: str | Non
     net = load(directory, model=load_factory(model))
     if path.is_dir():
         raise DataError(f"export output {path} is a directory; give a file name such as model.onnx")
-    check_fits(net.eval(), example, "recorded example input" if input_shape is None
+    check_fits(net, example, "recorded example input" if input_shape is None
                else f"input shape {'x'.join(map(str, input_shape))}", ModelError)
+    if isinstance(options.get("calib"), list) and options["calib"]:
+        check_fits(net, options["calib"][0], "calib batch 0")
     return export(net, example, path, format, **options)

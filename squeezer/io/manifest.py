@@ -33,7 +33,9 @@ _WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 _EXAMPLE_KINDS = ("tensor", "tuple", "dict")
 _EXAMPLE_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 MAX_EXAMPLE_ELEMENTS = 1 << 24
-_LAYER_KEYS = {"type", "shape", "dtype", "scheme", "input_rotation"}
+_LAYER_KEYS = {"type", "shape", "dtype", "scheme", "input_rotation", "matrices"}
+_MATRIX_NAME = re.compile(r"weight_(ih|hh|hr)_l[0-9]{1,4}(_reverse)?")
+"""A recurrent layer's weight matrix (``matrices``: name -> 2-D shape; ``shape`` is their total size)."""
 
 
 def canonical(manifest: dict[str, Any]) -> bytes:
@@ -119,6 +121,19 @@ def _check_spec_types(spec: Any, path: Path, where: str) -> None:
             _expect(ok(spec[key]), path, f"{where}.{key}", what, spec[key])
 
 
+def _check_matrices(matrices: Any, shape: list[int], path: Path, where: str) -> None:
+    """Recurrent weight matrices: known names, 2-D positive shapes, ``shape == [sum of their sizes]``."""
+    _expect(isinstance(matrices, dict) and 0 < len(matrices) <= 3 * 2 * 10_000, path, where,
+            "a mapping of weight matrix -> shape", matrices)
+    for name, dims in matrices.items():
+        _expect(isinstance(name, str) and _MATRIX_NAME.fullmatch(name) is not None, path, f"{where} name",
+                "weight_ih_l<k>, weight_hh_l<k> or weight_hr_l<k> (optionally _reverse)", name)
+        _expect(isinstance(dims, list) and len(dims) == 2 and all(_is_int(d) and 0 < d < 2**31 for d in dims),
+                path, f"{where}[{name!r}]", "a list of 2 positive integers", dims)
+    total = sum(d[0] * d[1] for d in matrices.values())
+    _expect(shape == [total], path, f"{where}", f"sizes adding up to the layer's shape {shape}", total)
+
+
 def _check_layer(name: str, info: Any, path: Path) -> LayerScheme:
     where = f"layer {name!r}"
     _expect(isinstance(info, dict), path, where, "a mapping", info)
@@ -129,6 +144,8 @@ def _check_layer(name: str, info: Any, path: Path) -> LayerScheme:
     _expect(isinstance(shape, list) and 1 <= len(shape) <= 5 and all(_is_int(d) and 0 < d < 2**31 for d in shape),
             path, f"{where}.shape", "a list of 1 to 5 positive integers", shape)
     _expect(info.get("dtype") in _WEIGHT_DTYPES, path, f"{where}.dtype", f"one of {_WEIGHT_DTYPES}", info.get("dtype"))
+    if "matrices" in info:
+        _check_matrices(info["matrices"], shape, path, f"{where}.matrices")
     rotation = info.get("input_rotation", 1)
     _expect(_is_int(rotation) and 1 <= rotation <= 2**20, path, f"{where}.input_rotation", "a positive integer", rotation)
     scheme = info.get("scheme")

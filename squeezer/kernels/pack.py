@@ -11,12 +11,13 @@ from typing import Literal
 from torch import nn
 
 from ..errors import ConfigError
-from ..modules import QuantEmbedding, QuantLinear, quant_layers
+from ..modules import QuantEmbedding, QuantLinear, QuantRecurrent, quant_layers
+from ..modules.layers import QuantEmbeddingBag
 from ..modules.swap import ensure_deployable
 from ..transform import attach_report, working_copy
 from .base import KernelPath, LinearProblem, PackedWeight
 from .paths import PATHS
-from .runtime import PackedConv, PackedEmbedding, PackedLinear
+from .runtime import PackedConv, PackedEmbedding, PackedEmbeddingBag, PackedLinear
 from .select import BUCKETS, pinned_choice, rule_choice, timed_choice
 
 Kernels = Literal["rule", "time"] | Mapping[str, str | Sequence[str]]
@@ -71,6 +72,15 @@ def _linear_choice(problem: LinearProblem, *, layer: str, paths: tuple[KernelPat
     return [rule_choice(problem, paths, b) for b in range(len(BUCKETS))]
 
 
+def _refuse_recurrent(layers: Mapping[str, nn.Module]) -> None:
+    """Recurrent layers have no packed runtime (nothing is changed before this check)."""
+    for name, layer in layers.items():
+        if isinstance(layer, QuantRecurrent):
+            raise ConfigError(f"pack: layer {name!r} is a {type(layer).__name__}: recurrent layers have no packed "
+                              "kernel; save or export the simulated model, or quantize with "
+                              f"ignore=[{name!r}] to keep it in float")
+
+
 def pack(model: nn.Module, kernels: Kernels = "rule", paths: tuple[KernelPath, ...] = PATHS, *,
          inplace: bool = False) -> nn.Module:
     """Pack every quantized layer of ``model`` (a copy unless ``inplace``: :mod:`squeezer.transform`;
@@ -93,6 +103,7 @@ def pack(model: nn.Module, kernels: Kernels = "rule", paths: tuple[KernelPath, .
     """
     model = working_copy(model, inplace)
     layers = ensure_deployable(model, "pack")
+    _refuse_recurrent(layers)
     pins = _check_kernels(kernels, layers)
     out: list[PackedLayer] = []
     for name, layer in layers.items():
@@ -114,6 +125,9 @@ def pack(model: nn.Module, kernels: Kernels = "rule", paths: tuple[KernelPath, .
             if layer.max_norm is not None:
                 raise ConfigError(f"layer {name!r}: packed embeddings do not support max_norm")
             runtime = PackedEmbedding.build(layer, qt)
+        elif isinstance(layer, QuantEmbeddingBag):
+            runtime = PackedEmbeddingBag(layer, PackedWeight.from_qtensor(qt))
+            warning = "no integer embedding-bag kernel: the table is unpacked per call and reduced in fp32"
         else:
             runtime = PackedConv(layer, PackedWeight.from_qtensor(qt))
             warning = "no integer convolution kernel: weights are unpacked and convolved in fp32"

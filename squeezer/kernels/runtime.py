@@ -6,6 +6,7 @@
   has no eligible path for (its shape).
 * conv: the packed weight is reconstructed per call and convolved in fp32 (no integer conv
   kernel here); activations are fake-quantized as configured.
+* embedding bag: the packed table is reconstructed per call and reduced by the layer's own op.
 * embedding: codes are kept one byte each so rows can be gathered, then only the gathered
   rows are reconstructed: ``out = (codes[idx] - Z[idx]) * S[idx]`` (or ``levels[codes[idx]]``).
 """
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..modules.layers import BagInput
 from ..quant.core import QParams, QTensor, dequantize
 from ..quant.formats import unsupported_format
 from ..quant.rotation import rotate
@@ -102,6 +104,24 @@ class PackedConv:
 
     def describe(self) -> dict[str, str]:
         return {"all": "dequant_conv"}
+
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+
+@dataclass
+class PackedEmbeddingBag:
+    """Reconstruct the packed table and run the layer's bag reduction on it (no integer kernel): called as
+    the layer, ``(input, offsets=None, per_sample_weights=None)``."""
+
+    layer: Any
+    weight: PackedWeight
+
+    def __call__(self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
+        return self.layer._op(BagInput(input, offsets, per_sample_weights), self.weight.dequantize())
+
+    def describe(self) -> dict[str, str]:
+        return {"all": "dequant_bag"}
 
     def nbytes(self) -> int:
         return self.weight.nbytes

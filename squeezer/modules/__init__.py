@@ -11,10 +11,12 @@ from .layers import (
     register_layer_type,
     unregister_layer_type,
 )
+from .recurrent import QuantGRU, QuantLSTM, QuantRecurrent, QuantRNN
 from .swap import SkippedLayer, quant_layers, set_mode, swap_layers
 
 __all__ = [
     "QuantMixin", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding",
     "SkippedLayer", "quant_layers", "set_mode", "swap_layers",
     "LayerType", "layer_type_names", "register_layer_type", "unregister_layer_type",
+    "QuantRecurrent", "QuantLSTM", "QuantGRU", "QuantRNN",
 ]

@@ -18,8 +18,9 @@ replaced by the plain quantized layer, which would compute something else: it be
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
+from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from ..quant.core import fake_quantize, rows_qparams
 from ..quant.scheme import LayerScheme
 from .base import QuantMixin
+from .recurrent import WEIGHT_ONLY, QuantGRU, QuantLSTM, QuantRNN
 
 
 def _adopt(new: nn.Module, weight: Tensor, bias: Tensor | None, copy: bool) -> None:
@@ -82,6 +84,72 @@ class QuantConv2d(_QuantConvNd, nn.Conv2d):
     """``y = conv2d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, kh, kw)``."""
 
 
+class QuantConv3d(_QuantConvNd, nn.Conv3d):
+    """``y = conv3d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, kd, kh, kw)``."""
+
+
+def output_channels_first(weight: Tensor, groups: int) -> Tensor:
+    """A transposed convolution's weight ``(in, out / groups, k...)`` as ``(out, in / groups, k...)``:
+    ``W'[g o_g + j, i] = W[g i_g + i, j]`` (``i_g = in / groups``, ``o_g = out / groups``); a copy."""
+    cin, og, *k = weight.shape
+    w = weight.reshape(groups, cin // groups, og, *k).transpose(1, 2)
+    return w.reshape(groups * og, cin // groups, *k).contiguous()
+
+
+def input_channels_first(weight: Tensor, groups: int) -> Tensor:
+    """The inverse of :func:`output_channels_first`: ``(out, in / groups, k...)`` back to torch's ``(in, out / groups, k...)``."""
+    cout, ig, *k = weight.shape
+    return weight.reshape(groups, cout // groups, ig, *k).transpose(1, 2).reshape(groups * ig, cout // groups, *k)
+
+
+class _QuantConvTransposeNd(QuantMixin):
+    """A transposed convolution whose ``weight`` is held with output channels on axis 0, like every quantized
+    weight: ``(out, in / groups, k...)`` (:func:`output_channels_first` of torch's ``(in, out / groups, k...)``), so a
+    per-channel scale is one per OUTPUT channel and a group runs along the input channels of one output.
+    ``op(x, W) = conv_transpose(x, input_channels_first(W), b)`` with the layer's stride, padding,
+    ``output_padding``, groups and dilation (``forward(x)`` takes no ``output_size``)."""
+
+    token_axis_is_last = False
+    transpose: Callable[..., Tensor]
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, scheme: LayerScheme, copy: bool = True):
+        new = cls(
+            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+            output_padding=layer.output_padding, groups=layer.groups, bias=layer.bias is not None,
+            dilation=layer.dilation, padding_mode=layer.padding_mode, device="meta",
+        )
+        _adopt(new, output_channels_first(layer.weight, layer.groups), layer.bias, copy)
+        new._init_quant(scheme)
+        return new
+
+    def torch_weight(self, weight: Tensor) -> Tensor:
+        """``weight`` in torch's layout ``(in, out / groups, k...)``."""
+        return input_channels_first(weight, self.groups)
+
+    def _op(self, x: Tensor, weight: Tensor) -> Tensor:
+        return type(self).transpose(x, self.torch_weight(weight), self.bias, self.stride, self.padding,
+                                    self.output_padding, self.groups, self.dilation)
+
+
+class QuantConvTranspose1d(_QuantConvTransposeNd, nn.ConvTranspose1d):
+    """``y = conv_transpose1d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, k)`` (see ``_QuantConvTransposeNd``)."""
+
+    transpose = staticmethod(F.conv_transpose1d)
+
+
+class QuantConvTranspose2d(_QuantConvTransposeNd, nn.ConvTranspose2d):
+    """``y = conv_transpose2d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, kh, kw)``."""
+
+    transpose = staticmethod(F.conv_transpose2d)
+
+
+class QuantConvTranspose3d(_QuantConvTransposeNd, nn.ConvTranspose3d):
+    """``y = conv_transpose3d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, kd, kh, kw)``."""
+
+    transpose = staticmethod(F.conv_transpose3d)
+
+
 class QuantEmbedding(QuantMixin, nn.Embedding):
     """``y = fq_w(W)[idx]``; ``W: (num_embeddings, dim)``, one scale per row (token vector) by default."""
 
@@ -111,6 +179,45 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
         return fake_quantize(rows, self.weight_spec, qp).reshape(*x.shape, rows.shape[-1])
 
 
+class BagInput(NamedTuple):
+    """What ``EmbeddingBag.forward`` takes: ids ``(B, L)`` or flat ids ``(n,)`` with ``offsets (B,)``, and
+    optional ``per_sample_weights`` shaped like the ids (mode ``sum``)."""
+
+    ids: Tensor
+    offsets: Tensor | None = None
+    per_sample_weights: Tensor | None = None
+
+
+class QuantEmbeddingBag(QuantMixin, nn.EmbeddingBag):
+    """``y_b = reduce_{i in bag b} w_i fq_w(W)[idx_i]`` (reduce: sum / mean / max, ``w_i`` the per-sample
+    weights or 1, ``padding_idx`` rows left out); ``W: (num_embeddings, dim)``, one scale per row by default.
+    Its input (token ids) is never quantized: its scheme keeps the weight spec only. The reduction is
+    ``bag_mode`` (``mode`` is the quantized layer's float / simulate / ... mode)."""
+
+    @classmethod
+    def from_float(cls, layer: nn.EmbeddingBag, scheme: LayerScheme, copy: bool = True) -> "QuantEmbeddingBag":
+        new = cls(
+            layer.num_embeddings, layer.embedding_dim, max_norm=layer.max_norm, norm_type=layer.norm_type,
+            scale_grad_by_freq=layer.scale_grad_by_freq, mode=layer.mode, sparse=layer.sparse,
+            include_last_offset=layer.include_last_offset, padding_idx=layer.padding_idx, device="meta",
+        )
+        _adopt(new, layer.weight, None, copy)
+        new._init_quant(replace(scheme, activation=None, activation_mode="none"))  # ids are never quantized
+        new.bag_mode = layer.mode  # ``mode`` is now the quantized layer's (float / simulate / ...)
+        return new
+
+    def forward(self, input: Tensor, offsets: Tensor | None = None,  # type: ignore[override]
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        return QuantMixin.forward(self, BagInput(input, offsets, per_sample_weights))
+
+    def _op(self, x: BagInput, weight: Tensor) -> Tensor:  # type: ignore[override]
+        return F.embedding_bag(x.ids, weight, x.offsets, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                               self.bag_mode, self.sparse, x.per_sample_weights, self.include_last_offset, self.padding_idx)
+
+    def _simulate(self, x: BagInput) -> Tensor:  # type: ignore[override]
+        return self._op(x, self.quantized_weight())
+
+
 class OwnForward(QuantMixin):
     """Mixed in first into ``Quant<Subclass>``: ``op(x, W^)`` = the subclass's own ``forward(x)`` reading
     ``W^`` as ``self.weight`` (the float weight stays the parameter), so whatever it does around the weight
@@ -122,15 +229,14 @@ class OwnForward(QuantMixin):
     def from_float(cls, layer: nn.Module, scheme: LayerScheme, copy: bool = True) -> "OwnForward":
         """The layer with its attributes, submodules and buffers as they are (its own ``__init__`` may take
         other arguments than the torch layer's), its weight and bias adopted like every quantized layer's."""
-        new = cls.__new__(cls)
-        new.__dict__.update(layer.__dict__)
-        for key in ("_parameters", "_buffers", "_modules"):
-            new.__dict__[key] = dict(layer.__dict__[key])
+        new = cls.__new__(cls)  # its registries (parameters, buffers, submodules, hooks) copied, not shared
+        new.__dict__.update({k: type(v)(v) if isinstance(v, (dict, set)) else v for k, v in layer.__dict__.items()})
         _adopt(new, layer.weight, getattr(layer, "bias", None), copy)
         new._init_quant(scheme)
         return new
 
     def _op(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``float_class.forward(x)`` while ``self.weight`` reads ``weight`` (the STE graph of ``fq_w(W)`` kept)."""
         params = self._parameters
         float_weight = params["weight"]
         params["weight"] = weight
@@ -173,10 +279,17 @@ class LayerType:
     quantized: type[QuantMixin]
     matches: Callable[[nn.Module], bool]
     torch_class: type[nn.Module] | None = None
+    weight_only: bool = False  # a scheme with activations leaves such a layer in float (see ``scheme_refusal``)
 
 
 def _is_transformers_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
+
+
+def _plain(torch_class: type[nn.Module]) -> Callable[[nn.Module], bool]:
+    """Matches ``torch_class`` and its subclasses that keep its function: a transposed convolution's quantized
+    weight is reordered (output channels first), so a subclass's own forward could not read it and stays float."""
+    return lambda m: isinstance(m, torch_class) and not redefined_methods(m, torch_class)
 
 
 _BUILTIN = (
@@ -184,7 +297,18 @@ _BUILTIN = (
     LayerType("conv1d", QuantConv1d, lambda m: isinstance(m, nn.Conv1d), nn.Conv1d),
     LayerType("conv2d", QuantConv2d, lambda m: isinstance(m, nn.Conv2d), nn.Conv2d),
     LayerType("embedding", QuantEmbedding, lambda m: isinstance(m, nn.Embedding), nn.Embedding),
+    LayerType("conv3d", QuantConv3d, lambda m: isinstance(m, nn.Conv3d), nn.Conv3d),
+    LayerType("conv_transpose1d", QuantConvTranspose1d, _plain(nn.ConvTranspose1d)),
+    LayerType("conv_transpose2d", QuantConvTranspose2d, _plain(nn.ConvTranspose2d)),
+    LayerType("conv_transpose3d", QuantConvTranspose3d, _plain(nn.ConvTranspose3d)),
+    LayerType("embedding_bag", QuantEmbeddingBag, lambda m: isinstance(m, nn.EmbeddingBag), nn.EmbeddingBag),
 )
+_RECURRENT = (  # weight-only; a subclass that redefines forward stays float
+    LayerType("lstm", QuantLSTM, _plain(nn.LSTM), weight_only=True),
+    LayerType("gru", QuantGRU, _plain(nn.GRU), weight_only=True),
+    LayerType("rnn", QuantRNN, _plain(nn.RNN), weight_only=True),
+)
+_BUILTIN = (*_BUILTIN, *_RECURRENT)
 _REGISTRY: dict[str, LayerType] = {t.name: t for t in _BUILTIN}
 
 
@@ -225,6 +349,14 @@ def quantized_class_for(layer: nn.Module) -> type[QuantMixin] | None:
     if torch_class is not None and isinstance(layer, torch_class) and redefined_methods(layer, torch_class):
         return own_forward_class(found.quantized, type(layer))
     return found.quantized
+
+
+def scheme_refusal(layer: nn.Module, scheme: LayerScheme) -> str | None:
+    """Why ``layer``'s type cannot take ``scheme`` (a weight-only type given activations), else None."""
+    found = _layer_type(layer)
+    if found is not None and found.weight_only and scheme.activation is not None:
+        return WEIGHT_ONLY
+    return None
 
 
 def layer_type_name(layer: nn.Module) -> str | None:

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError, DataError, ModelError
 from ..quant.scheme import LayerScheme
 from .base import QuantMixin
-from .layers import OwnForward, layer_type_name, quantized_class_for
+from .layers import OwnForward, layer_type_name, quantized_class_for, scheme_refusal
 
 
 @dataclass
@@ -77,7 +77,10 @@ def swap_layers(model: nn.Module, config: LayerSelection) -> tuple[list[str], li
         kind = layer_type_name(module)
         reason = config.skip_reason(name, kind)
         if reason is None:
-            if not torch.isfinite(module.weight).all():
+            reason = scheme_refusal(module, config.for_layer(name, kind))
+        if reason is None:
+            weights = (p for n, p in module.named_parameters(recurse=False) if n.startswith("weight"))
+            if not all(torch.isfinite(w).all() for w in weights):
                 raise DataError(f"layer {name!r}: weight contains NaN or Inf")
             chosen.append((name, module))
         elif own:

@@ -31,7 +31,8 @@ class PteModule(Runner):
         meta = self.method.metadata
         infos = [meta.input_tensor_meta(i) for i in range(meta.num_inputs())]
         self.inputs = [(f"input_{i}", _ET_TYPES.get(info.dtype())) for i, info in enumerate(infos)]
-        self.shapes = {f"input_{i}": tuple(info.sizes()) for i, info in enumerate(infos)}
+        # planned sizes are upper bounds of dynamic axes: only the rank is checked here
+        self.shapes = {f"input_{i}": (None,) * len(info.sizes()) for i, info in enumerate(infos)}
         self.rows = int(infos[0].sizes()[0]) if infos and infos[0].sizes() else 1
 
     def _execute(self, feeds: Arrays) -> list[np.ndarray]:

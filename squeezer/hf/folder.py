@@ -1,0 +1,65 @@
+"""Reading a Hugging Face folder one tensor at a time: ``config.json``, the safetensors shards, and which
+tensors are the Linear weights of the transformer blocks."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+
+BLOCK_LINEAR = r"\.(layers|h|blocks)\.\d+\..*\.weight$"
+"""Default selection: 2-D weights inside numbered transformer blocks (embeddings, ``lm_head`` and norms,
+which are outside the blocks or 1-D, stay in their own dtype)."""
+TRANSPOSED_TYPES = frozenset({"gpt2"})
+"""Model types that store Linear weights as ``(in, out)`` (``Conv1D``): not read here yet."""
+
+
+@dataclass(frozen=True)
+class HFFolder:
+    """A Hugging Face model folder: its ``config`` (the parsed ``config.json``) and its shard files."""
+
+    path: Path
+    config: dict
+    shards: tuple[Path, ...]
+
+    @classmethod
+    def open(cls, path: str | Path) -> "HFFolder":
+        path = Path(path)
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{path} is not a Hugging Face model folder: cannot read config.json ({exc})") from None
+        shards = tuple(sorted(path.glob("*.safetensors")))
+        if not shards:
+            raise ModelError(f"{path} holds no .safetensors shard (other weight formats are not read)")
+        model_type = config.get("model_type")
+        if model_type in TRANSPOSED_TYPES:
+            raise ModelError(f"{path}: model_type {model_type!r} stores Linear weights transposed (Conv1D); "
+                             f"not supported by model-free quantization yet")
+        return cls(path, config, shards)
+
+    def tensors(self, shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` of one shard, each read from the memory map when it is asked for."""
+        from safetensors import safe_open
+
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+    def extra_files(self) -> list[Path]:
+        """Files to copy beside the quantized weights (tokenizer, generation config, ...)."""
+        weights = set(self.shards)
+        return [p for p in sorted(self.path.iterdir()) if p.is_file() and p not in weights
+                and p.name not in ("config.json", "model.safetensors.index.json") and not p.name.startswith(".")]
+
+
+def selected(name: str, tensor: torch.Tensor, include: str, ignore: tuple[str, ...]) -> bool:
+    """Whether ``name`` is quantized: a floating 2-D tensor matching ``include`` and no ``ignore`` pattern."""
+    return (tensor.dim() == 2 and tensor.is_floating_point() and re.search(include, name) is not None
+            and not any(re.search(p, name) for p in ignore))

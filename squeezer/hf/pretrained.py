@@ -1,0 +1,64 @@
+"""``quantize_pretrained``: a Hugging Face folder through a data-free preset into one output format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import PRESETS, QuantConfig
+from ..errors import ConfigError, excerpt
+from .folder import BLOCK_LINEAR, HFFolder
+
+FORMATS = ("compressed-tensors", "gguf")
+
+
+@dataclass
+class PretrainedResult:
+    """What was written: the output path, the quantized tensor names and the ones kept as they were."""
+
+    out: Path
+    format: str
+    preset: str
+    quantized: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
+def data_free_presets() -> tuple[str, ...]:
+    """Presets that need no calibration: uniform weights only, no activation quantization, RTN."""
+    return tuple(name for name, cfg in PRESETS.items() if _data_free(cfg))
+
+
+def _data_free(cfg: QuantConfig) -> bool:
+    return cfg.activation is None and cfg.weight.mapping == "uniform" and cfg.algorithm == "rtn"
+
+
+def resolve_preset(preset: str) -> QuantConfig:
+    """The data-free preset named ``preset``; any other name is a :class:`ConfigError` listing the choices."""
+    cfg = PRESETS.get(preset) if isinstance(preset, str) else None
+    if cfg is None or not _data_free(cfg):
+        raise ConfigError(f"preset {excerpt(preset)} is not a data-free preset for model-free quantization; "
+                          f"supported: {', '.join(data_free_presets())}")
+    return cfg
+
+
+def quantize_pretrained(folder: str | Path, preset: str, out: str | Path, format: str = "compressed-tensors",
+                        include: str = BLOCK_LINEAR, ignore: tuple[str, ...] = ()) -> PretrainedResult:
+    """Quantize the Linear weights of a Hugging Face folder with a data-free preset, one tensor at a time.
+
+    ``include`` (regex) picks the 2-D weights to quantize, ``ignore`` patterns drop some of them; every other
+    tensor is written in its own dtype. ``format``: ``compressed-tensors`` (a folder ``out`` that transformers
+    and vLLM load) or ``gguf`` (a file ``out``; presets ``q8_0`` / ``q4_0`` only)."""
+    if format not in FORMATS:
+        raise ConfigError(f"format {excerpt(format)} is not supported; supported: {', '.join(FORMATS)}")
+    cfg = resolve_preset(preset)
+    source = HFFolder.open(folder)
+    result = PretrainedResult(Path(out), format, preset)
+    if format == "gguf":
+        from .gguf_file import write_gguf
+
+        write_gguf(source, cfg, Path(out), include, tuple(ignore), result)
+    else:
+        from .compressed import write_compressed
+
+        write_compressed(source, cfg, Path(out), include, tuple(ignore), result)
+    return result

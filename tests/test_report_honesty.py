@@ -1,0 +1,111 @@
+"""The quantize report tells the truth about a "zoo" of layer types: a layer it calls quantized is a layer whose
+quantization the model's output depends on (simulated and packed), every layer left in float is listed with its
+reason and parameter count, and the whole model's bytes before are the float model's parameter bytes."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+from typer.testing import CliRunner
+
+import squeezer
+from squeezer.cli import app
+from squeezer.quant.core import QParams
+
+
+class Zoo(nn.Module):
+    """Every supported layer type (Linear, Conv1d, Conv2d, Embedding, transformers' Conv1D), weighted layers of
+    no supported type (LSTM, LayerNorm, Bilinear) and a parameter of the model itself; the LSTM holds most of
+    the parameters. ``ids: (B, T)`` -> ``(B, T, 8)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 16)
+        self.conv1d = nn.Conv1d(16, 16, 3, padding=1)
+        self.linear = nn.Linear(16, 16)
+        self.conv2d = nn.Conv2d(1, 4, 3, padding=1)
+        self.lstm = nn.LSTM(16, 64, batch_first=True)
+        self.norm = nn.LayerNorm(64)
+        self.gpt_conv = Conv1D(16, 64)
+        nn.init.normal_(self.gpt_conv.weight, std=0.1)
+        self.bilinear = nn.Bilinear(64, 16, 8)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.embed(ids)
+        h = self.linear(torch.relu(self.conv1d(h.transpose(1, 2)).transpose(1, 2)))
+        h = self.conv2d(h.unsqueeze(1)).mean(1)
+        out = self.norm(self.lstm(h)[0])
+        return self.bilinear(out, self.gpt_conv(out)) * self.gain
+
+
+QUANTIZED = {"embed", "conv1d", "linear", "conv2d", "gpt_conv"}
+FLOAT = {"": ("Zoo", 8), "lstm": ("LSTM", 4 * 64 * (16 + 64) + 2 * 4 * 64), "norm": ("LayerNorm", 128),
+         "bilinear": ("Bilinear", 64 * 16 * 8 + 8)}
+
+
+@pytest.fixture(scope="module")
+def zoo_run() -> tuple[nn.Module, nn.Module, Tensor]:
+    model = Zoo().eval()
+    ids = torch.randint(0, 50, (4, 12))
+    return model, squeezer.quantize(model, "w8", calib=[ids], progress=False), ids
+
+
+def _perturbed(q: nn.Module, name: str) -> nn.Module:
+    """A copy of ``q`` whose layer ``name`` has its weight scales multiplied by 1.37 (another integer grid)."""
+    q = copy.deepcopy(q)
+    layer = q.get_submodule(name)
+    qp = layer.ensured_weight_qparams()
+    layer.calibrate_weight(QParams(qp.scale * 1.37, qp.zero_point, qp.levels))
+    return q
+
+
+def test_every_reported_layer_runs_in_simulation_and_packed(zoo_run) -> None:
+    model, q, ids = zoo_run
+    report = squeezer.report_of(q)
+    assert {layer.name for layer in report.layers} == QUANTIZED
+    packed = squeezer.pack(q)
+    with torch.no_grad():
+        simulated, packed_out = q(ids), packed(ids)
+        assert ((simulated - model(ids)).norm() / model(ids).norm()) < 0.05
+        for name in QUANTIZED:
+            other = _perturbed(q, name)
+            assert not torch.allclose(other(ids), simulated, rtol=0, atol=1e-6), name
+            assert not torch.allclose(squeezer.pack(other)(ids), packed_out, rtol=0, atol=1e-6), name
+
+
+def test_every_float_layer_is_listed_with_its_reason_and_share(zoo_run) -> None:
+    model, q, _ = zoo_run
+    report = squeezer.report_of(q)
+    assert {s.name: (s.kind, s.params) for s in report.skipped} == FLOAT
+    assert all(s.reason for s in report.skipped)
+    params = sum(p.numel() for p in model.parameters())
+    assert report.model_params == params
+    assert report.model_bytes_before == sum(p.numel() * p.element_size() for p in model.parameters())
+    biases = 16 + 16 + 4 + 16  # conv1d, linear, conv2d, gpt_conv
+    assert report.float_params == sum(n for _, n in FLOAT.values()) + biases
+    data = report.to_dict()
+    assert data["summary"]["float_param_share"] == pytest.approx(report.float_params / params)
+    shares = {s["name"]: s["param_share"] for s in data["skipped"]}
+    assert shares == {name: pytest.approx(n / params) for name, (_, n) in FLOAT.items()}
+    rows = {str(row).strip() for row in report.table().columns[0]._cells}
+    assert {"(model)", "lstm", "norm", "bilinear"} <= rows
+    params_column = " ".join(report.table().columns[2]._cells)
+    assert f"{FLOAT['lstm'][1]:,} ({FLOAT['lstm'][1] / params:.1%})" in params_column
+
+
+def test_cli_warns_when_most_parameters_stay_float(tmp_path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["quantize", "--model", "tests.test_report_honesty:Zoo", "--out", str(tmp_path / "z")])
+    assert result.exit_code == 0, result.output
+    text = re.sub(r"\s+", " ", result.output)
+    assert re.search(r"warning: 9\d\.\d% of the model's [\d,]+ parameters stay float; largest float layers: "
+                     r"lstm \(LSTM, \d+\.\d%: type not quantizable\)", text), text
+    mostly_quantized = runner.invoke(app, ["quantize", "--model", "tests.conftest:MLP", "--out", str(tmp_path / "m")])
+    assert mostly_quantized.exit_code == 0 and "stay float" not in mostly_quantized.output
