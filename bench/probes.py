@@ -384,7 +384,8 @@ def probe_kernel_choice(cache: Path, seconds: float, quick: bool) -> dict[str, A
                 start = time.perf_counter()
                 packed[choice] = squeezer.pack(q, kernels=choice).eval()
                 pack_s[choice] = round(time.perf_counter() - start, 3)
-            log(f"kernel-choice: {model_name}, {preset}: packed in {pack_s['rule']:.1f}s (rule), {pack_s['time']:.1f}s (time)")
+            log(f"kernel-choice: {model_name}, {preset}: packed in {pack_s['rule']:.1f}s (rule), "
+                f"{pack_s['time']:.1f}s (time)")
             kernels = {choice: packed_kernels(m) for choice, m in packed.items()}
             for b, x in timed.items():
                 log(f"kernel-choice: {model_name}, {preset}, batch {b} (~{seconds:.0f}s)")

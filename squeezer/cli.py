@@ -23,7 +23,7 @@ from .errors import ConfigError, DataError, SqueezerError
 from .version import __version__
 
 PRESETS = ("w8", "w8g128", "w4g128", "w8a8", "w8a8-asym", "w8a8-tensor", "w8a8-static", "w3g128", "w2g64",
-           "ternary", "binary", "log2-w4", "kmeans-w4")
+           "ternary", "binary", "log2-w4", "kmeans-w4", "q8_0", "q4_0")
 """``squeezer.PRESETS``, in order."""
 ALGORITHMS = ("adaround", "awq", "bias_correction", "clip", "gptq", "hadamard", "hqq", "rtn", "smoothquant")
 """The registered weight algorithms (``squeezer.algorithms.base.ALGORITHMS``), sorted."""
@@ -35,6 +35,10 @@ RECIPES = ("lowrank-int8-distill", "prune50-int8-finetune", "qat-w2", "sparse80-
 """``squeezer.recipe.bundled_recipes()``."""
 METRICS = ("accuracy", "roc_auc")
 """``squeezer.task_metrics.METRICS``."""
+HF_PRESETS = ("w8", "w8g128", "w4g128", "w3g128", "w2g64", "q8_0", "q4_0")
+"""``squeezer.hf.pretrained.data_free_presets()``: the presets of ``squeezer pretrained``."""
+HF_FORMATS = ("compressed-tensors", "gguf")
+"""``squeezer.hf.FORMATS``."""
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make PyTorch models smaller and faster, with evidence.")
 console = Console(width=None if Console().is_terminal else 160)
@@ -549,6 +553,26 @@ def report_cmd(
     except SqueezerError as exc:
         _fail(exc)
     console.print(f"report written to {target}")
+
+
+@app.command("pretrained")
+def pretrained_cmd(
+    hf: Path = typer.Option(..., "--hf", help="A Hugging Face model folder (config.json + safetensors shards)."),
+    out: Path = typer.Option(..., "--out", help="Output: a folder (compressed-tensors) or a .gguf file (gguf)."),
+    preset: str = typer.Option("w8", "--preset", help=f"Data-free preset: {', '.join(HF_PRESETS)}."),
+    format: str = typer.Option("compressed-tensors", "--format", help=f"Output format: {', '.join(HF_FORMATS)} "
+                               "(gguf: q8_0 and q4_0 only)."),
+) -> None:
+    """Quantize a Hugging Face folder shard by shard, one tensor at a time: no model is built, no data needed."""
+    with _status("squeezer pretrained: loading torch", False):
+        from .hf import quantize_pretrained
+
+    try:
+        result = quantize_pretrained(hf, preset, out, format=format)
+    except SqueezerError as exc:
+        _fail(exc)
+    console.print(f"{len(result.quantized)} weights quantized ({preset}), {len(result.kept)} tensors kept; "
+                  f"{format} written to {out}", highlight=False)
 
 
 def main() -> None:

@@ -181,6 +181,8 @@ PRESETS: dict[str, QuantConfig] = {
     "binary": QuantConfig(_w(1, PerChannel(0), mapping="binary"), name="binary"),
     "log2-w4": QuantConfig(_w(4, PerChannel(0), mapping="log2"), name="log2-w4"),
     "kmeans-w4": QuantConfig(_w(4, PerTensor(), mapping="kmeans"), name="kmeans-w4"),
+    "q8_0": QuantConfig(_w(8, PerGroup(32)), name="q8_0"),
+    "q4_0": QuantConfig(_w(4, PerGroup(32)), name="q4_0"),
 }
 """Named configs. Weights: per-output-channel unless a group is named (``g128``: groups of 128
 inputs); ``a8``: 8-bit activations, dynamic per token (``w8a8``: symmetric, torchao's scheme;
@@ -190,4 +192,6 @@ such as GELU outputs, at the cost of one zero-point correction per output), dyna
 ``DynamicQuantizeMatMul``) or static per tensor (min-max observer). ``w8g128`` is ONNX Runtime's
 ``MatMulNBits`` 8-bit format (uint8, a scale and zero point per group of 128): for export; PyTorch has no
 integer kernel for it.
-``w8g128``, ``w4g128``, ``w3g128`` and ``w2g64`` keep embeddings at int8 per row (:data:`EMBEDDINGS_INT8`)."""
+``w8g128``, ``w4g128``, ``w3g128`` and ``w2g64`` keep embeddings at int8 per row (:data:`EMBEDDINGS_INT8`).
+``q8_0`` / ``q4_0``: symmetric int8 / int4 in groups of 32, ``S = max|x| / qmax``: GGUF's Q8_0 / Q4_0 block layout
+(:mod:`squeezer.hf.gguf_file`; llama.cpp's own Q4_0 quantizer puts the extreme on code -8 instead)."""

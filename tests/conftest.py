@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,8 @@ def export_per_token_asymmetric(tmp_path: Path, mlp: nn.Module, batches: list[to
     out = torch.as_tensor(squeezer.runtime.load(path)(x))
     assert float((out - simulated).norm() / simulated.norm()) < tolerance
     return q, path
+
+
+def fuzz_examples(default: int) -> int:
+    """Examples per fuzz test: ``default`` (bounded for CI) unless ``SQUEEZER_FUZZ_EXAMPLES`` asks for a longer run."""
+    return int(os.environ.get("SQUEEZER_FUZZ_EXAMPLES", default))

@@ -140,8 +140,8 @@ def test_type_overrides_and_low_bit_presets_keep_embeddings_int8():
     cfg = QuantConfig(overrides={"type:linear": {"weight": {"bits": 3}}, "embed": {"weight": {"bits": 5}}})
     q = squeezer.quantize(TextModel(), cfg)
     assert (q.proj.weight_spec.bits, q.embed.weight_spec.bits) == (3, 5)
-    with pytest.raises(ConfigError, match="unknown layer type in overrides.*type:lstm"):
-        QuantConfig(overrides={"type:lstm": {"weight": {"bits": 4}}})
+    with pytest.raises(ConfigError, match="unknown layer type in overrides.*type:bilinear"):
+        QuantConfig(overrides={"type:bilinear": {"weight": {"bits": 4}}})
 
 
 def test_transformers_style_conv1d_becomes_linear():

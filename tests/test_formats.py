@@ -23,7 +23,7 @@ PRESET_FORMATS = {
     "w2g64": "uint2-group", "w8a8": "int8-channel/dynamic-token-int8", "w8a8-asym": "int8-channel/dynamic-token-uint8",
     "w8a8-tensor": "int8-channel/dynamic-tensor-uint8", "w8a8-static": "int8-channel/static-tensor-uint8",
     "ternary": "codebook-int8-channel", "binary": "codebook-int8-channel", "log2-w4": "codebook-channel",
-    "kmeans-w4": "codebook-tensor",
+    "kmeans-w4": "codebook-tensor", "q8_0": "int8-group", "q4_0": "int4-group",
 }
 
 

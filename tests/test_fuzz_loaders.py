@@ -23,9 +23,9 @@ from squeezer.export.onnx.runner import OnnxModule
 from squeezer.io.calib_files import load_calibration
 from squeezer.recipe import Recipe
 
-from .conftest import MLP
+from .conftest import MLP, fuzz_examples
 
-FUZZ = settings(max_examples=60, deadline=None, database=None,
+FUZZ = settings(max_examples=fuzz_examples(60), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 OUTCOMES: Counter = Counter()
 """(loader, outcome) -> count over the whole module (printed at the end with ``-s``)."""

@@ -20,12 +20,13 @@ from .conftest import TextModel
 # relative tolerance vs squeezer's PyTorch model: ORT's MatMulNBits (accuracy_level 4) and its
 # fused int8 weight kernels quantize activations internally, which costs up to ~1-2 %; ORT
 # rounds x / s of static activations its own way (a few codes differ)
-TOLERANCE = {"w4g128": 0.03, "w8": 0.02, "w8g128": 0.02, "w8a8-static": 0.01}
+TOLERANCE = {"w4g128": 0.03, "w8": 0.02, "w8g128": 0.02, "w8a8-static": 0.01, "q8_0": 0.02, "q4_0": 0.03}
 EXPECTED_OPS = {
     "w8": {"MatMulNBits"}, "w8g128": {"MatMulNBits"}, "w4g128": {"MatMulNBits"}, "w8a8": {"MatMulInteger"},
     "w8a8-tensor": {"DynamicQuantizeLinear", "MatMulInteger"}, "w8a8-asym": {"QuantizeLinear", "MatMulInteger"},
     "w8a8-static": {"QuantizeLinear", "DequantizeLinear"}, "w2g64": {"Cast", "Sub"}, "w3g128": {"Cast", "Sub"},
     "ternary": {"Gather"}, "binary": {"Gather"}, "log2-w4": {"Gather"}, "kmeans-w4": {"Gather"},
+    "q8_0": {"MatMulNBits"}, "q4_0": {"MatMulNBits"},
 }
 
 

@@ -20,7 +20,7 @@ from squeezer.quant.core import QParams
 
 class Zoo(nn.Module):
     """Every supported layer type (Linear, Conv1d, Conv2d, Embedding, transformers' Conv1D), weighted layers of
-    no supported type (LSTM, LayerNorm, Bilinear) and a parameter of the model itself; the LSTM holds most of
+    no supported type (LSTMCell, LayerNorm, Bilinear) and a parameter of the model itself; the LSTM cell holds most of
     the parameters. ``ids: (B, T)`` -> ``(B, T, 8)``."""
 
     def __init__(self) -> None:
@@ -30,7 +30,7 @@ class Zoo(nn.Module):
         self.conv1d = nn.Conv1d(16, 16, 3, padding=1)
         self.linear = nn.Linear(16, 16)
         self.conv2d = nn.Conv2d(1, 4, 3, padding=1)
-        self.lstm = nn.LSTM(16, 64, batch_first=True)
+        self.cell = nn.LSTMCell(16, 64)
         self.norm = nn.LayerNorm(64)
         self.gpt_conv = Conv1D(16, 64)
         nn.init.normal_(self.gpt_conv.weight, std=0.1)
@@ -41,12 +41,17 @@ class Zoo(nn.Module):
         h = self.embed(ids)
         h = self.linear(torch.relu(self.conv1d(h.transpose(1, 2)).transpose(1, 2)))
         h = self.conv2d(h.unsqueeze(1)).mean(1)
-        out = self.norm(self.lstm(h)[0])
+        hx = cx = h.new_zeros(h.shape[0], 64)
+        steps = []
+        for t in range(h.shape[1]):
+            hx, cx = self.cell(h[:, t], (hx, cx))
+            steps.append(hx)
+        out = self.norm(torch.stack(steps, 1))
         return self.bilinear(out, self.gpt_conv(out)) * self.gain
 
 
 QUANTIZED = {"embed", "conv1d", "linear", "conv2d", "gpt_conv"}
-FLOAT = {"": ("Zoo", 8), "lstm": ("LSTM", 4 * 64 * (16 + 64) + 2 * 4 * 64), "norm": ("LayerNorm", 128),
+FLOAT = {"": ("Zoo", 8), "cell": ("LSTMCell", 4 * 64 * (16 + 64) + 2 * 4 * 64), "norm": ("LayerNorm", 128),
          "bilinear": ("Bilinear", 64 * 16 * 8 + 8)}
 
 
@@ -95,9 +100,9 @@ def test_every_float_layer_is_listed_with_its_reason_and_share(zoo_run) -> None:
     shares = {s["name"]: s["param_share"] for s in data["skipped"]}
     assert shares == {name: pytest.approx(n / params) for name, (_, n) in FLOAT.items()}
     rows = {str(row).strip() for row in report.table().columns[0]._cells}
-    assert {"(model)", "lstm", "norm", "bilinear"} <= rows
+    assert {"(model)", "cell", "norm", "bilinear"} <= rows
     params_column = " ".join(report.table().columns[2]._cells)
-    assert f"{FLOAT['lstm'][1]:,} ({FLOAT['lstm'][1] / params:.1%})" in params_column
+    assert f"{FLOAT['cell'][1]:,} ({FLOAT['cell'][1] / params:.1%})" in params_column
 
 
 def test_cli_warns_when_most_parameters_stay_float(tmp_path) -> None:
@@ -106,6 +111,6 @@ def test_cli_warns_when_most_parameters_stay_float(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     text = re.sub(r"\s+", " ", result.output)
     assert re.search(r"warning: 9\d\.\d% of the model's [\d,]+ parameters stay float; largest float layers: "
-                     r"lstm \(LSTM, \d+\.\d%: type not quantizable\)", text), text
+                     r"cell \(LSTMCell, \d+\.\d%: type not quantizable\)", text), text
     mostly_quantized = runner.invoke(app, ["quantize", "--model", "tests.conftest:MLP", "--out", str(tmp_path / "m")])
     assert mostly_quantized.exit_code == 0 and "stay float" not in mostly_quantized.output

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..modules import QuantConv1d, QuantConv2d, QuantEmbedding, quant_layers
+from ..modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, quant_layers
+from ..modules.layers import QuantConv3d, QuantConvTranspose
 from ..modules.base import QuantMixin
 from ..modules.swap import ensure_deployable
 from ..quant.formats import INT8_WEIGHTS, STATIC_INT8, activation_format, unsupported_format, weight_format
@@ -112,13 +113,30 @@ def fake_quant(x: Tensor, grid: tuple[float, int]) -> Tensor:
     return qd().dequantize_per_tensor(q, scale, zero, -128, 127, torch.int8)
 
 
+CONVS = {QuantConv1d: F.conv1d, QuantConv2d: F.conv2d, QuantConv3d: F.conv3d}
+QDQ_LAYERS = (QuantLinear, QuantEmbedding, *CONVS, QuantConvTranspose)
+"""The layer types with a QDQ form; any other quantized layer is refused by name (:func:`unsupported_layer`)."""
+
+
+def unsupported_layer(backend: str, name: str, layer: QuantMixin, supported: tuple[type, ...]) -> ConfigError:
+    """:func:`unsupported_format` for a layer type ``backend`` has no form of, whatever its format:
+    ``layer 'bag': format int8-channel (in a QuantEmbeddingBag) is not supported by ONNX; supported: ...``."""
+    return unsupported_format(backend, name, weight_format(layer.weight_spec), (f"{c.__name__} layers" for c in supported),
+                              f"in a {type(layer).__name__}", hint=f"quantize with ignore=[{name!r}] to keep it in float")
+
+
 def _op(layer: QuantMixin, name: str) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
-    """The layer's float function ``op(x, weight, bias)``."""
-    if isinstance(layer, (QuantConv1d, QuantConv2d)):
+    """The float function ``op(x, weight, bias)`` of a layer of :data:`QDQ_LAYERS` on its stored weight layout
+    (output channels first: a transposed convolution's weight is reordered back to torch's inside)."""
+    if isinstance(layer, (*CONVS, QuantConvTranspose)):
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             raise ConfigError(f"layer {name!r}: export supports zero padding given as numbers, got "
                               f"padding={layer.padding!r}, padding_mode={layer.padding_mode!r}")
-        conv = F.conv1d if isinstance(layer, QuantConv1d) else F.conv2d
+    if isinstance(layer, QuantConvTranspose):
+        return lambda x, w, bias: layer.transpose(x, layer.torch_weight(w), bias, layer.stride, layer.padding,
+                                                  layer.output_padding, layer.groups, layer.dilation)
+    conv = next((f for cls, f in CONVS.items() if isinstance(layer, cls)), None)
+    if conv is not None:
         return functools.partial(conv, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
                                  groups=layer.groups)
     if isinstance(layer, QuantEmbedding):
@@ -193,9 +211,11 @@ class QdqLayer(nn.Module):
 def checked_weight(layer: QuantMixin, name: str, backend: str, unsupported: Unsupported,
                    report: ExportReport) -> Int8Weight | None:
     """:func:`int8_weight`, or per ``unsupported`` the ``backend``'s refusal (:func:`unsupported_format`) /
-    a float32 fallback with a warning."""
+    a float32 fallback with a warning; a layer type with no QDQ form (not in :data:`QDQ_LAYERS`) is refused."""
     if unsupported not in ("error", "float"):
         raise ConfigError(f"unsupported must be 'error' or 'float', got {unsupported!r}")
+    if not isinstance(layer, QDQ_LAYERS):
+        raise unsupported_layer(backend, name, layer, QDQ_LAYERS)
     weight = int8_weight(layer)
     if weight is None:
         qt = layer.weight_qtensor()

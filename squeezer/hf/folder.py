@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,13 +44,21 @@ class HFFolder:
                              f"not supported by model-free quantization yet")
         return cls(path, config, shards)
 
-    def tensors(self, shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` of one shard, each read from the memory map when it is asked for."""
+    def infos(self, shard: Path) -> Iterator[tuple[str, tuple[int, ...], bool]]:
+        """``(name, shape, floating)`` of each tensor of ``shard``, from its header alone (no data read)."""
         from safetensors import safe_open
 
         with safe_open(str(shard), framework="pt") as handle:
             for name in handle.keys():
-                yield name, handle.get_tensor(name)
+                view = handle.get_slice(name)
+                yield name, tuple(view.get_shape()), view.get_dtype().startswith(("F", "BF"))
+
+    def tensor(self, shard: Path, name: str) -> torch.Tensor:
+        """The tensor ``name`` of ``shard``, read from the memory map."""
+        from safetensors import safe_open
+
+        with safe_open(str(shard), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def extra_files(self) -> list[Path]:
         """Files to copy beside the quantized weights (tokenizer, generation config, ...)."""
@@ -59,7 +67,18 @@ class HFFolder:
                 and p.name not in ("config.json", "model.safetensors.index.json") and not p.name.startswith(".")]
 
 
-def selected(name: str, tensor: torch.Tensor, include: str, ignore: tuple[str, ...]) -> bool:
-    """Whether ``name`` is quantized: a floating 2-D tensor matching ``include`` and no ``ignore`` pattern."""
-    return (tensor.dim() == 2 and tensor.is_floating_point() and re.search(include, name) is not None
+def selected(name: str, shape: tuple[int, ...], floating: bool, include: str, ignore: tuple[str, ...]) -> bool:
+    """Whether ``name`` is taken: a floating 2-D tensor matching ``include`` and no ``ignore`` pattern."""
+    return (len(shape) == 2 and floating and re.search(include, name) is not None
             and not any(re.search(p, name) for p in ignore))
+
+
+@dataclass
+class PretrainedResult:
+    """What was written: the output path, the quantized tensor names and the ones kept as they were."""
+
+    out: Path
+    format: str
+    preset: str
+    quantized: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)

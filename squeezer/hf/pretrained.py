@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import PRESETS, QuantConfig
 from ..errors import ConfigError, excerpt
-from .folder import BLOCK_LINEAR, HFFolder
+from .compressed import write_compressed
+from .folder import BLOCK_LINEAR, HFFolder, PretrainedResult
+from .gguf_file import write_gguf
 
 FORMATS = ("compressed-tensors", "gguf")
-
-
-@dataclass
-class PretrainedResult:
-    """What was written: the output path, the quantized tensor names and the ones kept as they were."""
-
-    out: Path
-    format: str
-    preset: str
-    quantized: list[str] = field(default_factory=list)
-    kept: list[str] = field(default_factory=list)
 
 
 def data_free_presets() -> tuple[str, ...]:
@@ -53,12 +43,6 @@ def quantize_pretrained(folder: str | Path, preset: str, out: str | Path, format
     cfg = resolve_preset(preset)
     source = HFFolder.open(folder)
     result = PretrainedResult(Path(out), format, preset)
-    if format == "gguf":
-        from .gguf_file import write_gguf
-
-        write_gguf(source, cfg, Path(out), include, tuple(ignore), result)
-    else:
-        from .compressed import write_compressed
-
-        write_compressed(source, cfg, Path(out), include, tuple(ignore), result)
+    write = write_gguf if format == "gguf" else write_compressed
+    write(source, cfg, Path(out), include, tuple(ignore), result)
     return result

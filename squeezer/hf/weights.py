@@ -7,7 +7,13 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..quant.core import QParams, QTensor, compute_qparams, quantize
-from ..quant.spec import QuantSpec
+from ..quant.spec import PerGroup, QuantSpec
+
+
+def groups_fit(shape: tuple[int, ...], spec: QuantSpec) -> bool:
+    """Whether rows of a weight of ``shape (N, K)`` split into whole groups of ``spec`` (``K % size == 0``): the
+    block layouts of GGUF and compressed-tensors have no short last group, so other weights stay in float."""
+    return not isinstance(spec.granularity, PerGroup) or shape[-1] % spec.granularity.size == 0
 
 
 def quantize_weight(name: str, weight: Tensor, spec: QuantSpec, scale_dtype: torch.dtype) -> QTensor:

@@ -31,6 +31,7 @@ from ..version import __version__
 from ..errors import ModelError, SqueezerError
 from ..kernels import pack, packed_kernels
 from ..modules.layers import quantized_class_for
+from ..modules.recurrent import QuantRecurrent
 from ..modules.swap import ensure_deployable, set_child
 from ..quant.blocks import to_blocks
 from ..quant.core import QParams, QTensor, code_dtype, dequantize
@@ -54,25 +55,35 @@ def _qparam_tensors(prefix: str, qp: QParams, spec: QuantSpec) -> dict[str, torc
     return out
 
 
+def _weight_keys(layer: nn.Module) -> tuple[str, ...]:
+    """The state-dict keys a layer's codes replace: ``weight``, or each matrix of a recurrent layer."""
+    return layer.matrix_names if isinstance(layer, QuantRecurrent) else ("weight",)
+
+
 def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write a quantized ``model`` to ``directory`` atomically; returns the directory."""
     layers = ensure_deployable(model, "save")
     tensors: dict[str, torch.Tensor] = {}
     manifest_layers: dict[str, Any] = {}
-    skip = {f"{name}.weight" for name in layers}
+    skip = {f"{name}.{key}" for name, layer in layers.items() for key in _weight_keys(layer)}
     for key, value in model.state_dict().items():
         if key not in skip:
             tensors[key] = value.detach().contiguous()
     for name, layer in layers.items():
-        qt = layer.weight_qtensor()
-        tensors[f"{name}.weight.codes"] = pack_codes(qt.codes, qt.spec)
-        tensors.update(_qparam_tensors(f"{name}.weight", qt.qparams, qt.spec))
+        qtensors = layer.matrix_qtensors() if isinstance(layer, QuantRecurrent) else {"weight": layer.weight_qtensor()}
+        shape = [layer.weight.numel()] if isinstance(layer, QuantRecurrent) else list(qtensors["weight"].shape)
+        for key, qt in qtensors.items():
+            tensors[f"{name}.{key}.codes"] = pack_codes(qt.codes, qt.spec)
+            tensors.update(_qparam_tensors(f"{name}.{key}", qt.qparams, qt.spec))
         if layer.act_qparams is not None:
             tensors.update(_qparam_tensors(f"{name}.act", layer.act_qparams, layer.act_spec))
         manifest_layers[name] = {
-            "type": type(layer).__name__, "shape": list(qt.shape), "dtype": "float32" if layer.is_packed else str(layer.weight.dtype).removeprefix("torch."),
+            "type": type(layer).__name__, "shape": shape,
+            "dtype": "float32" if layer.is_packed else str(layer.weight.dtype).removeprefix("torch."),
             "scheme": layer.scheme.to_dict(),
         }
+        if isinstance(layer, QuantRecurrent):
+            manifest_layers[name]["matrices"] = {k: list(qt.shape) for k, qt in qtensors.items()}
         if layer.input_rotation > 1:
             manifest_layers[name]["input_rotation"] = layer.input_rotation
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
@@ -173,22 +184,27 @@ class _Tensors:
         self.refuse(f"{prefix}.levels")
         return QParams(scale, None if zero is None else zero.to(torch.int32), levels)
 
-    def weight(self, name: str, scheme: LayerScheme, shape: tuple[int, ...]) -> QTensor:
-        """The layer's codes (unpacked, within range) and parameters."""
+    def weight(self, name: str, scheme: LayerScheme, shape: tuple[int, ...], key: str = "weight") -> QTensor:
+        """The codes (unpacked, within range) and parameters of the layer's ``key`` (its weight, or a matrix)."""
         spec = scheme.weight
         try:
             param_shape = to_blocks(torch.empty(shape, device="meta"), spec.granularity).param_shape
         except SqueezerError as exc:
             raise ModelError(f"checkpoint layer {name!r}: {exc}") from None
         numel = int(torch.Size(shape).numel())
-        packed = self.take(f"{name}.weight.codes", torch.uint8, (-(-numel * spec.bits // 8),))
-        qparams = self.qparams(f"{name}.weight", spec, param_shape)
+        packed = self.take(f"{name}.{key}.codes", torch.uint8, (-(-numel * spec.bits // 8),))
+        qparams = self.qparams(f"{name}.{key}", spec, param_shape)
         codes = unpack_codes(packed, spec, shape)
         if spec.is_codebook:
-            self.in_range(f"{name}.weight.codes", codes, 0, qparams.levels.shape[-1] - 1)
+            self.in_range(f"{name}.{key}.codes", codes, 0, qparams.levels.shape[-1] - 1)
         else:
-            self.in_range(f"{name}.weight.codes", codes, spec.qmin, spec.qmax)
+            self.in_range(f"{name}.{key}.codes", codes, spec.qmin, spec.qmax)
         return QTensor(codes, qparams, spec)
+
+    def weights(self, name: str, scheme: LayerScheme, info: dict[str, Any]) -> dict[str, QTensor]:
+        """The layer's codes by key: ``weight`` of ``shape``, or each of a recurrent layer's ``matrices``."""
+        shapes = info.get("matrices") or {"weight": info["shape"]}
+        return {key: self.weight(name, scheme, tuple(shape), key) for key, shape in shapes.items()}
 
     def activation(self, name: str, scheme: LayerScheme) -> QParams | None:
         """Static activation parameters: present exactly when the scheme's activations are static."""
@@ -216,7 +232,7 @@ def verify(directory: str | Path) -> dict[str, Any]:
     manifest, schemes, tensors = _verified(Path(directory))
     for name, scheme in schemes.items():
         shape = tuple(manifest["layers"][name]["shape"])
-        tensors.weight(name, scheme, shape)
+        tensors.weights(name, scheme, manifest["layers"][name])
         tensors.activation(name, scheme)
         tensors.input_scale(name, shape[1] if len(shape) > 1 else 1)
     for key in list(tensors.left):
@@ -238,12 +254,17 @@ def _restore_layer(model: nn.Module, name: str, info: dict[str, Any], scheme: La
     except SqueezerError as exc:
         raise ModelError(f"checkpoint layer {name!r}: {exc}") from None
     shape = tuple(info["shape"])
-    if tuple(new.weight.shape) != shape:
-        raise ModelError(f"checkpoint layer {name!r} has weight shape {shape}, the model {tuple(new.weight.shape)}")
-    qt = tensors.weight(name, scheme, shape)
-    with torch.no_grad():
-        new.weight.copy_(dequantize(qt, new.weight.dtype))
-    new.calibrate_weight(qt.qparams)
+    own = {k: list(w.shape) for k, w in new.matrices().items()} if isinstance(new, QuantRecurrent) else None
+    if own != info.get("matrices") or tuple(new.weight.shape) != shape:
+        theirs = info.get("matrices") or shape
+        raise ModelError(f"checkpoint layer {name!r} has weight shape(s) {theirs}, the model {own or tuple(new.weight.shape)}")
+    qtensors = tensors.weights(name, scheme, info)
+    if isinstance(new, QuantRecurrent):
+        new.set_matrices(qtensors)
+    else:
+        with torch.no_grad():
+            new.weight.copy_(dequantize(qtensors["weight"], new.weight.dtype))
+        new.calibrate_weight(qtensors["weight"].qparams)
     tensors.refuse(f"{name}.weight")
     bias = tensors.left.get(f"{name}.bias")
     if bias is not None and new.bias is None:  # added by bias correction
@@ -254,7 +275,7 @@ def _restore_layer(model: nn.Module, name: str, info: dict[str, Any], scheme: La
             raise ModelError(f"checkpoint layer {name!r}: input_rotation {rotation!r} is not a power-of-two block "
                              f"of a Linear layer's {shape[1]} input features")
         new.input_rotation = rotation
-    input_scale = tensors.input_scale(name, shape[1])
+    input_scale = tensors.input_scale(name, shape[1] if len(shape) > 1 else 1)
     if input_scale is not None:
         new.input_scale = input_scale
     new.act_qparams = tensors.activation(name, scheme)

@@ -102,7 +102,7 @@ def input_channels_first(weight: Tensor, groups: int) -> Tensor:
     return weight.reshape(groups, cout // groups, ig, *k).transpose(1, 2).reshape(groups * ig, cout // groups, *k)
 
 
-class _QuantConvTransposeNd(QuantMixin):
+class QuantConvTranspose(QuantMixin):
     """A transposed convolution whose ``weight`` is held with output channels on axis 0, like every quantized
     weight: ``(out, in / groups, k...)`` (:func:`output_channels_first` of torch's ``(in, out / groups, k...)``), so a
     per-channel scale is one per OUTPUT channel and a group runs along the input channels of one output.
@@ -132,19 +132,19 @@ class _QuantConvTransposeNd(QuantMixin):
                                     self.output_padding, self.groups, self.dilation)
 
 
-class QuantConvTranspose1d(_QuantConvTransposeNd, nn.ConvTranspose1d):
-    """``y = conv_transpose1d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, k)`` (see ``_QuantConvTransposeNd``)."""
+class QuantConvTranspose1d(QuantConvTranspose, nn.ConvTranspose1d):
+    """``y = conv_transpose1d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, k)`` (see ``QuantConvTranspose``)."""
 
     transpose = staticmethod(F.conv_transpose1d)
 
 
-class QuantConvTranspose2d(_QuantConvTransposeNd, nn.ConvTranspose2d):
+class QuantConvTranspose2d(QuantConvTranspose, nn.ConvTranspose2d):
     """``y = conv_transpose2d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, kh, kw)``."""
 
     transpose = staticmethod(F.conv_transpose2d)
 
 
-class QuantConvTranspose3d(_QuantConvTransposeNd, nn.ConvTranspose3d):
+class QuantConvTranspose3d(QuantConvTranspose, nn.ConvTranspose3d):
     """``y = conv_transpose3d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, kd, kh, kw)``."""
 
     transpose = staticmethod(F.conv_transpose3d)
@@ -287,8 +287,9 @@ def _is_transformers_conv1d(layer: nn.Module) -> bool:
 
 
 def _plain(torch_class: type[nn.Module]) -> Callable[[nn.Module], bool]:
-    """Matches ``torch_class`` and its subclasses that keep its function: a transposed convolution's quantized
-    weight is reordered (output channels first), so a subclass's own forward could not read it and stays float."""
+    """Matches ``torch_class`` and its subclasses that keep its function; a subclass with its own forward stays
+    float where ``OwnForward`` cannot run it (a transposed convolution's quantized weight is reordered output
+    channels first, an embedding bag's forward takes offsets and per-sample weights besides the ids)."""
     return lambda m: isinstance(m, torch_class) and not redefined_methods(m, torch_class)
 
 
@@ -301,7 +302,7 @@ _BUILTIN = (
     LayerType("conv_transpose1d", QuantConvTranspose1d, _plain(nn.ConvTranspose1d)),
     LayerType("conv_transpose2d", QuantConvTranspose2d, _plain(nn.ConvTranspose2d)),
     LayerType("conv_transpose3d", QuantConvTranspose3d, _plain(nn.ConvTranspose3d)),
-    LayerType("embedding_bag", QuantEmbeddingBag, lambda m: isinstance(m, nn.EmbeddingBag), nn.EmbeddingBag),
+    LayerType("embedding_bag", QuantEmbeddingBag, _plain(nn.EmbeddingBag)),
 )
 _RECURRENT = (  # weight-only; a subclass that redefines forward stays float
     LayerType("lstm", QuantLSTM, _plain(nn.LSTM), weight_only=True),

@@ -18,6 +18,8 @@ the matrices' parameters concatenated (their count is what the packed size count
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -55,6 +57,7 @@ class QuantRecurrent(QuantMixin):
         own = (lambda t: t.detach().clone()) if copy else (lambda t: t.detach())
         for name, p in layer.named_parameters(recurse=False):
             new._parameters[name] = nn.Parameter(own(p), requires_grad=p.requires_grad)
+        new.rnn_mode = layer.mode
         new._init_flat_weights()
         new._init_quant(scheme)
         return new
@@ -132,6 +135,20 @@ class QuantRecurrent(QuantMixin):
         self.calibrate_weight({n: qt.qparams for n, qt in qtensors.items()})
 
     # ------------------------------------------------------------------ forward
+    @contextlib.contextmanager
+    def _torch_mode(self) -> Iterator[None]:
+        """``self.mode`` reads torch's cell kind (``rnn_mode``: ``LSTM`` / ``GRU`` / ``RNN_TANH`` / ``RNN_RELU``,
+        the same attribute name as the quantization mode) while torch's own code runs."""
+        quant_mode, self.mode = self.mode, self.rnn_mode
+        try:
+            yield
+        finally:
+            self.mode = quant_mode
+
+    def flatten_parameters(self) -> None:
+        with self._torch_mode():
+            super().flatten_parameters()
+
     def _update_flat_weights(self) -> None:
         """torch's re-sync with the parameters, then the weights of the current run (``_run``) when given."""
         super()._update_flat_weights()
@@ -140,14 +157,15 @@ class QuantRecurrent(QuantMixin):
 
     def _run(self, weights: dict[str, Tensor] | None, *args: Any) -> Any:
         """``float_class.forward(*args)`` reading ``weights`` (name -> matrix) instead of the parameters."""
-        if weights is None:
-            return self.float_class.forward(self, *args)
-        self._run_weights = [weights.get(n, self._parameters.get(n)) for n in self._flat_weights_names]
+        if weights is not None:
+            self._run_weights = [weights.get(n, self._parameters.get(n)) for n in self._flat_weights_names]
         try:
-            return self.float_class.forward(self, *args)
+            with self._torch_mode():
+                return self.float_class.forward(self, *args)
         finally:
-            self._run_weights = None
-            self._init_flat_weights()
+            if weights is not None:
+                self._run_weights = None
+                self._init_flat_weights()
 
     def forward(self, input: Tensor | PackedSequence, hx: Any = None) -> Any:  # type: ignore[override]
         """The torch layer's ``(output, h_n)`` (LSTM: ``(output, (h_n, c_n))``); float weights in ``float`` /

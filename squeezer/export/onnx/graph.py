@@ -53,7 +53,8 @@ from torch import Tensor, nn
 
 from ...calibration import call_model, output_tensors
 from ...errors import ConfigError, DataError
-from ...modules import QuantEmbedding, QuantLinear, quant_layers
+from ...modules import QuantEmbedding, QuantLinear, QuantRecurrent, quant_layers
+from ...modules.layers import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose
 from ...modules.swap import ensure_deployable
 from ...modules.base import QuantMixin
 from ...quant.core import QTensor
@@ -70,6 +71,7 @@ from ...quant.formats import (
 from ...quant.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from ..base import ExportReport
 from ..options import build_options
+from ..qdq import unsupported_layer
 from .compact import compact_onnx
 
 NBITS_WEIGHTS = uniform_formats((4, 8), ("channel", "group"))
@@ -82,6 +84,8 @@ CODEBOOK_WEIGHTS = frozenset(f"{c}-{g}" for c in ("codebook", "codebook-int8") f
 INT_GEMM_WEIGHTS = INT8_WEIGHTS & QDQ_WEIGHTS
 """Symmetric signed codes of <= 8 bits: the int8 operand of ``MatMulInteger`` / ``ConvInteger``."""
 ASYM_TOKEN = frozenset({"dynamic-token-uint8", "dynamic-token-int8-asym"})
+EXPORTED_LAYERS = (QuantLinear, QuantEmbedding, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose)
+"""The layer types with a symbolic function; any other quantized layer is refused by name."""
 KIND_LABEL = {"qdq": "DequantizeLinear", "codebook": "uint8 codes -> Gather(levels) * scale",
               "group": "uint8 codes -> (q - Z) * S per group", "float": "float weight"}
 
@@ -449,6 +453,31 @@ def _conv_symbolic(g: Any, x: Any, layer: QuantMixin, report: ExportReport, name
     return g.op("Conv", *args, **attrs)
 
 
+def _conv_transpose_symbolic(g: Any, x: Any, layer: QuantConvTranspose, report: ExportReport, name: str) -> Any:
+    """``ConvTranspose(x^, W^)``: the weight node of the layer's output-channels-first codes (``DequantizeLinear``
+    per output channel, axis 0, ...), reordered in the graph to ONNX's ``(in, out / groups, k...)``
+    (``Reshape (G, out / G, in / G, k...)``, ``Transpose`` of the middle axes, ``Reshape``), which ONNX
+    Runtime folds into a float weight when it loads the model; activations as float (fake-)quantization."""
+    qt = layer.weight_qtensor()
+    kind = _weight_kind(layer)
+    dims, groups = qt.codes.dim(), layer.groups
+    cout, ig, *k = qt.codes.shape
+    w = g.op("Reshape", _weight_node(g, layer, qt, kind), _const(g, torch.tensor([groups, cout // groups, ig, *k])))
+    w = g.op("Transpose", w, perm_i=[0, 2, 1, *range(3, dims + 1)])
+    w = g.op("Reshape", w, _const(g, torch.tensor([groups * ig, cout // groups, *k])))
+    if layer.scheme.activation_mode == "static":
+        x = _quantize_input_static(g, x, layer)
+    elif layer.scheme.activation_mode == "dynamic":
+        x = _fake_quantize_dynamic(g, x, layer, axes=list(range(1, dims)))
+        report.warnings.append(f"layer {name!r}: dynamic activations exported as float fake-quantization")
+    args = [x, w] + ([] if layer.bias is None else [_const(g, layer.bias.detach().float())])
+    report.layers[name] = KIND_LABEL[kind] + " + ConvTranspose"
+    if kind == "float":
+        report.warnings.append(f"layer {name!r}: {qt.spec.describe()} has no ONNX integer form; stored as float")
+    return g.op("ConvTranspose", *args, kernel_shape_i=k, strides_i=list(layer.stride), pads_i=list(layer.padding) * 2,
+                output_padding_i=list(layer.output_padding), dilations_i=list(layer.dilation), group_i=groups)
+
+
 def _embedding_symbolic(g: Any, idx: Any, layer: QuantEmbedding, report: ExportReport, name: str) -> Any:
     qt = layer.weight_qtensor()
     spec = qt.spec
@@ -498,6 +527,8 @@ class _QuantLayerOp(torch.autograd.Function):
             return _linear_symbolic(g, x, layer, report, name)
         if isinstance(layer, QuantEmbedding):
             return _embedding_symbolic(g, x, layer, report, name)
+        if isinstance(layer, QuantConvTranspose):
+            return _conv_transpose_symbolic(g, x, layer, report, name)
         return _conv_symbolic(g, x, layer, report, name)
 
 
@@ -510,13 +541,28 @@ def _check_static(layer: QuantMixin, name: str) -> None:
         raise unsupported_format("ONNX", name, fmt, STATIC_INT8, layer.act_spec.describe())
 
 
+def _recurrent_as_float(layer: QuantMixin, name: str, report: ExportReport) -> bool:
+    """True for a recurrent layer, reported as written with its dequantized weights."""
+    if not isinstance(layer, QuantRecurrent):
+        return False
+    if getattr(layer, "proj_size", 0):
+        raise ConfigError(f"layer {name!r}: ONNX has no LSTM with projections (proj_size={layer.proj_size}): "
+                          f"quantize with ignore=[{name!r}] and export without proj_size, or keep it simulated")
+    report.layers[name] = f"{layer.float_class.__name__} (dequantized {layer.weight_spec.describe()} weights)"
+    report.warnings.append(f"layer {name!r}: recurrent weights have no ONNX integer form; stored as float")
+    return True
+
+
 @contextlib.contextmanager
 def _export_forwards(model: nn.Module, report: ExportReport) -> Iterator[None]:
-    """Each quantized layer's ``forward`` replaced by :class:`_QuantLayerOp` for the duration."""
-    layers = quant_layers(model)
+    """Each quantized layer's ``forward`` replaced by :class:`_QuantLayerOp` for the duration; a recurrent layer
+    keeps its own (torch's LSTM / GRU / RNN export, its ``fq_w(W)`` matrices as float constants)."""
+    layers = {n: l for n, l in quant_layers(model).items() if not _recurrent_as_float(l, n, report)}
     saved = {name: layer.__dict__.get("forward") for name, layer in layers.items()}
     try:
         for name, layer in layers.items():
+            if not isinstance(layer, EXPORTED_LAYERS):
+                raise unsupported_layer("ONNX", name, layer, EXPORTED_LAYERS)
             if layer.scheme.activation_mode == "static":
                 _check_static(layer, name)
             layer.forward = (lambda t: (lambda x: _QuantLayerOp.apply(x, t)))(_Traced(layer, name, report))
@@ -566,7 +612,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, requ
     if path.parent and not path.parent.exists():
         raise DataError(f"ONNX output directory {path.parent} does not exist")
     report = ExportReport(str(path))
-    uses_nbits = any(_weight_kind(layer) == "nbits" for layer in quant_layers(model).values())
+    uses_nbits = any(isinstance(layer, QuantLinear) and _weight_kind(layer) == "nbits"
+                     for layer in quant_layers(model).values())
     args, names, axes, kwargs, has_sequence = _names_and_axes(example_inputs)
     with torch.no_grad():
         outputs = call_model(model, example_inputs if isinstance(example_inputs, (dict, tuple, list)) else (example_inputs,))
