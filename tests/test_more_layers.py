@@ -235,3 +235,15 @@ def test_subclasses_with_their_own_forward_stay_float(layer: nn.Module) -> None:
     q = squeezer.quantize(nn.Sequential(layer), W8, progress=False)
     assert type(q[0]) is type(layer)
     assert [s.name for s in squeezer.report_of(q).skipped] == ["0"]
+
+
+@pytest.mark.parametrize("preset", ["w8-gptq", "w8-bias_correction"])
+def test_algorithms_run_on_models_with_the_new_types(preset: str) -> None:
+    model, inputs = _bag_model(3)
+    q = squeezer.quantize(model, preset, calib=[inputs, inputs], progress=False)
+    rtn = squeezer.quantize(model, W8, progress=False)
+    assert torch.equal(q.bag.quantized_weight(), rtn.bag.quantized_weight())  # a bag keeps round-to-nearest
+    for case in (0, 4):
+        conv, x = _conv_model(case)
+        with torch.no_grad():
+            assert 0 < _relative(squeezer.quantize(conv, preset, calib=[x, x], progress=False)(x), conv(x)) < 0.02

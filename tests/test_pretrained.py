@@ -20,7 +20,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from squeezer import cli  # noqa: E402
 from squeezer.config import PRESETS  # noqa: E402
-from squeezer.errors import ConfigError, ModelError  # noqa: E402
+from squeezer.errors import ConfigError, DataError, ModelError  # noqa: E402
 from squeezer.hf import FORMATS, quantize_pretrained  # noqa: E402
 from squeezer.hf.folder import HFFolder  # noqa: E402
 from squeezer.hf.pretrained import data_free_presets  # noqa: E402
@@ -60,10 +60,6 @@ def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
-def _read_out(folder: Path) -> dict[str, torch.Tensor]:
-    return _float_weights(folder)
-
-
 @pytest.mark.parametrize("preset", ["w8", "w8g128", "q8_0", "q4_0"])
 def test_compressed_tensors_folder_loads_in_transformers_with_squeezers_logits(llama, tmp_path, preset):
     result = quantize_pretrained(llama, preset, tmp_path / "out")
@@ -83,6 +79,7 @@ def test_compressed_tensors_folder_loads_in_transformers_with_squeezers_logits(l
 
 
 @pytest.mark.parametrize("preset, fmt", [("w4g128", "pack-quantized"), ("q4_0", "pack-quantized"),
+                                         ("w3g128", "pack-quantized"), ("w2g64", "pack-quantized"),
                                          ("w8g128", "int-quantized"), ("w8", "int-quantized")])
 def test_compressed_tensors_decompress_to_squeezers_weights_exactly(llama, tmp_path, preset, fmt):
     from compressed_tensors.compressors import BaseCompressor
@@ -94,7 +91,7 @@ def test_compressed_tensors_decompress_to_squeezers_weights_exactly(llama, tmp_p
     assert qconfig.format == fmt and qconfig.quantization_status == "compressed"
     scheme = qconfig.config_groups["group_0"]
     assert sorted(scheme.targets) == sorted(n.removesuffix(".weight") for n in result.quantized)
-    stored, original = _read_out(tmp_path / "out"), _float_weights(llama)
+    stored, original = _float_weights(tmp_path / "out"), _float_weights(llama)
     compressor = BaseCompressor.get_value_from_registry(fmt)
     for name, w_hat in _reference(llama, preset, result.quantized).items():
         module = name.removesuffix(".weight")
@@ -184,3 +181,15 @@ def test_cli_pretrained_writes_gguf_and_refuses_in_one_line(llama, tmp_path):
     bad = runner.invoke(cli.app, ["pretrained", "--hf", str(llama), "--preset", "w8", "--format", "gguf",
                                   "--out", str(out)])
     assert bad.exit_code == 2 and "error: preset 'w8' has no GGUF block type" in bad.output
+
+
+def test_weight_rounding_guards():
+    spec = PRESETS["q8_0"].weight
+    w = torch.randn(4, 64)
+    w[1] = 0.0
+    w[2, :32] = 1e-9  # below fp16's smallest scale: stays a finite, nonzero scale
+    qt = quantize_weight("w", w, spec, torch.float16)
+    assert torch.equal(dequantize(qt)[1], torch.zeros(64)) and bool((qt.qparams.scale > 0).all())
+    w[3, 5] = float("nan")
+    with pytest.raises(DataError, match="weight 'blk.w' holds NaN"):
+        quantize_weight("blk.w", w, spec, torch.float16)

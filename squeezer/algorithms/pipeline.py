@@ -23,6 +23,7 @@ from ..calibration import Batch, call_model, with_progress
 from ..memory import release_free_memory
 from ..modules import QuantEmbedding, QuantLinear, QuantRecurrent, quant_layers
 from ..modules.base import QuantMixin
+from ..modules.layers import QuantEmbeddingBag
 from .base import Algorithm
 from ..quant.metrics import ErrorStats
 from ..quant.rotation import rotate
@@ -128,11 +129,11 @@ def _measure(layer: QuantMixin, original: Tensor, stats: LayerStats | None) -> N
 
 
 def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], progress: bool = True) -> list[str]:
-    """Apply ``algorithm`` stage by stage; returns the layers it treated (others keep RTN: embeddings, and
+    """Apply ``algorithm`` stage by stage; returns the layers it treated (others keep RTN: embeddings and embedding bags, and
     recurrent layers, whose several matrices see the input and the hidden state in a loop)."""
     all_layers = quant_layers(model)
     targets = [n for n, l in all_layers.items()
-               if not isinstance(l, (QuantEmbedding, QuantRecurrent)) and algorithm.applies_to(l)]
+               if not isinstance(l, (QuantEmbedding, QuantEmbeddingBag, QuantRecurrent)) and algorithm.applies_to(l)]
     groups = stages(model, targets)
     for layer in all_layers.values():
         layer.mode = "float"

@@ -1,12 +1,14 @@
-"""Quantized drop-in replacements for ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, and the
-registry of layer types that :func:`squeezer.modules.swap_layers` quantizes.
+"""Quantized drop-in replacements for ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``,
+``nn.Embedding``, ``nn.EmbeddingBag``, and the registry of layer types that :func:`squeezer.modules.swap_layers`
+quantizes.
 
 Each is a subclass of the torch layer (so ``isinstance`` checks and attributes still work)
 plus :class:`QuantMixin`; ``from_float(layer, scheme, copy)`` moves the layer's parameters over
 (copies of them with ``copy=True``, else the same storage: no second copy of a model being
 quantized in place or already copied).
 Transformers' ``Conv1D`` (``y = x W + b`` with ``W: (in, out)``) becomes a ``QuantLinear`` with
-``W^T`` so that output channels are on axis 0 like every other weight.
+``W^T`` so that output channels are on axis 0 like every other weight; so does a transposed convolution's
+``(in, out / groups, k...)`` weight, held as ``(out, in / groups, k...)`` (:class:`QuantConvTranspose`).
 
 A user's subclass of a torch layer that redefines the layer's function (``forward``, or ``_conv_forward``
 that a convolution's ``forward`` calls: "same" padding, weight standardisation, an output scale) is not
@@ -128,8 +130,8 @@ class QuantConvTranspose(QuantMixin):
         return input_channels_first(weight, self.groups)
 
     def _op(self, x: Tensor, weight: Tensor) -> Tensor:
-        return type(self).transpose(x, self.torch_weight(weight), self.bias, self.stride, self.padding,
-                                    self.output_padding, self.groups, self.dilation)
+        return self.transpose(x, self.torch_weight(weight), self.bias, self.stride, self.padding, self.output_padding,
+                              self.groups, self.dilation)
 
 
 class QuantConvTranspose1d(QuantConvTranspose, nn.ConvTranspose1d):
