@@ -8,8 +8,6 @@ that needs torch is touched.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, DataError, ModelError, SqueezerError
@@ -19,7 +17,7 @@ if TYPE_CHECKING:  # what the names below resolve to, for type checkers and the 
     from . import runtime
     from .api import quantize
     from .config import PRESETS, QuantConfig
-    from .export import export, export_onnx
+    from .exporters import export, export_onnx
     from .io.checkpoint import load, save
     from .kernels import pack
     from .quant.core import QParams, QTensor, dequantize, fake_quantize
@@ -35,8 +33,8 @@ _PUBLIC: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; No
     "QuantConfig": ("squeezer.config", "QuantConfig"),
     "load": ("squeezer.io.checkpoint", "load"),
     "save": ("squeezer.io.checkpoint", "save"),
-    "export": ("squeezer.export", "export"),
-    "export_onnx": ("squeezer.export", "export_onnx"),
+    "export": ("squeezer.exporters", "export"),
+    "export_onnx": ("squeezer.exporters", "export_onnx"),
     "pack": ("squeezer.kernels", "pack"),
     "QParams": ("squeezer.quant.core", "QParams"),
     "QTensor": ("squeezer.quant.core", "QTensor"),
@@ -74,20 +72,6 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_PUBLIC})
-
-
-class _Package(types.ModuleType):
-    """The import system binds each loaded submodule as an attribute of its package; a public name
-    that shares a submodule's name (``export``) stays the public function, as with eager imports."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _PUBLIC and _PUBLIC[name][1] is not None and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
 
 __all__ = [
     "quantize", "compress", "pack", "save", "load", "export", "export_onnx", "QuantConfig", "QuantSpec", "PRESETS", "QuantReport", "report_of",

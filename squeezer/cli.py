@@ -1,5 +1,5 @@
 """The ``squeezer`` command line: ``demo``, ``quantize``, ``info``, ``export``, ``compress``, ``search``,
-``report``. It parses flags and prints; the work is the library's.
+``report``, ``pretrained``. It parses flags and prints; the work is the library's.
 
 Importing this module stays light (typer, rich): torch and squeezer's modules that need it are
 imported inside the command that uses them, so ``squeezer --help`` answers at once. The choices the
@@ -257,7 +257,7 @@ class _ExportCommand(typer.core.TyperCommand):
     def format_help(self, ctx: Any, formatter: Any) -> None:
         from rich.markup import escape
 
-        from .export import describe_options, formats, get
+        from .exporters import describe_options, formats, get
 
         lines = [(export_cmd.__doc__ or "").strip(), "Formats (--format, or from --out's suffix) and their options "
                  "(--option key=value):"]
@@ -309,7 +309,7 @@ def export_cmd(
     from dataclasses import asdict
 
     from .errors import ConfigError
-    from .export import export_checkpoint, exporter_for, options_from_text
+    from .exporters import export_checkpoint, exporter_for, options_from_text
     from .io.calib_files import load_calibration
 
     try:

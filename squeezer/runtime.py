@@ -1,9 +1,9 @@
 """Run an exported model like a module: ``squeezer.runtime.load(path)(x)``.
 
 The runner is the one of the export format that the file's suffix belongs to
-(:func:`squeezer.export.for_path`): ``.onnx`` -> :class:`~squeezer.export.onnx.OnnxModule` (ONNX Runtime),
-``.tflite`` -> :class:`~squeezer.export.tflite.TfliteModule` (ai-edge-litert, extra ``squeezer[tflite]``),
-``.pte`` -> :class:`~squeezer.export.executorch.PteModule` (ExecuTorch, extra ``squeezer[executorch]``), and
+(:func:`squeezer.exporters.for_path`): ``.onnx`` -> :class:`~squeezer.exporters.onnx.OnnxModule` (ONNX Runtime),
+``.tflite`` -> :class:`~squeezer.exporters.tflite.TfliteModule` (ai-edge-litert, extra ``squeezer[tflite]``),
+``.pte`` -> :class:`~squeezer.exporters.executorch.PteModule` (ExecuTorch, extra ``squeezer[executorch]``), and
 any registered plugin format. Each takes positional (or, ONNX / TFLite, keyword) inputs as numpy
 arrays or torch tensors, cast to the model's input types; outputs come back as torch tensors when
 any input was a tensor, else as numpy arrays; one output bare, several as a tuple. When the file has a
@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
-from .export import for_path, suffixes
+from .exporters import for_path, suffixes
 from .io.digest import check_sidecar
 
 
 def load(path: str | Path, threads: int | None = None, **options: Any) -> Callable[..., Any]:
     """Load an exported file (``.onnx``, ``.tflite``, ``.pte`` or a registered format's suffix) as a callable.
     ``threads``: intra-op threads (ONNX Runtime, LiteRT); ``options`` go to the format's runner
-    (``spinning=False`` for ONNX Runtime, see :class:`~squeezer.export.onnx.OnnxModule`; ``xnnpack=True``
+    (``spinning=False`` for ONNX Runtime, see :class:`~squeezer.exporters.onnx.OnnxModule`; ``xnnpack=True``
     for LiteRT's XNNPACK delegate). :class:`ModelError` when a sidecar digest does not match the file."""
     path = Path(path)
     if not path.is_file():

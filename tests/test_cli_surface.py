@@ -60,9 +60,9 @@ def test_help_lists_the_choices(command: str, names: list[str]) -> None:
 
 
 def test_lazy_public_names_resolve() -> None:
-    """Every public name imports on first use; importing the ``squeezer.export`` package does not hide
-    the ``squeezer.export`` function; submodules are reachable as attributes."""
-    code = ("import squeezer, squeezer.export.onnx; "
+    """Every public name imports on first use (``squeezer.export`` is the function, its formats live in
+    ``squeezer.exporters``); submodules are reachable as attributes."""
+    code = ("import squeezer, squeezer.exporters.onnx.graph as graph; "
             "assert callable(squeezer.export), squeezer.export; "
             "missing = [n for n in squeezer.__all__ if getattr(squeezer, n, None) is None]; "
             "assert not missing, missing; "

@@ -15,7 +15,7 @@ from torch import nn
 
 import squeezer
 from squeezer import ConfigError, ModelError
-from squeezer.export import ExportReport, Exporter, Runner, formats, register, unregister
+from squeezer.exporters import ExportReport, Exporter, Runner, formats, register, unregister
 from squeezer.io.user_model import load_factory
 from squeezer.modules import quant_layers
 
@@ -141,7 +141,7 @@ def test_cli_exports_and_lists_a_registered_format(tmp_path, toy):
 
 
 def test_options_from_text_follow_the_field_types():
-    from squeezer.export import get, options_from_text
+    from squeezer.exporters import get, options_from_text
 
     onnx = get("onnx")
     assert options_from_text("onnx", onnx.options, {"opset": "18", "compact": "false", "dynamic_axes": "none"}) == \

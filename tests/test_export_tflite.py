@@ -254,7 +254,7 @@ def test_cli_exports_a_checkpoint_to_tflite(tmp_path):
 
 
 def test_channel_scales_recover_folded_factors():
-    from squeezer.export.tflite.int8_weights import channel_scales
+    from squeezer.exporters.tflite.int8_weights import channel_scales
 
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (6, 5, 3), generator=g, dtype=torch.int8).numpy()

@@ -19,7 +19,7 @@ from hypothesis.extra import numpy as hnp
 import squeezer
 from squeezer.config import QuantConfig
 from squeezer.errors import SqueezerError
-from squeezer.export.onnx.runner import OnnxModule
+from squeezer.exporters.onnx.runner import OnnxModule
 from squeezer.io.calib_files import load_calibration
 from squeezer.recipe import Recipe
 

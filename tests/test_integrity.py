@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import squeezer
 from squeezer import ModelError
 from squeezer.cli import app
-from squeezer.export import export_checkpoint
+from squeezer.exporters import export_checkpoint
 from squeezer.io.checkpoint import MANIFEST, TENSORS, verify
 from squeezer.io.digest import file_sha256
 from squeezer.io.manifest import digest

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 import squeezer
-from squeezer.export.base import ExportReport
-from squeezer.export.qdq import QdqLayer, checked_weight
+from squeezer.exporters.base import ExportReport
+from squeezer.exporters.qdq import QdqLayer, checked_weight
 from squeezer.modules.layers import (
     QuantConv3d,
     QuantConvTranspose,

@@ -13,7 +13,7 @@ from torch import nn
 
 import squeezer
 from squeezer import ConfigError, ModelError
-from squeezer.export.onnx.graph import nbits_tensors
+from squeezer.exporters.onnx.graph import nbits_tensors
 
 from .conftest import TextModel
 
@@ -301,7 +301,7 @@ def test_compact_export_same_outputs_smaller_file_layer_names(tmp_path):
 def test_compact_onnx_deduplicates_and_keeps_subgraph_names():
     from onnx import TensorProto, helper
 
-    from squeezer.export.onnx.compact import compact_onnx, module_of
+    from squeezer.exporters.onnx.compact import compact_onnx, module_of
 
     assert module_of("/encoder/layer.0/attention/self/query/MatMul") == "encoder.layer.0.attention.self.query"
     assert module_of("/Relu_1") == ""

@@ -177,7 +177,7 @@ def test_pack_refuses_recurrent_layers() -> None:
 @pytest.mark.parametrize("kind", ["lstm-2-bi-batch_first", "gru-2-bi", "rnn-tanh", "rnn-relu-bi"])
 def test_onnx_runs_dequantized_recurrent_layer(kind: str, tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
-    from squeezer.export.onnx.graph import export_onnx
+    from squeezer.exporters.onnx.graph import export_onnx
 
     model, x = _model(kind, head=False)
     q = squeezer.quantize(model, W4G16)
@@ -191,7 +191,7 @@ def test_onnx_runs_dequantized_recurrent_layer(kind: str, tmp_path) -> None:
 
 
 def test_onnx_refuses_lstm_projections(tmp_path) -> None:
-    from squeezer.export.onnx.graph import export_onnx
+    from squeezer.exporters.onnx.graph import export_onnx
 
     model, x = _model("lstm-proj")
     with pytest.raises(ConfigError, match="proj_size"):

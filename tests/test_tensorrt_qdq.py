@@ -11,7 +11,7 @@ import torch
 import squeezer
 from squeezer import ModelError
 from squeezer import export
-from squeezer.export.onnx.tensorrt import (
+from squeezer.exporters.onnx.tensorrt import (
     TENSORRT_CONFIG,
     check_tensorrt,
     tensorrt_violations,

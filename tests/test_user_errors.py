@@ -18,7 +18,7 @@ import squeezer
 from squeezer.cli import app
 from squeezer.config import QuantConfig
 from squeezer.errors import ConfigError, DataError, ModelError, excerpt
-from squeezer.export.onnx.runner import OnnxModule
+from squeezer.exporters.onnx.runner import OnnxModule
 from squeezer.io.calib_files import load_calibration
 from squeezer.recipe import Recipe, load_recipe
 

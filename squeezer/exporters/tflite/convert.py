@@ -1,6 +1,6 @@
 """TFLite export through litert-torch (extra ``squeezer[tflite]``) that carries squeezer's integers.
 
-The model's QDQ form (:mod:`squeezer.export.qdq`) goes to ``litert_torch.convert``, which folds
+The model's QDQ form (:mod:`squeezer.exporters.qdq`) goes to ``litert_torch.convert``, which folds
 ``quantize(W^)`` into int8 weight tensors holding squeezer's codes and scales (zero point 0; per
 output channel, ``quantized_dimension`` following TFLite's layout). Two modes, by the layers' activations:
 
@@ -18,8 +18,8 @@ output channel, ``quantized_dimension`` following TFLite's layout). Two modes, b
   squeezer's model: a warning names the layer and the grid), or with ``unquantized_outputs="float"``
   as a float op on its dequantized int8 input and squeezer's ``W^`` (no grid squeezer did not
   choose; its int8 weights are stored as such and dequantized once by a ``DEQUANTIZE`` op:
-  :mod:`squeezer.export.tflite.int8_weights`). A model whose first op quantizes the input / last op
-  dequantizes the output takes / returns int8; :mod:`squeezer.export.tflite.runner` applies the scale and zero point.
+  :mod:`squeezer.exporters.tflite.int8_weights`). A model whose first op quantizes the input / last op
+  dequantizes the output takes / returns int8; :mod:`squeezer.exporters.tflite.runner` applies the scale and zero point.
 
 Every quantized layer of a static model must be static: the converter stores the weights of a
 weight-only layer there in float (ConfigError naming it). In dynamic-range mode the converter

@@ -1,7 +1,7 @@
 """Rewrite float32 weight constants of a TFLite model as squeezer's int8 codes + ``DEQUANTIZE``.
 
 A layer that the TFLite exporter writes as a float op (its output has no squeezer grid, see
-:func:`squeezer.export.tflite.convert.export_tflite`) reads ``W^ = q * s`` as a float32 constant: 4 bytes
+:func:`squeezer.exporters.tflite.convert.export_tflite`) reads ``W^ = q * s`` as a float32 constant: 4 bytes
 a weight in a quantized file. This stores ``q`` (int8, zero point 0, a scale per output channel)
 and a ``DEQUANTIZE`` op that turns it back into the same float tensor (TFLite
 computes ``(q - 0) * s`` in float32, the product squeezer's ``W^`` is); the interpreter evaluates a

@@ -1,6 +1,6 @@
 """ExecuTorch export (extra ``squeezer[executorch]``): ``torch.export`` -> XNNPACK partition -> ``.pte``.
 
-The QDQ form (:mod:`squeezer.export.qdq`) holds squeezer's int8 codes and scales as buffers, so the
+The QDQ form (:mod:`squeezer.exporters.qdq`) holds squeezer's int8 codes and scales as buffers, so the
 ``.pte`` stores them unchanged (inside XNNPACK's blob for delegated layers, as program constants
 for the others). Per layer:
 

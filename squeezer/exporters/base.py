@@ -4,8 +4,8 @@ An :class:`Exporter` writes a model in one format (``export``) and loads such a 
 callable (``runner``, what :func:`squeezer.runtime.load` returns). Its ``options`` is a dataclass
 type: every field a keyword of :func:`export` with its default and a one-line help
 (``field(metadata={"help": ...})``). Formats are found by name (:func:`get`) or by file suffix
-(:func:`for_path`); the built-in ones (``squeezer.export.onnx``, ``.tflite``, ``.executorch``)
-register themselves when :mod:`squeezer.export` is imported, and a plugin with :func:`register`.
+(:func:`for_path`); the built-in ones (``squeezer.exporters.onnx``, ``.tflite``, ``.executorch``)
+register themselves when :mod:`squeezer.exporters` is imported, and a plugin with :func:`register`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Exporter:
         raise NotImplementedError
 
     def runner(self, path: Path, **runtime_options: Any) -> Callable[..., Any]:
-        """``path`` loaded as a callable ``run(*inputs, **named_inputs)`` (see :mod:`squeezer.export.runner`)."""
+        """``path`` loaded as a callable ``run(*inputs, **named_inputs)`` (see :mod:`squeezer.exporters.runner`)."""
         raise NotImplementedError
 
 

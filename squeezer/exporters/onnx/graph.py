@@ -33,7 +33,7 @@ Each quantized layer is exported by a symbolic function that writes its own node
   1.1-1.4x of u8 x s8's speed there (s8 x s8 is exact too, but a scalar fallback: 6-50x slower).
 Anything else is written as its reconstructed float weight and listed in the export report
 as a warning naming the layer (never silently). The file is then compacted
-(:mod:`squeezer.export.onnx.compact`).
+(:mod:`squeezer.exporters.onnx.compact`).
 """
 
 from __future__ import annotations
@@ -603,7 +603,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, requ
     batch axis (and the sequence axis of integer inputs) is dynamic unless ``dynamic_axes`` says otherwise.
     ``require_quantized=False`` also writes a model without quantized layers (fp32, pruned) as plain ONNX.
     ``options``: the fields of :class:`OnnxOptions` (``opset``, ``dynamic_axes``, ``compact``: constants as
-    initializers, small equal ones stored once, short internal tensor names, :mod:`squeezer.export.onnx.compact`).
+    initializers, small equal ones stored once, short internal tensor names, :mod:`squeezer.exporters.onnx.compact`).
     """
     opts: OnnxOptions = build_options("onnx", OnnxOptions, options)
     if require_quantized or quant_layers(model):
