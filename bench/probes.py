@@ -45,6 +45,7 @@ from squeezer.distill import distill
 from squeezer.examples.credit import evaluate_credit, make_credit_task, train_credit_model
 from squeezer.examples.digits import DigitsCNN, digits_accuracy, make_digits_task, train_digits_model
 from squeezer.kernels import packed_kernels
+from squeezer.kernels.select import bucket_of
 from squeezer.training import fit
 
 SEEDS = (1, 2, 3, 4, 5, 6)
@@ -395,7 +396,8 @@ def probe_kernel_choice(cache: Path, seconds: float, quick: bool) -> dict[str, A
                     samples, round_ms, info = time_round_robin(calls, seconds, 3, KERNEL_MAX_ROUNDS)
                 paired = paired_rounds(round_ms["rule"], round_ms["time"])
                 rows.append({"model": model_name, "preset": preset, "batch": b, "kernels": kernels,
-                             "same_kernels": kernels["rule"] == kernels["time"], "pack_s": pack_s,
+                             "same_kernels": kernels_at(kernels["rule"], b) == kernels_at(kernels["time"], b),
+                             "pack_s": pack_s,
                              "median_ms": {c: statistics.median(s) for c, s in samples.items()},
                              "output_rel_diff": float((ys["rule"] - ys["time"]).norm() / ys["time"].norm()),
                              "timing": info, **paired,
@@ -408,9 +410,14 @@ def probe_kernel_choice(cache: Path, seconds: float, quick: bool) -> dict[str, A
             "threads": THREADS, "rows": rows}
 
 
+def kernels_at(kernels: dict[str, str | list[str]], rows: int) -> dict[str, str]:
+    """``{layer: path}`` that runs an input of ``rows`` rows, from :func:`~squeezer.kernels.packed_kernels`."""
+    return {layer: k if isinstance(k, str) else k[bucket_of(rows)] for layer, k in kernels.items()}
+
+
 def kernel_choice_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: per model, preset and batch, both medians, the ratio rule / time with its interval, the verdict."""
-    lines = table_head(["model", "preset", "batch", "same kernels", "rule ms", "time ms", "rule / time (95 % interval)",
+    lines = table_head(["model", "preset", "batch", "same kernels at this batch", "rule ms", "time ms", "rule / time (95 % interval)",
                         "rounds kept", "rule at least as fast"])
     for r in rows:
         lo, hi = r.get("ratio_ci95", (float("nan"), float("nan")))

@@ -57,7 +57,7 @@ def _outcome(directory, expected) -> bool:
         return not torch.equal(model(X), expected)
 
 
-@settings(max_examples=fuzz_examples(150), deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=fuzz_examples(150), deadline=10_000, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), forge=st.booleans())
 def test_mutated_manifest(original, tmp_path_factory, data, forge):
     source, expected = original
@@ -84,7 +84,7 @@ def test_mutated_manifest(original, tmp_path_factory, data, forge):
         assert where[0] == "layers", where
 
 
-@settings(max_examples=fuzz_examples(150), deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=fuzz_examples(150), deadline=10_000, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), forge=st.booleans(), kind=st.sampled_from(["flip", "truncate", "pad"]))
 def test_mutated_tensor_file(original, tmp_path_factory, data, forge, kind):
     source, expected = original

@@ -1,6 +1,7 @@
 """Fuzzed user input to every loader: YAML configs and recipes, ``.npy`` / ``.npz`` / ``.csv`` calibration
 files, ONNX runner calls. Each ends in a load or a :class:`SqueezerError`, never another exception,
-and none takes over 10 s. Bounded: few examples, no deadline per example (the machine is shared)."""
+and none takes over 10 s (hypothesis' deadline per example). Bounded for CI: few examples unless
+``SQUEEZER_FUZZ_EXAMPLES`` asks for more."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from squeezer.recipe import Recipe
 
 from .conftest import MLP, fuzz_examples
 
-FUZZ = settings(max_examples=fuzz_examples(60), deadline=None, database=None,
+FUZZ = settings(max_examples=fuzz_examples(60), deadline=10_000, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 OUTCOMES: Counter = Counter()
 """(loader, outcome) -> count over the whole module (printed at the end with ``-s``)."""

@@ -157,6 +157,8 @@ def test_checkpoint_with_a_bad_rotation_names_the_layer(tmp_path, mlp, mlp_batch
     from typer.testing import CliRunner
 
     from squeezer.cli import app
+    from squeezer.io.checkpoint import TENSORS
+    from squeezer.io.manifest import digest
 
     squeezer.save(squeezer.quantize(mlp, "w8-hadamard"), tmp_path / "ckpt")
     info = CliRunner().invoke(app, ["info", str(tmp_path / "ckpt")])
@@ -164,6 +166,7 @@ def test_checkpoint_with_a_bad_rotation_names_the_layer(tmp_path, mlp, mlp_batch
     manifest = tmp_path / "ckpt" / "manifest.json"
     data = json.loads(manifest.read_text())
     data["layers"]["fc2"]["input_rotation"] = 16  # does not divide 300
+    data["sha256"] = digest(data, tmp_path / "ckpt" / TENSORS)  # forged: the content check must still refuse it
     manifest.write_text(json.dumps(data))
     with pytest.raises(ModelError, match="checkpoint layer 'fc2': input_rotation 16"):
         squeezer.load(tmp_path / "ckpt", MLP)
