@@ -201,3 +201,13 @@ def test_pack_is_identical_across_processes(tmp_path):
     first, second = (json.loads(r.strip().splitlines()[-1]) for r in runs)
     assert set(first) == set(presets) and all(first[p][0] for p in presets)
     assert first == second
+
+
+def test_rule_ranks_the_int_mm_reference_loop_last_without_vnni(monkeypatch):
+    """Without VNNI, ``_int_mm`` is PyTorch's slow reference loop: the rule takes the fp32 fallback first."""
+    problem, _, _ = _problem("w8a8", 64, 128)
+    with_vnni = [select.rule_choice(problem, PATHS, b) for b in range(len(select.BUCKETS))]
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    without = [select.rule_choice(problem, PATHS, b) for b in range(len(select.BUCKETS))]
+    assert "int_mm" in with_vnni and "int_mm" not in without and "fbgemm_dynamic" not in without
+    assert select.rule_order()[-1] == "int_mm"

@@ -4,12 +4,15 @@ Rows ``m`` fall in buckets (1, 2-16, 17-128, >128), each represented by one size
 that reproduce the layer's quantization for that size are candidates
 (:meth:`~squeezer.kernels.base.KernelPath.eligible`). Three ways to choose among them:
 
-* :func:`rule_choice` (deterministic, no timing): the first eligible path of :data:`RULE_ORDER`
+* :func:`rule_choice` (deterministic, no timing): the first eligible path of :func:`rule_order`
   (fbgemm's dynamic int8 GEMM, then ``_int_mm``, the weight-only int8 / int4 kernels, the fp32
   fallback last), except that weight-only int8 on more than 128 rows of a layer with fewer than
   :data:`SMALL_LAYER` weights runs ``dequant_matmul`` (one fp32 GEMM of the unpacked weight beats
   the bf16 int8 kernel there). These are the choices timing made on a quiet machine (MiniLM's
-  384 / 1536 layers and 1024-4096 wide MLPs, every preset).
+  384 / 1536 layers and 1024-4096 wide MLPs, every preset). On a CPU without VNNI (AVX2 only),
+  ``_int_mm`` is PyTorch's reference loop (a 4096 x 4096 layer: 152 ms per row against 80 ms for
+  ``dequant_matmul`` and 3.5 ms for fp32, measured on an AVX2 EPYC), so the rule ranks it after the
+  fp32 fallback there (:func:`rule_order`).
 * :func:`timed_choice`: every eligible path timed in interleaved rounds (median per path), and
   the rule's path kept unless another is faster by more than :data:`MARGIN` (a timing on a busy
   machine can be off by a factor 2.7: one noisy run must not decide). The result is cached on disk
@@ -35,7 +38,14 @@ from .base import KernelPath, LinearProblem, supported_formats
 BUCKETS: tuple[tuple[int, int], ...] = ((1, 1), (16, 8), (128, 64), (1 << 62, 256))
 """(largest m in the bucket, m that represents it)."""
 RULE_ORDER = ("fbgemm_dynamic", "int_mm", "int8_weight_bf16", "int4_weight_bf16", "dequant_matmul")
-"""Paths by preference of the rule; a path not listed comes after these."""
+"""Paths by preference of the rule on a CPU with VNNI; a path not listed comes after these."""
+
+
+def rule_order() -> tuple[str, ...]:
+    """:data:`RULE_ORDER`, with ``int_mm`` after ``dequant_matmul`` on a CPU without VNNI (its slow reference loop)."""
+    if torch.cpu._is_vnni_supported():
+        return RULE_ORDER
+    return tuple(n for n in RULE_ORDER if n != "int_mm") + ("int_mm",)
 SMALL_LAYER = 1 << 21
 """Weights (N K) under which the fp32 fallback beats the weight-only int8 kernel for m > 128."""
 MARGIN = 0.2
@@ -71,8 +81,9 @@ def rule_choice(problem: LinearProblem, paths: Sequence[KernelPath], bucket: int
     small = problem.out_features * problem.in_features < SMALL_LAYER
     if "int8_weight_bf16" in names and "dequant_matmul" in names and small and bucket == len(BUCKETS) - 1:
         return "dequant_matmul"
-    rank = {name: i for i, name in enumerate(RULE_ORDER)}
-    return min(names, key=lambda name: rank.get(name, len(RULE_ORDER)))
+    order = rule_order()
+    rank = {name: i for i, name in enumerate(order)}
+    return min(names, key=lambda name: rank.get(name, len(order)))
 
 
 def time_paths(paths: Sequence[KernelPath], states: dict[str, Any], x: torch.Tensor,
