@@ -325,7 +325,8 @@ def export_cmd(
         options = options_from_text(exporter.name, exporter.options, texts)
         if calib is not None:
             options["calib"] = load_calibration(calib, 64)
-        report = export_checkpoint(directory, out, exporter.name, model=model, input_shape=shape, **options)
+        report = export_checkpoint(directory, out, exporter.name, model=model, input_shape=shape,
+                                   calib_source=f"--calib {calib}", **options)
     except SqueezerError as exc:
         _fail(exc)
     if json_out:

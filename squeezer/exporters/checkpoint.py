@@ -19,12 +19,14 @@ from .base import ExportReport, export
 
 
 def export_checkpoint(directory: str | Path, path: str | Path, format: str | None = None, *, model: str | None = None,
-                      input_shape: tuple[int, ...] | None = None, **options: Any) -> ExportReport:
+                      input_shape: tuple[int, ...] | None = None, calib_source: str = "calib batch 0",
+                      **options: Any) -> ExportReport:
     """Load the checkpoint in ``directory`` and export it to ``path`` (``format`` as :func:`squeezer.export`).
 
     ``model``: the factory ``pkg.module:function`` that builds the float model (required: it is imported
     and run; the factory a checkpoint records is never used);
     ``input_shape``: the shape of a zero example input (default: the checkpoint's recorded example);
+    ``calib_source``: how an error names the calibration data of ``options["calib"]`` (the CLI: its flag and file);
     ``options``: the format's options."""
     path = Path(path)
     manifest = read_manifest(directory)
@@ -45,5 +47,5 @@ def export_checkpoint(directory: str | Path, path: str | Path, format: str | Non
     check_fits(net, example, "recorded example input" if input_shape is None
                else f"input shape {'x'.join(map(str, input_shape))}", ModelError)
     if isinstance(options.get("calib"), list) and options["calib"]:
-        check_fits(net, options["calib"][0], "calib batch 0")
+        check_fits(net, options["calib"][0], calib_source)
     return export(net, example, path, format, **options)
