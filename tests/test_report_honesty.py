@@ -114,3 +114,22 @@ def test_cli_warns_when_most_parameters_stay_float(tmp_path) -> None:
                      r"cell \(LSTMCell, \d+\.\d%: type not quantizable\)", text), text
     mostly_quantized = runner.invoke(app, ["quantize", "--model", "tests.conftest:MLP", "--out", str(tmp_path / "m")])
     assert mostly_quantized.exit_code == 0 and "stay float" not in mostly_quantized.output
+
+
+def test_fused_attention_weights_are_not_claimed_quantized() -> None:
+    """``nn.MultiheadAttention`` reads ``out_proj.weight`` inside one fused function, and
+    ``nn.TransformerEncoderLayer``'s inference fast path reads its Linear weights the same way: those stay float,
+    listed with the reason; the model's own head is quantized, and the quantized model packs and runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True, dropout=0.0),
+                          nn.Linear(32, 8)).eval()
+    x = torch.randn(2, 5, 32)
+    q = squeezer.quantize(model, "w8", calib=[x], progress=False)
+    report = squeezer.report_of(q)
+    assert [layer.name for layer in report.layers] == ["1"]
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert "inside MultiheadAttention" in reasons["0.self_attn.out_proj"]
+    assert "inside TransformerEncoderLayer" in reasons["0.linear1"] and "inside TransformerEncoderLayer" in reasons["0.linear2"]
+    packed = squeezer.pack(q)
+    with torch.no_grad():
+        assert (packed(x) - model(x)).norm() / model(x).norm() < 0.02

@@ -57,6 +57,20 @@ def _tied_storages(model: nn.Module) -> set[int]:
     return tied
 
 
+FUSED_PARENTS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+"""Modules whose forward reads their children's float weights directly (``nn.MultiheadAttention`` passes
+``out_proj.weight`` to one fused attention function; ``nn.TransformerEncoderLayer``'s inference fast path
+passes ``linear1`` / ``linear2``'s weights to one fused kernel): a child swapped for a quantized layer would
+be reported as quantized while its float weight runs, so such children stay float, listed with the reason."""
+
+
+def _fused_children(model: nn.Module) -> dict[str, str]:
+    """``{child name: parent class}`` of the children of :data:`FUSED_PARENTS` modules."""
+    return {f"{name}.{child}" if name else child: type(module).__name__
+            for name, module in model.named_modules() if isinstance(module, FUSED_PARENTS)
+            for child, _ in module.named_children()}
+
+
 def swap_layers(model: nn.Module, config: LayerSelection) -> tuple[list[str], list[SkippedLayer]]:
     """Swap in place, each chosen layer with its scheme ``config.for_layer(name, kind)``. Returns the
     swapped layer names and the skipped modules. A quantized layer takes
@@ -67,6 +81,7 @@ def swap_layers(model: nn.Module, config: LayerSelection) -> tuple[list[str], li
     """
     chosen: list[tuple[str, nn.Module]] = []
     skipped: list[SkippedLayer] = []
+    fused = _fused_children(model)
     root_params = sum(p.numel() for p in model.parameters(recurse=False))
     if root_params and not isinstance(model, QuantMixin):
         skipped.append(SkippedLayer("", type(model).__name__, root_params, "parameters of the model itself"))
@@ -76,6 +91,8 @@ def swap_layers(model: nn.Module, config: LayerSelection) -> tuple[list[str], li
         own = sum(p.numel() for p in module.parameters(recurse=False))
         kind = layer_type_name(module)
         reason = config.skip_reason(name, kind)
+        if reason is None and name in fused:
+            reason = f"inside {fused[name]}, whose fused forward reads the float weight"
         if reason is None:
             reason = scheme_refusal(module, config.for_layer(name, kind))
         if reason is None:
