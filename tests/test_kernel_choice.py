@@ -65,11 +65,11 @@ def test_rule_is_deterministic_and_never_times(mlp, monkeypatch):
 def test_timed_choice_keeps_the_rule_unless_clearly_faster(monkeypatch):
     problem, _, _ = _problem("w8a8", 48, 96)
     calls: list = []
-    close = {"int_mm": 1.0, "fbgemm_dynamic": 1.0, "dequant_matmul": 0.9}  # 10 % faster: within the margin
+    close = {"int_mm": 1.0, "fbgemm_dynamic": 1.0, "int8_codes_bf16": 1.0, "dequant_matmul": 0.9}  # 10 % faster: within the margin
     monkeypatch.setattr(select, "time_paths", _fake_timer(close, calls))
     assert select.timed_choice(problem, PATHS) == W8A8_RULE and len(calls) == 4
     problem, _, _ = _problem("w8a8", 48, 104)  # another shape: another key, timed afresh
-    clear = {"int_mm": 1.0, "fbgemm_dynamic": 1.0, "dequant_matmul": 0.5}
+    clear = {"int_mm": 1.0, "fbgemm_dynamic": 1.0, "int8_codes_bf16": 1.0, "dequant_matmul": 0.5}
     monkeypatch.setattr(select, "time_paths", _fake_timer(clear, calls))
     assert select.timed_choice(problem, PATHS) == ["dequant_matmul"] * 4
 
@@ -81,8 +81,8 @@ def test_time_paths_interleaves_the_candidates(monkeypatch):
     for p in paths:
         monkeypatch.setattr(p, "run", lambda state, x, name=p.name: order.append(name))
     seconds = select.time_paths(paths, {p.name: None for p in paths}, torch.randn(8, 96), repeats=3)
-    assert set(seconds) == {"int_mm", "dequant_matmul"}
-    assert order[4:] == ["int_mm", "dequant_matmul"] * 3, "after the warm-ups, rounds alternate the paths"
+    assert set(seconds) == {"int_mm", "int8_codes_bf16", "dequant_matmul"}
+    assert order[6:] == ["int_mm", "int8_codes_bf16", "dequant_matmul"] * 3, "after the warm-ups, rounds alternate the paths"
 
 
 def test_cache_key_covers_the_activation_spec(squeezer_cache, monkeypatch):

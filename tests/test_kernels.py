@@ -32,14 +32,16 @@ def _reference(problem: LinearProblem, w_hat: torch.Tensor, x: torch.Tensor) -> 
 
 
 CASES = [("w8", "int8_weight_bf16"), ("w4g128", "int4_weight_bf16"),
-         (QuantConfig(weight=QuantSpec(4, symmetric=False, granularity="group:64")), "int4_weight_bf16"),
-         ("w8a8", "int_mm"), ("w8a8", "fbgemm_dynamic"), ("w8a8-static", "int_mm"),
+         (QuantConfig(weight=QuantSpec(4, symmetric=False, granularity="group:64"), name="w4g64"), "int4_weight_bf16"),
+         ("w8a8", "int_mm"), ("w8a8", "fbgemm_dynamic"), ("w8a8-static", "int_mm"), ("w8a8", "int8_codes_bf16"),
+         (QuantConfig(QuantSpec(8, granularity="channel:0"), QuantSpec(8, granularity="tensor"), activation_mode="static",
+                      name="w8a8-static-sym"), "int8_codes_bf16"),
          ("w8a8-tensor", "int_mm"), ("w8a8-tensor", "fbgemm_dynamic"), ("w8a8-asym", "int_mm"),
          ("w8a8-asym", "fbgemm_dynamic"),
          ("w2g64", "dequant_matmul"), ("kmeans-w4", "dequant_matmul"), ("w8", "dequant_matmul")]
 
 
-@pytest.mark.parametrize("cfg, path_name", CASES, ids=[f"{c if isinstance(c, str) else 'w4g64'}-{p}" for c, p in CASES])
+@pytest.mark.parametrize("cfg, path_name", CASES, ids=[f"{c if isinstance(c, str) else c.name}-{p}" for c, p in CASES])
 @pytest.mark.parametrize("n, k", SHAPES)
 def test_each_path_matches_dequantized_reference(cfg, path_name, n, k):
     problem, w_hat, layer = _problem(cfg, n, k)
@@ -60,6 +62,8 @@ def test_each_path_matches_dequantized_reference(cfg, path_name, n, k):
                 sim = layer(x)
             if path.name == "int_mm":  # same integers as the simulated layer: equal up to float rounding
                 assert torch.allclose(y, sim, rtol=1e-4, atol=1e-4)
+            elif path.name == "int8_codes_bf16":  # the same integers, the sum rounded to bf16 (2^-9)
+                assert (y - sim).norm() / sim.norm() < 4e-3
             elif cfg in ("w8a8-tensor", "w8a8-asym"):  # fbgemm's scheme is squeezer's (asymmetric uint8
                 # over the tensor = over the one row), but for the zero point's rounding
                 assert (y - sim).norm() / sim.norm() < 2e-3
@@ -91,7 +95,7 @@ def test_eligibility_rules(monkeypatch):
     p8, _, _ = _problem("w8a8", 64, 128)
     fb = next(p for p in PATHS if p.name == "fbgemm_dynamic")
     assert fb.eligible(p8, 1) and not fb.eligible(p8, 8), "per-tensor fbgemm only equals per-token for one row"
-    assert {p.name for p in PATHS if p.eligible(p8, 8)} == {"int_mm", "dequant_matmul"}
+    assert {p.name for p in PATHS if p.eligible(p8, 8)} == {"int_mm", "int8_codes_bf16", "dequant_matmul"}
     pt, _, _ = _problem("w8a8-tensor", 64, 128)
     assert all({p.name for p in PATHS if p.eligible(pt, m)} == {"int_mm", "fbgemm_dynamic", "dequant_matmul"}
                for m in ROWS), "per-tensor uint8 activations: fbgemm's own scheme at every batch size"

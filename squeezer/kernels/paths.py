@@ -18,6 +18,12 @@
   output, ``y = (x_bf16 W_q^T) * S + b``, so that no channel carries a scale rounded to bf16 (a
   constant error of up to 2^-8 on that channel's outputs). Taken only for ``K % 16 == 0``: measured
   here, other ``K`` give wrong results or crash the process.
+* ``int8_codes_bf16``: the activation codes of a symmetric int8 scheme (dynamic per token or per
+  tensor, static per tensor: ``X_q`` exactly as ``int_mm`` computes them) as bf16 (integers up to 256
+  are exact in bf16) through ``aten._weight_int8pack_mm``: ``y = s_x s_w (X_q W_q^T) + b``. The op
+  accumulates in fp32 and rounds its output to bf16, so the result is the simulated layer's within
+  bf16 rounding (relative 2^-9 per output, as ``int8_weight_bf16``); the fast exact path on CPUs
+  without VNNI, where ``_int_mm`` is a reference loop. Taken only for ``K % 16 == 0``.
 * ``int4_weight_bf16``: ``aten._weight_int4pack_mm_for_cpu`` (weight-only uint4, groups of 32..256,
   ``K % g == 0``, ``N % 16 == 0``); its dequantization is ``(q - 8) s + z_f`` so squeezer's
   ``(q - Z) S`` maps to ``s = S``, ``z_f = (8 - Z) S``; bf16 activations.
@@ -159,6 +165,33 @@ class Int8WeightBF16(KernelPath):
         return y.mul_(state["scale"]) if state["bias"] is None else torch.addcmul(state["bias"], y, state["scale"])
 
 
+class Int8CodesBF16(IntMM):
+    name = "int8_codes_bf16"
+    activations = frozenset(f"{mode}-{g}-int8" for mode, g in (("dynamic", "token"), ("dynamic", "tensor"),
+                                                                ("static", "tensor")))
+
+    def eligible(self, problem: LinearProblem, m: int) -> bool:
+        static_ready = problem.scheme.activation_mode != "static" or problem.act_qparams is not None
+        return (self.supports(problem.format) and static_ready and problem.in_features % 16 == 0
+                and available("_weight_int8pack_mm"))
+
+    def prepare(self, problem: LinearProblem) -> dict[str, Any]:
+        state = super().prepare(problem)
+        state.update(w=state["w_t"].t(), ones=torch.ones(problem.out_features, dtype=torch.bfloat16))
+        return state
+
+    def run(self, state: dict[str, Any], x: Tensor) -> Tensor:
+        x = x.float()
+        if state["general"]:
+            q, s_x, _ = self._general_codes(state, x)  # symmetric: no zero point
+        else:
+            s_x = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+            q = torch.clamp(torch.round(x / s_x), -127, 127)
+        y = torch.ops.aten._weight_int8pack_mm(q.to(torch.bfloat16), state["w"], state["ones"]).float()
+        y.mul_(s_x).mul_(state["scale"])
+        return y if state["bias"] is None else y.add_(state["bias"])
+
+
 class Int4WeightBF16(KernelPath):
     name = "int4_weight_bf16"
     GROUPS = (32, 64, 128, 256)
@@ -207,5 +240,6 @@ class DequantMatmul(KernelPath):
         return F.linear(x, state.weight.dequantize(), state.bias)
 
 
-PATHS: tuple[KernelPath, ...] = (IntMM(), FbgemmDynamic(), Int8WeightBF16(), Int4WeightBF16(), DequantMatmul())
+PATHS: tuple[KernelPath, ...] = (IntMM(), FbgemmDynamic(), Int8WeightBF16(), Int8CodesBF16(), Int4WeightBF16(),
+                                 DequantMatmul())
 """Every linear path, in order of preference when timings tie."""

@@ -11,8 +11,8 @@ that reproduce the layer's quantization for that size are candidates
   the bf16 int8 kernel there). These are the choices timing made on a quiet machine (MiniLM's
   384 / 1536 layers and 1024-4096 wide MLPs, every preset). On a CPU without VNNI (AVX2 only),
   ``_int_mm`` is PyTorch's reference loop (a 4096 x 4096 layer: 152 ms per row against 80 ms for
-  ``dequant_matmul`` and 3.5 ms for fp32, measured on an AVX2 EPYC), so the rule ranks it after the
-  fp32 fallback there (:func:`rule_order`).
+  ``dequant_matmul`` and 3.5 ms for fp32, measured on an AVX2 EPYC), so the rule ranks it last there
+  (:func:`rule_order`) and symmetric int8 activations run ``int8_codes_bf16`` (0.95 ms per row).
 * :func:`timed_choice`: every eligible path timed in interleaved rounds (median per path), and
   the rule's path kept unless another is faster by more than :data:`MARGIN` (a timing on a busy
   machine can be off by a factor 2.7: one noisy run must not decide). The result is cached on disk
@@ -37,12 +37,12 @@ from .base import KernelPath, LinearProblem, supported_formats
 
 BUCKETS: tuple[tuple[int, int], ...] = ((1, 1), (16, 8), (128, 64), (1 << 62, 256))
 """(largest m in the bucket, m that represents it)."""
-RULE_ORDER = ("fbgemm_dynamic", "int_mm", "int8_weight_bf16", "int4_weight_bf16", "dequant_matmul")
+RULE_ORDER = ("fbgemm_dynamic", "int_mm", "int8_weight_bf16", "int8_codes_bf16", "int4_weight_bf16", "dequant_matmul")
 """Paths by preference of the rule on a CPU with VNNI; a path not listed comes after these."""
 
 
 def rule_order() -> tuple[str, ...]:
-    """:data:`RULE_ORDER`, with ``int_mm`` after ``dequant_matmul`` on a CPU without VNNI (its slow reference loop)."""
+    """:data:`RULE_ORDER`, with ``int_mm`` last on a CPU without VNNI (its slow reference loop)."""
     if torch.cpu._is_vnni_supported():
         return RULE_ORDER
     return tuple(n for n in RULE_ORDER if n != "int_mm") + ("int_mm",)
