@@ -37,6 +37,7 @@ CASES = [("w8", "int8_weight_bf16"), ("w4g128", "int4_weight_bf16"),
          (QuantConfig(QuantSpec(8, granularity="channel:0"), QuantSpec(8, granularity="tensor"), activation_mode="static",
                       name="w8a8-static-sym"), "int8_codes_bf16"),
          ("w8a8-tensor", "int_mm"), ("w8a8-tensor", "fbgemm_dynamic"), ("w8a8-asym", "int_mm"),
+         ("w8a8-tensor", "int8_codes_bf16"), ("w8a8-asym", "int8_codes_bf16"), ("w8a8-static", "int8_codes_bf16"),
          ("w8a8-asym", "fbgemm_dynamic"),
          ("w2g64", "dequant_matmul"), ("kmeans-w4", "dequant_matmul"), ("w8", "dequant_matmul")]
 
@@ -62,9 +63,9 @@ def test_each_path_matches_dequantized_reference(cfg, path_name, n, k):
                 sim = layer(x)
             if path.name == "int_mm":  # same integers as the simulated layer: equal up to float rounding
                 assert torch.allclose(y, sim, rtol=1e-4, atol=1e-4)
-            elif path.name == "int8_codes_bf16":  # the same integers, the sum rounded to bf16 (2^-9)
+            elif path.name == "int8_codes_bf16":  # the same integers (less the zero point), the sum rounded to bf16
                 assert (y - sim).norm() / sim.norm() < 4e-3
-            elif cfg in ("w8a8-tensor", "w8a8-asym"):  # fbgemm's scheme is squeezer's (asymmetric uint8
+            elif cfg in ("w8a8-tensor", "w8a8-asym") and path.name == "fbgemm_dynamic":  # fbgemm's scheme is squeezer's (asymmetric uint8
                 # over the tensor = over the one row), but for the zero point's rounding
                 assert (y - sim).norm() / sim.norm() < 2e-3
 
@@ -97,7 +98,7 @@ def test_eligibility_rules(monkeypatch):
     assert fb.eligible(p8, 1) and not fb.eligible(p8, 8), "per-tensor fbgemm only equals per-token for one row"
     assert {p.name for p in PATHS if p.eligible(p8, 8)} == {"int_mm", "int8_codes_bf16", "dequant_matmul"}
     pt, _, _ = _problem("w8a8-tensor", 64, 128)
-    assert all({p.name for p in PATHS if p.eligible(pt, m)} == {"int_mm", "fbgemm_dynamic", "dequant_matmul"}
+    assert all({p.name for p in PATHS if p.eligible(pt, m)} == {"int_mm", "fbgemm_dynamic", "int8_codes_bf16", "dequant_matmul"}
                for m in ROWS), "per-tensor uint8 activations: fbgemm's own scheme at every batch size"
     signed = QuantConfig(QuantSpec(8, granularity="channel:0"), QuantSpec(8, granularity="tensor"), activation_mode="dynamic")
     ps, _, _ = _problem(signed, 64, 128)

@@ -18,9 +18,9 @@
   output, ``y = (x_bf16 W_q^T) * S + b``, so that no channel carries a scale rounded to bf16 (a
   constant error of up to 2^-8 on that channel's outputs). Taken only for ``K % 16 == 0``: measured
   here, other ``K`` give wrong results or crash the process.
-* ``int8_codes_bf16``: the activation codes of a symmetric int8 scheme (dynamic per token or per
-  tensor, static per tensor: ``X_q`` exactly as ``int_mm`` computes them) as bf16 (integers up to 256
-  are exact in bf16) through ``aten._weight_int8pack_mm``: ``y = s_x s_w (X_q W_q^T) + b``. The op
+* ``int8_codes_bf16``: the activations' integer codes exactly as ``int_mm`` computes them (every scheme
+  ``int_mm`` runs), minus their zero point, as bf16 (``|q - z| <= 255``: integers up to 256 are exact in
+  bf16) through ``aten._weight_int8pack_mm``: ``y = s_x s_w ((X_q - z_x) W_q^T) + b``. The op
   accumulates in fp32 and rounds its output to bf16, so one layer's result is the simulated layer's
   within bf16 rounding (relative 2^-9 per output, as ``int8_weight_bf16``); through a model the next
   layers' activation codes can flip, so outputs differ from the simulation by about its own
@@ -170,8 +170,6 @@ class Int8WeightBF16(KernelPath):
 
 class Int8CodesBF16(IntMM):
     name = "int8_codes_bf16"
-    activations = frozenset(f"{mode}-{g}-int8" for mode, g in (("dynamic", "token"), ("dynamic", "tensor"),
-                                                                ("static", "tensor")))
 
     def eligible(self, problem: LinearProblem, m: int) -> bool:
         static_ready = problem.scheme.activation_mode != "static" or problem.act_qparams is not None
@@ -186,7 +184,9 @@ class Int8CodesBF16(IntMM):
     def run(self, state: dict[str, Any], x: Tensor) -> Tensor:
         x = x.float()
         if state["general"]:
-            q, s_x, _ = self._general_codes(state, x)  # symmetric: no zero point
+            q, s_x, x_zero = self._general_codes(state, x)
+            if x_zero is not None:  # q - z in [-255, 255]: exact in bf16
+                q = q.float().sub_(x_zero)
         else:
             s_x = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
             q = torch.clamp(torch.round(x / s_x), -127, 127)
