@@ -114,7 +114,7 @@ def test_convolutions_with_activations(case: int, preset: str) -> None:
 
 @pytest.mark.parametrize("case", range(len(CONVS)), ids=IDS)
 def test_convolutions_save_load_pack_and_onnx(case: int, tmp_path) -> None:
-    ort = pytest.importorskip("onnxruntime")  # noqa: F841
+    pytest.importorskip("onnxruntime")
     model, x = _conv_model(case)
     config = W8 if case % 2 else W4
     q = squeezer.quantize(model, config, progress=False)
