@@ -66,9 +66,13 @@ class IntMM(KernelPath):
     weights = INT8_CHANNEL
     activations = (TOKEN_8BIT - {"dynamic-token-uint8-sym"}) | TENSOR_8BIT
 
+    @staticmethod
+    def _calibrated(problem: LinearProblem) -> bool:
+        """Static activations need their calibrated grid; dynamic ones are computed per call."""
+        return problem.scheme.activation_mode != "static" or problem.act_qparams is not None
+
     def eligible(self, problem: LinearProblem, m: int) -> bool:
-        static_ready = problem.scheme.activation_mode != "static" or problem.act_qparams is not None
-        return (self.supports(problem.format) and static_ready and available("_int_mm")
+        return (self.supports(problem.format) and self._calibrated(problem) and available("_int_mm")
                 and problem.in_features % 8 == 0)
 
     def prepare(self, problem: LinearProblem) -> dict[str, Any]:
@@ -172,8 +176,7 @@ class Int8CodesBF16(IntMM):
     name = "int8_codes_bf16"
 
     def eligible(self, problem: LinearProblem, m: int) -> bool:
-        static_ready = problem.scheme.activation_mode != "static" or problem.act_qparams is not None
-        return (self.supports(problem.format) and static_ready and problem.in_features % 16 == 0
+        return (self.supports(problem.format) and self._calibrated(problem) and problem.in_features % 16 == 0
                 and available("_weight_int8pack_mm"))
 
     def prepare(self, problem: LinearProblem) -> dict[str, Any]:
