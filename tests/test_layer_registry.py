@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import squeezer
+from squeezer.kernels import packed_kernels, register_packer, unregister_packer
+from squeezer.kernels.pack import linear_problem
 from squeezer.modules import LayerType, QuantMixin, layer_type_names, register_layer_type, unregister_layer_type
 from squeezer.quant.scheme import LayerScheme
 
@@ -79,3 +81,39 @@ def test_registry_refuses_duplicates_and_keeps_the_builtin_types(doubled) -> Non
     with pytest.raises(ValueError, match="built-in"):
         unregister_layer_type("linear")
     assert layer_type_names()[:4] == ("linear", "conv1d", "conv2d", "embedding")
+
+
+def test_a_registered_type_packs_once_it_names_its_packed_runtime(doubled) -> None:
+    model, x = _model(), torch.randn(4, 16)
+    q = squeezer.quantize(model, "w8", calib=[x], progress=False)
+    with pytest.raises(squeezer.ConfigError, match="layer '2' is a QuantDoubled, which has no packed runtime"):
+        squeezer.pack(q)
+
+    def pack_doubled(name, layer, context):
+        linear, warning = context.linear(name, linear_problem(layer))
+        return _Twice(linear), warning
+
+    register_packer(QuantDoubled, pack_doubled)
+    try:
+        packed = squeezer.pack(q)
+    finally:
+        unregister_packer(QuantDoubled)
+    assert packed[2].is_packed and packed_kernels(packed)["2"]
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), q(x), rtol=1e-4, atol=1e-4)
+
+
+class _Twice:
+    """A packed runtime built on the linear one: ``2 linear(x)``."""
+
+    def __init__(self, linear) -> None:
+        self.linear, self.weight = linear, linear.weight
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return 2 * self.linear(x)
+
+    def describe(self) -> dict[str, str]:
+        return self.linear.describe()
+
+    def nbytes(self) -> int:
+        return self.linear.nbytes()

@@ -3,16 +3,17 @@ runtime on real kernels; returns what ran where, and :func:`packed_kernels` read
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
 from ..errors import ConfigError
-from ..modules import QuantEmbedding, QuantLinear, QuantRecurrent, quant_layers
-from ..modules.layers import QuantEmbeddingBag
+from ..modules import QuantEmbedding, QuantLinear, quant_layers
+from ..modules.base import QuantMixin
+from ..modules.layers import QuantConvTranspose, QuantEmbeddingBag, QuantConvNd
 from ..modules.swap import ensure_deployable
 from ..transform import attach_report, working_copy
 from .base import KernelPath, LinearProblem, PackedWeight
@@ -72,13 +73,93 @@ def _linear_choice(problem: LinearProblem, *, layer: str, paths: tuple[KernelPat
     return [rule_choice(problem, paths, b) for b in range(len(BUCKETS))]
 
 
-def _refuse_recurrent(layers: Mapping[str, nn.Module]) -> None:
-    """Recurrent layers have no packed runtime (nothing is changed before this check)."""
-    for name, layer in layers.items():
-        if isinstance(layer, QuantRecurrent):
-            raise ConfigError(f"pack: layer {name!r} is a {type(layer).__name__}: recurrent layers have no packed "
-                              "kernel; save or export the simulated model, or quantize with "
-                              f"ignore=[{name!r}] to keep it in float")
+@dataclass(frozen=True)
+class PackContext:
+    """What a packer needs besides its layer: the kernel paths, how linear paths are chosen, the user's pins."""
+
+    paths: tuple[KernelPath, ...]
+    kernels: Kernels
+    pins: Mapping[str, str | Sequence[str]]
+
+    def linear(self, name: str, problem: LinearProblem) -> tuple[PackedLinear, str | None]:
+        """The linear runtime of ``problem`` under the name ``name`` (pins are looked up by it), and a warning
+        when no integer path runs its format at some rows bucket."""
+        chooser = partial(_linear_choice, layer=name, paths=self.paths, kernels=self.kernels, pins=self.pins)
+        runtime = PackedLinear.build(problem, chooser, self.paths, layer=name)
+        warning = None
+        if not any(p.integer and p.eligible(problem, m) for p in self.paths for _, m in BUCKETS):
+            warning = next(p.note for p in self.paths if not p.integer)
+        return runtime, warning
+
+
+Runtime = Any
+"""A packed runtime: called as the layer; ``describe() -> {bucket: path}``, ``nbytes() -> int`` and ``weight``
+(a :class:`PackedWeight`, what saving and ``weight_qtensor()`` read)."""
+Packer = Callable[[str, QuantMixin, PackContext], tuple[Runtime, str | None]]
+"""``packer(name, layer, context) -> (runtime, warning)``: the runtime that replaces a quantized layer's float
+weight, and a warning when it runs without an integer kernel."""
+
+
+def linear_problem(layer: QuantMixin) -> LinearProblem:
+    """The linear problem of a quantized linear layer: its packed weight, bias, scheme and input transforms."""
+    bias = None if layer.bias is None else layer.bias.detach()
+    return LinearProblem(PackedWeight.from_qtensor(layer.weight_qtensor()), bias, layer.scheme, layer.act_qparams,
+                         layer.input_scale, layer.rotation_matrix())
+
+
+def _pack_linear(name: str, layer: QuantMixin, context: PackContext) -> tuple[Runtime, str | None]:
+    return context.linear(name, linear_problem(layer))
+
+
+def _pack_embedding(name: str, layer: QuantMixin, context: PackContext) -> tuple[Runtime, str | None]:
+    if layer.max_norm is not None:
+        raise ConfigError(f"layer {name!r}: packed embeddings do not support max_norm")
+    return PackedEmbedding.build(layer, layer.weight_qtensor()), None
+
+
+def _pack_embedding_bag(name: str, layer: QuantMixin, context: PackContext) -> tuple[Runtime, str | None]:
+    return (PackedEmbeddingBag(layer, PackedWeight.from_qtensor(layer.weight_qtensor())),
+            "no integer embedding-bag kernel: the table is unpacked per call and reduced in fp32")
+
+
+def _pack_conv(name: str, layer: QuantMixin, context: PackContext) -> tuple[Runtime, str | None]:
+    return (PackedConv(layer, PackedWeight.from_qtensor(layer.weight_qtensor())),
+            "no integer convolution kernel: weights are unpacked and convolved in fp32")
+
+
+_PACKERS: dict[type, Packer] = {
+    QuantLinear: _pack_linear,
+    QuantEmbedding: _pack_embedding,
+    QuantEmbeddingBag: _pack_embedding_bag,
+    QuantConvNd: _pack_conv,
+    QuantConvTranspose: _pack_conv,
+}
+
+
+def register_packer(quantized_class: type[QuantMixin], packer: Packer) -> None:
+    """Pack every layer whose class is ``quantized_class`` or derives from it with ``packer`` (the nearest class
+    in a layer's method resolution order wins)."""
+    _PACKERS[quantized_class] = packer
+
+
+def unregister_packer(quantized_class: type[QuantMixin]) -> None:
+    """Forget the packer of ``quantized_class`` (its layers fall back to a base class's packer, if any)."""
+    _PACKERS.pop(quantized_class, None)
+
+
+def packer_for(layer: QuantMixin) -> Packer | None:
+    """The packer of ``layer``'s nearest registered class, or None when it has no packed runtime."""
+    return next((_PACKERS[c] for c in type(layer).__mro__ if c in _PACKERS), None)
+
+
+def _packers(layers: Mapping[str, QuantMixin]) -> dict[str, Packer]:
+    """Each layer's packer; a :class:`ConfigError` naming the first layer that has none (nothing is changed yet)."""
+    found = {name: packer_for(layer) for name, layer in layers.items()}
+    missing = next((n for n, p in found.items() if p is None), None)
+    if missing is not None:
+        raise ConfigError(f"pack: layer {missing!r} is a {type(layers[missing]).__name__}, which has no packed runtime; "
+                          f"save or export the simulated model, or quantize with ignore=[{missing!r}] to keep it in float")
+    return found  # type: ignore[return-value]
 
 
 def pack(model: nn.Module, kernels: Kernels = "rule", paths: tuple[KernelPath, ...] = PATHS, *,
@@ -86,7 +167,8 @@ def pack(model: nn.Module, kernels: Kernels = "rule", paths: tuple[KernelPath, .
     """Pack every quantized layer of ``model`` (a copy unless ``inplace``: :mod:`squeezer.transform`;
     the float weights are freed); the returned model carries a :class:`PackReport`.
 
-    ``kernels`` chooses each linear layer's path per rows bucket (:mod:`squeezer.kernels.select`):
+    Each layer is packed by the packer registered for its class (:func:`register_packer`). ``kernels``
+    chooses each linear layer's path per rows bucket (:mod:`squeezer.kernels.select`):
 
     * ``"rule"`` (default): deterministic, from the layer's format and shape, no timing; the rule
       encodes the choices timing makes on a quiet machine, so packing is fast and repeatable and
@@ -103,43 +185,25 @@ def pack(model: nn.Module, kernels: Kernels = "rule", paths: tuple[KernelPath, .
     """
     model = working_copy(model, inplace)
     layers = ensure_deployable(model, "pack")
-    _refuse_recurrent(layers)
+    packers = _packers(layers)
     pins = _check_kernels(kernels, layers)
+    context = PackContext(paths, kernels, pins)
     out: list[PackedLayer] = []
     for name, layer in layers.items():
         if layer.is_packed:
             continue
         if layer.scheme.activation_mode == "static" and layer.act_qparams is None:
             raise ConfigError(f"layer {name!r}: static activations are not calibrated; quantize with calib=... first")
-        qt = layer.weight_qtensor()
-        warning = None
-        if isinstance(layer, QuantLinear):
-            bias = None if layer.bias is None else layer.bias.detach()
-            problem = LinearProblem(PackedWeight.from_qtensor(qt), bias, layer.scheme, layer.act_qparams,
-                                    layer.input_scale, layer.rotation_matrix())
-            chooser = partial(_linear_choice, layer=name, paths=paths, kernels=kernels, pins=pins)
-            runtime = PackedLinear.build(problem, chooser, paths, layer=name)
-            if not any(p.integer and p.eligible(problem, m) for p in paths for _, m in BUCKETS):
-                warning = next(p.note for p in paths if not p.integer)
-        elif isinstance(layer, QuantEmbedding):
-            if layer.max_norm is not None:
-                raise ConfigError(f"layer {name!r}: packed embeddings do not support max_norm")
-            runtime = PackedEmbedding.build(layer, qt)
-        elif isinstance(layer, QuantEmbeddingBag):
-            runtime = PackedEmbeddingBag(layer, PackedWeight.from_qtensor(qt))
-            warning = "no integer embedding-bag kernel: the table is unpacked per call and reduced in fp32"
-        else:
-            runtime = PackedConv(layer, PackedWeight.from_qtensor(qt))
-            warning = "no integer convolution kernel: weights are unpacked and convolved in fp32"
-        if name in pins and not isinstance(layer, QuantLinear) and pins[name] != _kernel_names(runtime):
+        runtime, warning = packers[name](name, layer, context)
+        if name in pins and not isinstance(runtime, PackedLinear) and pins[name] != _kernel_names(runtime):
             raise ConfigError(f"kernels[{name!r}]: a {type(layer).__name__} runs only {_kernel_names(runtime)!r}, "
                               f"got {pins[name]!r}")
         layer.install_runtime(runtime)
-        out.append(PackedLayer(name, qt.spec.describe(), runtime.describe(), runtime.nbytes(), warning))
+        out.append(PackedLayer(name, layer.scheme.weight.describe(), runtime.describe(), runtime.nbytes(), warning))
     return attach_report(model, PackReport(out))
 
 
-def _kernel_names(runtime: PackedLinear | PackedConv | PackedEmbedding) -> str | list[str]:
+def _kernel_names(runtime: Runtime) -> str | list[str]:
     """One path name when one serves every rows bucket, else one per bucket."""
     names = list(runtime.describe().values())
     return names[0] if len(set(names)) == 1 else names

@@ -60,7 +60,9 @@ class QuantLinear(QuantMixin, nn.Linear):
         return F.linear(x, weight, self.bias)
 
 
-class _QuantConvNd(QuantMixin):
+class QuantConvNd(QuantMixin):
+    """A convolution: ``y = conv(fq_a(x), fq_w(W)) + b`` with the layer's stride, padding, dilation and groups."""
+
     token_axis_is_last = False
 
     @classmethod
@@ -78,15 +80,15 @@ class _QuantConvNd(QuantMixin):
         return self._conv_forward(x, weight, self.bias)
 
 
-class QuantConv1d(_QuantConvNd, nn.Conv1d):
+class QuantConv1d(QuantConvNd, nn.Conv1d):
     """``y = conv1d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, k)``."""
 
 
-class QuantConv2d(_QuantConvNd, nn.Conv2d):
+class QuantConv2d(QuantConvNd, nn.Conv2d):
     """``y = conv2d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, kh, kw)``."""
 
 
-class QuantConv3d(_QuantConvNd, nn.Conv3d):
+class QuantConv3d(QuantConvNd, nn.Conv3d):
     """``y = conv3d(fq_a(x), fq_w(W)) + b``; ``W: (out, in / groups, kd, kh, kw)``."""
 
 
