@@ -94,6 +94,7 @@ BUDGET = {("mlp", 1): 20, ("mlp", 16): 20, ("mlp", 256): 45, ("bert", 1): 90, ("
 QUICK_BUDGET = 1.0
 ERROR_ROWS = 32  # batch-1 error: over this many inputs, each run alone
 ORT_SPINNING = False  # --ort-spinning: keep ONNX Runtime's default spin-waiting worker threads
+KERNELS = "rule"  # --kernels: how squeezer.pack chooses kernels
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def squeezer_pair(model: nn.Module, preset: str, calib: list, example: Any, work
             state["onnx"] = onnx_path
         except Exception as exc:  # noqa: BLE001
             state["onnx_error"] = short_error(exc)
-        rows = squeezer.report_of(squeezer.pack(q, inplace=True)).layers
+        rows = squeezer.report_of(squeezer.pack(q, kernels=KERNELS, inplace=True)).layers
         q.eval()
         p.make_call = call_torch(q)
         p.size_bytes = (ckpt / "model.safetensors").stat().st_size
@@ -835,8 +836,11 @@ def docs_markdown(result: dict[str, Any]) -> str:
         "- BERT's embeddings stay int8 per row under every preset here (`w4g128` keeps lookup tables at 8 bits): "
         "the ONNX file gathers int8 rows and scales them, the packed PyTorch model gathers only the rows it "
         "looks up (`PackedEmbedding`).",
-        "- `squeezer.pack` times the eligible kernels per layer shape and batch-size bucket and caches the "
-        "choice (`~/.cache/squeezer`, or `--fresh-kernels` to re-time); the chosen kernels are in the details.", "",
+        f"- `squeezer.pack(kernels={result['settings'].get('kernels', 'time')!r})`: "
+        + ("the deterministic rule picks each layer's kernel per batch-size bucket, no timing"
+           if result['settings'].get('kernels', 'time') == "rule" else
+           "the eligible kernels timed per layer shape and batch-size bucket")
+        + "; the chosen kernels are in the details.", "",
     ]
     failed = [f"- {e['title']}: {p['name']} ({p['runtime']}): {p['error']}" for e in result["models"].values()
               if not e.get("error") for p in e["paths"] if p["error"]]
@@ -887,8 +891,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="before timing each batch, wait up to SECONDS for other processes to go quiet")
     parser.add_argument("--ort-spinning", action="store_true",
                         help="keep ONNX Runtime's spin-waiting threads (default off: they disturb the interleaved paths)")
-    parser.add_argument("--fresh-kernels", action="store_true",
-                        help="let squeezer.pack re-time its kernels (empty SQUEEZER_CACHE_DIR) instead of using its cache")
+    parser.add_argument("--kernels", choices=("rule", "time"), default="rule",
+                        help="how squeezer.pack chooses kernels: its deterministic rule (default) or timing them "
+                             "(in a fresh cache)")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="only rewrite the markdown report (--docs, default docs/benchmarks.md) from a saved results file")
     args = parser.parse_args(argv)
@@ -902,19 +907,18 @@ def main(argv: list[str] | None = None) -> int:
     if set(models) - {"mlp", "bert"}:
         parser.error(f"unknown model(s) in --models {args.models!r}; choose from mlp, bert")
 
-    global ORT_SPINNING
-    ORT_SPINNING = args.ort_spinning
+    global ORT_SPINNING, KERNELS
+    ORT_SPINNING, KERNELS = args.ort_spinning, args.kernels
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
     result: dict[str, Any] = {"mode": "quick" if args.quick else "full", "machine": machine_info(), "models": {},
                               "settings": {"budget_s": {f"{m}/{b}": s for (m, b), s in BUDGET.items()},
-                                           "quick_budget_s": QUICK_BUDGET, "fresh_kernels": args.fresh_kernels,
-                                           "ort_spinning": args.ort_spinning,
-                                           "squeezer_kernel_cache": os.environ.get("SQUEEZER_CACHE_DIR", "~/.cache/squeezer")}}
+                                           "quick_budget_s": QUICK_BUDGET, "kernels": args.kernels,
+                                           "ort_spinning": args.ort_spinning}}
     with tempfile.TemporaryDirectory(prefix="squeezer-peers-") as tmp:
         work = Path(tmp)
-        if args.fresh_kernels:  # squeezer.pack times its kernels per shape; by default it reuses its cache
+        if args.kernels == "time":  # timed choices in a fresh cache, not an earlier run's
             os.environ["SQUEEZER_CACHE_DIR"] = str(work / "kernel-cache")
 
         if "mlp" in models:
