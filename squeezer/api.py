@@ -18,11 +18,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from .algorithms import make_algorithm, run_algorithm
+from .algorithms.output_shift import correct_output_shift
 from .calibration import Batch, batch_outputs, check_batches, check_fits, run_batches, with_progress
 from .config import QuantConfig
 from .errors import ConfigError, DataError, ModelError
 from .modules import quant_layers, set_mode, swap_layers
 from .modules.base import QuantMixin
+from .modules.recurrent import QuantRecurrent
 from .quant.core import packed_nbytes
 from .quant.metrics import ErrorAccumulator, ErrorStats
 from .report.quant import LayerReport, QuantReport
@@ -44,7 +46,8 @@ def _layer_report(name: str, layer: QuantMixin) -> LayerReport:
         name=name, kind=type(layer).__name__, format=spec.describe(), mapping=spec.mapping, bits=spec.bits,
         granularity=spec.granularity.describe(), activation=act, params=w.numel(),
         bytes_before=w.numel() * w.element_size(),
-        bytes_after=packed_nbytes(spec, w.numel(), layer.ensured_weight_qparams()),
+        bytes_after=layer.packed_nbytes() if isinstance(layer, QuantRecurrent)  # its matrices' own specs
+        else packed_nbytes(spec, w.numel(), layer.ensured_weight_qparams()),
         weight_error=layer.measured_weight_error(),
         output_error=layer.output_error.stats() if layer.output_error.count else None,
     )
@@ -69,11 +72,13 @@ def _refuse_quantized(model: nn.Module) -> None:
 
 
 def _calibrate(model: nn.Module, batches: list[Batch], reference: list[list[Tensor]] | None,
-               progress: bool) -> ErrorStats | None:
+               progress: bool, correct_bias: bool = False) -> ErrorStats | None:
     """Observe static activation ranges, measure each layer's output error in isolation
     (``compare`` mode, whose outputs are the float model's), and the model's output error against
-    the float outputs: ``reference`` (taken earlier when an algorithm changed the float weights;
-    consumed batch by batch) or the ``compare`` pass's. One batch's outputs are live at a time."""
+    the float outputs: ``reference`` (taken earlier when an algorithm or ``correct_bias`` changed the float
+    layers; consumed batch by batch) or the ``compare`` pass's. One batch's outputs are live at a time.
+    ``correct_bias``: after the ranges, each convolution's mean output shift is folded into its bias
+    (:func:`squeezer.algorithms.output_shift.correct_output_shift`)."""
     layers = quant_layers(model)
     if any(layer.act_observer is not None for layer in layers.values()):
         set_mode(model, "observe")
@@ -84,6 +89,8 @@ def _calibrate(model: nn.Module, batches: list[Batch], reference: list[list[Tens
                     layer.freeze_activation()
                 except DataError as exc:
                     raise DataError(f"layer {name!r} was not reached by the calibration data ({exc})") from None
+    if correct_bias:
+        correct_output_shift(model, layers, batches)
     acc = ErrorAccumulator()
     for i, batch in enumerate(with_progress(batches, "measuring layer and model errors", progress)):
         set_mode(model, "compare")
@@ -103,6 +110,7 @@ def quantize(
     *,
     inplace: bool = False,
     progress: bool = True,
+    correct_bias: bool = False,
 ) -> nn.Module:
     """Quantize ``model`` with a preset name, a dict / YAML path or a :class:`QuantConfig`.
 
@@ -110,7 +118,10 @@ def quantize(
     :mod:`squeezer.calibration`); required for static activations, optional otherwise (it adds output
     errors to the report). The first batch is run through the model before any other work, so data
     that does not fit it is a :class:`DataError` at once. A model squeezer already quantized (or packed)
-    is a :class:`ConfigError`: quantize the float model.
+    is a :class:`ConfigError`: quantize the float model. ``correct_bias`` (needs ``calib``): fold each
+    convolution's mean output shift ``E[op(fq_a(x), W_hat) - op(x, W)]`` (per channel, measured on its own
+    function: grouped / depthwise convolutions and subclasses that pad first included) into its bias, which
+    keeps rounding shifts from being amplified by a following batch norm's gain.
     Returns the quantized model (a copy unless ``inplace``) carrying its :class:`QuantReport`.
     """
     if isinstance(config, str) and (config == "auto" or config.startswith("auto-")):
@@ -133,7 +144,10 @@ def quantize(
     for layer in layers.values():
         layer.calibrate_weight()
     reference = None
-    if batches is not None and cfg.algorithm != "rtn":  # float outputs, before an algorithm replaces weights
+    if correct_bias and batches is None:
+        raise DataError("correct_bias=True measures output shifts on calibration batches: pass calib=...",
+                        argument="calib")
+    if batches is not None and (cfg.algorithm != "rtn" or correct_bias):  # float outputs, before weights / biases change
         set_mode(model, "float")
         reference = run_batches(model, batches, "float reference", progress)
     if cfg.algorithm != "rtn":
@@ -141,7 +155,7 @@ def quantize(
         if batches is None and algorithm.needs_stats:
             raise DataError(f"algorithm {cfg.algorithm!r} needs calibration batches: pass calib=...", argument="calib")
         run_algorithm(model, algorithm, batches or [], progress)
-    model_error = None if batches is None else _calibrate(model, batches, reference, progress)
+    model_error = None if batches is None else _calibrate(model, batches, reference, progress, correct_bias)
     set_mode(model, "simulate")
     model.train(was_training)
     report = QuantReport(config=cfg.to_dict(), skipped=skipped, calibration_batches=len(batches or []))

@@ -37,7 +37,7 @@ METRICS = ("accuracy", "roc_auc")
 """``squeezer.task_metrics.METRICS``."""
 HF_PRESETS = ("w8", "w8g128", "w4g128", "w3g128", "w2g64", "q8_0", "q4_0")
 """``squeezer.hf.pretrained.data_free_presets()``: the presets of ``squeezer pretrained``."""
-HF_FORMATS = ("compressed-tensors", "gguf")
+HF_FORMATS = ("compressed-tensors", "gguf", "squeezer")
 """``squeezer.hf.FORMATS``."""
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make PyTorch models smaller and faster, with evidence.")
@@ -560,20 +560,65 @@ def report_cmd(
 def pretrained_cmd(
     hf: Path = typer.Option(..., "--hf", help="A Hugging Face model folder (config.json + safetensors shards)."),
     out: Path = typer.Option(..., "--out", help="Output: a folder (compressed-tensors) or a .gguf file (gguf)."),
-    preset: str = typer.Option("w8", "--preset", help=f"Data-free preset: {', '.join(HF_PRESETS)}."),
+    preset: str = typer.Option("w8", "--preset", help=f"Data-free preset: {', '.join(HF_PRESETS)}; with "
+                               "--calib-text any preset, algorithm suffixes included (e.g. w4g128-gptq)."),
     format: str = typer.Option("compressed-tensors", "--format", help=f"Output format: {', '.join(HF_FORMATS)} "
-                               "(gguf: q8_0 and q4_0 only)."),
+                               "(gguf: q8_0 and q4_0 only; squeezer: with --calib-text)."),
+    calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="A UTF-8 text file tokenised by the "
+                                              "folder's tokenizer: calibrated quantization, one block at a time."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sample (with --calib-text)."),
+    n_samples: int = typer.Option(128, "--n-samples", help="Calibration samples at most (with --calib-text)."),
 ) -> None:
-    """Quantize a Hugging Face folder shard by shard, one tensor at a time: no model is built, no data needed."""
+    """Quantize a Hugging Face folder: shard by shard with no data, or block by block on --calib-text."""
     with _status("squeezer pretrained: loading torch", False):
         from .hf import quantize_pretrained
 
     try:
-        result = quantize_pretrained(hf, preset, out, format=format)
+        calib = None
+        if calib_text is not None:
+            try:
+                calib = [calib_text.read_text(encoding="utf-8")]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise DataError(f"--calib-text {calib_text}: cannot read it as UTF-8 text ({exc})") from None
+        result = quantize_pretrained(hf, preset, out, format=format, calib=calib, seq_len=seq_len,
+                                     n_samples=n_samples)
     except SqueezerError as exc:
         _fail(exc)
     console.print(f"{len(result.quantized)} weights quantized ({preset}), {len(result.kept)} tensors kept; "
                   f"{format} written to {out}", highlight=False)
+    if result.rtn_fallback:
+        console.print(f"experts with too few calibration tokens, kept round-to-nearest: "
+                      f"{', '.join(result.rtn_fallback)}", highlight=False)
+
+
+@app.command("lm-eval")
+def lm_eval_cmd(
+    hf: Path = typer.Option(..., "--hf", help="A transformers causal-LM folder: the original or a quantized "
+                            "compressed-tensors output of `squeezer pretrained`."),
+    text: Path = typer.Option(..., "--text", help="A UTF-8 text file, tokenised by the folder's tokenizer."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Window start every N tokens (default seq-len - 1)."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Score the first N tokens of the text."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Also print the greedy continuation of this prompt."),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="Tokens to generate after --prompt."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file."),
+) -> None:
+    """Perplexity of a causal language model on a text (and a greedy continuation of a prompt)."""
+    with _status("squeezer lm-eval: loading torch", False):
+        from .hf.lm_eval import evaluate_folder
+
+    try:
+        result = evaluate_folder(hf, text, seq_len, stride, max_tokens, prompt, new_tokens)
+    except SqueezerError as exc:
+        _fail(exc)
+    console.print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
+                  f"({result['perplexity_seconds']:.1f} s)", highlight=False)
+    if prompt is not None:
+        from rich.markup import escape
+
+        console.print(f"{escape(prompt)}[bold]{escape(result['generation'])}[/bold]", highlight=False)
+    if json_out is not None:
+        json_out.write_text(_json_text(result))
 
 
 def main() -> None:

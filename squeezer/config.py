@@ -107,6 +107,16 @@ class QuantConfig:
                 return self._apply(change, f"overrides[{pattern!r}]").scheme
         return self.scheme
 
+    def for_matrix(self, layer: str, matrix: str, kind: str | None = None) -> QuantSpec:
+        """The weight spec of one matrix of a recurrent layer (``matrix``: ``weight_hh_l0``, ...): the first
+        name override matching ``<layer>.<matrix>`` (e.g. ``^lstm\\.weight_hh_l0$``: mixed precision inside a
+        layer) applied, else the layer's own (:meth:`for_layer`)."""
+        full = f"{layer}.{matrix}"
+        for pattern, change in self.overrides.items():
+            if not pattern.startswith(TYPE_KEY) and re.search(pattern, full):
+                return self._apply(change, f"overrides[{pattern!r}]").weight
+        return self.for_layer(layer, kind).weight
+
     def skip_reason(self, name: str, kind: str | None) -> str | None:
         """Why the layer ``name`` of type ``kind`` (None: not quantizable) is left in float, or None when
         it is taken: its type is in ``layer_types``, its name matches ``include`` (when given) and no ``ignore``."""

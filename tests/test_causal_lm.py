@@ -69,3 +69,48 @@ def test_bad_input_names_the_problem() -> None:
         perplexity(lambda ids: (ids,), torch.arange(5))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="new_tokens"):
         greedy_generate(model, torch.arange(3), -1)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from squeezer.hf.testmodels import WORDS, make_model_folder
+
+    root = tmp_path_factory.mktemp("lm")
+    folder = make_model_folder(root / "llama", "llama", "tiny", seed=3)
+    text = root / "text.txt"
+    g = torch.Generator().manual_seed(4)
+    text.write_text(" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (300,), generator=g).tolist()))
+    return folder, text
+
+
+def test_a_folder_and_its_quantized_output_evaluated_on_the_same_text(llama_folder, tmp_path) -> None:
+    from squeezer.hf import quantize_pretrained
+    from squeezer.hf.lm_eval import evaluate_folder
+
+    folder, text = llama_folder
+    quantize_pretrained(folder, "w8", tmp_path / "w8")
+    base = evaluate_folder(folder, text, seq_len=64, prompt="the model", new_tokens=5)
+    w8 = evaluate_folder(tmp_path / "w8", text, seq_len=64, prompt="the model", new_tokens=5)
+    assert base["tokens"] == w8["tokens"] == 299
+    assert w8["perplexity"] != base["perplexity"]  # the quantized weights are what ran
+    assert abs(w8["perplexity"] / base["perplexity"] - 1) < 0.02
+    assert len(base["generation"].split()) == 5
+
+
+def test_cli_lm_eval_prints_and_writes_the_result(llama_folder, tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from squeezer.cli import app
+
+    folder, text = llama_folder
+    out = tmp_path / "ppl.json"
+    result = CliRunner().invoke(app, ["lm-eval", "--hf", str(folder), "--text", str(text), "--seq-len", "32",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert f"perplexity {saved['perplexity']:.4f} over 299 tokens" in result.output
+    missing = CliRunner().invoke(app, ["lm-eval", "--hf", str(tmp_path), "--text", str(text)])
+    assert missing.exit_code == 2 and "not a Hugging Face model folder" in missing.output

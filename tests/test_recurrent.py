@@ -12,7 +12,7 @@ from squeezer.config import QuantConfig
 from squeezer.errors import ConfigError
 from squeezer.io.checkpoint import load, save, verify
 from squeezer.modules import QuantGRU, QuantLinear, QuantLSTM, QuantRecurrent, QuantRNN, set_mode
-from squeezer.modules.recurrent import WEIGHT_ONLY
+from squeezer.modules.recurrent import activation_refusal
 from squeezer.quant.core import packed_nbytes
 from squeezer.quant.scheme import LayerScheme
 from squeezer.quant.spec import PerGroup, QuantSpec
@@ -117,23 +117,27 @@ def test_report_counts_every_matrix() -> None:
     assert 0 < layer.bytes_after < params and layer.weight_error.sqnr_db > 15
 
 
-def test_algorithms_leave_recurrent_layers_at_round_to_nearest() -> None:
+def test_algorithms_round_every_recurrent_matrix() -> None:  # tests/test_recurrent_algorithms.py: the figures
     model, x = _model("lstm-2-bi-batch_first")
     rtn, gptq = squeezer.quantize(model, "w8"), squeezer.quantize(model, "w8-gptq", calib=[x], progress=False)
     for name, fq in rtn.rnn.quantized_matrices().items():
-        assert torch.equal(gptq.rnn.quantized_matrices()[name], fq)
+        assert not torch.equal(gptq.rnn.quantized_matrices()[name], fq)
     assert not torch.equal(gptq.head.quantized_weight(), rtn.head.quantized_weight())
 
 
-def test_activation_schemes_leave_recurrent_layers_float() -> None:
+def test_activations_they_cannot_run_leave_recurrent_layers_float() -> None:
     model, x = _model("lstm-2-bi-batch_first")
-    q = squeezer.quantize(model, "w8a8")
+    grouped = QuantConfig(weight=QuantSpec(bits=8), activation=QuantSpec(bits=8, granularity=PerGroup(8)),
+                          activation_mode="dynamic", name="w8a8-group")
+    q = squeezer.quantize(model, grouped)
     assert type(q.rnn) is nn.LSTM and isinstance(q.head, QuantLinear) and q.head.scheme.activation_mode == "dynamic"
     report = squeezer.report_of(q)
-    assert [(s.name, s.reason) for s in report.skipped] == [("rnn", WEIGHT_ONLY)]
+    reason = activation_refusal(grouped.for_layer("rnn", "lstm"))
+    assert reason is not None and "group(8)" in reason
+    assert [(s.name, s.reason) for s in report.skipped] == [("rnn", reason)]
     assert [l.name for l in report.layers] == ["head"]
-    with pytest.raises(ConfigError, match="weight-only"):
-        QuantLSTM.from_float(model.rnn, squeezer.config.PRESETS["w8a8"].scheme)
+    with pytest.raises(ConfigError, match="per-tensor"):
+        QuantLSTM.from_float(model.rnn, grouped.for_layer("rnn", "lstm"))
 
 
 def test_subclass_with_its_own_forward_stays_float() -> None:
@@ -166,12 +170,6 @@ def _scramble(module: nn.Module) -> None:
     with torch.no_grad():
         for p in module.parameters(recurse=False):
             p.normal_()
-
-
-def test_pack_refuses_recurrent_layers() -> None:
-    model, _ = _model("gru-2-bi")
-    with pytest.raises(ConfigError, match="layer 'rnn' is a QuantGRU"):
-        squeezer.pack(squeezer.quantize(model, "w8"))
 
 
 @pytest.mark.parametrize("kind", ["lstm-2-bi-batch_first", "gru-2-bi", "rnn-tanh", "rnn-relu-bi"])

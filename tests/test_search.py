@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -238,3 +239,23 @@ def test_tune_bad_input(mlp, mlp_batches, sens):
         raise ValueError("labels missing")
     with pytest.raises(DataError, match="evaluate function raised ValueError.*labels missing"):
         tune(mlp, mlp_batches, broken, max_drop=0.1, sens=sens)
+
+
+def test_sensitivity_and_allocation_see_attention_projections_by_their_quantized_names() -> None:
+    from squeezer.search import auto_quantize, measure_sensitivity
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(32, 4, batch_first=True), nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    model, x = Attend().eval(), torch.randn(8, 6, 32)
+    sens = measure_sensitivity(model, [x], ("w8", "w4g128"), cache_dir=None, progress=False)
+    assert set(sens.layers) == {"attn.in_proj", "attn.out_proj", "head"}
+    assert sens.params["attn.in_proj"] == 3 * 32 * 32 and sens.macs["attn.in_proj"] > 0
+    q = auto_quantize(model, [x], 6.0, progress=False, sens=sens)
+    assert {layer.name for layer in squeezer.report_of(q).layers} <= set(sens.layers)

@@ -1,5 +1,7 @@
 """A subclass of a supported torch layer that redefines its function runs its own forward on the quantized weight
-(``Quant<Subclass>``), never a plain quantized layer computing something else; packing and export refuse it by name."""
+(``Quant<Subclass>``), never a plain quantized layer computing something else: simulated, packed, saved / loaded and
+exported (ONNX, TFLite, ExecuTorch), each computing the subclass's function; one whose function cannot be reproduced
+is refused by name with the reason."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import squeezer
+from squeezer.kernels.pack import PackReport
 from squeezer.modules import QuantConv2d, QuantLinear
 from squeezer.modules.layers import OwnForward
 
@@ -115,17 +118,72 @@ def test_the_quantized_subclass_is_one_class_per_subclass_and_trains(model_and_i
     assert a.same.weight.grad is not None and a.same.weight.grad.abs().sum() > 0
 
 
-def test_pack_and_export_refuse_a_subclass_layer_by_name_and_ignore_keeps_it_float(model_and_input, tmp_path) -> None:
+SUBCLASS_LAYERS = ("same", "std", "scaled")
+
+
+def _calib() -> list[Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 3, 8, 8, generator=gen) for _ in range(3)]
+
+
+@pytest.mark.parametrize("preset", ["w8", "w8a8", "w8a8-static", "w4g128"])
+def test_packed_and_loaded_subclass_layers_compute_their_simulation(model_and_input, preset, tmp_path) -> None:
+    model, x = model_and_input
+    q = squeezer.quantize(model, preset, calib=_calib(), progress=False)
+    packed = squeezer.pack(q)
+    rows = {r.name: r for r in squeezer.report_of(packed, PackReport).layers}
+    assert "Conv2dStaticSamePadding runs its own forward" in rows["same"].warning
+    squeezer.save(packed, tmp_path / "ckpt")
+    loaded = squeezer.load(tmp_path / "ckpt", Net)
+    assert type(loaded.same).__name__ == "QuantConv2dStaticSamePadding" and torch.equal(loaded.scaled.scale, model.scaled.scale)
+    with torch.no_grad():
+        for name in SUBCLASS_LAYERS:  # each layer alone, on its own input: packed = simulated up to float rounding
+            sim, run = q.get_submodule(name), packed.get_submodule(name)
+            assert run.is_packed and isinstance(run, OwnForward)
+            inp = torch.randn(2, 3, 8, 8) if name == "same" else torch.randn(2, 8, 4, 4) if name == "std" \
+                else torch.randn(2, 128)
+            assert torch.allclose(run(inp), sim(inp), atol=1e-5, rtol=1e-4), name
+        assert torch.equal(loaded(x), q(x))  # a checkpoint restores the simulated model bit for bit
+        assert _rel(packed(x), q(x)) < 0.01
+
+
+@pytest.mark.parametrize("preset", ["w8", "w8a8-static"])
+@pytest.mark.parametrize("suffix", ["onnx", "tflite", "pte"])
+def test_exported_subclass_layers_run_their_own_forward(model_and_input, preset, suffix, tmp_path) -> None:
+    model, x = model_and_input
+    q = squeezer.quantize(model, preset, calib=_calib(), progress=False)
+    path = tmp_path / f"m.{suffix}"
+    report = squeezer.export(q, x, path)
+    if suffix == "onnx":
+        assert report.layers["same"].startswith("Conv2dStaticSamePadding's own forward on DequantizeLinear")
+        import onnx
+        graph = onnx.load(str(path)).graph
+        ops = [n.op_type for n in graph.node]
+        assert "Pad" in ops and ops.count("DequantizeLinear") >= 3  # the padding, around the three subclasses' int8 weights
+    runner = squeezer.runtime.load(path)
+    with torch.no_grad():
+        out, sim, ref = torch.as_tensor(runner(x)), q(x), model(x)
+    assert out.shape == ref.shape
+    assert _rel(out, sim) < 0.02, _rel(out, sim)  # dynamic-range TFLite also quantizes inputs: a little further
+    assert _rel(out, ref) < 0.05
+
+
+def test_a_subclass_whose_function_cannot_be_reproduced_is_refused_with_the_reason(model_and_input, tmp_path) -> None:
     model, x = model_and_input
     q = squeezer.quantize(model, "w8", progress=False)
-    with pytest.raises(squeezer.ConfigError, match=r"pack: layer 'same' is a Conv2dStaticSamePadding.*ignore"):
-        squeezer.pack(q)
-    with pytest.raises(squeezer.ConfigError, match=r"save: layer 'same'"):
-        squeezer.save(q, tmp_path / "ckpt")
-    kept = squeezer.quantize(model, {"ignore": ["same", "std", "scaled"]}, progress=False)
+    q.scaled.input_scale = torch.full((128,), 0.5)  # as SmoothQuant / AWQ fold W diag(s), x / s
+    for action, run in (("pack", lambda: squeezer.pack(q)), ("save", lambda: squeezer.save(q, tmp_path / "c")),
+                        ("export_onnx", lambda: squeezer.export(q, x, tmp_path / "m.onnx"))):
+        with pytest.raises(squeezer.ConfigError, match=rf"{action}: layer 'scaled' is a ScaledLinear.*input scale.*ignore"):
+            run()
+
+
+def test_ignore_keeps_subclass_layers_float(model_and_input) -> None:
+    model, x = model_and_input
+    kept = squeezer.quantize(model, {"ignore": list(SUBCLASS_LAYERS)}, progress=False)
     assert type(kept.same) is Conv2dStaticSamePadding
     skipped = {s.name: s.reason for s in squeezer.report_of(kept).skipped}
-    assert set(skipped) == {"same", "std", "scaled"} and "ignored by pattern" in skipped["same"]
+    assert set(skipped) == set(SUBCLASS_LAYERS) and "ignored by pattern" in skipped["same"]
     packed = squeezer.pack(kept)
     with torch.no_grad():
         assert packed(x).shape == model(x).shape and _rel(packed(x), model(x)) < 0.02

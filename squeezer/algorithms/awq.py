@@ -22,7 +22,9 @@ the scaled input, ``H_s = diag(1/s) H diag(1/s)``.
 
 The statistics are those of the layer's input *after* any ``input_scale`` already set (the
 pipeline's hooks call ``layer.smooth``), so a previous factor composes: ``input_scale <- old / s``.
-Linear layers with a uniform weight mapping only; the others keep round-to-nearest.
+Linear layers with a uniform weight mapping, and the matrices of recurrent layers
+(:class:`~squeezer.algorithms.matrices.MatrixView`): there the recurrence feeds the matrix itself and no
+``x / s`` can be inserted, so ``s = 1`` and only the clipping step runs. The others keep round-to-nearest.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ..quant.core import QParams, compute_qparams, fake_quantize
 from ..quant.spec import QuantSpec
 from .base import Algorithm, register
 from .clip_search import best_clip_qparams
+from .matrices import MatrixView
 from .stats import LayerStats
 
 _FLOOR = 1e-5  # smallest channel statistic, relative to the largest (dead channels)
@@ -90,17 +93,18 @@ class AWQ(Algorithm):
             raise ConfigError(f"awq: clip must be true or false, got {self.clip!r}")
 
     def applies_to(self, layer: QuantMixin) -> bool:
-        return isinstance(layer, QuantLinear) and layer.weight_spec.mapping == "uniform"
+        return isinstance(layer, (QuantLinear, MatrixView)) and layer.weight_spec.mapping == "uniform"
 
     def alphas(self) -> list[float]:
         return torch.linspace(0.0, 1.0, self.grid).tolist() if self.grid > 1 else [0.0]
 
-    def search(self, weight: Tensor, mean_abs: Tensor, hessian: Tensor, spec: QuantSpec) -> tuple[float, Tensor, list[float]]:
-        """Best ``(alpha, s)`` on the grid, and the error of every grid point."""
+    def search(self, weight: Tensor, mean_abs: Tensor, hessian: Tensor, spec: QuantSpec,
+               alphas: list[float] | None = None) -> tuple[float, Tensor, list[float]]:
+        """Best ``(alpha, s)`` on the grid (or on ``alphas``), and the error of every grid point."""
         errors: list[float] = []
         best: tuple[float, Tensor] | None = None
         best_err = float("inf")
-        for alpha in self.alphas():
+        for alpha in self.alphas() if alphas is None else alphas:
             s = awq_scales(mean_abs, alpha)
             err = scaled_error(weight, s, spec, hessian)
             errors.append(err)
@@ -117,7 +121,7 @@ class AWQ(Algorithm):
         device = w.device
         hessian = stats.hessian().to(device=device, dtype=torch.float32)
         mean_abs = stats.mean_abs().to(device)
-        alpha, s, _ = self.search(w, mean_abs, hessian, spec)
+        alpha, s, _ = self.search(w, mean_abs, hessian, spec, [0.0] if isinstance(layer, MatrixView) else None)
         self.last_alpha = alpha
         ws = w * s
         if self.clip:

@@ -32,6 +32,7 @@ from torch import nn
 from ..modules.base import QuantMixin
 from ..modules.layers import QuantEmbedding
 from .base import Algorithm, register
+from .matrices import MatrixView
 from .stats import LayerStats
 
 
@@ -44,6 +45,8 @@ class BiasCorrection(Algorithm):
     add_bias: bool = True
 
     def applies_to(self, layer: QuantMixin) -> bool:
+        if isinstance(layer, MatrixView):  # a recurrent matrix corrects its own bias; it cannot get a new one
+            return layer.bias is not None
         return not isinstance(layer, QuantEmbedding) and getattr(layer, "groups", 1) == 1
 
     def quantize_layer(self, layer: QuantMixin, stats: LayerStats | None) -> None:

@@ -9,12 +9,14 @@ inputs and the forward stops as soon as every layer of the stage has been seen, 
 prefix of the model runs. The algorithm then quantizes the stage, static activation ranges of
 the stage are observed (provisionally: the final ranges are observed on the finished model), and
 its quantized outputs feed the next one: errors do not compound unseen, and no activations are
-stored between stages.
+stored between stages. A recurrent layer is treated matrix by matrix (:mod:`.matrices`): its statistics
+are one :class:`LayerStats` per matrix, recorded through its step-by-step recurrence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +27,7 @@ from ..modules import QuantEmbedding, QuantLinear, QuantRecurrent, quant_layers
 from ..modules.base import QuantMixin
 from ..modules.layers import QuantEmbeddingBag
 from .base import Algorithm
+from .matrices import matrix_views, record_matrix_inputs
 from ..quant.metrics import ErrorStats
 from ..quant.rotation import rotate
 from .stats import SAMPLE_ROWS, LayerStats, input_rows
@@ -35,7 +38,10 @@ class _StageDone(Exception):
 
 
 def stages(model: nn.Module, names: list[str]) -> list[list[str]]:
-    """Group quantized layer ``names`` (module order) into stages (see module docstring)."""
+    """Group quantized layer ``names`` (module order) into stages (see module docstring); a model whose
+    ``one_stage`` attribute is true (one transformer block quantized on its own) is a single stage."""
+    if getattr(model, "one_stage", False):
+        return [list(names)] if names else []
     blocks: list[str] = []
     for prefix, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 1:
@@ -84,12 +90,15 @@ def _run_prefix(model: nn.Module, layers: dict[str, QuantMixin], batches: list[B
 
 
 def collect_stats(model: nn.Module, layers: dict[str, QuantMixin], batches: list[Batch],
-                  max_rows: int = SAMPLE_ROWS) -> dict[str, LayerStats]:
+                  max_rows: int = SAMPLE_ROWS) -> dict[str, LayerStats | dict[str, LayerStats]]:
     """Input statistics of ``layers`` over ``batches`` (smoothed inputs, as the weight sees them),
-    keeping up to ``max_rows`` sampled rows per layer."""
-    stats: dict[str, LayerStats | None] = {name: None for name in layers}
+    keeping up to ``max_rows`` sampled rows per layer; a recurrent layer's are per matrix (name -> stats)."""
+    stats: dict[str, Any] = {name: {} if isinstance(l, QuantRecurrent) else None for name, l in layers.items()}
 
     def visit(name: str, layer: nn.Module, args: tuple) -> None:
+        if isinstance(layer, QuantRecurrent):
+            record_matrix_inputs(layer, args, stats[name], max_rows)
+            return
         rows = input_rows(layer, layer.smooth(args[0]))
         if stats[name] is None:
             stats[name] = LayerStats(rows.shape[1], max_rows=max_rows)
@@ -116,7 +125,7 @@ def _measure(layer: QuantMixin, original: Tensor, stats: LayerStats | None) -> N
     """Errors against the float weight the algorithm replaced: the weight's, and the layer's output
     on the sampled calibration rows (``original`` and the result both see the raw rows)."""
     layer.weight_error = ErrorStats.between(original, layer.effective_weight())
-    if stats is None or not stats.count or not isinstance(layer, QuantLinear):
+    if not isinstance(layer, QuantLinear) or stats is None or not stats.count:
         return
     rows = stats.sample
     raw = rows if layer.input_scale is None else rows / layer.input_scale  # rows were collected smoothed
@@ -129,11 +138,10 @@ def _measure(layer: QuantMixin, original: Tensor, stats: LayerStats | None) -> N
 
 
 def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], progress: bool = True) -> list[str]:
-    """Apply ``algorithm`` stage by stage; returns the layers it treated (others keep RTN: embeddings and embedding bags, and
-    recurrent layers, whose several matrices see the input and the hidden state in a loop)."""
+    """Apply ``algorithm`` stage by stage; returns the layers it treated (others keep RTN: embeddings and embedding
+    bags; a recurrent layer is treated when the algorithm applies to one of its matrices)."""
     all_layers = quant_layers(model)
-    targets = [n for n, l in all_layers.items()
-               if not isinstance(l, (QuantEmbedding, QuantEmbeddingBag, QuantRecurrent)) and algorithm.applies_to(l)]
+    targets = [n for n, l in all_layers.items() if _applies(algorithm, l)]
     groups = stages(model, targets)
     for layer in all_layers.values():
         layer.mode = "float"
@@ -144,6 +152,22 @@ def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], 
     return targets
 
 
+def _applies(algorithm: Algorithm, layer: QuantMixin) -> bool:
+    if isinstance(layer, QuantRecurrent):
+        return any(algorithm.applies_to(view) for view in matrix_views(layer).values())
+    return not isinstance(layer, (QuantEmbedding, QuantEmbeddingBag)) and algorithm.applies_to(layer)
+
+
+def _quantize_layer(algorithm: Algorithm, layer: QuantMixin, stats: LayerStats | dict[str, LayerStats] | None) -> None:
+    """The algorithm on one layer, or on each matrix of a recurrent layer it applies to (the others keep RTN)."""
+    if not isinstance(layer, QuantRecurrent):
+        algorithm.quantize_layer(layer, stats)
+        return
+    for name, view in matrix_views(layer).items():
+        if algorithm.applies_to(view):
+            algorithm.quantize_layer(view, (stats or {}).get(name))
+
+
 def _quantize_stage(model: nn.Module, algorithm: Algorithm, layers: dict[str, QuantMixin], batches: list[Batch]) -> None:
     """One stage: statistics, the algorithm, activation ranges, errors; its statistics and float
     weights are freed on return, before the next stage collects its own."""
@@ -151,7 +175,7 @@ def _quantize_stage(model: nn.Module, algorithm: Algorithm, layers: dict[str, Qu
              else {n: None for n in layers})
     originals = {name: layer.weight.detach().clone() for name, layer in layers.items()}
     for name, layer in layers.items():
-        algorithm.quantize_layer(layer, stats[name])
+        _quantize_layer(algorithm, layer, stats[name])
     observe_stage(model, layers, batches)
     for name, layer in layers.items():
         _measure(layer, originals.pop(name), stats[name])

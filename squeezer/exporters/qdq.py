@@ -33,10 +33,11 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, quant_layers
-from ..modules.layers import QuantConv3d, QuantConvTranspose
+from ..modules.layers import OwnForward, OwnFunction, QuantConv3d, QuantConvTranspose
 from ..modules.base import QuantMixin
 from ..modules.swap import ensure_deployable
 from ..quant.formats import INT8_WEIGHTS, STATIC_INT8, activation_format, unsupported_format, weight_format
+from ..quant.core import QTensor
 from ..quant.levels import lookup
 from ..quant.rotation import rotate_butterfly
 from ..quant.spec import PerChannel
@@ -75,16 +76,20 @@ class Int8Weight:
     label: str
 
 
-def int8_weight(layer: QuantMixin) -> Int8Weight | None:
-    """Squeezer's weight codes as int8 with zero point 0 (``levels[code]`` for an integer codebook), or None
-    when the weight's format, classified with its k-means levels, is not in :data:`INT8_WEIGHTS`."""
-    qt = layer.weight_qtensor()
+def int8_codes(qt: QTensor) -> Int8Weight | None:
+    """Codes ``qt`` as int8 with zero point 0 (``levels[code]`` for an integer codebook), or None when their
+    format, classified with its k-means levels, is not in :data:`INT8_WEIGHTS`."""
     levels = qt.qparams.levels
     if weight_format(qt.spec, levels) not in INT8_WEIGHTS:
         return None
     codes = qt.codes if levels is None else lookup(qt.codes.long(), levels.reshape(-1))
     scale = qt.qparams.scale.float().reshape((-1,) if isinstance(qt.spec.granularity, PerChannel) else ())
     return Int8Weight(codes.to(torch.int8), scale.contiguous(), f"int8 codes of {qt.spec.describe()}")
+
+
+def int8_weight(layer: QuantMixin) -> Int8Weight | None:
+    """:func:`int8_codes` of the layer's weight."""
+    return int8_codes(layer.weight_qtensor())
 
 
 def activation_mode(layer: QuantMixin) -> str:
@@ -113,6 +118,20 @@ def fake_quant(x: Tensor, grid: tuple[float, int]) -> Tensor:
     return qd().dequantize_per_tensor(q, scale, zero, -128, 127, torch.int8)
 
 
+def dequantize_codes(weight: Tensor, scale: Tensor, zero: Tensor, tensor_scale: float, fold: bool) -> Tensor:
+    """``W^ = q * S`` by ``dequantize_per_channel`` (axis 0; ``scale (N,)``) or ``dequantize_per_tensor``
+    (``tensor_scale``), codes in [-127, 127]; ``fold``: ``weight`` is the float ``W^`` itself, quantized
+    first in the graph (the ``quantize -> dequantize`` pair a converter folds into an int8 constant)."""
+    ops = qd()
+    if scale.dim() == 1:
+        if fold:
+            weight = ops.quantize_per_channel(weight, scale, zero, 0, -127, 127, torch.int8)
+        return ops.dequantize_per_channel(weight, scale, zero, 0, -127, 127, torch.int8)
+    if fold:
+        weight = ops.quantize_per_tensor(weight, tensor_scale, 0, -127, 127, torch.int8)
+    return ops.dequantize_per_tensor(weight, tensor_scale, 0, -127, 127, torch.int8)
+
+
 CONVS = {QuantConv1d: F.conv1d, QuantConv2d: F.conv2d, QuantConv3d: F.conv3d}
 QDQ_LAYERS = (QuantLinear, QuantEmbedding, *CONVS, QuantConvTranspose)
 """The layer types with a QDQ form; any other quantized layer is refused by name (:func:`unsupported_layer`)."""
@@ -127,7 +146,10 @@ def unsupported_layer(backend: str, name: str, layer: QuantMixin, supported: tup
 
 def _op(layer: QuantMixin, name: str) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
     """The float function ``op(x, weight, bias)`` of a layer of :data:`QDQ_LAYERS` on its stored weight layout
-    (output channels first: a transposed convolution's weight is reordered back to torch's inside)."""
+    (output channels first: a transposed convolution's weight is reordered back to torch's inside); a subclass
+    running its own forward: that forward around the weight (:class:`OwnFunction`, a submodule of the QDQ layer)."""
+    if isinstance(layer, OwnForward):
+        return OwnFunction(layer)
     if isinstance(layer, (*CONVS, QuantConvTranspose)):
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             raise ConfigError(f"layer {name!r}: export supports zero padding given as numbers, got "
@@ -181,16 +203,7 @@ class QdqLayer(nn.Module):
     def dequantized_weight(self) -> Tensor:
         if self.scale is None:
             return self.weight
-        ops = qd()
-        if self.per_channel:
-            w = self.weight
-            if self.fold_weight:
-                w = ops.quantize_per_channel(w, self.scale, self.zero, 0, -127, 127, torch.int8)
-            return ops.dequantize_per_channel(w, self.scale, self.zero, 0, -127, 127, torch.int8)
-        w = self.weight
-        if self.fold_weight:
-            w = ops.quantize_per_tensor(w, self.tensor_scale, 0, -127, 127, torch.int8)
-        return ops.dequantize_per_tensor(w, self.tensor_scale, 0, -127, 127, torch.int8)
+        return dequantize_codes(self.weight, self.scale, self.zero, self.tensor_scale, self.fold_weight)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rotation > 1:  # additions only: a converter must not quantize a product with H_b

@@ -54,44 +54,79 @@ def _state(qt: QTensor) -> dict[str, torch.Tensor]:
     return state
 
 
+class CompressedWriter:
+    """The files of a compressed-tensors folder under construction in ``folder``: shards written one tensor at a
+    time (:meth:`shard`, :meth:`add_quantized`, :meth:`add_kept`), then :meth:`finish` writes config.json with
+    ``quantization_config``, the index and the source folder's other files (tokenizer, ...)."""
+
+    def __init__(self, cfg: QuantConfig, folder: Path) -> None:
+        from compressed_tensors.compressors import BaseCompressor
+
+        if cfg.activation is not None:
+            raise ConfigError(f"preset {cfg.name!r} quantizes activations; the compressed-tensors output holds "
+                              "weight-only presets")
+        self.args = quantization_args(cfg.weight, cfg.name)
+        self.fmt = "int-quantized" if cfg.weight.bits == 8 else "pack-quantized"
+        self.compressor = BaseCompressor.get_value_from_registry(self.fmt)
+        self.folder = folder
+        self.targets: list[str] = []
+        self.weight_map: dict[str, str] = {}
+        self._writer: SafetensorsStream | None = None
+
+    def shard(self, name: str) -> None:
+        """Close the current shard and start the shard file ``name``."""
+        self.close_shard()
+        self._writer = SafetensorsStream(self.folder / name)
+
+    def close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self.weight_map.update(dict.fromkeys(self._writer.names, self._writer.path.name))
+            self._writer = None
+
+    def add_kept(self, name: str, tensor: torch.Tensor) -> None:
+        self._writer.add(name, tensor)
+
+    def add_quantized(self, module: str, qt: QTensor, scale_dtype: torch.dtype) -> None:
+        """The Linear ``module``'s weight as its codes ``qt`` (scales stored in ``scale_dtype``)."""
+        from compressed_tensors.quantization import QuantizationScheme
+
+        scheme = QuantizationScheme(targets=[module], weights=self.args, format=self.fmt)
+        for key, value in self.compressor.compress(_state(qt), scheme).items():
+            self._writer.add(f"{module}.{key}", value.to(scale_dtype) if key == "weight_scale" else value)
+        self.targets.append(module)
+
+    def finish(self, source: HFFolder) -> None:
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+        self.close_shard()
+        scheme = QuantizationScheme(targets=self.targets, weights=self.args, format=self.fmt)
+        qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format=self.fmt,
+                                     quantization_status="compressed")
+        config = {**source.config, "quantization_config": qconfig.to_dict()}
+        (self.folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        (self.folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": self.weight_map}, indent=2))
+        for extra in source.extra_files():
+            shutil.copy2(extra, self.folder / extra.name)
+
+
 def write_compressed(source: HFFolder, cfg: QuantConfig, out: Path, include: str, ignore: tuple[str, ...],
                      result: PretrainedResult) -> None:
-    """Write ``out``: config.json with ``quantization_config``, one output shard per input shard, the index,
-    and the folder's other files (tokenizer, ...)."""
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
-
-    args = quantization_args(cfg.weight, cfg.name)
-    fmt = "int-quantized" if cfg.weight.bits == 8 else "pack-quantized"
-    compressor = BaseCompressor.get_value_from_registry(fmt)
-    targets: list[str] = []
-    weight_map: dict[str, str] = {}
+    """Write ``out`` with round-to-nearest codes: one output shard per input shard."""
     with atomic_directory(out) as tmp:
+        writer = CompressedWriter(cfg, tmp)
         for shard in source.shards:
-            writer = SafetensorsStream(tmp / shard.name)
+            writer.shard(shard.name)
             for name, shape, floating in source.infos(shard):
                 tensor = source.tensor(shard, name)
                 if not (selected(name, shape, floating, include, ignore) and groups_fit(shape, cfg.weight)):
-                    writer.add(name, tensor)
+                    writer.add_kept(name, tensor)
                     result.kept.append(name)
                     continue
-                module = name.removesuffix(".weight")
                 scale_dtype = tensor.dtype if tensor.dtype != torch.float64 else torch.float32
                 qt = quantize_weight(name, tensor, cfg.weight, scale_dtype)
-                scheme = QuantizationScheme(targets=[module], weights=args, format=fmt)
-                for key, value in compressor.compress(_state(qt), scheme).items():
-                    writer.add(f"{module}.{key}", value.to(scale_dtype) if key == "weight_scale" else value)
+                writer.add_quantized(name.removesuffix(".weight"), qt, scale_dtype)
                 del qt, tensor
-                targets.append(module)
                 result.quantized.append(name)
-            writer.close()
-            weight_map.update(dict.fromkeys(writer.names, shard.name))
-        scheme = QuantizationScheme(targets=targets, weights=args, format=fmt)
-        qconfig = QuantizationConfig(config_groups={"group_0": scheme},
-                                     format=fmt, quantization_status="compressed")
-        config = {**source.config, "quantization_config": qconfig.to_dict()}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                                     indent=2))
-        for extra in source.extra_files():
-            shutil.copy2(extra, tmp / extra.name)
+        writer.finish(source)

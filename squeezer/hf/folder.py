@@ -41,7 +41,7 @@ class HFFolder:
         model_type = config.get("model_type")
         if model_type in TRANSPOSED_TYPES:
             raise ModelError(f"{path}: model_type {model_type!r} stores Linear weights transposed (Conv1D); "
-                             f"not supported by model-free quantization yet")
+                             f"not supported by squeezer.hf yet")
         return cls(path, config, shards)
 
     def infos(self, shard: Path) -> Iterator[tuple[str, tuple[int, ...], bool]]:
@@ -52,6 +52,14 @@ class HFFolder:
             for name in handle.keys():
                 view = handle.get_slice(name)
                 yield name, tuple(view.get_shape()), view.get_dtype().startswith(("F", "BF"))
+
+    def infos_of(self, shard: Path, name: str) -> tuple[tuple[int, ...], bool]:
+        """``(shape, floating)`` of the tensor ``name`` of ``shard``, from its header."""
+        from safetensors import safe_open
+
+        with safe_open(str(shard), framework="pt") as handle:
+            view = handle.get_slice(name)
+            return tuple(view.get_shape()), view.get_dtype().startswith(("F", "BF"))
 
     def tensor(self, shard: Path, name: str) -> torch.Tensor:
         """The tensor ``name`` of ``shard``, read from the memory map."""
@@ -75,10 +83,15 @@ def selected(name: str, shape: tuple[int, ...], floating: bool, include: str, ig
 
 @dataclass
 class PretrainedResult:
-    """What was written: the output path, the quantized tensor names and the ones kept as they were."""
+    """What was written: the output path, the quantized tensor names and the ones kept as they were; with
+    calibration, whether hidden states were spilled to disk, the most blocks held in memory at once, and the
+    experts that received too few calibration tokens and kept round-to-nearest."""
 
     out: Path
     format: str
     preset: str
     quantized: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    spilled: bool = False
+    peak_live_blocks: int = 0
+    rtn_fallback: list[str] = field(default_factory=list)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import PRESETS, QuantConfig
 from ..errors import ConfigError, excerpt
+from ..resolve import resolve_config
+from .calib_text import token_batches
 from .compressed import write_compressed
 from .folder import BLOCK_LINEAR, HFFolder, PretrainedResult
 from .gguf_file import write_gguf
+from .sequential import quantize_sequential
 
-FORMATS = ("compressed-tensors", "gguf")
+FORMATS = ("compressed-tensors", "gguf", "squeezer")
 
 
 def data_free_presets() -> tuple[str, ...]:
@@ -32,17 +36,35 @@ def resolve_preset(preset: str) -> QuantConfig:
 
 
 def quantize_pretrained(folder: str | Path, preset: str, out: str | Path, format: str = "compressed-tensors",
-                        include: str = BLOCK_LINEAR, ignore: tuple[str, ...] = ()) -> PretrainedResult:
-    """Quantize the Linear weights of a Hugging Face folder with a data-free preset, one tensor at a time.
+                        include: str = BLOCK_LINEAR, ignore: tuple[str, ...] = (), calib: Sequence | None = None,
+                        seq_len: int = 512, n_samples: int = 128, max_hidden_bytes: int = 1 << 30,
+                        min_expert_tokens: int = 16) -> PretrainedResult:
+    """Quantize the Linear weights of a Hugging Face folder.
 
-    ``include`` (regex) picks the 2-D weights to quantize, ``ignore`` patterns drop some of them; every other
-    tensor is written in its own dtype. ``format``: ``compressed-tensors`` (a folder ``out`` that transformers
-    and vLLM load) or ``gguf`` (a file ``out``; presets ``q8_0`` / ``q4_0`` only)."""
+    Without ``calib``: a data-free preset, one tensor at a time; ``include`` (regex) picks the 2-D weights to
+    quantize, ``ignore`` patterns drop some of them; every other tensor is written in its own dtype.
+    With ``calib`` (token-id arrays ``(T,)`` / ``(B, T)``, or texts tokenised by the folder's tokenizer into up
+    to ``n_samples`` windows of ``seq_len`` tokens): any preset, algorithm suffixes included, one block in memory
+    at a time (:mod:`squeezer.hf.sequential`; hidden states above ``max_hidden_bytes`` spilled to disk); the
+    blocks' Linear layers are quantized, tensors outside the blocks are written as stored; experts of a
+    mixture-of-experts block that receive fewer than ``min_expert_tokens`` calibration tokens keep
+    round-to-nearest (``result.rtn_fallback``).
+    ``format``: ``compressed-tensors`` (a folder ``out`` that transformers and vLLM load; weight-only presets
+    without input scales), ``gguf`` (a file ``out``; the grids of presets ``q8_0`` / ``q4_0`` only) or, with
+    ``calib``, ``squeezer`` (a folder of squeezer checkpoints, one per block, for every preset:
+    :func:`squeezer.hf.load_pretrained` reads it back)."""
     if format not in FORMATS:
         raise ConfigError(f"format {excerpt(format)} is not supported; supported: {', '.join(FORMATS)}")
-    cfg = resolve_preset(preset)
     source = HFFolder.open(folder)
     result = PretrainedResult(Path(out), format, preset)
+    if calib is not None:
+        cfg = resolve_config(preset)
+        batches = token_batches(calib, source.path, int(source.config.get("vocab_size", 1 << 62)), seq_len, n_samples)
+        return quantize_sequential(source, cfg, batches, Path(out), format, result, max_hidden_bytes, min_expert_tokens)
+    if format == "squeezer":
+        raise ConfigError("format 'squeezer' (one squeezer checkpoint per block) is written by calibrated "
+                          "quantization: pass calib=...", argument="calib")
+    cfg = resolve_preset(preset)
     write = write_gguf if format == "gguf" else write_compressed
     write(source, cfg, Path(out), include, tuple(ignore), result)
     return result

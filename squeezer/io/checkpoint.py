@@ -3,7 +3,8 @@
 Tensors per quantized layer ``L``: ``L.weight.codes`` (uint8, bit-packed), ``L.weight.scale``,
 ``L.weight.zero_point``, ``L.weight.levels`` (when present), ``L.act.scale`` / ``L.act.zero_point``
 (static activations). Every other entry of the state dict is stored as is. The manifest holds
-the format version, each layer's scheme (:class:`LayerScheme`) and weight shape, the versions that wrote it,
+the format version, each layer's scheme (:class:`LayerScheme`) and weight shape (a recurrent layer: each matrix's
+shape, and ``matrix_specs``, the spec of each matrix whose spec is not the scheme's), the versions that wrote it,
 ``kernels``: the kernel path(s) of each packed layer (:func:`squeezer.kernels.packed_kernels`, empty for an
 unpacked model), which ``load(packed=True)`` packs with again, and ``sha256``: the digest of the manifest's
 other fields and the tensor file together (:mod:`squeezer.io.manifest`). No pickle is involved on either side.
@@ -30,6 +31,7 @@ from torch import nn
 from ..version import __version__
 from ..errors import ModelError, SqueezerError
 from ..kernels import pack, packed_kernels
+from ..modules.attention import unfuse
 from ..modules.layers import quantized_class_for
 from ..modules.recurrent import QuantRecurrent
 from ..modules.swap import ensure_deployable, set_child
@@ -38,7 +40,7 @@ from ..quant.core import QParams, QTensor, code_dtype, dequantize
 from ..quant.scheme import LayerScheme
 from ..quant.spec import QuantSpec
 from .atomic import atomic_directory, recover_directory
-from .manifest import FORMAT, FORMAT_VERSION, digest, parse_bounded, validate
+from .manifest import FORMAT, FORMAT_VERSION, digest, matrix_specs, parse_bounded, validate
 from ..quant.packing import pack_codes, unpack_codes
 from ..quant.rotation import is_block_size
 
@@ -71,7 +73,8 @@ def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None =
             tensors[key] = value.detach().contiguous()
     for name, layer in layers.items():
         qtensors = layer.matrix_qtensors() if isinstance(layer, QuantRecurrent) else {"weight": layer.weight_qtensor()}
-        shape = [layer.weight.numel()] if isinstance(layer, QuantRecurrent) else list(qtensors["weight"].shape)
+        shape = [sum(qt.codes.numel() for qt in qtensors.values())] if isinstance(layer, QuantRecurrent) \
+            else list(qtensors["weight"].shape)
         for key, qt in qtensors.items():
             tensors[f"{name}.{key}.codes"] = pack_codes(qt.codes, qt.spec)
             tensors.update(_qparam_tensors(f"{name}.{key}", qt.qparams, qt.spec))
@@ -84,6 +87,9 @@ def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None =
         }
         if isinstance(layer, QuantRecurrent):
             manifest_layers[name]["matrices"] = {k: list(qt.shape) for k, qt in qtensors.items()}
+            own = {k: qt.spec.to_dict() for k, qt in qtensors.items() if qt.spec != layer.scheme.weight}
+            if own:
+                manifest_layers[name]["matrix_specs"] = own
         if layer.input_rotation > 1:
             manifest_layers[name]["input_rotation"] = layer.input_rotation
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
@@ -184,9 +190,9 @@ class _Tensors:
         self.refuse(f"{prefix}.levels")
         return QParams(scale, None if zero is None else zero.to(torch.int32), levels)
 
-    def weight(self, name: str, scheme: LayerScheme, shape: tuple[int, ...], key: str = "weight") -> QTensor:
-        """The codes (unpacked, within range) and parameters of the layer's ``key`` (its weight, or a matrix)."""
-        spec = scheme.weight
+    def weight(self, name: str, spec: QuantSpec, shape: tuple[int, ...], key: str = "weight") -> QTensor:
+        """The codes (unpacked, within range of ``spec``) and parameters of the layer's ``key`` (its weight, or a
+        matrix)."""
         try:
             param_shape = to_blocks(torch.empty(shape, device="meta"), spec.granularity).param_shape
         except SqueezerError as exc:
@@ -202,9 +208,11 @@ class _Tensors:
         return QTensor(codes, qparams, spec)
 
     def weights(self, name: str, scheme: LayerScheme, info: dict[str, Any]) -> dict[str, QTensor]:
-        """The layer's codes by key: ``weight`` of ``shape``, or each of a recurrent layer's ``matrices``."""
+        """The layer's codes by key: ``weight`` of ``shape``, or each of a recurrent layer's ``matrices``, each
+        checked against its own spec (:func:`squeezer.io.manifest.matrix_specs`)."""
         shapes = info.get("matrices") or {"weight": info["shape"]}
-        return {key: self.weight(name, scheme, tuple(shape), key) for key, shape in shapes.items()}
+        specs = matrix_specs(info, scheme)
+        return {key: self.weight(name, specs[key], tuple(shape), key) for key, shape in shapes.items()}
 
     def activation(self, name: str, scheme: LayerScheme) -> QParams | None:
         """Static activation parameters: present exactly when the scheme's activations are static."""
@@ -260,6 +268,7 @@ def _restore_layer(model: nn.Module, name: str, info: dict[str, Any], scheme: La
         raise ModelError(f"checkpoint layer {name!r} has weight shape(s) {theirs}, the model {own or tuple(new.weight.shape)}")
     qtensors = tensors.weights(name, scheme, info)
     if isinstance(new, QuantRecurrent):
+        new.matrix_specs = {k: qt.spec for k, qt in qtensors.items()}
         new.set_matrices(qtensors)
     else:
         with torch.no_grad():
@@ -305,6 +314,7 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module], pack
     manifest, schemes, tensors = _verified(directory)
     if not isinstance(model, nn.Module):
         model = model()
+    unfuse(model)  # attention modules over child linear layers, as swap_layers left them
     for name, info in manifest["layers"].items():
         _restore_layer(model, name, info, schemes[name], tensors)
     _load_rest(model, tensors, manifest["layers"], directory)

@@ -18,10 +18,13 @@ from typing import Any
 
 from ..errors import ModelError, SqueezerError
 from ..quant.scheme import LayerScheme
+from ..quant.spec import QuantSpec
 from .digest import update_from_file
 
 FORMAT = "squeezer-checkpoint"
 FORMAT_VERSION = 3  # 3: the digest covers the manifest; 2: per-layer "scheme" (LayerScheme)
+# An optional layer field (a recurrent layer's "matrix_specs") keeps the version: validation refuses unknown
+# fields, so a reader that predates one refuses such a checkpoint by name instead of misreading it.
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_DEPTH = 32
 MAX_NUMBER_CHARS = 40
@@ -33,9 +36,11 @@ _WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 _EXAMPLE_KINDS = ("tensor", "tuple", "dict")
 _EXAMPLE_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 MAX_EXAMPLE_ELEMENTS = 1 << 24
-_LAYER_KEYS = {"type", "shape", "dtype", "scheme", "input_rotation", "matrices"}
+_LAYER_KEYS = {"type", "shape", "dtype", "scheme", "input_rotation", "matrices", "matrix_specs"}
 _MATRIX_NAME = re.compile(r"weight_(ih|hh|hr)_l[0-9]{1,4}(_reverse)?")
-"""A recurrent layer's weight matrix (``matrices``: name -> 2-D shape; ``shape`` is their total size)."""
+"""A recurrent layer's weight matrix (``matrices``: name -> 2-D shape; ``shape`` is their total size;
+``matrix_specs``, optional: name -> the weight spec of a matrix whose spec is not the scheme's, mixed precision
+inside the layer)."""
 
 
 def canonical(manifest: dict[str, Any]) -> bytes:
@@ -134,6 +139,28 @@ def _check_matrices(matrices: Any, shape: list[int], path: Path, where: str) -> 
     _expect(shape == [total], path, f"{where}", f"sizes adding up to the layer's shape {shape}", total)
 
 
+def _check_matrix_specs(info: dict[str, Any], path: Path, where: str) -> None:
+    """``matrix_specs``: a non-empty mapping of matrices the layer's ``matrices`` lists to valid weight specs."""
+    specs = info["matrix_specs"]
+    _expect("matrices" in info, path, where, "given only with the layer's matrices", specs)
+    _expect(isinstance(specs, dict) and len(specs) > 0, path, where, "a mapping of weight matrix -> spec", specs)
+    for matrix, spec in specs.items():
+        _expect(matrix in info["matrices"], path, f"{where} name", f"one of {sorted(info['matrices'])}", matrix)
+        _check_spec_types(spec, path, f"{where}[{matrix!r}]")
+        try:
+            QuantSpec.from_dict(spec)
+        except SqueezerError as exc:
+            raise ModelError(f"checkpoint manifest {path}: {where}[{matrix!r}]: {exc}") from None
+
+
+def matrix_specs(info: dict[str, Any], scheme: LayerScheme) -> dict[str, QuantSpec]:
+    """The weight spec of each of a validated layer entry's keys: ``weight``, or each of its ``matrices``,
+    on its own ``matrix_specs`` entry or else the scheme's weight spec."""
+    own = info.get("matrix_specs", {})
+    return {key: QuantSpec.from_dict(own[key]) if key in own else scheme.weight
+            for key in info.get("matrices") or ("weight",)}
+
+
 def _check_layer(name: str, info: Any, path: Path) -> LayerScheme:
     where = f"layer {name!r}"
     _expect(isinstance(info, dict), path, where, "a mapping", info)
@@ -146,6 +173,8 @@ def _check_layer(name: str, info: Any, path: Path) -> LayerScheme:
     _expect(info.get("dtype") in _WEIGHT_DTYPES, path, f"{where}.dtype", f"one of {_WEIGHT_DTYPES}", info.get("dtype"))
     if "matrices" in info:
         _check_matrices(info["matrices"], shape, path, f"{where}.matrices")
+    if "matrix_specs" in info:
+        _check_matrix_specs(info, path, f"{where}.matrix_specs")
     rotation = info.get("input_rotation", 1)
     _expect(_is_int(rotation) and 1 <= rotation <= 2**20, path, f"{where}.input_rotation", "a positive integer", rotation)
     scheme = info.get("scheme")

@@ -4,7 +4,7 @@ runtime on real kernels; returns what ran where, and :func:`packed_kernels` read
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any, Literal
 
@@ -13,11 +13,13 @@ from torch import nn
 from ..errors import ConfigError
 from ..modules import QuantEmbedding, QuantLinear, quant_layers
 from ..modules.base import QuantMixin
-from ..modules.layers import QuantConvTranspose, QuantEmbeddingBag, QuantConvNd
+from ..modules.layers import OwnForward, QuantConvTranspose, QuantEmbeddingBag, QuantConvNd
+from ..modules.recurrent import QuantRecurrent
 from ..modules.swap import ensure_deployable
 from ..transform import attach_report, working_copy
 from .base import KernelPath, LinearProblem, PackedWeight
 from .paths import PATHS
+from .recurrent import FusedRecurrent, PackedRecurrent, fused_recurrence, matrix_pins
 from .runtime import PackedConv, PackedEmbedding, PackedEmbeddingBag, PackedLinear
 from .select import BUCKETS, pinned_choice, rule_choice, timed_choice
 
@@ -127,12 +129,26 @@ def _pack_conv(name: str, layer: QuantMixin, context: PackContext) -> tuple[Runt
             "no integer convolution kernel: weights are unpacked and convolved in fp32")
 
 
+def _pack_recurrent(name: str, layer: QuantMixin, context: PackContext) -> tuple[Runtime, str | None]:
+    if fused_recurrence(name, layer, context.pins.get(name)):
+        return FusedRecurrent.build(layer)
+    pins = {**context.pins, **matrix_pins(name, layer.matrix_names, context.pins.get(name))}
+    return PackedRecurrent.build(name, layer, replace(context, pins=pins).linear)
+
+
+def _pack_own_forward(name: str, layer: QuantMixin, context: PackContext) -> tuple[Runtime, str | None]:
+    return (PackedConv(layer, PackedWeight.from_qtensor(layer.weight_qtensor())),
+            f"a {layer.float_class.__name__} runs its own forward: weights are unpacked and it runs in fp32")
+
+
 _PACKERS: dict[type, Packer] = {
+    OwnForward: _pack_own_forward,
     QuantLinear: _pack_linear,
     QuantEmbedding: _pack_embedding,
     QuantEmbeddingBag: _pack_embedding_bag,
     QuantConvNd: _pack_conv,
     QuantConvTranspose: _pack_conv,
+    QuantRecurrent: _pack_recurrent,
 }
 
 

@@ -1,5 +1,6 @@
 """Quantized layers and the model surgery that installs them."""
 
+from .attention import UnfusedEncoderLayer, UnfusedMultiheadAttention, unfuse
 from .base import QuantMixin
 from .layers import (
     LayerType,
@@ -19,4 +20,5 @@ __all__ = [
     "SkippedLayer", "quant_layers", "set_mode", "swap_layers",
     "LayerType", "layer_type_names", "register_layer_type", "unregister_layer_type",
     "QuantRecurrent", "QuantLSTM", "QuantGRU", "QuantRNN",
+    "UnfusedMultiheadAttention", "UnfusedEncoderLayer", "unfuse",
 ]

@@ -14,11 +14,14 @@ A user's subclass of a torch layer that redefines the layer's function (``forwar
 that a convolution's ``forward`` calls: "same" padding, weight standardisation, an output scale) is not
 replaced by the plain quantized layer, which would compute something else: it becomes
 ``Quant<Subclass>`` (:func:`own_forward_class`), whose ``_op(x, W^)`` runs the subclass's own forward with
-``fq_w(W)`` in place of its weight. Such a layer runs in simulation only (packing and export refuse it).
+``fq_w(W)`` in place of its weight (:func:`own_forward`). Packed, it runs the same forward on the unpacked weight;
+exported, the subclass's forward is traced around the dequantized weight (:class:`OwnFunction`, its float function
+with the weight as an input), so every backend computes the subclass's function.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
@@ -30,7 +33,7 @@ from torch import Tensor, nn
 from ..quant.core import fake_quantize, rows_qparams
 from ..quant.scheme import LayerScheme
 from .base import QuantMixin
-from .recurrent import WEIGHT_ONLY, QuantGRU, QuantLSTM, QuantRNN
+from .recurrent import QuantGRU, QuantLSTM, QuantRNN, activation_refusal
 
 
 def _adopt(new: nn.Module, weight: Tensor, bias: Tensor | None, copy: bool) -> None:
@@ -222,12 +225,25 @@ class QuantEmbeddingBag(QuantMixin, nn.EmbeddingBag):
         return self._op(x, self.quantized_weight())
 
 
+def own_forward(module: nn.Module, float_class: type[nn.Module], x: Tensor, weight: Tensor) -> Tensor:
+    """``float_class.forward(module, x)`` while ``module.weight`` reads ``weight`` (a tensor, kept in the graph:
+    autograd's STE through ``fq_w(W)``, or a traced / exported node); the module's own weight is restored after."""
+    params = module._parameters
+    own_weight = params["weight"]
+    params["weight"] = weight
+    try:
+        return float_class.forward(module, x)
+    finally:
+        params["weight"] = own_weight
+
+
 class OwnForward(QuantMixin):
     """Mixed in first into ``Quant<Subclass>``: ``op(x, W^)`` = the subclass's own ``forward(x)`` reading
     ``W^`` as ``self.weight`` (the float weight stays the parameter), so whatever it does around the weight
     (pad the input, standardise ``W^``, scale the output) runs on the quantized weight."""
 
     float_class: type[nn.Module]
+    float_attributes: frozenset[str]  # the names in the float layer's ``__dict__`` (the rest is quantization state)
 
     @classmethod
     def from_float(cls, layer: nn.Module, scheme: LayerScheme, copy: bool = True) -> "OwnForward":
@@ -235,23 +251,51 @@ class OwnForward(QuantMixin):
         other arguments than the torch layer's), its weight and bias adopted like every quantized layer's."""
         new = cls.__new__(cls)  # its registries (parameters, buffers, submodules, hooks) copied, not shared
         new.__dict__.update({k: type(v)(v) if isinstance(v, (dict, set)) else v for k, v in layer.__dict__.items()})
+        new.float_attributes = frozenset(layer.__dict__)
         _adopt(new, layer.weight, getattr(layer, "bias", None), copy)
         new._init_quant(scheme)
         return new
 
     def _op(self, x: Tensor, weight: Tensor) -> Tensor:
-        """``float_class.forward(x)`` while ``self.weight`` reads ``weight`` (the STE graph of ``fq_w(W)`` kept)."""
-        params = self._parameters
-        float_weight = params["weight"]
-        params["weight"] = weight
-        try:
-            return self.float_class.forward(self, x)
-        finally:
-            params["weight"] = float_weight
+        """``float_class.forward(x)`` with ``self.weight`` reading ``weight``."""
+        return own_forward(self, self.float_class, x, weight)
 
     def _simulate(self, x: Tensor) -> Tensor:
         """``op(fq_a(x), fq_w(W))``: the whole weight fake-quantized, whatever the torch layer's shortcut."""
         return QuantMixin._simulate(self, x)
+
+    def deploy_refusal(self) -> str | None:
+        """Why packed kernels and exports cannot reproduce this layer's function, else None: an input transform
+        folded into its weight (``W diag(s)``, ``W H``: SmoothQuant / AWQ / Hadamard) is undone only by a
+        function linear in ``W``, which the subclass's own forward need not be."""
+        if self.input_scale is None and self.input_rotation <= 1:
+            return None
+        return ("an algorithm folded an input scale / rotation into its weight, which its own forward (maybe not "
+                "linear in the weight) does not undo; quantize it without smoothquant / awq / hadamard")
+
+    def float_twin(self) -> nn.Module:
+        """A ``float_class`` module holding copies of this layer's state (attributes, submodules, buffers, other
+        parameters) but no weight and no quantization state: ``own_forward(twin, float_class, x, W^)`` is this
+        layer's function of ``x`` and any weight ``W^``."""
+        twin = self.float_class.__new__(self.float_class)
+        state = {k: v for k, v in self.__dict__.items() if k in self.float_attributes}
+        memo = {id(self._parameters["weight"]): None}  # not copied: the weight comes as an input
+        twin.__dict__.update(copy.deepcopy(state, memo))
+        twin._buffers.pop("input_scale", None)
+        return twin.eval()
+
+
+class OwnFunction(nn.Module):
+    """The function of a ``Quant<Subclass>`` layer as a float module for export graphs: ``forward(x, W^, bias)`` =
+    the subclass's forward on ``x`` with weight ``W^`` (``bias`` is ignored: the subclass's own bias, with its other
+    parameters, is held by ``function``, a :meth:`OwnForward.float_twin`)."""
+
+    def __init__(self, layer: OwnForward) -> None:
+        super().__init__()
+        self.function = layer.float_twin()
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return own_forward(self.function, type(self.function), x, weight)
 
 
 @cache
@@ -283,7 +327,7 @@ class LayerType:
     quantized: type[QuantMixin]
     matches: Callable[[nn.Module], bool]
     torch_class: type[nn.Module] | None = None
-    weight_only: bool = False  # a scheme with activations leaves such a layer in float (see ``scheme_refusal``)
+    refusal: Callable[[LayerScheme], str | None] | None = None  # why a scheme leaves such a layer float, else None
 
 
 def _is_transformers_conv1d(layer: nn.Module) -> bool:
@@ -308,10 +352,10 @@ _BUILTIN = (
     LayerType("conv_transpose3d", QuantConvTranspose3d, _plain(nn.ConvTranspose3d)),
     LayerType("embedding_bag", QuantEmbeddingBag, _plain(nn.EmbeddingBag)),
 )
-_RECURRENT = (  # weight-only; a subclass that redefines forward stays float
-    LayerType("lstm", QuantLSTM, _plain(nn.LSTM), weight_only=True),
-    LayerType("gru", QuantGRU, _plain(nn.GRU), weight_only=True),
-    LayerType("rnn", QuantRNN, _plain(nn.RNN), weight_only=True),
+_RECURRENT = (  # activations they cannot run are refused; a subclass that redefines forward stays float
+    LayerType("lstm", QuantLSTM, _plain(nn.LSTM), refusal=activation_refusal),
+    LayerType("gru", QuantGRU, _plain(nn.GRU), refusal=activation_refusal),
+    LayerType("rnn", QuantRNN, _plain(nn.RNN), refusal=activation_refusal),
 )
 _BUILTIN = (*_BUILTIN, *_RECURRENT)
 _REGISTRY: dict[str, LayerType] = {t.name: t for t in _BUILTIN}
@@ -357,11 +401,9 @@ def quantized_class_for(layer: nn.Module) -> type[QuantMixin] | None:
 
 
 def scheme_refusal(layer: nn.Module, scheme: LayerScheme) -> str | None:
-    """Why ``layer``'s type cannot take ``scheme`` (a weight-only type given activations), else None."""
+    """Why ``layer``'s type cannot take ``scheme`` (its type's ``refusal``, e.g. activations it cannot run), else None."""
     found = _layer_type(layer)
-    if found is not None and found.weight_only and scheme.activation is not None:
-        return WEIGHT_ONLY
-    return None
+    return None if found is None or found.refusal is None else found.refusal(scheme)
 
 
 def layer_type_name(layer: nn.Module) -> str | None:

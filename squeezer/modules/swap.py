@@ -17,8 +17,11 @@ from torch import nn
 
 from ..errors import ConfigError, DataError, ModelError
 from ..quant.scheme import LayerScheme
+from ..quant.spec import QuantSpec
+from .attention import is_fused, unfuse
 from .base import QuantMixin
 from .layers import OwnForward, layer_type_name, quantized_class_for, scheme_refusal
+from .recurrent import QuantRecurrent
 
 
 @dataclass
@@ -41,6 +44,9 @@ class LayerSelection(Protocol):
     def for_layer(self, name: str, kind: str | None = None) -> LayerScheme:
         """The scheme of a quantized layer."""
 
+    def for_matrix(self, layer: str, matrix: str, kind: str | None = None) -> QuantSpec:
+        """The weight spec of one matrix of a recurrent layer."""
+
 
 def set_child(model: nn.Module, name: str, child: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
@@ -57,17 +63,12 @@ def _tied_storages(model: nn.Module) -> set[int]:
     return tied
 
 
-FUSED_PARENTS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
-"""Modules whose forward reads their children's float weights directly (``nn.MultiheadAttention`` passes
-``out_proj.weight`` to one fused attention function; ``nn.TransformerEncoderLayer``'s inference fast path
-passes ``linear1`` / ``linear2``'s weights to one fused kernel): a child swapped for a quantized layer would
-be reported as quantized while its float weight runs, so such children stay float, listed with the reason."""
-
-
 def _fused_children(model: nn.Module) -> dict[str, str]:
-    """``{child name: parent class}`` of the children of :data:`FUSED_PARENTS` modules."""
+    """``{child name: parent class}`` of the children of the fused modules :func:`unfuse` leaves (see
+    :func:`is_fused`): their forward reads the float weights, so a child swapped for a quantized layer would be
+    reported as quantized while its float weight runs; such children stay float, listed with the reason."""
     return {f"{name}.{child}" if name else child: type(module).__name__
-            for name, module in model.named_modules() if isinstance(module, FUSED_PARENTS)
+            for name, module in model.named_modules() if is_fused(module)
             for child, _ in module.named_children()}
 
 
@@ -77,8 +78,10 @@ def swap_layers(model: nn.Module, config: LayerSelection) -> tuple[list[str], li
     over its float layer's parameter storage (no copy), except where the storage is tied to another
     parameter: that one gets its own copy, so that an algorithm's in-place rounding stays in its layer.
 
+    Attention modules are first rewritten over their child linear layers (:func:`unfuse`, same function).
     Raises :class:`DataError` naming the layer when a selected weight holds NaN or Inf.
     """
+    unfuse(model)
     chosen: list[tuple[str, nn.Module]] = []
     skipped: list[SkippedLayer] = []
     fused = _fused_children(model)
@@ -106,8 +109,11 @@ def swap_layers(model: nn.Module, config: LayerSelection) -> tuple[list[str], li
     tied = _tied_storages(model)
     for name, module in chosen:
         copy = any(p.untyped_storage().data_ptr() in tied for p in module.parameters(recurse=False))
-        scheme = config.for_layer(name, layer_type_name(module))
-        set_child(model, name, quantized_class_for(module).from_float(module, scheme, copy=copy))
+        kind = layer_type_name(module)
+        new = quantized_class_for(module).from_float(module, config.for_layer(name, kind), copy=copy)
+        if isinstance(new, QuantRecurrent):  # each matrix may have its own spec (QuantConfig.for_matrix)
+            new.matrix_specs = {m: config.for_matrix(name, m, kind) for m in new.matrix_names}
+        set_child(model, name, new)
     return names, skipped
 
 
@@ -126,14 +132,13 @@ def set_mode(model: nn.Module, mode: str) -> None:
 
 def ensure_deployable(model: nn.Module, action: str) -> dict[str, QuantMixin]:
     """The quantized layers of ``model``, or a clear error when it has none, is still in QAT, or has a layer
-    running its own forward (a subclass's function that packed kernels and exports do not reproduce)."""
+    running its own forward whose function packed kernels and exports cannot reproduce (``deploy_refusal``)."""
     layers = quant_layers(model)
-    own = next(((n, l) for n, l in layers.items() if isinstance(l, OwnForward)), None)
-    if own is not None:
-        name, layer = own
+    refused = next(((n, l, r) for n, l in layers.items() if isinstance(l, OwnForward) and (r := l.deploy_refusal())), None)
+    if refused is not None:
+        name, layer, reason = refused
         raise ConfigError(f"{action}: layer {name!r} is a {layer.float_class.__name__}, a subclass that redefines its "
-                          f"torch layer's forward: it runs in simulation only; quantize with ignore=[{name!r}] "
-                          "to keep it in float")
+                          f"torch layer's forward: {reason}, or with ignore=[{name!r}] to keep it in float")
     if not layers:
         raise ModelError(f"{action}: the model has no quantized layers: call squeezer.quantize first")
     training = [n for n, l in layers.items() if "weight_fake_quant" in l._modules or "act_fake_quant" in l._modules]

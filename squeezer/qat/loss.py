@@ -1,6 +1,7 @@
 """The QAT objective: task loss plus a weight quantization-error penalty.
 
-``E_quant = sum_layers mean((W - fq(W))^2)`` over the model's (unpacked) quantized layers, and
+``E_quant = sum_weights mean((W - fq(W))^2)`` over the weights of the model's (unpacked) quantized layers
+(one per layer; each matrix of a recurrent layer on its own), and
 
     ``L = L_task + lam * E_quant``.
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, ModelError
 from ..modules import quant_layers
-from ..quant.core import fake_quantize
+from .weights import grid_targets
 
 
 class QATLoss(NamedTuple):
@@ -32,7 +33,7 @@ class QATLoss(NamedTuple):
 
 
 def quant_error(model: nn.Module) -> Tensor:
-    """``E_quant``: the sum over quantized layers of ``mean((W - fq(W))^2)`` (module docstring)."""
+    """``E_quant``: the sum over quantized weights of ``mean((W - fq(W))^2)`` (module docstring)."""
     layers = quant_layers(model)
     if not layers:
         raise ModelError("quant_error: model has no quantized layers (use squeezer.qat.prepare_qat)")
@@ -40,14 +41,9 @@ def quant_error(model: nn.Module) -> Tensor:
     for name, layer in layers.items():
         if layer.is_packed:
             raise ModelError(f"quant_error: layer {name!r} is packed, its float weight is gone")
-        w = layer.weight
-        learned = layer._modules.get("weight_fake_quant")
-        if learned is not None:
-            target = learned(w.detach())
-        else:
-            target = fake_quantize(w.detach(), layer.weight_spec, layer.ensured_weight_qparams())
-        err = torch.mean((w.float() - target.float()) ** 2)
-        total = err if total is None else total + err
+        for w, target in grid_targets(layer).values():
+            err = torch.mean((w.float() - target.float()) ** 2)
+            total = err if total is None else total + err
     return total
 
 

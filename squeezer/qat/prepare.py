@@ -15,6 +15,13 @@ so ``y = op(fq_a(x), fq_w(W))`` trains with straight-through gradients. Options:
   stale grid; static activation ranges follow an exponential moving average of each batch's
   range, ``lo <- 0.9 lo + 0.1 min(x)`` (same for ``hi``), from the calibrated range. Learned
   activation step sizes stop training after that many steps instead.
+* Recurrent layers (LSTM / GRU / RNN) train every weight matrix through the recurrence, each on its own
+  grid: straight-through ``fq_w`` per matrix, a learned step size per matrix block with
+  ``learnable_scales`` (the layer's ``matrix_fake_quant``), else its range re-fitted like any weight.
+  Their static state grids (``state_qparams``: input, hidden and cell state, gates, ...) each follow their
+  own state, with or without ``learnable_scales``: at each training step the float step loop runs once more
+  (no gradient) under fresh min-max :class:`StateObservers`, and each grid's range takes the same moving
+  average of that batch's range (the cell state's scale kept a power of two).
 * ``freeze_bn_after``: after that many steps every BatchNorm layer is kept in eval mode
   (running statistics fixed), even when the model is put back in train mode.
 
@@ -43,9 +50,12 @@ from ..errors import ConfigError, ModelError
 from ..transform import working_copy
 from ..modules import quant_layers
 from ..modules.base import QuantMixin
-from ..quant.core import representable_range
+from ..modules.recurrent import QuantRecurrent, StateObservers
+from ..quant.core import QParams, representable_range
 from ..quant.observers import MovingAverageMinMaxObserver
+from ..quant.spec import QuantSpec
 from .lsq import LearnedScaleQuantizer
+from .weights import trained_weights, weights_version
 
 EMA_MOMENTUM = 0.9
 
@@ -94,44 +104,79 @@ class _StepHook:
             state.steps += 1
 
 
+def _moving_range(spec: QuantSpec, qparams: QParams) -> MovingAverageMinMaxObserver:
+    """A moving average of batch ranges, ``lo <- 0.9 lo + 0.1 min``, started from the grid ``qparams``."""
+    observer = MovingAverageMinMaxObserver(spec, momentum=EMA_MOMENTUM)
+    observer.lo, observer.hi = representable_range(spec, qparams)
+    return observer
+
+
+class _InputRange:
+    """A layer's static input grid following the moving average of each batch's range of ``smooth(x)``."""
+
+    def __init__(self, layer: QuantMixin) -> None:
+        self.moving = _moving_range(layer.act_spec, layer.act_qparams)
+
+    def update(self, layer: QuantMixin, args: tuple) -> None:
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and x.is_floating_point():
+            self.moving.update(layer.smooth(x))
+            layer.act_qparams = self.moving.qparams()
+
+
+class _StateRanges:
+    """A static recurrent layer's state grids, ``(key, state)`` each, following the moving average of each
+    batch's range of that state (min / max over all steps of the float step loop, observed in ``observe`` mode)."""
+
+    def __init__(self, layer: QuantRecurrent) -> None:
+        self.specs = {(key, state): layer.state_spec(state) for key, state in layer.state_grids()}
+        self.moving = StateObservers(self.specs, "minmax")
+        self.moving.observers = {grid: _moving_range(spec, layer.state_qparams[grid[0]][grid[1]])
+                                 for grid, spec in self.specs.items()}
+
+    def update(self, layer: QuantRecurrent, args: tuple) -> None:
+        batch = StateObservers(self.specs, "minmax")
+        mode, observer = layer.mode, layer.act_observer
+        try:
+            layer.mode, layer.act_observer = "observe", batch
+            layer.forward(*args)  # not through __call__: the hooks stay out of it
+            for grid, moving in self.moving.observers.items():
+                moving.update(torch.stack(batch.observers[grid].range()))
+            layer.act_observer = self.moving
+            layer.freeze_activation()
+        finally:
+            layer.mode, layer.act_observer = mode, observer
+
+
 class _RangeTracker:
     """Layer forward pre-hook, while ranges are live: re-fit the weight's parameters when the
     weight has changed (``refit_weight``; in eval mode too, so evaluation sees the current grid)
-    and, when training, update the activation range's moving average (``observer``)."""
+    and, when training, update the activation grids' moving averages (``observer``)."""
 
-    def __init__(self, state: QATState, refit_weight: bool, observer: MovingAverageMinMaxObserver | None) -> None:
+    def __init__(self, state: QATState, refit_weight: bool, observer: _InputRange | _StateRanges | None) -> None:
         self.state = state
         self.refit_weight = refit_weight
         self.observer = observer
-        self.fitted_version: int | None = None
+        self.fitted_version: tuple[int, ...] | None = None
 
     def refit(self, layer: QuantMixin) -> None:
-        """Round-to-nearest parameters for the current weight, unless already fitted to it."""
-        if self.refit_weight and layer.weight._version != self.fitted_version:
+        """Round-to-nearest parameters for the current weight(s), unless already fitted to them."""
+        if self.refit_weight and weights_version(layer) != self.fitted_version:
             layer.calibrate_weight()
-            self.fitted_version = layer.weight._version
+            self.fitted_version = weights_version(layer)
 
     def __call__(self, layer: QuantMixin, args: tuple) -> None:
         if not self.state.ranges_live:
             return
         self.refit(layer)
-        x = args[0] if args else None
-        training = layer.training and torch.is_grad_enabled()
-        if self.observer is not None and training and isinstance(x, Tensor) and x.is_floating_point():
+        if self.observer is not None and layer.training and torch.is_grad_enabled():
             with torch.no_grad():
-                self.observer.update(layer.smooth(x))
-                layer.act_qparams = self.observer.qparams()
+                self.observer.update(layer, args)
 
 
 def _check_steps(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
         raise ConfigError(f"{name} must be None or an integer >= 0, got {value!r}")
-
-
-def _moving_range(layer: QuantMixin) -> MovingAverageMinMaxObserver:
-    observer = MovingAverageMinMaxObserver(layer.act_spec, momentum=EMA_MOMENTUM)
-    observer.lo, observer.hi = representable_range(layer.act_spec, layer.act_qparams)
-    return observer
 
 
 def prepare_qat(
@@ -161,18 +206,28 @@ def prepare_qat(
     learned_acts: list[LearnedScaleQuantizer] = []
     tracked = False
     for name, layer in layers.items():
-        layer.weight.requires_grad_(True)
-        uniform = layer.weight_spec.mapping == "uniform"
-        if learnable_scales and uniform:
+        weights = trained_weights(layer)
+        for w in weights.values():
+            w.requires_grad_(True)
+        recurrent = isinstance(layer, QuantRecurrent)
+        specs = {n: layer.matrix_spec(n) if recurrent else layer.weight_spec for n in weights}
+        uniform = all(spec.mapping == "uniform" for spec in specs.values())
+        if learnable_scales and uniform and recurrent:
+            qps = layer.ensured_matrix_qparams()
+            layer.matrix_fake_quant = nn.ModuleDict({n: LearnedScaleQuantizer(specs[n], qps[n]) for n in weights})
+            state.learned.extend(f"{name}.{n}" for n in weights)
+        elif learnable_scales and uniform:
             layer.weight_fake_quant = LearnedScaleQuantizer(layer.weight_spec, layer.weight_qparams)
             state.learned.append(f"{name}.weight")
         observer = None
-        if layer.act_qparams is not None and learnable_scales:
+        if layer.act_qparams is not None and recurrent:
+            observer = _StateRanges(layer)
+        elif layer.act_qparams is not None and learnable_scales:
             layer.act_fake_quant = LearnedScaleQuantizer(layer.act_spec, layer.act_qparams, per_sample=True)
             learned_acts.append(layer.act_fake_quant)
             state.learned.append(f"{name}.act")
         elif layer.act_qparams is not None:
-            observer = _moving_range(layer)
+            observer = _InputRange(layer)
         refit = uniform and not learnable_scales
         if refit or observer is not None:
             layer.register_forward_pre_hook(_RangeTracker(state, refit, observer))
@@ -203,6 +258,9 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if "weight_fake_quant" in layer._modules:
             layer.calibrate_weight(layer.weight_fake_quant.qparams())
             del layer.weight_fake_quant
+        if "matrix_fake_quant" in layer._modules:
+            layer.calibrate_weight({n: q.qparams() for n, q in layer.matrix_fake_quant.items()})
+            del layer.matrix_fake_quant
         if "act_fake_quant" in layer._modules:
             layer.act_qparams = layer.act_fake_quant.qparams()
             del layer.act_fake_quant

@@ -10,8 +10,12 @@ With ``x[l, f] in {0, 1}`` (layer ``l`` takes format ``f``) and a sensitivity sc
                                                               a_f: activation bits, 32 when float)
                latency_fixed + sum t[l, f] x[l, f] <= budget.latency_ms     (measured batch-1 ms)
 
-solved exactly by :func:`scipy.optimize.milp` (HiGHS branch and bound). The result converts to a
-:class:`QuantConfig` whose ``overrides`` pin each layer's format (``fp32`` layers are ignored).
+               x[m, fp32] = x[m', fp32]      (the matrices m, m' of one recurrent layer: all float or none)
+
+solved exactly by :func:`scipy.optimize.milp` (HiGHS branch and bound). A layer ``l`` is a unit of the
+sensitivity table: a layer, or one weight matrix of a recurrent layer (``lstm.weight_hh_l0``), so the
+matrices of one layer may take different formats. The result converts to a :class:`QuantConfig` whose
+``overrides`` pin each unit's format (``fp32`` layers are ignored).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from ..config import QuantConfig
 from ..errors import ConfigError
 from .formats import FLOAT, format_config, format_override
 from .latency import LatencyTable
-from .sensitivity import Sensitivity
+from .sensitivity import Sensitivity, split_unit
 
 
 @dataclass(frozen=True)
@@ -89,15 +93,45 @@ class Allocation:
 
 
 def choice_config(choice: dict[str, str], algorithm: str = "rtn", base: QuantConfig | None = None) -> QuantConfig:
-    """A config taking exactly the layers of ``choice``, each pinned to its format by an override;
-    ``fp32`` layers are ignored. ``base`` contributes its layer types, ignore list and algorithm options."""
+    """A config taking exactly the layers of ``choice``, each pinned to its format by an override (a
+    recurrent layer: the layer to the format of its first matrix, each matrix to its own, read by
+    :meth:`QuantConfig.for_matrix`); ``fp32`` layers are ignored. ``base`` contributes its layer types, ignore
+    list and algorithm options. A :class:`ConfigError` names a recurrent layer whose matrices are partly fp32."""
     base = base or QuantConfig()
     quantized = {n: f for n, f in choice.items() if f != FLOAT}
-    pin = {f"^{re.escape(n)}$": format_override(f) for n, f in quantized.items()}
+    layers: dict[str, str] = {}
+    for unit, fmt in quantized.items():
+        layers.setdefault(split_unit(unit)[0], fmt)
+    partly = sorted({split_unit(u)[0] for u, f in choice.items() if f == FLOAT} & set(layers))
+    if partly:
+        raise ConfigError(f"recurrent layer {partly[0]!r}: its matrices are all fp32 or all quantized, got "
+                          f"{ {u: f for u, f in choice.items() if split_unit(u)[0] == partly[0]} }")
+    pin = {f"^{re.escape(n)}$": format_override(f) for n, f in layers.items()}
+    pin.update({f"^{re.escape(u)}$": format_override(f) for u, f in quantized.items() if split_unit(u)[1]})
     first = format_config(next(iter(quantized.values()))) if quantized else None
     top = {} if first is None else {"weight": first.weight, "activation": first.activation,
                                     "activation_mode": first.activation_mode, "observer": first.observer}
-    return replace(base, **top, include=tuple(pin) or ("^$",), overrides=pin, algorithm=algorithm, name="mixed")
+    include = tuple(f"^{re.escape(n)}$" for n in layers) or ("^$",)
+    return replace(base, **top, include=include, overrides=pin, algorithm=algorithm, name="mixed")
+
+
+def _tied_float(layers: list[str], fmts: list[str]) -> list[LinearConstraint]:
+    """``x[m, fp32] = x[m', fp32]`` for consecutive matrices of each recurrent layer."""
+    if FLOAT not in fmts:
+        return []
+    nf, col = len(fmts), fmts.index(FLOAT)
+    groups: dict[str, list[int]] = {}
+    for i, unit in enumerate(layers):
+        layer, matrix = split_unit(unit)
+        if matrix is not None:
+            groups.setdefault(layer, []).append(i)
+    rows = []
+    for members in groups.values():
+        for a, b in zip(members, members[1:]):
+            row = np.zeros(len(layers) * nf)
+            row[a * nf + col], row[b * nf + col] = 1, -1
+            rows.append(row)
+    return [LinearConstraint(np.array(rows), 0, 0)] if rows else []
 
 
 def _matrix(table: dict[str, dict[str, float]], layers: list[str], fmts: list[str]) -> np.ndarray:
@@ -156,7 +190,7 @@ def allocate(sens: Sensitivity, budget: Budget | dict[str, float] | float, *, sc
     one = np.zeros((nl, nl * nf))
     for l in range(nl):
         one[l, l * nf:(l + 1) * nf] = 1
-    constraints = [LinearConstraint(one, 1, 1)]
+    constraints = [LinearConstraint(one, 1, 1), *_tied_float(layers, fmts)]
     constraints += [LinearConstraint(a.reshape(1, -1), -np.inf, getattr(budget, name) * unit - fixed)
                     for name, a, fixed, unit in rows]
     res = milp(c, constraints=constraints, integrality=np.ones_like(c), bounds=Bounds(0, 1))

@@ -1,6 +1,6 @@
 """Candidate formats of a mixed-precision search: preset names plus ``"fp32"`` (keep float).
 
-A format ``f`` for a layer with weight ``W`` (``n`` elements) costs ``bytes(f)``: the packed size of
+A format ``f`` for a weight ``W`` (``n`` elements: a layer's, or one matrix of a recurrent layer) costs ``bytes(f)``: the packed size of
 ``quantize(W, spec_f)`` (codes + scales + zero points, :func:`squeezer.quant.core.packed_nbytes`), or
 ``n * element_size`` for ``fp32``; its nominal width ``bits(f)`` is the spec's code width (32 for fp32).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from torch import Tensor
 
 from ..config import QuantConfig
 from ..resolve import resolve_config
@@ -45,15 +45,15 @@ def check_formats(formats: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return formats
 
 
-def format_bits(name: str, layer: nn.Module) -> int:
+def format_bits(name: str, weight: Tensor) -> int:
     """Nominal code width of ``name`` (the float element width for ``fp32``)."""
     cfg = format_config(name)
-    return 8 * layer.weight.element_size() if cfg is None else cfg.weight.bits
+    return 8 * weight.element_size() if cfg is None else cfg.weight.bits
 
 
-def format_bytes(name: str, layer: nn.Module) -> int:
-    """Packed bytes of ``layer.weight`` in format ``name`` (round-to-nearest parameters)."""
-    w = layer.weight.detach()
+def format_bytes(name: str, weight: Tensor) -> int:
+    """Packed bytes of ``weight`` in format ``name`` (round-to-nearest parameters)."""
+    w = weight.detach()
     cfg = format_config(name)
     if cfg is None:
         return w.numel() * w.element_size()

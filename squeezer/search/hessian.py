@@ -5,6 +5,8 @@ At ``W0`` its Hessian is the Gauss-Newton matrix ``J^T J / N``; Hutchinson's est
 ``tr(H_l) ~ mean_v v^T H_l v`` with Rademacher ``v`` (``Hv`` by double back-propagation). The score of
 layer ``l`` in format ``f`` is ``tr(H_l) / n_l * ||Q_f(W_l) - W_l||^2``: the expected loss increase
 ``1/2 d^T H d`` of a quantization error ``d`` spread evenly over the ``n_l`` weights (up to the 1/2).
+A unit is a layer (its ``weight``) or one weight matrix of a recurrent layer, ``<layer>.<matrix>``
+(``lstm.weight_hh_l0``): the matrix, differentiated through the whole recurrence.
 """
 
 from __future__ import annotations
@@ -13,15 +15,29 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration import Batch, call_model, output_tensors
+from ..errors import ConfigError
 from ..quant.core import fake_quantize
 from .formats import FLOAT, format_config
 
 
+def unit_weight(model: nn.Module, name: str) -> nn.Parameter:
+    """The weight of unit ``name``: the layer ``name``'s ``weight``, or the weight parameter ``name`` itself (a
+    recurrent matrix, ``lstm.weight_hh_l0``); :class:`ConfigError` naming it when it is neither."""
+    modules = dict(model.named_modules())
+    if name in modules:
+        weight = getattr(modules[name], "weight", None)
+    else:
+        weight = dict(model.named_parameters()).get(name) if name.rpartition(".")[2].startswith("weight") else None
+    if not isinstance(weight, nn.Parameter):
+        raise ConfigError(f"Hessian sensitivity: {name!r} is neither a layer with a weight nor a weight matrix "
+                          "of the model")
+    return weight
+
+
 def hessian_traces(model: nn.Module, batches: list[Batch], names: list[str], samples: int = 8,
                    seed: int = 0) -> dict[str, float]:
-    """``tr(H_l)`` per layer ``l`` of ``names`` (their ``.weight``), averaged over ``samples`` draws."""
-    modules = dict(model.named_modules())
-    weights = [modules[n].weight for n in names]
+    """``tr(H_l)`` per unit ``l`` of ``names`` (:func:`unit_weight`), averaged over ``samples`` draws."""
+    weights = [unit_weight(model, n) for n in names]
     saved = [w.requires_grad for w in weights]
     gen = torch.Generator().manual_seed(seed)
     traces = torch.zeros(len(names), dtype=torch.float64)
@@ -47,12 +63,11 @@ def hessian_traces(model: nn.Module, batches: list[Batch], names: list[str], sam
 
 def hessian_sensitivity(model: nn.Module, batches: list[Batch], names: list[str],
                         formats: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """``{layer: {format: tr(H_l) / n_l * ||Q_f(W_l) - W_l||^2}}`` (round-to-nearest ``Q_f``)."""
+    """``{unit: {format: tr(H_l) / n_l * ||Q_f(W_l) - W_l||^2}}`` (round-to-nearest ``Q_f``)."""
     traces = hessian_traces(model, batches, names)
-    modules = dict(model.named_modules())
     out: dict[str, dict[str, float]] = {}
     for n in names:
-        w: Tensor = modules[n].weight.detach().float()
+        w: Tensor = unit_weight(model, n).detach().float()
         out[n] = {}
         for f in formats:
             cfg = format_config(f)

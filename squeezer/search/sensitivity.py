@@ -9,6 +9,10 @@ the float outputs ``y``:
   (a sigmoid Bernoulli for single-logit outputs);
 * ``metric[l][f] = evaluate(model)`` when the user gives ``evaluate`` (their own metric).
 
+A recurrent layer is several units, one per weight matrix (``lstm.weight_ih_l0``, ``lstm.weight_hh_l0``, ...):
+each is measured alone (the layer simulates that matrix only, the others float), so an allocation may give
+the matrices of one layer different formats.
+
 Layers are quantized by the given algorithm (``rtn`` by default) from the same weights for every
 format, so one quantized copy per format serves all layers. The result is cached on disk
 (:func:`squeezer.cache.cache_dir` ``("sensitivity")`` by default) under a
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -29,13 +34,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from ..api import quantize
 from ..cache import CacheDir, read_entry, resolve, write_entry
 from ..calibration import Batch, check_batches, run_batches
 from ..config import QuantConfig
 from ..errors import ConfigError, DataError
-from ..modules import quant_layers, set_mode
+from ..modules import QuantRecurrent, quant_layers, set_mode
 from ..version import __version__
 from .formats import (
     DEFAULT_FORMATS,
@@ -138,9 +144,45 @@ def _compare(reference: list[list[Tensor]], outputs: list[list[Tensor]]) -> tupl
     return sq / max(norm, 1e-30), kl / max(rows, 1)
 
 
-def _macs_per_row(model: nn.Module, names: list[str], batch: Batch) -> dict[str, float]:
-    """Multiply-adds of each layer per batch row, from the output shapes of one float pass:
-    Linear ``numel(y) * in``, Conv ``numel(y) * in / groups * prod(kernel)``, Embedding 0."""
+MATRIX_UNIT = re.compile(r"^(.+)\.(weight_(?:ih|hh|hr)_l\d+(?:_reverse)?)$")
+"""The name of a recurrent matrix unit, ``<layer>.<matrix>``."""
+
+
+def split_unit(unit: str) -> tuple[str, str | None]:
+    """``(layer, matrix)`` of a unit name: ``("lstm", "weight_hh_l0")``, or ``(unit, None)`` for a whole layer."""
+    hit = MATRIX_UNIT.match(unit)
+    return (hit.group(1), hit.group(2)) if hit else (unit, None)
+
+
+def units(probe: nn.Module) -> dict[str, tuple[str, str | None]]:
+    """The search's units of a quantized model: unit name -> ``(layer, matrix)``; a layer is one unit
+    (``matrix`` None), a recurrent layer one unit per weight matrix, named ``<layer>.<matrix>``."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for name, layer in quant_layers(probe).items():
+        if isinstance(layer, QuantRecurrent):
+            out.update({f"{name}.{m}": (name, m) for m in layer.matrix_names})
+        else:
+            out[name] = (name, None)
+    return out
+
+
+def _unit_weight(modules: dict[str, nn.Module], unit: tuple[str, str | None]) -> Tensor:
+    layer, matrix = unit
+    return getattr(modules[layer], matrix or "weight")
+
+
+def _recurrent_steps(args: tuple) -> tuple[float, int]:
+    """``(steps, rows)`` of a recurrent layer's input: time steps of all sequences, and sequences."""
+    x = args[0]
+    if isinstance(x, PackedSequence):
+        return float(x.data.shape[0]), int(x.batch_sizes[0])
+    return float(x.numel() // x.shape[-1]), 1 if x.dim() == 2 else x.shape[0]
+
+
+def _macs_per_row(model: nn.Module, names: dict[str, tuple[str, str | None]], batch: Batch) -> dict[str, float]:
+    """Multiply-adds of each unit per batch row, from the output shapes of one float pass:
+    Linear ``numel(y) * in``, Conv ``numel(y) * in / groups * prod(kernel)``, Embedding 0, a recurrent matrix
+    ``numel(W)`` per time step."""
     macs: dict[str, float] = {}
     hooks = []
 
@@ -150,13 +192,19 @@ def _macs_per_row(model: nn.Module, names: list[str], batch: Batch) -> dict[str,
             if isinstance(module, nn.Embedding):
                 macs[name] = 0.0
                 return
+            if isinstance(module, nn.RNNBase):
+                steps, rows = _recurrent_steps(args)
+                for unit, (layer, matrix) in names.items():
+                    if layer == name:
+                        macs[unit] = steps * getattr(module, matrix).numel() / max(rows, 1)
+                return
             w = module.weight
             per_out = w[0].numel()
             macs[name] = out.numel() * per_out / max(rows, 1)
         return record
 
     modules = dict(model.named_modules())
-    for name in names:
+    for name in dict.fromkeys(layer for layer, _ in names.values()):
         hooks.append(modules[name].register_forward_hook(hook(name)))
     try:
         run_batches(model, [batch], "measuring shapes", progress=False)
@@ -219,13 +267,16 @@ def measure_sensitivity(
     was_training = model.training
     model.eval()
     probe = quantize(model, selector, progress=False)
-    names = list(quant_layers(probe))
+    set_mode(probe, "float")  # the float function, on the layers as quantize names them (attention unfused)
+    unit_of = units(probe)
+    names = list(unit_of)
     if not names:
         raise ConfigError("no quantizable layer selected: nothing to allocate")
-    modules = dict(model.named_modules())
+    modules = dict(probe.named_modules())
+    weights = {n: _unit_weight(modules, unit) for n, unit in unit_of.items()}
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(b.numel() * b.element_size() for b in model.buffers())
-    fixed = total - sum(modules[n].weight.numel() * modules[n].weight.element_size() for n in names)
+    fixed = total - sum(w.numel() * w.element_size() for w in weights.values())
     reference = run_batches(model, batches, "float reference", progress)
     baseline = None if evaluate is None else _evaluate(evaluate, model, "the float model")
     table: dict[str, dict[str, dict[str, float]]] = {k: {n: {} for n in names} for k in ("rel_mse", "kl", "metric")}
@@ -242,8 +293,13 @@ def measure_sensitivity(
         layers = quant_layers(q)
         for n in names:
             set_mode(q, "float")
-            layers[n].mode = "simulate"
+            layer, matrix = unit_of[n]
+            layers[layer].mode = "simulate"
+            if matrix is not None:
+                layers[layer].simulated_matrices = frozenset({matrix})
             outputs = run_batches(q, batches, f"{fmt}: {n}", progress)
+            if matrix is not None:
+                layers[layer].simulated_matrices = None
             table["rel_mse"][n][fmt], table["kl"][n][fmt] = _compare(reference, outputs)
             if evaluate is not None:
                 table["metric"][n][fmt] = baseline - _evaluate(evaluate, q, f"layer {n!r} in {fmt}")
@@ -251,15 +307,15 @@ def measure_sensitivity(
     model.train(was_training)
     sens = Sensitivity(
         layers=names, formats=list(formats), algorithm=algorithm,
-        params={n: modules[n].weight.numel() for n in names},
-        bytes={n: {f: format_bytes(f, modules[n]) for f in formats} for n in names},
-        bits={n: {f: format_bits(f, modules[n]) for f in formats} for n in names},
-        macs=_macs_per_row(model, names, batches[0]), fixed_bytes=fixed,
+        params={n: w.numel() for n, w in weights.items()},
+        bytes={n: {f: format_bytes(f, w) for f in formats} for n, w in weights.items()},
+        bits={n: {f: format_bits(f, w) for f in formats} for n, w in weights.items()},
+        macs=_macs_per_row(probe, unit_of, batches[0]), fixed_bytes=fixed,
         rel_mse=table["rel_mse"], kl=table["kl"], metric=table["metric"] if evaluate is not None else None,
         baseline=baseline, key=key,
     )
     if hessian:
-        sens.hessian = hessian_sensitivity(model, batches, names, formats)
+        sens.hessian = hessian_sensitivity(probe, batches, names, formats)
     sens.seconds = time.perf_counter() - started
     if directory is not None:
         write_entry(directory, key, _finite_table(sens.to_dict()))

@@ -9,6 +9,9 @@ With ``m0 = evaluate(float model)`` and ``m = evaluate(candidate)``, the drop is
 3. then *tightens*: tries moving each layer to its next smaller format, least sensitivity increase
    per byte saved first, and keeps every move after which the drop still holds;
 
+a recurrent layer's matrices are all fp32 or none (:func:`choice_config`): a matrix that moves to fp32 takes
+the layer's other matrices with it, and one that leaves fp32 takes them each one format down (:func:`move_unit`);
+
 stopping after ``max_trials`` evaluations or ``timeout_s`` seconds, and returns the smallest model
 that met the tolerance (or, when none did, the best-scoring one, with ``met = False``).
 """
@@ -27,8 +30,8 @@ from ..api import quantize
 from ..calibration import Batch, check_batches
 from ..errors import ConfigError
 from .allocate import Allocation, Budget, allocate, choice_config, costs
-from .formats import DEFAULT_FORMATS
-from .sensitivity import Sensitivity, _evaluate, measure_sensitivity
+from .formats import DEFAULT_FORMATS, FLOAT
+from .sensitivity import Sensitivity, _evaluate, measure_sensitivity, split_unit
 
 
 @dataclass
@@ -76,6 +79,21 @@ def build(model: nn.Module, choice: dict[str, str], calib: list[Batch], algorith
 def _ladder(sens: Sensitivity, layer: str, formats: list[str]) -> list[str]:
     """The layer's formats from smallest to largest bytes."""
     return sorted(formats, key=lambda f: (sens.bytes[layer][f], f))
+
+
+def move_unit(choice: dict[str, str], unit: str, ladders: dict[str, list[str]], direction: int) -> dict[str, str]:
+    """``choice`` with ``unit`` one format up (``direction=1``) or down (``-1``) its ladder (formats by bytes); when
+    a recurrent matrix reaches fp32 its layer's other matrices go to fp32 too, when it leaves fp32 they each
+    move one format down with it."""
+    ladder = ladders[unit]
+    moved = {unit: ladder[ladder.index(choice[unit]) + direction]}
+    layer, matrix = split_unit(unit)
+    if matrix is not None and FLOAT in (choice[unit], moved[unit]):
+        for other in choice:
+            if other != unit and split_unit(other)[0] == layer:
+                rungs = ladders[other]
+                moved[other] = FLOAT if moved[unit] == FLOAT else rungs[rungs.index(FLOAT) - 1]
+    return {**choice, **moved}
 
 
 def tune(
@@ -132,40 +150,37 @@ def tune(
     def budget_left() -> bool:
         return len(trials) < max_trials and (timeout_s is None or time.perf_counter() - started < timeout_s)
 
+    ladders = {l: _ladder(sens, l, fmts) for l in sens.layers}
     if budget is not None:
         start: Allocation = allocate(sens, budget, score=score, formats=fmts)
         choice = dict(start.choice)
     else:
-        choice = {l: _ladder(sens, l, fmts)[0] for l in sens.layers}
+        choice = {l: ladders[l][0] for l in sens.layers}
     current = run("start", choice)
     while not current.met and budget_left():
-        movable = [l for l in sens.layers if _ladder(sens, l, fmts)[-1] != choice[l]]
+        movable = [l for l in sens.layers if ladders[l][-1] != choice[l]]
         if not movable:
             break
         worst = max(movable, key=lambda l: table[l][choice[l]])
-        ladder = _ladder(sens, worst, fmts)
-        choice[worst] = ladder[ladder.index(choice[worst]) + 1]
+        choice = move_unit(choice, worst, ladders, 1)
         current = run("fallback", choice)
     if current.met:
         def gain(l: str) -> float:
-            ladder = _ladder(sens, l, fmts)
-            smaller = ladder[ladder.index(choice[l]) - 1]
+            smaller = ladders[l][ladders[l].index(choice[l]) - 1]
             saved = sens.bytes[l][choice[l]] - sens.bytes[l][smaller]
             return (table[l][smaller] - table[l][choice[l]]) / max(saved, 1)
 
         accepted = True
         while accepted and budget_left():  # passes until no layer can shrink further
             accepted = False
-            for layer in sorted([l for l in sens.layers if _ladder(sens, l, fmts)[0] != choice[l]], key=gain):
+            for layer in sorted([l for l in sens.layers if ladders[l][0] != choice[l]], key=gain):
                 if not budget_left():
                     break
-                ladder = _ladder(sens, layer, fmts)
-                previous = choice[layer]
-                choice[layer] = ladder[ladder.index(previous) - 1]
-                if run("tighten", choice).met:
-                    accepted = True
-                else:
-                    choice[layer] = previous
+                if ladders[layer][0] == choice[layer]:  # moved down with its recurrent layer in this pass
+                    continue
+                candidate = move_unit(choice, layer, ladders, -1)
+                if run("tighten", candidate).met:
+                    choice, accepted = candidate, True
     t, chosen = best
     return TuneResult(chosen, t.choice, t.metric, baseline, t.drop, t.met, t.bytes, trials,
                       time.perf_counter() - started)

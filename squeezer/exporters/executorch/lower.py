@@ -36,11 +36,12 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError
-from ...modules import QuantLinear
+from ...modules import QuantLinear, QuantRecurrent
 from ...modules.base import QuantMixin
 from ..base import ExportReport, require_extra
 from ...io.atomic import atomic_write
 from ..files import check_output_dir
+from ..qdq_recurrent import qdq_recurrent
 from ..qdq import (
     QdqLayer,
     Unsupported,
@@ -115,11 +116,13 @@ def export_executorch(model: nn.Module, example_inputs: Any, path: Path, options
     if weight_only not in WEIGHT_ONLY:
         raise ConfigError(f"weight_only must be one of {', '.join(WEIGHT_ONLY)}, got {weight_only!r}")
     check_output_dir(path, "ExecuTorch")
-    deployable_layers(model, "export_executorch")
+    layers = deployable_layers(model, "export_executorch")
     report = ExportReport(str(path))
     dynamic_rows: list[str] = []  # weight-only Linear layers given XNNPACK's dynamic int8 rows
 
-    def make(name: str, layer: QuantMixin) -> QdqLayer:
+    def make(name: str, layer: QuantMixin) -> nn.Module:
+        if isinstance(layer, QuantRecurrent):
+            return qdq_recurrent(layer, name, "ExecuTorch", unsupported, report, fold_weight=False)
         weight = checked_weight(layer, name, "ExecuTorch", unsupported, report)
         mode = activation_mode(layer)
         if mode == "dynamic":
@@ -144,6 +147,11 @@ def export_executorch(model: nn.Module, example_inputs: Any, path: Path, options
                                           partitioner=[XnnpackPartitioner(configs=configs)])
     portable = set(program.exported_program().graph_signature.inputs_to_buffers.values())
     for name in report.layers:
+        if isinstance(layers[name], QuantRecurrent):
+            matrices = layers[name].matrix_names
+            kept = sum(f"{name}.ops.{matrix}" in portable for matrix in matrices)
+            report.layers[name] += f": {kept} of {len(matrices)} matrices dequantized by portable kernels, XNNPACK for the rest"
+            continue
         report.layers[name] += ": portable kernels" if f"{name}.weight" in portable else ": XNNPACK"
     atomic_write(path, program.to_executorch().buffer)
     return report

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from ...calibration import call_model, output_tensors
 from ...errors import ConfigError, DataError
 from ...modules import QuantEmbedding, QuantLinear, QuantRecurrent, quant_layers
-from ...modules.layers import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose
+from ...modules.layers import OwnForward, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose, own_forward
 from ...modules.swap import ensure_deployable
 from ...modules.base import QuantMixin
 from ...quant.core import QTensor
@@ -73,6 +73,7 @@ from ..base import ExportReport
 from ..options import build_options
 from ..qdq import unsupported_layer
 from .compact import compact_onnx
+from .recurrent import uses_contrib_ops, recurrent_forward
 
 NBITS_WEIGHTS = uniform_formats((4, 8), ("channel", "group"))
 """``MatMulNBits`` (weight-only Linear; a group size must be a power of two >= 16)."""
@@ -532,6 +533,48 @@ class _QuantLayerOp(torch.autograd.Function):
         return _conv_symbolic(g, x, layer, report, name)
 
 
+class _OwnForwardPart(torch.autograd.Function):
+    """The quantized input (``part="input"``) or weight (``part="weight"``, ``x`` only anchors the node) of a layer
+    running its own forward (``OwnForward``); ``symbolic`` writes their ONNX nodes (``QuantizeLinear`` /
+    ``DequantizeLinear`` of the input; the weight node of its format, e.g. ``DequantizeLinear`` of int8 codes)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, traced: _Traced, part: str) -> Tensor:  # type: ignore[override]
+        layer = traced.layer
+        tracing = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            with torch.no_grad():
+                return (layer.quantize_input(x) if part == "input" else layer.quantized_weight()).detach()
+        finally:
+            torch._C._set_tracing_state(tracing)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, traced: _Traced, part: str) -> Any:
+        layer, report, name = traced.layer, traced.report, traced.name
+        qt = layer.weight_qtensor()
+        if part == "input":
+            if layer.scheme.activation_mode == "static":
+                return _quantize_input_static(g, x, layer)
+            report.warnings.append(f"layer {name!r}: dynamic activations exported as float fake-quantization")
+            return _fake_quantize_dynamic(g, x, layer, [-1] if layer.token_axis_is_last else list(range(1, qt.codes.dim())))
+        kind = _weight_kind(layer)
+        if kind == "nbits":  # MatMulNBits computes x W^T, not the subclass's function: the weight alone
+            kind = "qdq" if _format(layer).weight in QDQ_WEIGHTS else "group"
+        report.layers[name] = f"{layer.float_class.__name__}'s own forward on {KIND_LABEL[kind]}"
+        if kind == "float":
+            report.warnings.append(f"layer {name!r}: {qt.spec.describe()} has no ONNX integer form; stored as float")
+        return _weight_node(g, layer, qt, kind)
+
+
+def _own_forward_op(x: Tensor, traced: _Traced) -> Tensor:
+    """A subclass's own forward, traced as it is, on the ONNX nodes of its quantized input and weight."""
+    layer = traced.layer
+    if layer.scheme.activation_mode != "none":
+        x = _OwnForwardPart.apply(x, traced, "input")
+    return own_forward(layer, layer.float_class, x, _OwnForwardPart.apply(x, traced, "weight"))
+
+
 def _check_static(layer: QuantMixin, name: str) -> None:
     """Static activations are written as one 8-bit ``QuantizeLinear`` grid per tensor (:data:`STATIC_INT8`)."""
     if layer.act_qparams is None:
@@ -541,31 +584,24 @@ def _check_static(layer: QuantMixin, name: str) -> None:
         raise unsupported_format("ONNX", name, fmt, STATIC_INT8, layer.act_spec.describe())
 
 
-def _recurrent_as_float(layer: QuantMixin, name: str, report: ExportReport) -> bool:
-    """True for a recurrent layer, reported as written with its dequantized weights."""
-    if not isinstance(layer, QuantRecurrent):
-        return False
-    if getattr(layer, "proj_size", 0):
-        raise ConfigError(f"layer {name!r}: ONNX has no LSTM with projections (proj_size={layer.proj_size}): "
-                          f"quantize with ignore=[{name!r}] and export without proj_size, or keep it simulated")
-    report.layers[name] = f"{layer.float_class.__name__} (dequantized {layer.weight_spec.describe()} weights)"
-    report.warnings.append(f"layer {name!r}: recurrent weights have no ONNX integer form; stored as float")
-    return True
-
-
 @contextlib.contextmanager
 def _export_forwards(model: nn.Module, report: ExportReport) -> Iterator[None]:
-    """Each quantized layer's ``forward`` replaced by :class:`_QuantLayerOp` for the duration; a recurrent layer
-    keeps its own (torch's LSTM / GRU / RNN export, its ``fq_w(W)`` matrices as float constants)."""
-    layers = {n: l for n, l in quant_layers(model).items() if not _recurrent_as_float(l, n, report)}
+    """Each quantized layer's ``forward`` replaced by :class:`_QuantLayerOp` for the duration; a recurrent layer's
+    by :func:`~squeezer.exporters.onnx.recurrent.recurrent_forward`'s."""
+    forwards = {n: recurrent_forward(l, n, report) for n, l in quant_layers(model).items() if isinstance(l, QuantRecurrent)}
+    layers = quant_layers(model)
     saved = {name: layer.__dict__.get("forward") for name, layer in layers.items()}
     try:
         for name, layer in layers.items():
+            if name in forwards:
+                layer.forward = forwards[name]
+                continue
             if not isinstance(layer, EXPORTED_LAYERS):
                 raise unsupported_layer("ONNX", name, layer, EXPORTED_LAYERS)
             if layer.scheme.activation_mode == "static":
                 _check_static(layer, name)
-            layer.forward = (lambda t: (lambda x: _QuantLayerOp.apply(x, t)))(_Traced(layer, name, report))
+            op = _own_forward_op if isinstance(layer, OwnForward) else _QuantLayerOp.apply
+            layer.forward = (lambda t, op: (lambda x: op(x, t)))(_Traced(layer, name, report), op)
         yield
     finally:
         for name, layer in layers.items():
@@ -612,8 +648,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, requ
     if path.parent and not path.parent.exists():
         raise DataError(f"ONNX output directory {path.parent} does not exist")
     report = ExportReport(str(path))
-    uses_nbits = any(isinstance(layer, QuantLinear) and _weight_kind(layer) == "nbits"
-                     for layer in quant_layers(model).values())
+    uses_contrib = any(isinstance(layer, QuantLinear) and _weight_kind(layer) == "nbits"
+                       for layer in quant_layers(model).values()) or uses_contrib_ops(model)
     args, names, axes, kwargs, has_sequence = _names_and_axes(example_inputs)
     with torch.no_grad():
         outputs = call_model(model, example_inputs if isinstance(example_inputs, (dict, tuple, list)) else (example_inputs,))
@@ -631,7 +667,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, requ
             torch.onnx.export(model, args + ((kwargs,) if kwargs else ()), tmp, dynamo=False, opset_version=opts.opset,
                               input_names=names, output_names=out_names, dynamic_axes=opts.dynamic_axes or axes,
                               do_constant_folding=False,
-                              custom_opsets={"com.microsoft": 1} if uses_nbits else None)
+                              custom_opsets={"com.microsoft": 1} if uses_contrib else None)
         proto = onnx.load(tmp, load_external_data=False) if opts.compact else None
         if proto is not None and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
             onnx.save(compact_onnx(proto), tmp)  # a model past 2 GB (external data) keeps its layout

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ...calibration import call_model, check_batches
 from ...errors import ConfigError
-from ...modules import QuantEmbedding, QuantLinear
+from ...modules import QuantEmbedding, QuantLinear, QuantRecurrent
 from ...modules.base import QuantMixin
 from ...quant.core import uniform_qparams
 from ...quant.formats import activation_format
@@ -60,6 +60,7 @@ from ..qdq import (
     qdq_model,
     static_input_grid,
 )
+from ..qdq_recurrent import QdqStepOps, qdq_recurrent
 from .int8_weights import store_int8_weights
 
 INT8_ASYM = QuantSpec(bits=8, symmetric=False, signed=True, granularity=PerTensor())
@@ -70,6 +71,8 @@ PASS_THROUGH = {_ATEN.relu.default, _ATEN.relu_.default, _ATEN.view.default, _AT
                 _ATEN.flatten.using_ints, _ATEN.squeeze.dim, _ATEN.unsqueeze.default, _ATEN.permute.default,
                 _ATEN.transpose.int, _ATEN.max_pool1d.default, _ATEN.max_pool2d.default, _ATEN.clone.default,
                 _ATEN.contiguous.default, _ATEN.dropout.default}
+NONLINEARITY_INPUTS = {"RNN_TANH": frozenset({"gates"}), "RNN_RELU": frozenset({"gates"})}
+"""Recurrent states consumed directly by a TANH / RELU, whose TFLite kernel refuses an int16 input with a float output."""
 GEMMS = {_ATEN.linear.default, _ATEN.conv1d.default, _ATEN.conv2d.default}
 
 
@@ -128,6 +131,7 @@ def _converter_quantized(content: bytes, qmodel: nn.Module) -> list[str]:
     from ai_edge_litert.interpreter import Interpreter
 
     ours = [m.scale.reshape(-1).numpy() for m in qmodel.modules() if isinstance(m, QdqLayer) and m.scale is not None]
+    ours += [s.reshape(-1).numpy() for m in qmodel.modules() if isinstance(m, QdqStepOps) for s in m.weight_scales()]
     foreign = []
     for d in Interpreter(model_content=content).get_tensor_details():
         scales = d["quantization_parameters"]["scales"]
@@ -193,7 +197,17 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: Path, options: Tf
     report = ExportReport(str(path))
     mode = _mode(layers)
 
-    def make(name: str, layer: QuantMixin) -> QdqLayer:
+    def make(name: str, layer: QuantMixin) -> nn.Module:
+        if isinstance(layer, QuantRecurrent):
+            if layer.rnn_mode == "GRU" and activation_mode(layer) == "static":
+                raise ConfigError(f"layer {name!r}: a QuantGRU with static activations has no faithful TFLite form "
+                                  "(the converter's integer GRU step is off squeezer's by ~35 % of the output range); "
+                                  "export it to ExecuTorch or ONNX, or quantize it weight-only")
+            if mode == "dynamic":
+                report.warnings.append(f"layer {name!r}: TFLite's dynamic-range kernels quantize the input rows of "
+                                       "each of its projections to int8 at run time (not in squeezer's model)")
+            return qdq_recurrent(layer, name, "TFLite", unsupported, report, fold_weight=True,
+                                 float_states=NONLINEARITY_INPUTS.get(layer.rnn_mode, frozenset()))
         weight = checked_weight(layer, name, "TFLite", unsupported, report)
         grid = static_input_grid(layer, name, "TFLite") if activation_mode(layer) == "static" else None
         note = _dynamic_note(layer, name) if mode == "dynamic" and weight is not None else None

@@ -1,0 +1,250 @@
+"""Calibrated quantization of a Hugging Face folder, one transformer block in memory at a time.
+
+The model is built without weights (:mod:`.skeleton`); the parameters registered before the blocks (the
+embeddings) are read from the shards and the calibration batches run until the first block, whose inputs are
+captured (hidden states ``(B, T, H)`` and the keyword arguments it takes: attention mask, position
+embeddings, ...; the same for every block). Then for block ``i``: its weights are read, it is quantized by
+:func:`squeezer.quantize` on those inputs as one stage (its layers' statistics gathered in one pass, as the
+in-memory pipeline does for each child of a model's block list), its outputs *from the quantized block* become block ``i + 1``'s inputs, its tensors are written out and
+the block is dropped. Hidden states are kept for one depth (:class:`.hidden.HiddenStore`: a block's inputs and
+outputs, spilled to disk when together above ``max_hidden_bytes``; the keyword arguments stay in memory).
+Tensors outside the blocks (embeddings, final norm, ``lm_head``) are written as they are stored: the
+preset applies to the blocks' Linear layers (in GGUF, to those whose rows split into its blocks of 32).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..api import quantize
+from ..config import QuantConfig
+from ..errors import ConfigError, ModelError
+from ..io.atomic import atomic_directory
+from ..memory import release_free_memory
+from ..modules import quant_layers
+from ..modules.base import QuantMixin
+from ..quant.core import QParams, QTensor
+from .block_checkpoint import BlockCheckpointWriter
+from .compressed import CompressedWriter
+from .folder import HFFolder, PretrainedResult
+from .gguf_file import GGUFOut
+from .hidden import HiddenStore
+from .moe import Expert, expert_tokens
+from .skeleton import BlockStage, Skeleton
+from .weights import groups_fit
+
+
+class _Captured(Exception):
+    pass
+
+
+def _by_name(block: nn.Module, args: tuple, kw: dict) -> dict:
+    """A block call's arguments by parameter name (positional ones named; ``**kwargs`` spread out), the first
+    one under ``hidden_states``."""
+    signature = inspect.signature(block.forward)
+    bound = signature.bind(*args, **kw).arguments
+    named: dict = {}
+    for i, (name, value) in enumerate(bound.items()):
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named["hidden_states" if i == 0 else name] = value
+    return named
+
+
+def capture_inputs(skeleton: Skeleton, batches: list[Tensor], max_hidden_bytes: int,
+                   spill_dir: Path) -> tuple[HiddenStore, list[dict]]:
+    """Block 0's inputs on each batch of token ids: hidden states (a store) and keyword arguments."""
+    hidden: list[Tensor] = []
+    kwargs: list[dict] = []
+
+    def stop(block: nn.Module, args: tuple, kw: dict) -> None:
+        named = _by_name(block, args, kw)
+        hidden.append(named.pop("hidden_states"))
+        kwargs.append({k: v for k, v in named.items() if v is not None})
+        raise _Captured
+
+    handle = skeleton.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+    store = None
+    try:
+        for j, ids in enumerate(batches):
+            try:
+                with torch.no_grad():
+                    skeleton.model(input_ids=ids)
+            except _Captured:
+                pass
+            if not hidden:
+                raise ModelError(f"{skeleton.source.path}: the model's forward never reached its first block "
+                                 f"{skeleton.prefix}.0")
+            if store is None:
+                shapes = [(*b.shape, hidden[0].shape[-1]) for b in batches]
+                store = HiddenStore(shapes, max_hidden_bytes // 2, spill_dir)
+            store[j] = hidden.pop()
+    finally:
+        handle.remove()
+    return store, kwargs
+
+
+def _codes(name: str, layer: QuantMixin, scale_dtype: torch.dtype | None) -> QTensor:
+    """The layer's codes; with ``scale_dtype`` its scales rounded to that storage dtype (codes unchanged)."""
+    if layer.input_scale is not None or layer.input_rotation > 1:
+        raise ConfigError(f"layer {name!r} carries an input scale or rotation (AWQ, SmoothQuant, Hadamard) that "
+                          "this output format cannot hold; use a preset without it")
+    qt = layer.weight_qtensor()
+    if scale_dtype is None:
+        return qt
+    qp = qt.qparams
+    return QTensor(qt.codes, QParams(qp.scale.to(scale_dtype).float(), qp.zero_point), qt.spec)
+
+
+class _Sink:
+    """Where the quantized tensors go: a compressed-tensors folder, a GGUF file or squeezer's block checkpoints."""
+
+    def __init__(self, skeleton: Skeleton, cfg: QuantConfig, tmp: Path | None, out: Path, format: str,
+                 result: PretrainedResult) -> None:
+        self.skeleton, self.cfg, self.result, self.format = skeleton, cfg, result, format
+        source = skeleton.source
+        if format == "gguf":
+            self.file = GGUFOut(source, cfg, out)
+            names = [n for i in range(len(skeleton.blocks)) for n in skeleton.block_names(i)]
+            for name in names + skeleton.outside_names():
+                shape = source.infos_of(skeleton.shard_of[name], name)[0]
+                self.file.plan(name, shape, self._planned(name, shape))
+            self.file.start()
+        elif format == "squeezer":
+            self.file = BlockCheckpointWriter(tmp, cfg.name)
+        else:
+            self.file = CompressedWriter(cfg, tmp)
+
+    def _planned(self, name: str, shape: tuple[int, ...]) -> bool:
+        return name in self.skeleton.linear_weights and groups_fit(shape, self.cfg.weight)
+
+    def block(self, i: int, stage: BlockStage) -> None:
+        """Write block ``i``: its quantized Linear weights as codes, every other tensor as stored."""
+        sk = self.skeleton
+        layers = {sk.stored_name(f"{sk.prefix}.{i}.{n.removeprefix('block.')}.weight"): l
+                  for n, l in quant_layers(stage).items()}
+        if self.format == "squeezer":
+            self.file.block(i, stage)
+            for name in sk.block_names(i):
+                (self.result.quantized if name in layers else self.result.kept).append(name)
+            return
+        if self.format != "gguf":
+            self.file.shard(f"model-block-{i:05d}.safetensors")
+        for name in sk.block_names(i):
+            layer = layers.get(name)
+            self._write(name, layer)
+
+    def outside(self) -> None:
+        if self.format == "compressed-tensors":
+            self.file.shard("model-outside-blocks.safetensors")
+        for name in self.skeleton.outside_names():
+            self._write(name, None)
+
+    def _write(self, name: str, layer: QuantMixin | None) -> None:
+        source = self.skeleton.source
+        shard = self.skeleton.shard_of[name]
+        if self.format == "gguf":
+            planned = self._planned(name, source.infos_of(shard, name)[0])
+            if planned and layer is None:
+                raise ModelError(f"weight {name!r} was not quantized (no Linear layer of the preset); "
+                                 "the GGUF output needs its codes")
+            self.file.write(name, _codes(name, layer, torch.float16) if planned else source.tensor(shard, name))
+        elif layer is not None:
+            shape = tuple(layer.weight.shape)
+            if not groups_fit(shape, self.cfg.weight):
+                raise ConfigError(f"layer {name!r}: its {shape[-1]} input features do not split into groups of "
+                                  f"{self.cfg.weight.granularity.describe()}, which compressed-tensors needs")
+            self.file.add_quantized(name.removesuffix(".weight"), _codes(name, layer, None), torch.float32)
+        else:
+            self.file.add_kept(name, source.tensor(shard, name))
+        (self.result.quantized if layer is not None else self.result.kept).append(name)
+
+    def finish(self) -> None:
+        if self.format == "squeezer":
+            self.file.finish(self.skeleton.source, self.skeleton.prefix)
+        elif self.format != "gguf":
+            self.file.finish(self.skeleton.source)
+
+
+def _live_blocks(blocks: nn.ModuleList) -> int:
+    return sum(any(not p.is_meta for p in b.parameters()) for b in blocks)
+
+
+def quantize_sequential(source: HFFolder, cfg: QuantConfig, batches: list[Tensor], out: Path, format: str,
+                        result: PretrainedResult, max_hidden_bytes: int, min_expert_tokens: int) -> PretrainedResult:
+    """Quantize ``source`` with ``cfg`` on token batches ``(B, T)``, block by block, into ``out`` (see module)."""
+    skeleton = Skeleton.build(source)
+    spill_dir = out.parent / f".{out.name}.hidden"
+    stores: list[HiddenStore] = []
+    try:
+        skeleton.load_outside(torch.float32, before_blocks=True)
+        inputs, kwargs = capture_inputs(skeleton, batches, max_hidden_bytes, spill_dir)
+        stores.append(inputs)
+        skeleton.unload(skeleton.model)
+        outputs = HiddenStore(inputs.shapes, max_hidden_bytes // 2, spill_dir)
+        stores.append(outputs)
+        result.spilled = inputs.spilled
+        if format == "gguf":
+            _run(skeleton, cfg, inputs, outputs, kwargs, _Sink(skeleton, cfg, None, out, format, result), result,
+                 min_expert_tokens)
+        else:
+            with atomic_directory(out) as tmp:
+                _run(skeleton, cfg, inputs, outputs, kwargs, _Sink(skeleton, cfg, tmp, out, format, result), result,
+                     min_expert_tokens)
+    finally:
+        for store in stores:
+            store.close()
+        if spill_dir.exists() and not any(spill_dir.iterdir()):
+            spill_dir.rmdir()
+    return result
+
+
+def _run(skeleton: Skeleton, cfg: QuantConfig, inputs: HiddenStore, outputs: HiddenStore, kwargs: list[dict],
+         sink: _Sink, result: PretrainedResult, min_expert_tokens: int) -> None:
+    with sink.file if sink.format == "gguf" else nullcontext():
+        for i, block in enumerate(skeleton.blocks):
+            skeleton.load(block, f"{skeleton.prefix}.{i}", torch.float32)
+            result.peak_live_blocks = max(result.peak_live_blocks, _live_blocks(skeleton.blocks))
+            stage = BlockStage(block).eval()
+            calib = [{"hidden_states": inputs[j], **kwargs[j]} for j in range(len(inputs))]
+            _quantize_block(stage, cfg, calib, min_expert_tokens,
+                            lambda n: result.rtn_fallback.append(f"{skeleton.prefix}.{i}.{n}"))
+            with torch.no_grad():
+                for j, batch in enumerate(calib):
+                    outputs[j] = stage(**batch)
+            sink.block(i, stage)
+            skeleton.release(i)
+            del block, stage, calib
+            release_free_memory()
+            inputs, outputs = outputs, inputs
+        sink.outside()
+        sink.finish()
+
+
+def _quantize_block(stage: BlockStage, cfg: QuantConfig, calib: list[dict], min_expert_tokens: int,
+                    fallback: Callable[[str], None]) -> None:
+    """:func:`squeezer.quantize` of one block on its inputs; experts that receive fewer than ``min_expert_tokens``
+    calibration tokens are left out of it and quantized with round-to-nearest on the same grid (each one
+    reported to ``fallback`` by its name in the block)."""
+    def run() -> None:
+        with torch.no_grad():
+            for batch in calib:
+                stage(**batch)
+
+    counts = expert_tokens(stage.block, run) if any(isinstance(m, Expert) for m in stage.modules()) else {}
+    few = [name for name, count in counts.items() if count < min_expert_tokens]
+    ignore = tuple(rf"^block\.{re.escape(name)}\." for name in few)
+    quantize(stage, replace(cfg, ignore=(*cfg.ignore, *ignore)), calib=calib, inplace=True, progress=False)
+    rtn = replace(cfg, algorithm="rtn", algorithm_options={})
+    for name in few:
+        quantize(stage.block.get_submodule(name), rtn, inplace=True, progress=False)
+        fallback(name)

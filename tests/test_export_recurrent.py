@@ -1,0 +1,147 @@
+"""Export of quantized LSTM / GRU / RNN layers: ONNX (torch's ops on W^, DynamicQuantizeLSTM with squeezer's int8
+codes), TFLite and ExecuTorch (the step loop unrolled on squeezer's int8 codes and static state grids), each file
+run by squeezer.runtime.load and compared with squeezer's simulated model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import squeezer
+from squeezer.errors import ConfigError
+from squeezer.exporters.onnx.recurrent import ONNX_GATES, lstm_tensors
+
+CELLS = {
+    "lstm-bi": lambda: nn.LSTM(8, 16, bidirectional=True, batch_first=True),
+    "lstm-2": lambda: nn.LSTM(8, 16, num_layers=2, batch_first=True),
+    "gru": lambda: nn.GRU(8, 16, batch_first=True),
+    "rnn-tanh": lambda: nn.RNN(8, 16, batch_first=True),
+}
+
+
+class Seq(nn.Module):
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rnn(x)[0]
+
+
+def _quantized(kind: str, preset: str) -> tuple[nn.Module, nn.Module, Tensor]:
+    torch.manual_seed(0)
+    model = Seq(CELLS[kind]()).eval()
+    calib = [torch.randn(4, 5, 8) for _ in range(3)]
+    return model, squeezer.quantize(model, preset, calib=calib, progress=False), torch.randn(3, 5, 8)
+
+
+def _run(q: nn.Module, x: Tensor, path) -> tuple[Tensor, Tensor]:
+    """(the file's output through squeezer.runtime.load, squeezer's simulated output)."""
+    out = torch.as_tensor(np.asarray(squeezer.runtime.load(path)(x)))
+    with torch.no_grad():
+        return out, q(x)
+
+
+def _max_rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_lstm_tensors_hold_squeezer_codes_in_onnx_gate_order() -> None:
+    _, q, _ = _quantized("lstm-bi", "w8a8")
+    t, qts = lstm_tensors(q.rnn, 0), q.rnn.matrix_qtensors()
+    forward = qts["weight_ih_l0"].codes.reshape(4, 16, 8)[ONNX_GATES["LSTM"]].reshape(64, 8)
+    assert t.w.dtype == torch.uint8 and t.w.shape == (2, 8, 64)
+    assert torch.equal(t.w[0].t().to(torch.int16) - 128, forward.to(torch.int16))
+    assert torch.equal(t.w_scale[1], qts["weight_ih_l0_reverse"].qparams.scale.reshape(4, 16)[[0, 3, 1, 2]].reshape(-1))
+    assert (t.zero == 128).all() and t.bias.shape == (2, 128)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-tensor"])
+@pytest.mark.parametrize("kind", ["lstm-bi", "lstm-2"])
+def test_onnx_dynamic_lstm_runs_dynamic_quantize_lstm(kind: str, preset: str, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    model, q, x = _quantized(kind, preset)
+    report = squeezer.export(q, x, tmp_path / "m.onnx")
+    assert report.layers["rnn"].startswith("DynamicQuantizeLSTM")
+    nodes = [n for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "DynamicQuantizeLSTM"]
+    assert len(nodes) == q.rnn.num_layers and all(n.domain == "com.microsoft" for n in nodes)
+    out, simulated = _run(q, x, tmp_path / "m.onnx")
+    with torch.no_grad():
+        reference = model(x)
+    # ONNX Runtime quantizes x and h_(t-1) per tensor (uint8): squeezer's own grid for w8a8-tensor, not for w8a8
+    assert _max_rel(out, simulated) < (0.01 if preset == "w8a8-tensor" else 0.03)
+    assert _max_rel(out, reference) < 0.03
+
+
+@pytest.mark.parametrize("kind", ["gru", "rnn-tanh"])
+def test_onnx_dynamic_gru_rnn_are_ops_on_dequantized_weights(kind: str, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    _, q, x = _quantized(kind, "w8a8")
+    report = squeezer.export(q, x, tmp_path / "m.onnx")
+    assert report.layers["rnn"].startswith(type(q.rnn).float_class.__name__)
+    assert any("activations run in float" in w for w in report.warnings)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert type(q.rnn).float_class.__name__.upper() in ops and "forward" not in dict(q.rnn.named_children())
+    out, simulated = _run(q, x, tmp_path / "m.onnx")
+    assert _max_rel(out, simulated) < 0.03  # torch's op on W^, float activations
+
+
+def test_onnx_refuses_static_recurrent_layers(tmp_path) -> None:
+    _, q, x = _quantized("gru", "w8a8-static")
+    with pytest.raises(ConfigError, match="layer 'rnn'.*static activations"):
+        squeezer.export(q, x, tmp_path / "m.onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lstm-bi", "gru", "rnn-tanh"])
+def test_tflite_weight_only_unrolled(kind: str, tmp_path) -> None:
+    pytest.importorskip("litert_torch")
+    model, q, x = _quantized(kind, "w8")
+    report = squeezer.export(q, x, tmp_path / "m.tflite")
+    assert "unrolled (int8 codes" in report.layers["rnn"]
+    assert not any("quantized the float weight" in w for w in report.warnings)  # every matrix is squeezer's codes
+    out, simulated = _run(q, x, tmp_path / "m.tflite")
+    assert _max_rel(out, simulated) < 0.03  # TFLite's hybrid kernels also quantize the projection inputs per row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lstm-bi", "rnn-tanh"])
+def test_tflite_static_unrolled_runs_integer_ops(kind: str, tmp_path) -> None:
+    pytest.importorskip("litert_torch")
+    from ai_edge_litert.interpreter import Interpreter
+
+    _, q, x = _quantized(kind, "w8a8-static")
+    squeezer.export(q, x, tmp_path / "m.tflite")
+    details = Interpreter(model_path=str(tmp_path / "m.tflite")).get_tensor_details()
+    int16 = {np.int16} if kind.startswith("lstm") else set()  # an RNN's gates stay float (they feed TANH directly)
+    assert {np.int8} | int16 <= {d["dtype"] for d in details}
+    out, simulated = _run(q, x, tmp_path / "m.tflite")
+    assert _max_rel(out, simulated) < 0.01
+
+
+def test_tflite_refuses_static_gru_and_dynamic_recurrent(tmp_path) -> None:
+    pytest.importorskip("litert_torch")
+    _, q, x = _quantized("gru", "w8a8-static")
+    with pytest.raises(ConfigError, match="layer 'rnn': a QuantGRU with static"):
+        squeezer.export(q, x, tmp_path / "m.tflite")
+    _, q, x = _quantized("lstm-bi", "w8a8")
+    with pytest.raises(ConfigError, match="layer 'rnn'.*dynamic activations"):
+        squeezer.export(q, x, tmp_path / "m.tflite")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["w8", "w8a8-static"])
+@pytest.mark.parametrize("kind", ["lstm-bi", "gru", "rnn-tanh"])
+def test_executorch_unrolled_matches_squeezer(kind: str, preset: str, tmp_path) -> None:
+    pytest.importorskip("executorch")
+    _, q, x = _quantized(kind, preset)
+    report = squeezer.export(q, x, tmp_path / "m.pte")
+    assert "unrolled (int8 codes" in report.layers["rnn"]
+    out, simulated = _run(q, x, tmp_path / "m.pte")
+    assert _max_rel(out, simulated) < 1e-4  # squeezer's arithmetic: dequantized codes, the same state grids
