@@ -125,6 +125,30 @@ def test_tflite_static_unrolled_runs_integer_ops(kind: str, tmp_path) -> None:
     assert _max_rel(out, simulated) < 0.01
 
 
+class Scorer(nn.Module):
+    """The fraud scorer's shape: a batch-first LSTM over 32 steps, a Linear head on the last step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(19, 64, batch_first=True), nn.Linear(64, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0][:, -1]).squeeze(-1)
+
+
+@pytest.mark.slow
+def test_tflite_static_lstm_with_a_head_exported_from_one_row_matches_squeezer(tmp_path) -> None:
+    pytest.importorskip("litert_torch")
+    torch.manual_seed(0)
+    model = Scorer().eval()
+    q = squeezer.quantize(model, "w8a8-static", calib=[torch.randn(16, 32, 19) for _ in range(4)], progress=False)
+    # no calib: the head (no squeezer grid on its output) must not get an int8 grid from this one row's output
+    report = squeezer.export(q, torch.randn(1, 32, 19), tmp_path / "m.tflite")
+    assert "float op" in report.layers["head"] and any("no calib given" in w for w in report.warnings)
+    out, simulated = _run(q, torch.randn(8, 32, 19), tmp_path / "m.tflite")
+    assert _max_rel(out, simulated) < 1e-3
+
+
 def test_tflite_refuses_static_gru_and_dynamic_recurrent(tmp_path) -> None:
     pytest.importorskip("litert_torch")
     _, q, x = _quantized("gru", "w8a8-static")

@@ -73,6 +73,7 @@ from ..base import ExportReport
 from ..options import build_options
 from ..qdq import unsupported_layer
 from .compact import compact_onnx
+from .nodes import channel_scale, const, matmul_integer_u8, scalar, uint8_codes, uint8_gemm_weight, uint8_zero
 from .recurrent import uses_contrib_ops, recurrent_forward
 
 NBITS_WEIGHTS = uniform_formats((4, 8), ("channel", "group"))
@@ -102,25 +103,8 @@ class OnnxOptions:
                                                           "PyTorch's module-path names, for debugging)"})
 
 
-def _const(g: Any, t: Tensor) -> Any:
-    return g.op("Constant", value_t=t.detach().contiguous())
-
-
-def _scalar(g: Any, value: float, dtype: torch.dtype = torch.float32) -> Any:
-    return _const(g, torch.tensor(value, dtype=dtype))
-
-
 def _unsqueeze_last(g: Any, v: Any) -> Any:
-    return g.op("Unsqueeze", v, _const(g, torch.tensor([-1], dtype=torch.int64)))
-
-
-def _uint8_zero(g: Any) -> Any:
-    return _const(g, torch.tensor(128, dtype=torch.uint8))
-
-
-def _uint8_codes(codes: Tensor) -> Tensor:
-    """Signed codes ``q`` as uint8 ``q + 128``: with zero point ``Z + 128``, the same values."""
-    return (codes.to(torch.int16) + 128).to(torch.uint8)
+    return g.op("Unsqueeze", v, const(g, torch.tensor([-1], dtype=torch.int64)))
 
 
 def _unsigned_weights(layer: QuantMixin) -> bool:
@@ -133,26 +117,26 @@ def _dq_weight(g: Any, qt: QTensor, transposed: bool = False, unsigned: bool = F
     """``DequantizeLinear`` of uniform codes, per tensor (scalar params) or per output channel.
     ``transposed``: a Linear weight stored as ``W^T (K, N)`` with ``axis=1``, ONNX Runtime's QDQ
     MatMul layout, so that ``DequantizeLinear -> MatMul`` fuses into an integer kernel.
-    ``unsigned``: signed codes stored as uint8 ``(q + 128, Z + 128)`` (:func:`_uint8_codes`)."""
+    ``unsigned``: signed codes stored as uint8 ``(q + 128, Z + 128)`` (:func:`uint8_codes`)."""
     spec = qt.spec
     scale = qt.qparams.scale.float().reshape(-1)
     zero = torch.zeros(scale.shape, dtype=torch.int8) if qt.qparams.zero_point is None else qt.qparams.zero_point.reshape(-1)
     codes = qt.codes.t() if transposed else qt.codes
     if spec.signed and unsigned:
-        codes, zero = _uint8_codes(codes), _uint8_codes(zero)
+        codes, zero = uint8_codes(codes), uint8_codes(zero)
     dtype = torch.int8 if spec.signed and not unsigned else torch.uint8
     codes, zero = codes.to(dtype), zero.to(dtype)
     if isinstance(spec.granularity, PerTensor):
-        return g.op("DequantizeLinear", _const(g, codes), _const(g, scale[0]), _const(g, zero[0]))
-    return g.op("DequantizeLinear", _const(g, codes), _const(g, scale), _const(g, zero), axis_i=1 if transposed else 0)
+        return g.op("DequantizeLinear", const(g, codes), const(g, scale[0]), const(g, zero[0]))
+    return g.op("DequantizeLinear", const(g, codes), const(g, scale), const(g, zero), axis_i=1 if transposed else 0)
 
 
 def _codebook_weight(g: Any, qt: QTensor) -> Any:
     """``Gather(levels, codes) * S`` with one shared level table."""
-    w = g.op("Gather", _const(g, qt.qparams.levels.float().reshape(-1)), g.op("Cast", _const(g, qt.codes.to(torch.uint8)), to_i=6))
+    w = g.op("Gather", const(g, qt.qparams.levels.float().reshape(-1)), g.op("Cast", const(g, qt.codes.to(torch.uint8)), to_i=6))
     scale = qt.qparams.scale.float()
     shape = [-1] + [1] * (qt.codes.dim() - 1) if isinstance(qt.spec.granularity, PerChannel) else [1] * qt.codes.dim()
-    return g.op("Mul", w, _const(g, scale.reshape(shape)))
+    return g.op("Mul", w, const(g, scale.reshape(shape)))
 
 
 def _group_weight(g: Any, qt: QTensor) -> Any:
@@ -163,14 +147,14 @@ def _group_weight(g: Any, qt: QTensor) -> Any:
     blocks = -(-k // size)
     codes = torch.zeros(n, blocks * size, dtype=torch.int16)
     codes[:, :k] = qt.codes.reshape(n, k).to(torch.int16) - qt.spec.qmin  # shift to unsigned
-    w = g.op("Cast", _const(g, codes.to(torch.uint8).reshape(n, blocks, size)), to_i=1)
+    w = g.op("Cast", const(g, codes.to(torch.uint8).reshape(n, blocks, size)), to_i=1)
     zero = torch.zeros(n, blocks) if qt.qparams.zero_point is None else qt.qparams.zero_point.float()
-    w = g.op("Mul", g.op("Sub", w, _const(g, (zero - qt.spec.qmin).reshape(n, blocks, 1))),
-             _const(g, qt.qparams.scale.float().reshape(n, blocks, 1)))
-    w = g.op("Reshape", w, _const(g, torch.tensor([n, blocks * size], dtype=torch.int64)))
-    w = g.op("Slice", w, _const(g, torch.tensor([0], dtype=torch.int64)), _const(g, torch.tensor([k], dtype=torch.int64)),
-             _const(g, torch.tensor([1], dtype=torch.int64)))
-    return g.op("Reshape", w, _const(g, torch.tensor(list(qt.codes.shape), dtype=torch.int64)))
+    w = g.op("Mul", g.op("Sub", w, const(g, (zero - qt.spec.qmin).reshape(n, blocks, 1))),
+             const(g, qt.qparams.scale.float().reshape(n, blocks, 1)))
+    w = g.op("Reshape", w, const(g, torch.tensor([n, blocks * size], dtype=torch.int64)))
+    w = g.op("Slice", w, const(g, torch.tensor([0], dtype=torch.int64)), const(g, torch.tensor([k], dtype=torch.int64)),
+             const(g, torch.tensor([1], dtype=torch.int64)))
+    return g.op("Reshape", w, const(g, torch.tensor(list(qt.codes.shape), dtype=torch.int64)))
 
 
 def _format(layer: QuantMixin) -> Format:
@@ -198,15 +182,15 @@ def _weight_node(g: Any, layer: QuantMixin, qt: QTensor, kind: str) -> Any:
         return _codebook_weight(g, qt)
     if kind == "group":
         return _group_weight(g, qt)
-    return _const(g, qt.dequantize())
+    return const(g, qt.dequantize())
 
 
 def _quantize_input_static(g: Any, x: Any, layer: QuantMixin) -> Any:
     spec, qp = layer.act_spec, layer.act_qparams
     dtype = torch.int8 if spec.signed else torch.uint8
     zero = torch.tensor(0 if qp.zero_point is None else int(qp.zero_point.reshape(-1)[0]), dtype=dtype)
-    scale = _scalar(g, float(qp.scale.reshape(-1)[0]))
-    return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, _const(g, zero)), scale, _const(g, zero))
+    scale = scalar(g, float(qp.scale.reshape(-1)[0]))
+    return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, const(g, zero)), scale, const(g, zero))
 
 
 def _reduce(g: Any, op: str, x: Any, axes: list[int] | None, keepdims: bool = True) -> Any:
@@ -221,8 +205,8 @@ def _per_row_scale(g: Any, x: Any, qmax: int, axes: list[int] | None, keepdims: 
     codes: ``max(max x, 0)``, as :func:`squeezer.quant.core.uniform_qparams`); size-1 dims kept or dropped."""
     top = _reduce(g, "ReduceMax", g.op("Abs", x) if signed else x, axes, keepdims)
     if not signed:
-        top = g.op("Max", top, _scalar(g, 0.0))
-    return g.op("Max", g.op("Div", top, _scalar(g, float(qmax))), _scalar(g, 1e-12))
+        top = g.op("Max", top, scalar(g, 0.0))
+    return g.op("Max", g.op("Div", top, scalar(g, float(qmax))), scalar(g, 1e-12))
 
 
 def _quantize_uint8_per_row(g: Any, x: Any, axes: list[int]) -> tuple[Any, Any]:
@@ -231,7 +215,7 @@ def _quantize_uint8_per_row(g: Any, x: Any, axes: list[int]) -> tuple[Any, Any]:
     half to even, as squeezer; ``|x / s| <= 127``, so it never saturates), the u8 operand of a u8 x u8
     integer kernel. Returns ``(codes, s)`` with ``s`` of shape ``(x.shape[0],)``."""
     s = _per_row_scale(g, x, 127, axes, keepdims=False)
-    zero = g.op("Expand", _uint8_zero(g), g.op("Shape", s))
+    zero = g.op("Expand", uint8_zero(g), g.op("Shape", s))
     return g.op("QuantizeLinear", x, s, zero, axis_i=0), s
 
 
@@ -243,21 +227,15 @@ def _gemm_activation(layer: QuantMixin) -> str | None:
     return fmt.activation if fmt.weight in INT_GEMM_WEIGHTS else None
 
 
-def _channel_scale(qt: QTensor, dims: int) -> Tensor:
-    """The weight scale shaped to multiply an output with ``dims`` dims whose channels are axis 1 (conv) / -1."""
-    scale = qt.qparams.scale.float().reshape(-1)
-    return scale.reshape([1, -1] + [1] * (dims - 2)) if dims > 2 else scale
-
-
 def _minmax_params(g: Any, x: Any, spec: QuantSpec, axes: list[int] | None, keepdims: bool = True) -> tuple[Any, Any]:
     """Asymmetric ``(S, Z)`` over ``axes`` (None: the whole tensor) with the formula of
     :func:`squeezer.quant.core.uniform_qparams`: ``lo = min(min x, 0)``, ``hi = max(max x, 0)``,
     ``S = max((hi - lo) / (qmax - qmin), 1e-12)``, ``Z = clip(qmin - round(lo / S), qmin, qmax)`` (float)."""
     qmin, qmax = float(spec.qmin), float(spec.qmax)
-    lo = g.op("Min", _reduce(g, "ReduceMin", x, axes, keepdims), _scalar(g, 0.0))
-    hi = g.op("Max", _reduce(g, "ReduceMax", x, axes, keepdims), _scalar(g, 0.0))
-    s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), _scalar(g, qmax - qmin)), _scalar(g, 1e-12))
-    zero = g.op("Clip", g.op("Sub", _scalar(g, qmin), g.op("Round", g.op("Div", lo, s))), _scalar(g, qmin), _scalar(g, qmax))
+    lo = g.op("Min", _reduce(g, "ReduceMin", x, axes, keepdims), scalar(g, 0.0))
+    hi = g.op("Max", _reduce(g, "ReduceMax", x, axes, keepdims), scalar(g, 0.0))
+    s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), scalar(g, qmax - qmin)), scalar(g, 1e-12))
+    zero = g.op("Clip", g.op("Sub", scalar(g, qmin), g.op("Round", g.op("Div", lo, s))), scalar(g, qmin), scalar(g, qmax))
     return s, zero
 
 
@@ -277,24 +255,19 @@ def _fake_quantize_dynamic(g: Any, x: Any, layer: QuantMixin, axes: list[int]) -
     q = g.op("Round", g.op("Div", x, s))
     if zero is not None:
         q = g.op("Add", q, zero)
-    q = g.op("Clip", q, _scalar(g, qmin), _scalar(g, qmax))
+    q = g.op("Clip", q, scalar(g, qmin), scalar(g, qmax))
     if zero is not None:
         q = g.op("Sub", q, zero)
     return g.op("Mul", q, s)
-
-
-def _uint8_gemm_weight(g: Any, qt: QTensor) -> tuple[Any, Any]:
-    """Signed weight codes as the B operand of a u8 x u8 ``MatMulInteger``: ``(q_W^T + 128 (K, N), 128)``."""
-    return _const(g, _uint8_codes(qt.codes.t())), _uint8_zero(g)
 
 
 def _per_token_int8_matmul(g: Any, x: Any, qt: QTensor, bias: Any) -> Any:
     """``y = s * ((q_x - 128) @ q_W^T) * S_w + b`` for ``x (..., K)``: ``q_x`` per row of the ``(M, K)``
     view (:func:`_quantize_uint8_per_row`), then ``MatMulInteger`` (u8 x u8) and the two scales."""
     k = qt.codes.shape[1]
-    xq, s = _quantize_uint8_per_row(g, g.op("Reshape", x, _const(g, torch.tensor([-1, k], dtype=torch.int64))), [1])
-    w, w_zero = _uint8_gemm_weight(g, qt)
-    acc = g.op("MatMulInteger", xq, w, _uint8_zero(g), w_zero)
+    xq, s = _quantize_uint8_per_row(g, g.op("Reshape", x, const(g, torch.tensor([-1, k], dtype=torch.int64))), [1])
+    w, w_zero = uint8_gemm_weight(g, qt)
+    acc = g.op("MatMulInteger", xq, w, uint8_zero(g), w_zero)
     return _rescaled_rows(g, acc, s, qt, x, bias)
 
 
@@ -305,13 +278,13 @@ def _per_token_asym_int8_matmul(g: Any, x: Any, spec: QuantSpec, qt: QTensor, bi
     (round half to even and saturation to [0, 255], as squeezer's clip); ``MatMulInteger`` (u8 x u8,
     zero points 0 and 128) and the exact int32 correction ``- z_u colsum(q_W)`` remove the zero points."""
     k = qt.codes.shape[1]
-    rows = g.op("Reshape", x, _const(g, torch.tensor([-1, k], dtype=torch.int64)))
+    rows = g.op("Reshape", x, const(g, torch.tensor([-1, k], dtype=torch.int64)))
     s, zero = _minmax_params(g, rows, spec, [1], keepdims=False)
-    zero_u8 = g.op("Cast", g.op("Add", zero, _scalar(g, 128.0 if spec.signed else 0.0)), to_i=2)  # uint8
-    w, w_zero = _uint8_gemm_weight(g, qt)
-    acc = g.op("MatMulInteger", g.op("QuantizeLinear", rows, s, zero_u8, axis_i=0), w, _scalar(g, 0, torch.uint8), w_zero)
+    zero_u8 = g.op("Cast", g.op("Add", zero, scalar(g, 128.0 if spec.signed else 0.0)), to_i=2)  # uint8
+    w, w_zero = uint8_gemm_weight(g, qt)
+    acc = g.op("MatMulInteger", g.op("QuantizeLinear", rows, s, zero_u8, axis_i=0), w, scalar(g, 0, torch.uint8), w_zero)
     shift = g.op("Mul", _unsqueeze_last(g, g.op("Cast", zero_u8, to_i=6)),  # int32 (M, 1) x (N,)
-                 _const(g, qt.codes.to(torch.int32).sum(dim=1)))
+                 const(g, qt.codes.to(torch.int32).sum(dim=1)))
     acc = g.op("Sub", acc, shift)
     return _rescaled_rows(g, acc, s, qt, x, bias)
 
@@ -319,11 +292,11 @@ def _per_token_asym_int8_matmul(g: Any, x: Any, spec: QuantSpec, qt: QTensor, bi
 def _rescaled_rows(g: Any, acc: Any, s: Any, qt: QTensor, x: Any, bias: Any) -> Any:
     """The int32 accumulator ``acc (M, N)`` of the ``(M, K)`` view of ``x`` as floats, ``acc * s * S_w``
     (``s (M,)`` per row, ``S_w (N,)`` per output channel), back to ``x``'s leading dims ``(..., N)``, then ``+ b``."""
-    y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), _unsqueeze_last(g, s)), _const(g, _channel_scale(qt, 2)))
-    lead = g.op("Slice", g.op("Shape", x), _const(g, torch.tensor([0], dtype=torch.int64)),
-                _const(g, torch.tensor([-1], dtype=torch.int64)))
+    y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), _unsqueeze_last(g, s)), const(g, channel_scale(qt, 2)))
+    lead = g.op("Slice", g.op("Shape", x), const(g, torch.tensor([0], dtype=torch.int64)),
+                const(g, torch.tensor([-1], dtype=torch.int64)))
     n = qt.codes.shape[0]
-    y = g.op("Reshape", y, g.op("Concat", lead, _const(g, torch.tensor([n], dtype=torch.int64)), axis_i=0))
+    y = g.op("Reshape", y, g.op("Concat", lead, const(g, torch.tensor([n], dtype=torch.int64)), axis_i=0))
     return y if bias is None else g.op("Add", y, bias)  # after the reshape: ONNX Runtime fuses it (BiasGelu, ...)
 
 
@@ -333,22 +306,19 @@ def _per_tensor_uint8_matmul(g: Any, x: Any, qt: QTensor, bias: Any) -> Any:
     formula), ``MatMulInteger`` (u8 x u8) and one ``Mul`` by ``s_x * S_w``: the pattern ONNX Runtime
     fuses into its ``DynamicQuantizeMatMul`` kernel."""
     xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
-    w, w_zero = _uint8_gemm_weight(g, qt)
-    acc = g.op("MatMulInteger", xq, w, xz, w_zero)
-    y = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Mul", xs, _const(g, _channel_scale(qt, 2))))
-    return y if bias is None else g.op("Add", y, bias)
+    return matmul_integer_u8(g, xq, xs, xz, qt, bias)
 
 
 def _linear_symbolic(g: Any, x: Any, layer: QuantLinear, report: ExportReport, name: str) -> Any:
     qt = layer.weight_qtensor()
     kind = _weight_kind(layer)
-    bias = None if layer.bias is None else _const(g, layer.bias.detach().float())
+    bias = None if layer.bias is None else const(g, layer.bias.detach().float())
     h = layer.rotation_matrix()
     if h is not None:  # rotate(x): blocks of b as rows, times H_b, back to x's shape
-        blocks = g.op("Reshape", x, _const(g, torch.tensor([-1, h.shape[0]], dtype=torch.int64)))
-        x = g.op("Reshape", g.op("MatMul", blocks, _const(g, h)), g.op("Shape", x))
+        blocks = g.op("Reshape", x, const(g, torch.tensor([-1, h.shape[0]], dtype=torch.int64)))
+        x = g.op("Reshape", g.op("MatMul", blocks, const(g, h)), g.op("Shape", x))
     if layer.input_scale is not None:
-        x = g.op("Mul", x, _const(g, layer.input_scale.float()))
+        x = g.op("Mul", x, const(g, layer.input_scale.float()))
     mode, gemm = layer.scheme.activation_mode, _gemm_activation(layer)
     if gemm == "dynamic-token-int8":
         report.layers[name] = "MatMulInteger (int8 weights, dynamic per-token int8 activations)"
@@ -417,7 +387,7 @@ def nbits_tensors(qt: QTensor) -> tuple[Tensor, Tensor, Tensor]:
 def _matmul_nbits(g: Any, x: Any, qt: QTensor, accuracy_level: int = 4) -> Any:
     b, scales, zp = nbits_tensors(qt)
     n, k = qt.codes.shape
-    return g.op("com.microsoft::MatMulNBits", x, _const(g, b), _const(g, scales), _const(g, zp),
+    return g.op("com.microsoft::MatMulNBits", x, const(g, b), const(g, scales), const(g, zp),
                 K_i=k, N_i=n, bits_i=qt.spec.bits, block_size_i=nbits_block(qt), accuracy_level_i=accuracy_level)
 
 
@@ -432,22 +402,22 @@ def _conv_symbolic(g: Any, x: Any, layer: QuantMixin, report: ExportReport, name
     dims = qt.codes.dim()
     bias = None if layer.bias is None else layer.bias.detach().float()
     if layer.input_scale is not None:
-        x = g.op("Mul", x, _const(g, layer.input_scale.float().reshape([1, -1] + [1] * (dims - 2))))
+        x = g.op("Mul", x, const(g, layer.input_scale.float().reshape([1, -1] + [1] * (dims - 2))))
     if _gemm_activation(layer) == "dynamic-token-int8":
         # one scale per sample (squeezer's "token" of a convolution); weights as uint8 codes + 128
         xq, s = _quantize_uint8_per_row(g, x, list(range(1, dims)))
-        zero = _uint8_zero(g)
-        acc = g.op("ConvInteger", xq, _const(g, _uint8_codes(qt.codes)), zero, zero, **attrs)
-        s = g.op("Reshape", s, _const(g, torch.tensor([-1] + [1] * (dims - 1), dtype=torch.int64)))
-        y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), s), _const(g, _channel_scale(qt, dims)))
+        zero = uint8_zero(g)
+        acc = g.op("ConvInteger", xq, const(g, uint8_codes(qt.codes)), zero, zero, **attrs)
+        s = g.op("Reshape", s, const(g, torch.tensor([-1] + [1] * (dims - 1), dtype=torch.int64)))
+        y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=1), s), const(g, channel_scale(qt, dims)))
         report.layers[name] = "ConvInteger (int8 weights, dynamic per-sample int8 activations)"
-        return y if bias is None else g.op("Add", y, _const(g, bias.reshape([1, -1] + [1] * (dims - 2))))
+        return y if bias is None else g.op("Add", y, const(g, bias.reshape([1, -1] + [1] * (dims - 2))))
     if layer.scheme.activation_mode == "static":
         x = _quantize_input_static(g, x, layer)
     elif layer.scheme.activation_mode == "dynamic":
         x = _fake_quantize_dynamic(g, x, layer, axes=list(range(1, dims)))
         report.warnings.append(f"layer {name!r}: dynamic activations exported as float fake-quantization")
-    args = [x, _weight_node(g, layer, qt, kind)] + ([] if bias is None else [_const(g, bias)])
+    args = [x, _weight_node(g, layer, qt, kind)] + ([] if bias is None else [const(g, bias)])
     report.layers[name] = KIND_LABEL[kind] + " + Conv"
     if kind == "float":
         report.warnings.append(f"layer {name!r}: {qt.spec.describe()} has no ONNX integer form; stored as float")
@@ -463,15 +433,15 @@ def _conv_transpose_symbolic(g: Any, x: Any, layer: QuantConvTranspose, report: 
     kind = _weight_kind(layer)
     dims, groups = qt.codes.dim(), layer.groups
     cout, ig, *k = qt.codes.shape
-    w = g.op("Reshape", _weight_node(g, layer, qt, kind), _const(g, torch.tensor([groups, cout // groups, ig, *k])))
+    w = g.op("Reshape", _weight_node(g, layer, qt, kind), const(g, torch.tensor([groups, cout // groups, ig, *k])))
     w = g.op("Transpose", w, perm_i=[0, 2, 1, *range(3, dims + 1)])
-    w = g.op("Reshape", w, _const(g, torch.tensor([groups * ig, cout // groups, *k])))
+    w = g.op("Reshape", w, const(g, torch.tensor([groups * ig, cout // groups, *k])))
     if layer.scheme.activation_mode == "static":
         x = _quantize_input_static(g, x, layer)
     elif layer.scheme.activation_mode == "dynamic":
         x = _fake_quantize_dynamic(g, x, layer, axes=list(range(1, dims)))
         report.warnings.append(f"layer {name!r}: dynamic activations exported as float fake-quantization")
-    args = [x, w] + ([] if layer.bias is None else [_const(g, layer.bias.detach().float())])
+    args = [x, w] + ([] if layer.bias is None else [const(g, layer.bias.detach().float())])
     report.layers[name] = KIND_LABEL[kind] + " + ConvTranspose"
     if kind == "float":
         report.warnings.append(f"layer {name!r}: {qt.spec.describe()} has no ONNX integer form; stored as float")
@@ -483,12 +453,12 @@ def _embedding_symbolic(g: Any, idx: Any, layer: QuantEmbedding, report: ExportR
     qt = layer.weight_qtensor()
     spec = qt.spec
     if _format(layer).weight in ROW_WEIGHTS:
-        rows = g.op("Cast", g.op("Gather", _const(g, qt.codes.to(torch.int8 if spec.signed else torch.uint8)), idx), to_i=1)
+        rows = g.op("Cast", g.op("Gather", const(g, qt.codes.to(torch.int8 if spec.signed else torch.uint8)), idx), to_i=1)
         if qt.qparams.zero_point is not None:
-            zero = g.op("Gather", _const(g, qt.qparams.zero_point.float().reshape(-1)), idx)
+            zero = g.op("Gather", const(g, qt.qparams.zero_point.float().reshape(-1)), idx)
             rows = g.op("Sub", rows, _unsqueeze_last(g, zero))
         report.layers[name] = "Gather int8 rows, then dequantize"
-        return g.op("Mul", rows, _unsqueeze_last(g, g.op("Gather", _const(g, qt.qparams.scale.float().reshape(-1)), idx)))
+        return g.op("Mul", rows, _unsqueeze_last(g, g.op("Gather", const(g, qt.qparams.scale.float().reshape(-1)), idx)))
     kind = _weight_kind(layer)
     report.layers[name] = KIND_LABEL[kind] + " + Gather"
     if kind == "float":

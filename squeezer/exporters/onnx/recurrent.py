@@ -44,11 +44,6 @@ def _gate_rows(t: Tensor, gates: list[int]) -> Tensor:
     return blocks[gates].reshape(t.shape)
 
 
-def _uint8_shifted(codes: Tensor) -> Tensor:
-    """Signed codes ``q`` as uint8 ``q + 128`` (with zero point 128: the same values)."""
-    return (codes.to(torch.int16) + 128).to(torch.uint8)
-
-
 def _per_row(qt: QTensor) -> Tensor:
     """The matrix's scale per row ``(G H,)`` (a per-matrix scale repeated)."""
     return qt.qparams.scale.float().reshape(-1).expand(qt.codes.shape[0]).contiguous()
@@ -72,7 +67,7 @@ def lstm_tensors(layer: QuantLSTM, index: int) -> LstmTensors:
     qts = layer.matrix_qtensors()
     gates = ONNX_GATES["LSTM"]
     suffixes = ["", "_reverse"] if layer.bidirectional else [""]
-    codes = lambda name: torch.stack([_uint8_shifted(_gate_rows(qts[f"{name}_l{index}{s}"].codes, gates)).t()  # noqa: E731
+    codes = lambda name: torch.stack([uint8_codes(_gate_rows(qts[f"{name}_l{index}{s}"].codes, gates)).t()  # noqa: E731
                                       for s in suffixes])
     scales = lambda name: torch.stack([_gate_rows(_per_row(qts[f"{name}_l{index}{s}"]), gates)  # noqa: E731
                                        for s in suffixes])
@@ -85,12 +80,8 @@ def lstm_tensors(layer: QuantLSTM, index: int) -> LstmTensors:
                        torch.full(w_scale.shape, 128, dtype=torch.uint8), bias)
 
 
-def _const(g: Any, t: Tensor) -> Any:
-    return g.op("Constant", value_t=t.detach().contiguous())
-
-
 def _ints(g: Any, values: list[int]) -> Any:
-    return _const(g, torch.tensor(values, dtype=torch.int64))
+    return const(g, torch.tensor(values, dtype=torch.int64))
 
 
 def _absent(g: Any) -> Any:
@@ -112,9 +103,9 @@ def _lstm_symbolic(g: Any, x: Any, h0: Any, c0: Any, layer: QuantLSTM) -> tuple[
         state = []
         for s in (h0, c0):
             state.append(_absent(g) if s is None else g.op("Slice", s, _ints(g, [k * d]), _ints(g, [(k + 1) * d]), _ints(g, [0])))
-        inputs = [x, _const(g, t.w), _const(g, t.r), _absent(g) if t.bias is None else _const(g, t.bias),
+        inputs = [x, const(g, t.w), const(g, t.r), _absent(g) if t.bias is None else const(g, t.bias),
                   _absent(g), *state,
-                  _absent(g), _const(g, t.w_scale), _const(g, t.zero), _const(g, t.r_scale), _const(g, t.zero)]
+                  _absent(g), const(g, t.w_scale), const(g, t.zero), const(g, t.r_scale), const(g, t.zero)]
         y, h, c = g.op("com.microsoft::DynamicQuantizeLSTM", *inputs, hidden_size_i=hidden,
                        direction_s="bidirectional" if d == 2 else "forward", outputs=3)
         x = g.op("Reshape", g.op("Transpose", y, perm_i=[0, 2, 1, 3]), _ints(g, [0, 0, d * hidden]))

@@ -16,8 +16,9 @@ output channel, ``quantized_dimension`` following TFLite's layout). Two modes, b
   in the int8 kernel with its output quantized over its min-max range on ``example_inputs`` and
   ``calib`` (TFLite's full-integer convention, what int8-only accelerators need; not part of
   squeezer's model: a warning names the layer and the grid), or with ``unquantized_outputs="float"``
-  as a float op on its dequantized int8 input and squeezer's ``W^`` (no grid squeezer did not
-  choose; its int8 weights are stored as such and dequantized once by a ``DEQUANTIZE`` op:
+  or without ``calib`` (the example alone is no range: one row gives a single value) as a float op
+  on its dequantized int8 input and squeezer's ``W^`` (no grid squeezer did not choose; its
+  int8 weights are stored as such and dequantized once by a ``DEQUANTIZE`` op:
   :mod:`squeezer.exporters.tflite.int8_weights`). A model whose first op quantizes the input / last op
   dequantizes the output takes / returns int8; :mod:`squeezer.exporters.tflite.runner` applies the scale and zero point.
 
@@ -169,7 +170,8 @@ class TfliteOptions:
     """Options of the TFLite export."""
 
     calib: Any = field(default=None, metadata={
-        "help": "full-integer models: batches for the output grids of layers squeezer leaves unquantized"})
+        "help": "full-integer models: batches for the output grids of layers squeezer leaves unquantized "
+                "(without them those layers run as float ops)"})
     unsupported: Unsupported = field(default="error", metadata={
         "help": "a layer with no int8 form: error, or float (its dequantized weights in float32)"})
     unquantized_outputs: Literal["int8", "float"] = field(default="int8", metadata={
@@ -184,7 +186,7 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: Path, options: Tf
     ``options.unquantized_outputs``: a static layer whose output squeezer leaves in float (e.g. the last one)
     runs in TFLite's int8 kernel with an output grid of its own (``"int8"``, default: int8 weights, an
     approximation; a warning gives the grid) or as a float op on squeezer's dequantized weights
-    (``"float"``: no grid of its own; int8 weights dequantized once); ``options.calib``: batches for those grids' ranges.
+    (``"float"``: no grid of its own; int8 weights dequantized once); ``options.calib``: batches for those grids' ranges (none: ``"float"``).
     """
     calib, unsupported, unquantized_outputs = options.calib, options.unsupported, options.unquantized_outputs
     if unquantized_outputs not in ("int8", "float"):
@@ -226,10 +228,14 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: Path, options: Tf
             requantized = _requantized(torch.export.export(qmodel, args, kwargs))
         own = [n for n, m in qmodel.named_modules() if isinstance(m, QdqLayer) and m.scale is not None
                and n not in requantized and activation_mode(layers[n]) == "static"]
-        if unquantized_outputs == "float":
+        if own and unquantized_outputs == "int8" and calib is None:
+            report.warnings.append(f"layer(s) {', '.join(map(repr, own))}: no calib given, so no range for an int8 "
+                                   "output grid of their own (example_inputs alone would give a grid that clips "
+                                   "other inputs' outputs); run as float ops instead: pass calib=... for int8 outputs")
+        if unquantized_outputs == "float" or calib is None:
             float_ops = {name: int8_weight(layers[name]) for name in own}
             own = []
-        batches = [example_inputs] + ([] if calib is None or not own else check_batches(calib))
+        batches = [example_inputs] + ([] if not own else check_batches(calib))
         for name, (scale, zero, lo, hi) in _output_grids(model, own, batches).items():
             qmodel.get_submodule(name).output_grid = (scale, zero)
             report.warnings.append(f"layer {name!r}: TFLite's int8 kernel needs an output grid; output quantized "
