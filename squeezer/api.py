@@ -22,6 +22,7 @@ from .algorithms.output_shift import correct_output_shift
 from .calibration import Batch, batch_outputs, check_batches, check_fits, run_batches, with_progress
 from .config import QuantConfig
 from .errors import ConfigError, DataError, ModelError
+from .fold import fold_batchnorm
 from .modules import quant_layers, set_mode, swap_layers
 from .modules.base import QuantMixin
 from .modules.recurrent import QuantRecurrent
@@ -111,6 +112,7 @@ def quantize(
     inplace: bool = False,
     progress: bool = True,
     correct_bias: bool = False,
+    fold_bn: bool = True,
 ) -> nn.Module:
     """Quantize ``model`` with a preset name, a dict / YAML path or a :class:`QuantConfig`.
 
@@ -121,7 +123,10 @@ def quantize(
     is a :class:`ConfigError`: quantize the float model. ``correct_bias`` (needs ``calib``): fold each
     convolution's mean output shift ``E[op(fq_a(x), W_hat) - op(x, W)]`` (per channel, measured on its own
     function: grouped / depthwise convolutions and subclasses that pad first included) into its bias, which
-    keeps rounding shifts from being amplified by a following batch norm's gain.
+    keeps rounding shifts from being amplified by a following batch norm's gain. ``fold_bn``: fold each
+    eval-mode batch norm that reads only a convolution's output into it first (:mod:`squeezer.fold`; the norm
+    stays as an identity); its :class:`~squeezer.fold.FoldReport` goes with the model too
+    (``squeezer.report_of(q, FoldReport)``).
     Returns the quantized model (a copy unless ``inplace``) carrying its :class:`QuantReport`.
     """
     if isinstance(config, str) and (config == "auto" or config.startswith("auto-")):
@@ -139,6 +144,8 @@ def quantize(
     model.eval()
     if batches is not None:
         check_fits(model, batches[0], "calib batch 0")
+    if fold_bn:
+        attach_report(model, fold_batchnorm(model))
     _, skipped = swap_layers(model, cfg)
     layers = quant_layers(model)
     for layer in layers.values():

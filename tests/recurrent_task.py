@@ -12,6 +12,19 @@ import torch
 from torch import Tensor, nn
 
 
+class Seq(nn.Module):
+    """``head(rnn(x)[0])``, or the recurrent output alone (``head=False``)."""
+
+    def __init__(self, rnn: nn.RNNBase, head: bool = True) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.head = nn.Linear(rnn.proj_size or rnn.hidden_size * (2 if rnn.bidirectional else 1), 4) if head else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.rnn(x)[0]
+        return y if self.head is None else self.head(y)
+
+
 class SequenceModel(nn.Module):
     """``head(rnn(x)[0])``: a 2-layer batch-first recurrent layer and a per-step linear head."""
 

@@ -1,8 +1,11 @@
 """Export of quantized LSTM / GRU / RNN layers: ONNX (torch's ops on W^, DynamicQuantizeLSTM with squeezer's int8
-codes), TFLite and ExecuTorch (the step loop unrolled on squeezer's int8 codes and static state grids), each file
+codes, static layers unrolled on MatMulInteger), TFLite and ExecuTorch (the step loop unrolled on squeezer's int8 codes and static state grids), each file
 run by squeezer.runtime.load and compared with squeezer's simulated model."""
 
 from __future__ import annotations
+
+import dataclasses
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,27 +15,22 @@ from torch import Tensor, nn
 import squeezer
 from squeezer.errors import ConfigError
 from squeezer.exporters.onnx.recurrent import ONNX_GATES, lstm_tensors
+from squeezer.quant.spec import PerGroup, QuantSpec
+
+from .recurrent_task import Seq
 
 CELLS = {
     "lstm-bi": lambda: nn.LSTM(8, 16, bidirectional=True, batch_first=True),
     "lstm-2": lambda: nn.LSTM(8, 16, num_layers=2, batch_first=True),
+    "lstm-proj": lambda: nn.LSTM(8, 16, proj_size=6, batch_first=True),
     "gru": lambda: nn.GRU(8, 16, batch_first=True),
     "rnn-tanh": lambda: nn.RNN(8, 16, batch_first=True),
 }
 
 
-class Seq(nn.Module):
-    def __init__(self, rnn: nn.RNNBase) -> None:
-        super().__init__()
-        self.rnn = rnn
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.rnn(x)[0]
-
-
 def _quantized(kind: str, preset: str) -> tuple[nn.Module, nn.Module, Tensor]:
     torch.manual_seed(0)
-    model = Seq(CELLS[kind]()).eval()
+    model = Seq(CELLS[kind](), head=False).eval()
     calib = [torch.randn(4, 5, 8) for _ in range(3)]
     return model, squeezer.quantize(model, preset, calib=calib, progress=False), torch.randn(3, 5, 8)
 
@@ -92,10 +90,36 @@ def test_onnx_dynamic_gru_rnn_are_ops_on_dequantized_weights(kind: str, tmp_path
     assert _max_rel(out, simulated) < 0.03  # torch's op on W^, float activations
 
 
-def test_onnx_refuses_static_recurrent_layers(tmp_path) -> None:
-    _, q, x = _quantized("gru", "w8a8-static")
-    with pytest.raises(ConfigError, match="layer 'rnn'.*static activations"):
-        squeezer.export(q, x, tmp_path / "m.onnx")
+def _op_counts(path) -> Counter:
+    import onnx
+
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("kind", ["lstm-bi", "lstm-2", "lstm-proj", "gru", "rnn-tanh"])
+def test_onnx_static_recurrent_unrolled_on_matmul_integer(kind: str, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    _, q, x = _quantized(kind, "w8a8-static")
+    report = squeezer.export(q, x, tmp_path / "m.onnx")
+    assert report.layers["rnn"].startswith(f"{type(q.rnn).float_class.__name__} unrolled (MatMulInteger")
+    assert any("takes that sequence length only" in w for w in report.warnings)
+    ops = _op_counts(tmp_path / "m.onnx")
+    directions = q.rnn.num_layers * (2 if q.rnn.bidirectional else 1)
+    # per layer and direction: one input projection, per step one hidden (and with proj_size one output) projection;
+    # no float product, no recurrent op
+    assert ops["MatMulInteger"] == directions * (1 + x.shape[1] * (2 if getattr(q.rnn, "proj_size", 0) else 1))
+    assert not {"MatMul", "Gemm", "LSTM", "GRU", "RNN"} & set(ops)
+    out, simulated = _run(q, x, tmp_path / "m.onnx")
+    assert _max_rel(out, simulated) < 1e-4  # squeezer's integer products and state grids
+
+
+def test_onnx_refuses_static_recurrent_layers_without_int8_matrices(tmp_path) -> None:
+    torch.manual_seed(0)
+    static = squeezer.config.PRESETS["w8a8-static"]
+    config = dataclasses.replace(static, weight=QuantSpec(bits=4, symmetric=True, signed=True, granularity=PerGroup(4)))
+    q = squeezer.quantize(Seq(CELLS["gru"](), head=False).eval(), config, calib=[torch.randn(4, 5, 8)], progress=False)
+    with pytest.raises(ConfigError, match="layer 'rnn': matrix weight_ih_l0 has format int4-group.*w8a8-static"):
+        squeezer.export(q, torch.randn(3, 5, 8), tmp_path / "m.onnx")
 
 
 @pytest.mark.slow
@@ -147,6 +171,19 @@ def test_tflite_static_lstm_with_a_head_exported_from_one_row_matches_squeezer(t
     assert "float op" in report.layers["head"] and any("no calib given" in w for w in report.warnings)
     out, simulated = _run(q, torch.randn(8, 32, 19), tmp_path / "m.tflite")
     assert _max_rel(out, simulated) < 1e-3
+
+
+def test_onnx_static_lstm_with_a_head_exported_from_one_row_runs_integer_products(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = Scorer().eval()
+    q = squeezer.quantize(model, "w8a8-static", calib=[torch.randn(16, 32, 19) for _ in range(4)], progress=False)
+    squeezer.export(q, torch.randn(1, 32, 19), tmp_path / "m.onnx")
+    ops = _op_counts(tmp_path / "m.onnx")
+    assert ops["MatMulInteger"] == 1 + 32 and "LSTM" not in ops  # W_ih over all steps, W_hh per step
+    x = torch.randn(8, 32, 19)  # another batch size than the example's
+    out, simulated = _run(q, x, tmp_path / "m.onnx")
+    assert _max_rel(out, simulated) < 1e-4
 
 
 def test_tflite_refuses_static_gru_and_dynamic_recurrent(tmp_path) -> None:

@@ -17,6 +17,8 @@ from squeezer.quant.core import packed_nbytes
 from squeezer.quant.scheme import LayerScheme
 from squeezer.quant.spec import PerGroup, QuantSpec
 
+from .recurrent_task import Seq
+
 W4G16 = QuantConfig(weight=QuantSpec(bits=4, granularity=PerGroup(16)), name="w4g16")
 CONFIGS = {"w8": ("w8", 1e-2), "w4g16": (W4G16, 0.2)}  # relative output error bound of each
 LAYERS = {
@@ -27,19 +29,6 @@ LAYERS = {
     "rnn-relu-bi": lambda: nn.RNN(16, 32, nonlinearity="relu", bidirectional=True, batch_first=True),
 }
 QUANT_CLASS = {nn.LSTM: QuantLSTM, nn.GRU: QuantGRU, nn.RNN: QuantRNN}
-
-
-class Seq(nn.Module):
-    """``head(rnn(x)[0])``, or the recurrent output alone (``head=False``)."""
-
-    def __init__(self, rnn: nn.RNNBase, head: bool = True) -> None:
-        super().__init__()
-        self.rnn = rnn
-        self.head = nn.Linear(rnn.proj_size or rnn.hidden_size * (2 if rnn.bidirectional else 1), 4) if head else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.rnn(x)[0]
-        return y if self.head is None else self.head(y)
 
 
 def _model(kind: str, head: bool = True) -> tuple[nn.Module, Tensor]:

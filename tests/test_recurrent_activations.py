@@ -17,6 +17,8 @@ from squeezer.modules.recurrent_steps import STATE_NAMES, FloatOps, layer_keys, 
 from squeezer.quant.core import QParams, fake_quantize
 from squeezer.quant.spec import PerChannel, PerTensor, QuantSpec
 
+from .recurrent_task import Seq
+
 LAYERS = {
     "lstm-2-bi": lambda: nn.LSTM(8, 16, num_layers=2, bidirectional=True, batch_first=True),
     "lstm-proj": lambda: nn.LSTM(8, 16, proj_size=6, batch_first=True),
@@ -27,18 +29,9 @@ LAYERS = {
 PRESETS = ("w8a8", "w8a8-tensor", "w8a8-static")
 
 
-class Seq(nn.Module):
-    def __init__(self, rnn: nn.RNNBase) -> None:
-        super().__init__()
-        self.rnn = rnn
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.rnn(x)[0]
-
-
 def _model(kind: str) -> tuple[nn.Module, Tensor, list[Tensor]]:
     torch.manual_seed(0)
-    model = Seq(LAYERS[kind]()).eval()
+    model = Seq(LAYERS[kind](), head=False).eval()
     return model, torch.randn(4, 10, 8), [torch.randn(4, 10, 8) for _ in range(3)]
 
 

@@ -38,10 +38,10 @@ from ..task_metrics import roc_auc
 MERCHANTS = ("grocery", "fuel", "restaurant", "pharmacy", "transport", "utilities", "clothing",
              "online_retail", "electronics", "travel", "gaming", "cash_withdrawal")
 # log-mean amount per category (currency units) and how much riskier each is (added to the logit)
-_AMOUNT_MU = np.array([3.4, 3.8, 3.3, 3.0, 2.6, 4.3, 4.0, 3.9, 5.2, 5.5, 3.2, 4.4])
+AMOUNT_MU = np.array([3.4, 3.8, 3.3, 3.0, 2.6, 4.3, 4.0, 3.9, 5.2, 5.5, 3.2, 4.4])
 _CATEGORY_RISK = np.array([-0.8, -0.4, -0.6, -0.9, -0.7, -1.2, 0.0, 0.6, 0.9, 0.7, 1.0, 0.8])
-_CATEGORY_P = np.array([0.20, 0.10, 0.14, 0.05, 0.08, 0.05, 0.08, 0.12, 0.04, 0.03, 0.04, 0.07])
-_ONLINE_P = np.array([0.05, 0.0, 0.05, 0.03, 0.15, 0.6, 0.3, 1.0, 0.5, 0.7, 0.95, 0.0])
+CATEGORY_P = np.array([0.20, 0.10, 0.14, 0.05, 0.08, 0.05, 0.08, 0.12, 0.04, 0.03, 0.04, 0.07])
+ONLINE_P = np.array([0.05, 0.0, 0.05, 0.03, 0.15, 0.6, 0.3, 1.0, 0.5, 0.7, 0.95, 0.0])
 SIGNAL = 1.5      # strength of the risk score against the Bernoulli noise
 INTERCEPT = -6.4  # about 1.5 % positives
 
@@ -85,12 +85,12 @@ def make_transactions(n: int = 40_000, seed: int = 0) -> tuple[np.ndarray, np.nd
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     rng = np.random.default_rng(seed)
-    category = rng.choice(len(MERCHANTS), size=n, p=_CATEGORY_P / _CATEGORY_P.sum())
+    category = rng.choice(len(MERCHANTS), size=n, p=CATEGORY_P / CATEGORY_P.sum())
     habit = rng.normal(0.0, 0.5, n)                                         # card holder's spending level
-    amount = np.exp(_AMOUNT_MU[category] + habit + rng.normal(0.0, 0.9, n))
-    avg_30d = np.exp(_AMOUNT_MU[category] + habit + 0.4 + rng.normal(0.0, 0.3, n))
+    amount = np.exp(AMOUNT_MU[category] + habit + rng.normal(0.0, 0.9, n))
+    avg_30d = np.exp(AMOUNT_MU[category] + habit + 0.4 + rng.normal(0.0, 0.3, n))
     hour = np.mod(rng.normal(14.0, 4.5, n) + 24.0 * (rng.random(n) < 0.1) * rng.random(n), 24.0)
-    online = (rng.random(n) < _ONLINE_P[category]).astype(np.float64)
+    online = (rng.random(n) < ONLINE_P[category]).astype(np.float64)
     card_present = (1.0 - online) * (rng.random(n) < 0.97)
     pin_used = card_present * (rng.random(n) < 0.6)
     tx_24h_raw = rng.poisson(np.exp(rng.normal(1.0, 0.6, n)))

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..task_metrics import roc_auc
-from .fraud import _AMOUNT_MU, _CATEGORY_P, _ONLINE_P, MERCHANTS, pr_auc
+from .fraud import AMOUNT_MU, CATEGORY_P, MERCHANTS, ONLINE_P, FraudTask, pr_auc
 
 FEATURES = (("log_amount", "hour_sin", "hour_cos", "log_gap_h")
             + tuple(f"merchant={m}" for m in MERCHANTS) + ("foreign", "country_switch", "online"))
@@ -82,10 +82,10 @@ def make_streams(n: int = 20_000, steps: int = STEPS, seed: int = 0) -> Streams:
     rng = np.random.default_rng(seed)
     k_cat = len(MERCHANTS)
     # --- legitimate behaviour of every card
-    prefs = rng.gamma(3.0 * k_cat * _CATEGORY_P / _CATEGORY_P.sum(), size=(n, k_cat))
+    prefs = rng.gamma(3.0 * k_cat * CATEGORY_P / CATEGORY_P.sum(), size=(n, k_cat))
     cat = _categorical(rng, prefs / prefs.sum(1, keepdims=True), (n, steps))
     habit = rng.normal(0.0, 0.5, (n, 1))
-    log_amount = _AMOUNT_MU[cat] + habit + rng.normal(0.0, 0.8, (n, steps))
+    log_amount = AMOUNT_MU[cat] + habit + rng.normal(0.0, 0.8, (n, steps))
     gap_h = np.exp(rng.normal(1.8, 1.0, (n, 1)) + rng.normal(0.0, 0.9, (n, steps)))
     hour = np.mod(rng.normal(14.0, 3.5, (n, steps)), 24.0)
     country = np.zeros((n, steps), dtype=np.int64)
@@ -99,7 +99,7 @@ def make_streams(n: int = 20_000, steps: int = STEPS, seed: int = 0) -> Streams:
     gap_h = np.where(in_burst, rng.uniform(0.03, 0.3, (n, steps)), gap_h)
     big = (rng.random(n) < 0.06)[:, None] & (t == rng.integers(0, steps, n)[:, None])  # one large purchase
     log_amount = np.where(big, log_amount + rng.uniform(1.0, 2.5, (n, steps)), log_amount)
-    online = rng.random((n, steps)) < _ONLINE_P[cat]
+    online = rng.random((n, steps)) < ONLINE_P[cat]
     # --- take-overs: k consecutive transactions are the fraudster's (the last k when still going on)
     attacked = rng.random(n) < ATTACK_P
     patterns = (rng.random((n, len(PATTERNS))) < PATTERN_P) & attacked[:, None]
@@ -117,7 +117,7 @@ def make_streams(n: int = 20_000, steps: int = STEPS, seed: int = 0) -> Streams:
     probe = escalation & (j < k[:, None] // 2)
     log_amount = np.where(probe, np.log(rng.uniform(1.0, 5.0, (n, steps))), log_amount)
     grow = escalation & ~probe
-    log_amount = np.where(grow, _AMOUNT_MU[cat] + habit + 1.2 + 0.35 * j + rng.normal(0.0, 0.3, (n, steps)), log_amount)
+    log_amount = np.where(grow, AMOUNT_MU[cat] + habit + 1.2 + 0.35 * j + rng.normal(0.0, 0.3, (n, steps)), log_amount)
     country = np.where(switch_country, rng.integers(1, 8, (n, steps)), country)
     online = np.where(fraud, rng.random((n, steps)) < 0.7, online)
     # --- features and label
@@ -132,17 +132,10 @@ def make_streams(n: int = 20_000, steps: int = STEPS, seed: int = 0) -> Streams:
 
 
 @dataclass
-class SequenceTask:
-    """Standardised, stratified train / test split of :func:`make_streams`; ``x_*`` float32
-    ``(n, steps, d)``, ``y_*`` float32 in {0, 1}. ``mean`` / ``std`` (float64 ``(d,)``, train statistics over
-    all steps) turn raw features ``r`` into inputs ``(r - mean) / std``."""
+class SequenceTask(FraudTask):
+    """Standardised, stratified train / test split of :func:`make_streams`: :class:`FraudTask`'s fields with
+    ``x_*`` float32 ``(n, steps, d)``; ``mean`` / ``std`` are train statistics over all steps."""
 
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    mean: np.ndarray
-    std: np.ndarray
     feature_names: tuple[str, ...] = FEATURES
 
 

@@ -13,7 +13,16 @@
   (exact on every CPU; a u8 x s8 GEMM saturates int16 pair sums on x86 without VNNI).
 * dynamic GRU / RNN: ONNX Runtime has no dynamic quantized op for them; written as weight-only
   (the ``GRU`` / ``RNN`` op on ``W^``, float activations), with a warning.
-* static activations: refused by name (no ONNX form of calibrated state grids here).
+* static activations (``w8a8-static``): the step loop unrolled for the example's sequence length (the file
+  takes that length only; a warning says so), traced through
+  :func:`~squeezer.modules.recurrent_steps.run_recurrent` with :class:`StaticOnnxOps`: each product
+  ``x W^T + b`` as ``QuantizeLinear`` of its input (``x``, ``h_{t-1}``, ``m``) on the state's 8-bit grid
+  stored as uint8 (signed codes ``+ 128``), ``MatMulInteger`` with the matrix's int8 codes (uint8 ``+ 128``:
+  u8 x u8), ``* (s_x S_w) + b`` (:func:`~squeezer.exporters.onnx.nodes.matmul_integer_u8`, the form of
+  integer Linear layers); each state on its grid: ``QuantizeLinear`` / ``DequantizeLinear`` (uint8) for a
+  full-range 8-bit grid, else (the int16 ``gates``, ``candidate``, ``c``: ONNX's int16 ``QuantizeLinear``
+  needs opset 21, past the exporter's) float arithmetic ``(clip(round(t / S) + Z, qmin, qmax) - Z) S``,
+  the same numbers. Matrices without int8 codes are refused by name.
 """
 
 from __future__ import annotations
@@ -28,11 +37,13 @@ from torch import Tensor, nn
 from ...errors import ConfigError
 from ...modules import QuantLSTM, QuantRecurrent, quant_layers
 from ...modules.base import QuantMixin
+from ...modules.recurrent_steps import run_recurrent
 from ...quant.core import QTensor
 from ...quant.formats import INT8_WEIGHTS, weight_format
 from ...quant.spec import PerChannel, PerTensor
 from ..base import ExportReport
-from ..qdq_recurrent import float_skeleton
+from ..qdq_recurrent import StateGrid, float_skeleton, static_state_grids
+from .nodes import const, matmul_integer_u8, scalar, uint8_codes
 
 ONNX_GATES = {"LSTM": [0, 3, 1, 2], "GRU": [1, 0, 2], "RNN": [0]}
 """ONNX's gate order as indices of torch's: LSTM torch ``i f g o`` -> ONNX ``i o f c``; GRU ``r z n`` -> ``z r h``."""
@@ -152,18 +163,16 @@ def uses_contrib_ops(model: nn.Module) -> bool:
 
 
 def recurrent_forward(layer: QuantRecurrent, name: str, report: ExportReport) -> Callable[..., Any]:
-    """The ``forward`` a recurrent layer runs while being exported (``DynamicQuantizeLSTM``, or torch's op on
-    ``W^``: :func:`dequantized_twin`), with ``report`` told what it becomes; refuses what ONNX cannot carry,
-    naming the layer."""
+    """The ``forward`` a recurrent layer runs while being exported (static: the unrolled integer step loop;
+    ``DynamicQuantizeLSTM``, or torch's op on ``W^``: :func:`dequantized_twin`), with ``report`` told what it
+    becomes; refuses what ONNX cannot carry, naming the layer."""
     cell = layer.float_class.__name__
     mode = layer.scheme.activation_mode
+    if mode == "static":
+        return _static_forward(layer, name, report)
     if getattr(layer, "proj_size", 0):
         raise ConfigError(f"layer {name!r}: ONNX has no LSTM with projections (proj_size={layer.proj_size}): "
                           f"quantize with ignore=[{name!r}] and export without proj_size, or keep it simulated")
-    if mode == "static":
-        raise ConfigError(f"layer {name!r}: a {type(layer).__name__} with static activations has no ONNX form; "
-                          "export it to TFLite / ExecuTorch (unrolled integer steps), or quantize it with a "
-                          "weight-only or dynamic preset")
     if _dynamic_int8_lstm(layer):
         report.layers[name] = f"DynamicQuantizeLSTM (int8 codes of {layer.weight_spec.describe()}, uint8 + 128)"
         report.warnings.append(f"layer {name!r}: ONNX Runtime's DynamicQuantizeLSTM quantizes the input sequence "
@@ -193,3 +202,120 @@ def dequantized_twin(layer: QuantRecurrent) -> nn.RNNBase:
         for n, p in twin.named_parameters():
             p.copy_(values[n]).requires_grad_(False)  # traced as constants
     return twin
+
+
+def _on_grid(g: Any, t: Any, grid: StateGrid) -> Any:
+    """``t`` on a static state grid ``(S, Z, qmin, qmax)`` (signed codes): ``QuantizeLinear`` / ``DequantizeLinear``
+    uint8 (``Z + 128``) when the grid is the whole int8 range, else ``(clip(round(t / S) + Z, qmin, qmax) - Z) S``."""
+    scale, zero, qmin, qmax = grid
+    if (qmin, qmax) == (-128, 127):
+        s, z = scalar(g, scale), scalar(g, zero + 128, torch.uint8)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", t, s, z), s, z)
+    q = g.op("Clip", g.op("Add", g.op("Round", g.op("Div", t, scalar(g, scale))), scalar(g, float(zero))),
+             scalar(g, float(qmin)), scalar(g, float(qmax)))
+    return g.op("Mul", g.op("Sub", q, scalar(g, float(zero))), scalar(g, scale))
+
+
+@dataclass(frozen=True, eq=False)
+class _StaticLayer:
+    """A static recurrent layer being exported: its module, state grids and the int8 codes of its matrices."""
+
+    layer: QuantRecurrent
+    grids: dict[str, dict[str, StateGrid]]
+    matrices: dict[str, QTensor]
+
+
+class _StateOp(torch.autograd.Function):
+    """``state`` ``name`` of ``key`` on its grid: squeezer's fake quantization for tracing;
+    ``symbolic``: :func:`_on_grid`."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, static: _StaticLayer, name: str, key: str) -> Tensor:  # type: ignore[override]
+        tracing = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)  # the symbolic below stands for this computation
+        try:
+            with torch.no_grad():
+                return static.layer.quantize_state(name, key, t).detach()
+        finally:
+            torch._C._set_tracing_state(tracing)
+
+    @staticmethod
+    def symbolic(g: Any, t: Any, static: _StaticLayer, name: str, key: str) -> Any:
+        return _on_grid(g, t, static.grids[key][name])
+
+
+class _ProductOp(torch.autograd.Function):
+    """``x W^T + b`` of matrix ``matrix`` on ``x`` already on the grid of state ``name``: ``F.linear`` for tracing;
+    ``symbolic``: ``QuantizeLinear`` (uint8) + ``MatMulInteger`` + scales + bias."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, static: _StaticLayer, matrix: str, name: str,  # type: ignore[override]
+                key: str) -> Tensor:
+        tracing = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            with torch.no_grad():
+                bias = getattr(static.layer, matrix.replace("weight", "bias"), None)
+                return torch.nn.functional.linear(x, static.matrices[matrix].dequantize().to(x.dtype), bias).detach()
+        finally:
+            torch._C._set_tracing_state(tracing)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, static: _StaticLayer, matrix: str, name: str, key: str) -> Any:
+        scale, zero, _, _ = static.grids[key][name]
+        s, z = scalar(g, scale), scalar(g, zero + 128, torch.uint8)
+        bias = getattr(static.layer, matrix.replace("weight", "bias"), None)
+        return matmul_integer_u8(g, g.op("QuantizeLinear", x, s, z), s, z, static.matrices[matrix],
+                                 None if bias is None else const(g, bias.detach().float()))
+
+
+class StaticOnnxOps:
+    """:class:`~squeezer.modules.recurrent_steps.StepOps` of a static layer whose products and state hooks
+    trace into ONNX's integer nodes (:class:`_ProductOp`, :class:`_StateOp`)."""
+
+    def __init__(self, static: _StaticLayer) -> None:
+        self.static = static
+
+    def input_projection(self, key: str, x: Tensor) -> Tensor:
+        return _ProductOp.apply(x, self.static, f"weight_ih_{key}", "x", key)
+
+    def hidden_projection(self, key: str, h: Tensor) -> Tensor:
+        return _ProductOp.apply(h, self.static, f"weight_hh_{key}", "h", key)
+
+    def output_projection(self, key: str, h: Tensor) -> Tensor:
+        return _ProductOp.apply(h, self.static, f"weight_hr_{key}", "m", key)
+
+    def state(self, name: str, key: str, t: Tensor) -> Tensor:
+        return _StateOp.apply(t, self.static, name, key)
+
+
+def _integer_matrices(layer: QuantRecurrent, name: str) -> dict[str, QTensor]:
+    """The layer's matrices, each with symmetric signed codes of <= 8 bits per row or per matrix (the int8
+    operand of ``MatMulInteger``); else a :class:`ConfigError` naming the layer and the matrix."""
+    qts = layer.matrix_qtensors()
+    for matrix, qt in qts.items():
+        fmt = weight_format(qt.spec, qt.qparams.levels)
+        if fmt not in INT8_WEIGHTS or qt.spec.mapping != "uniform" or \
+                not isinstance(qt.spec.granularity, (PerChannel, PerTensor)):
+            raise ConfigError(f"layer {name!r}: matrix {matrix} has format {fmt} ({qt.spec.describe()}); a "
+                              f"{type(layer).__name__} with static activations is exported to ONNX on int8 codes "
+                              "per row or per matrix only: quantize it with w8a8-static, or export it to TFLite / "
+                              "ExecuTorch")
+    return qts
+
+
+def _static_forward(layer: QuantRecurrent, name: str, report: ExportReport) -> Callable[..., Any]:
+    """The unrolled integer step loop of a static layer (:class:`StaticOnnxOps`), with ``report`` told."""
+    static = _StaticLayer(layer, static_state_grids(layer, name), _integer_matrices(layer, name))
+    cell = layer.float_class.__name__
+    states = ", ".join(dict.fromkeys(s for grids in static.grids.values() for s in grids))
+    report.layers[name] = (f"{cell} unrolled (MatMulInteger on int8 codes of {layer.weight_spec.describe()}, "
+                           f"static states {states})")
+    report.warnings.append(f"layer {name!r}: {cell} unrolled over the time steps of the example input: the ONNX "
+                           "file takes that sequence length only")
+    skeleton = float_skeleton(layer)
+
+    def forward(input: Tensor, hx: Any = None) -> Any:
+        return run_recurrent(skeleton, StaticOnnxOps(static), input, hx)
+
+    return forward
