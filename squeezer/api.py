@@ -13,14 +13,17 @@ with the returned model: ``squeezer.report_of(model)`` (:mod:`squeezer.transform
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
 
 from .algorithms import make_algorithm, run_algorithm
+from .algorithms.pipeline import observers_of
 from .algorithms.output_shift import correct_output_shift
 from .calibration import Batch, batch_outputs, check_batches, check_fits, run_batches, with_progress
 from .config import QuantConfig
+from .distributed import LOCAL, Reducer, make_reducer
 from .errors import ConfigError, DataError, ModelError
 from .fold import fold_batchnorm
 from .modules import quant_layers, set_mode, swap_layers
@@ -28,6 +31,7 @@ from .modules.base import QuantMixin
 from .modules.recurrent import QuantRecurrent
 from .quant.core import packed_nbytes
 from .quant.metrics import ErrorAccumulator, ErrorStats
+from .quant.observers import reduce_observers
 from .report.quant import LayerReport, QuantReport
 from .resolve import resolve_config
 from .transform import attach_report, report_of, working_copy
@@ -73,17 +77,20 @@ def _refuse_quantized(model: nn.Module) -> None:
 
 
 def _calibrate(model: nn.Module, batches: list[Batch], reference: list[list[Tensor]] | None,
-               progress: bool, correct_bias: bool = False) -> ErrorStats | None:
+               progress: bool, correct_bias: bool = False, reducer: Reducer = LOCAL) -> ErrorStats | None:
     """Observe static activation ranges, measure each layer's output error in isolation
     (``compare`` mode, whose outputs are the float model's), and the model's output error against
     the float outputs: ``reference`` (taken earlier when an algorithm or ``correct_bias`` changed the float
     layers; consumed batch by batch) or the ``compare`` pass's. One batch's outputs are live at a time.
     ``correct_bias``: after the ranges, each convolution's mean output shift is folded into its bias
-    (:func:`squeezer.algorithms.output_shift.correct_output_shift`)."""
+    (:func:`squeezer.algorithms.output_shift.correct_output_shift`). ``reducer``: the ranges are combined over its
+    processes (each observed its own ``batches``); the errors are this process's."""
     layers = quant_layers(model)
     if any(layer.act_observer is not None for layer in layers.values()):
         set_mode(model, "observe")
-        run_batches(model, batches, "observing activations", progress)
+        observe = partial(run_batches, model, batches, "observing activations", progress)
+        observe()
+        reduce_observers(observers_of(layers), reducer, observe)
         for name, layer in layers.items():
             if layer.act_observer is not None:
                 try:
@@ -113,6 +120,7 @@ def quantize(
     progress: bool = True,
     correct_bias: bool = False,
     fold_bn: bool = True,
+    distributed: bool | Any = False,
 ) -> nn.Module:
     """Quantize ``model`` with a preset name, a dict / YAML path or a :class:`QuantConfig`.
 
@@ -126,13 +134,21 @@ def quantize(
     keeps rounding shifts from being amplified by a following batch norm's gain. ``fold_bn``: fold each
     eval-mode batch norm that reads only a convolution's output into it first (:mod:`squeezer.fold`; the norm
     stays as an identity); its :class:`~squeezer.fold.FoldReport` goes with the model too
-    (``squeezer.report_of(q, FoldReport)``).
+    (``squeezer.report_of(q, FoldReport)``). ``distributed``: ``True`` (the default group of an initialised
+    ``torch.distributed``) or a process group: ``calib`` is this process's share of the batches, and every
+    calibration statistic (Hessians, input magnitudes, activation ranges and histograms) is combined over the
+    group before it is used, so every process returns the same model (:mod:`squeezer.distributed`); the
+    report's output errors are this process's.
     Returns the quantized model (a copy unless ``inplace``) carrying its :class:`QuantReport`.
     """
     if isinstance(config, str) and (config == "auto" or config.startswith("auto-")):
         raise ConfigError(f"config {config!r}: mixed precision under a budget is squeezer.search.auto_quantize(model, "
                           "calib, budget, algorithm=...) (command line: squeezer search)")
     cfg = resolve_config(config)
+    reducer = make_reducer(distributed)
+    if reducer.active and correct_bias:
+        raise ConfigError("correct_bias=True is measured on one process's batches: it cannot be combined with "
+                          "distributed=...", argument="correct_bias")
     _refuse_quantized(model)
     batches = None if calib is None else check_batches(calib)
     if cfg.activation_mode == "static" and batches is None:
@@ -161,8 +177,8 @@ def quantize(
         algorithm = make_algorithm(cfg.algorithm, cfg.algorithm_options)
         if batches is None and algorithm.needs_stats:
             raise DataError(f"algorithm {cfg.algorithm!r} needs calibration batches: pass calib=...", argument="calib")
-        run_algorithm(model, algorithm, batches or [], progress)
-    model_error = None if batches is None else _calibrate(model, batches, reference, progress, correct_bias)
+        run_algorithm(model, algorithm, batches or [], progress, reducer)
+    model_error = None if batches is None else _calibrate(model, batches, reference, progress, correct_bias, reducer)
     set_mode(model, "simulate")
     model.train(was_training)
     report = QuantReport(config=cfg.to_dict(), skipped=skipped, calibration_batches=len(batches or []))

@@ -96,6 +96,63 @@ def _op_counts(path) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
+ASYM_W4_G6 = QuantSpec(bits=4, symmetric=False, signed=False, granularity=PerGroup(6))  # groups padded at K = 8, 16
+
+
+def _weight_only(kind: str, weight: str | QuantSpec) -> tuple[nn.Module, nn.Module, Tensor]:
+    if isinstance(weight, str):
+        return _quantized(kind, weight)
+    torch.manual_seed(0)
+    model = Seq(CELLS[kind](), head=False).eval()
+    config = dataclasses.replace(squeezer.config.PRESETS["w8"], weight=weight)
+    return model, squeezer.quantize(model, config, calib=[torch.randn(4, 5, 8)], progress=False), torch.randn(3, 5, 8)
+
+
+@pytest.mark.parametrize("kind, weight", [(k, w) for k in ("lstm-bi", "lstm-2", "gru", "rnn-tanh")
+                                          for w in ("w8", ASYM_W4_G6)] + [("gru", "w8a8"), ("rnn-tanh", "w8a8")])
+def test_onnx_weight_only_recurrent_carries_codes_through_dequantize_linear(kind: str, weight, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import numpy_helper
+
+    model, q, x = _weight_only(kind, weight)
+    report = squeezer.export(q, x, tmp_path / "m.onnx")
+    op = type(model.rnn).__name__.upper()
+    assert report.layers["rnn"].startswith(f"{type(model.rnn).__name__} (DequantizeLinear of")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    ops = _op_counts(tmp_path / "m.onnx")
+    matrices = len(q.rnn.matrix_names)
+    assert ops[op] == q.rnn.num_layers and ops["DequantizeLinear"] == matrices
+    # every matrix is one code initializer (int8 / uint8): no float tensor as large as a matrix is stored
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    codes = [a for a in inits.values() if a.dtype in (np.int8, np.uint8) and a.ndim == 2]
+    assert len(codes) == matrices
+    assert max(a.size for a in inits.values() if a.dtype == np.float32) < min(w.numel() for w in q.rnn.matrices().values())
+    if isinstance(weight, QuantSpec):  # asymmetric 4-bit codes 0..15, one per byte, with a zero point per group
+        assert min(int(a.min()) for a in codes) >= 0 and max(int(a.max()) for a in codes) <= 15
+        groups = sum(qt.qparams.zero_point.numel() for qt in q.rnn.matrix_qtensors().values())
+        assert sum(a.size for a in inits.values() if a.dtype in (np.int8, np.uint8) and a.ndim == 1) == groups
+    torch.onnx.export(model, (x,), str(tmp_path / "fp32.onnx"), dynamo=False)
+    # 8 bits: 1 byte a weight + 4 per row; 4 bits in groups of 6: 1 byte a weight + 5 per 6 weights (+ graph)
+    ratio = 0.75 if isinstance(weight, QuantSpec) else 0.5
+    assert (tmp_path / "m.onnx").stat().st_size < ratio * (tmp_path / "fp32.onnx").stat().st_size
+    out, simulated = _run(q, x, tmp_path / "m.onnx")
+    if weight == "w8a8":
+        assert _max_rel(out, simulated) < 0.03  # float activations in the file, squeezer's dynamic grid in simulation
+    else:
+        assert (out - simulated).abs().max() < 1e-4  # squeezer's W^ = (q - Z) S, the same recurrence
+
+
+def test_onnx_codebook_recurrent_weights_stay_float_with_a_warning(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    _, q, x = _quantized("gru", "kmeans-w4")
+    report = squeezer.export(q, x, tmp_path / "m.onnx")
+    assert report.layers["rnn"].startswith("GRU (dequantized") and "DequantizeLinear" not in _op_counts(tmp_path / "m.onnx")
+    assert any("no ONNX integer form" in w for w in report.warnings)
+    out, simulated = _run(q, x, tmp_path / "m.onnx")
+    assert (out - simulated).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("kind", ["lstm-bi", "lstm-2", "lstm-proj", "gru", "rnn-tanh"])
 def test_onnx_static_recurrent_unrolled_on_matmul_integer(kind: str, tmp_path) -> None:
     pytest.importorskip("onnxruntime")

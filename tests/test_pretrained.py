@@ -24,6 +24,7 @@ from squeezer.errors import ConfigError, DataError, ModelError  # noqa: E402
 from squeezer.hf import FORMATS, quantize_pretrained  # noqa: E402
 from squeezer.hf.folder import HFFolder  # noqa: E402
 from squeezer.hf.pretrained import data_free_presets  # noqa: E402
+from squeezer.hf.testmodels import make_model_folder  # noqa: E402
 from squeezer.hf.weights import quantize_weight  # noqa: E402
 from squeezer.quant.core import dequantize  # noqa: E402
 
@@ -105,25 +106,83 @@ def test_compressed_tensors_decompress_to_squeezers_weights_exactly(llama, tmp_p
     assert set(index["weight_map"]) == set(stored)
 
 
+def _llama_cpp_order(name: str, w: torch.Tensor, config: dict) -> torch.Tensor:
+    """convert_hf_to_gguf's ``LlamaModel.permute`` of Q / K rows (other tensors unchanged)."""
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    head = next((h for key, h in heads.items() if f"{key}.weight" in name), None)
+    if head is None:
+        return w
+    return w.reshape(head, 2, w.shape[0] // head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key: str):
+    field = reader.fields[key]
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if field.types[0] == gguf.GGUFValueType.STRING else value[0].item()
+
+
 @pytest.mark.parametrize("preset, qtype", [("q8_0", "Q8_0"), ("q4_0", "Q4_0")])
-def test_gguf_blocks_dequantize_to_squeezers_weights_exactly(llama, tmp_path, preset, qtype):
+def test_gguf_is_laid_out_for_llama_cpp_with_squeezers_weights_exactly(llama, tmp_path, preset, qtype):
     out = tmp_path / "model.gguf"
     result = quantize_pretrained(llama, preset, out, format="gguf")
     reader = gguf.GGUFReader(str(out))
     tensors = {t.name: t for t in reader.tensors}
     original = _float_weights(llama)
-    assert set(tensors) == set(original) and len(result.quantized) == 14
+    config = json.loads((llama / "config.json").read_text())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    gguf_name = {n: names.get_name(n, try_suffixes=(".weight",)) for n in original}
+    assert set(tensors) == set(gguf_name.values()) and len(result.quantized) == 14
+    assert {"token_embd.weight", "output_norm.weight", "output.weight", "blk.1.attn_q.weight",
+            "blk.1.ffn_gate.weight"} <= set(tensors)
     reference = _reference(llama, preset, result.quantized, torch.float16)
     for name, w_hat in reference.items():
-        t = tensors[name]
+        t = tensors[gguf_name[name]]
         assert t.tensor_type == getattr(gguf.GGMLQuantizationType, qtype)
         values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(w_hat.shape)
-        assert torch.equal(values, w_hat), name
+        assert torch.equal(values, _llama_cpp_order(name, w_hat, config)), name
+    assert not torch.equal(_llama_cpp_order("q_proj.weight", w_hat := reference["model.layers.0.self_attn.q_proj.weight"],
+                                            config), w_hat), "Q rows are reordered"
     for name in result.kept:
-        assert torch.equal(torch.from_numpy(tensors[name].data.copy()).reshape(original[name].shape),
+        assert torch.equal(torch.from_numpy(tensors[gguf_name[name]].data.copy()).reshape(original[name].shape),
                            original[name].float()), name
-    field = reader.fields["squeezer.preset"]
-    assert bytes(field.parts[field.data[0]]).decode() == preset
+    assert _field(reader, "squeezer.preset") == preset and _field(reader, "general.architecture") == "llama"
+    expected = {"llama.block_count": 2, "llama.embedding_length": 64, "llama.feed_forward_length": 128,
+                "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
+                "llama.context_length": config["max_position_embeddings"],
+                "general.file_type": getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}")}
+    assert {k: _field(reader, k) for k in expected} == expected
+    assert _field(reader, "llama.rope.freq_base") == pytest.approx(config["rope_parameters"]["rope_theta"])
+    assert _field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(config["rms_norm_eps"])
+
+
+def test_gguf_carries_the_folders_vocabulary(tmp_path):
+    folder = make_model_folder(tmp_path / "llama", "llama")
+    reader = gguf.GGUFReader(str(quantize_pretrained(folder, "q8_0", tmp_path / "m.gguf", format="gguf").out))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    field = reader.fields["tokenizer.ggml.tokens"]
+    tokens = [bytes(field.parts[i]).decode() for i in field.data]
+    assert tokens == tokenizer.convert_ids_to_tokens(list(range(256)))
+    assert _field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert _field(reader, "tokenizer.ggml.unknown_token_id") == tokenizer.unk_token_id
+
+
+def test_gpt2_conv1d_weights_are_quantized_as_their_transpose(tmp_path):
+    folder = make_model_folder(tmp_path / "gpt2", "gpt2")
+    result = quantize_pretrained(folder, "q8_0", tmp_path / "m.gguf", format="gguf")
+    assert len(result.quantized) == 8 and all(".c_" in n for n in result.quantized)
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    assert _field(reader, "general.architecture") == "gpt2" and _field(reader, "gpt2.block_count") == 2
+    original = _float_weights(folder)
+    for name, hf in [("blk.0.attn_qkv.weight", "transformer.h.0.attn.c_attn.weight"),
+                     ("blk.1.ffn_down.weight", "transformer.h.1.mlp.c_proj.weight")]:
+        w = original[hf].t()  # Conv1D (in, out) -> (out, in)
+        w_hat = dequantize(quantize_weight(hf, w, PRESETS["q8_0"].weight, torch.float16))
+        t = tensors[name]
+        assert torch.equal(torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(w.shape), w_hat)
+    with pytest.raises(ConfigError, match="'gpt2' holds its Linear layers as Conv1D.*transformers cannot load"):
+        quantize_pretrained(folder, "w8", tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
 
 
 def test_q4_0_grid_is_symmetric_with_codes_in_minus_7_to_7(llama):
@@ -161,12 +220,9 @@ def test_refusals_name_the_culprit(llama, tmp_path):
         quantize_pretrained(llama, "w8", tmp_path / "x", format="onnx")
     with pytest.raises(ModelError, match="cannot read config.json"):
         quantize_pretrained(tmp_path, "w8", tmp_path / "x")
-    gpt2 = tmp_path / "gpt2"
-    gpt2.mkdir()
-    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    (gpt2 / "model.safetensors").write_bytes((llama / next(p.name for p in llama.glob("*.safetensors"))).read_bytes())
-    with pytest.raises(ModelError, match="'gpt2' stores Linear weights transposed"):
-        quantize_pretrained(gpt2, "w8", tmp_path / "x")
+    mixtral = make_model_folder(tmp_path / "mixtral", "mixtral")
+    with pytest.raises(ConfigError, match="model_type 'mixtral' has no llama.cpp GGUF layout here"):
+        quantize_pretrained(mixtral, "q8_0", tmp_path / "m.gguf", format="gguf")
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".m.gguf*"))
 
 

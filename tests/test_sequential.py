@@ -118,14 +118,19 @@ def test_gguf_q4_0_gptq_blocks_carry_the_in_memory_codes(llama, calib, in_memory
     out = tmp_path / "m.gguf"
     result = quantize_pretrained(llama, "q4_0-gptq", out, format="gguf", calib=calib)
     tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
-    assert set(tensors) == set(result.quantized) | set(result.kept)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert set(tensors) == {names.get_name(n, try_suffixes=(".weight",)) for n in result.quantized + result.kept}
+    heads = {"q_proj": 4, "k_proj": 2}  # llama.cpp's Q / K row order (convert_hf_to_gguf's permute)
     for name, layer in quant_layers(in_memory("q4_0-gptq")).items():
         qt = layer.weight_qtensor()
-        t = tensors[f"{name}.weight"]
+        t = tensors[names.get_name(f"{name}.weight", try_suffixes=(".weight",))]
         assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
         d = qt.qparams.scale.to(torch.float16).float().reshape(qt.shape[0], -1, 1)  # fp16 block scale
         expected = (qt.codes.float().reshape(qt.shape[0], -1, 32) * d).reshape(qt.shape)
         got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(qt.shape)
+        head = next((h for key, h in heads.items() if name.endswith(key)), None)
+        if head is not None:
+            expected = expected.reshape(head, 2, -1, qt.shape[1]).swapaxes(1, 2).reshape(qt.shape)
         assert torch.equal(got, expected), name
 
 
@@ -184,7 +189,7 @@ def test_errors_name_the_file_or_flag(llama, tmp_path, calib):
     with pytest.raises(ModelError, match="config.json: transformers does not know this architecture"):
         quantize_pretrained(strange, "w8-gptq", tmp_path / "o5", calib=calib)
     gpt2 = make_model_folder(tmp_path / "gpt2", "gpt2")
-    with pytest.raises(ModelError, match="model_type 'gpt2' stores Linear weights transposed"):
+    with pytest.raises(ConfigError, match="model_type 'gpt2' holds its Linear layers as Conv1D"):
         quantize_pretrained(gpt2, "w8-gptq", tmp_path / "o6", calib=calib)
     assert not any(p.name.startswith(".o") for p in tmp_path.iterdir()), "no temporary left behind"
 
@@ -255,3 +260,26 @@ def test_weight_only_formats_refuse_what_they_cannot_hold(llama, calib, tmp_path
         quantize_pretrained(llama, "w4g128-awq", tmp_path / "b", calib=calib)
     with pytest.raises(ConfigError, match="format 'squeezer' .* pass calib"):
         quantize_pretrained(llama, "w8", tmp_path / "c", format="squeezer")
+
+
+def test_gpt2_conv1d_blocks_stream_into_squeezer_checkpoints_and_gguf(tmp_path, calib):
+    from squeezer.hf import load_pretrained
+
+    folder = make_model_folder(tmp_path / "gpt2", "gpt2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    cfg = dataclasses.replace(resolve_config("q8_0-gptq"), ignore=("wte", "wpe", "lm_head"))
+    expected = squeezer.quantize(model, cfg, calib=calib, progress=False)
+    result = quantize_pretrained(folder, "q8_0-gptq", tmp_path / "out", format="squeezer", calib=calib)
+    assert len(result.quantized) == 8 and result.peak_live_blocks == 1
+    loaded = load_pretrained(tmp_path / "out")
+    tokens = torch.arange(20)[None] * 5 % 256
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens).logits, expected(tokens).logits, rtol=1e-5, atol=1e-5)
+    quantize_pretrained(folder, "q8_0-gptq", tmp_path / "m.gguf", format="gguf", calib=calib)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    qt = expected.get_submodule("transformer.h.1.attn.c_attn").weight_qtensor()
+    t = tensors["blk.1.attn_qkv.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    d = qt.qparams.scale.to(torch.float16).float().reshape(qt.shape[0], -1, 1)
+    want = (qt.codes.float().reshape(qt.shape[0], -1, 32) * d).reshape(qt.shape)  # (out, in): the transpose
+    assert torch.equal(torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(qt.shape), want)

@@ -9,7 +9,10 @@ inputs and the forward stops as soon as every layer of the stage has been seen, 
 prefix of the model runs. The algorithm then quantizes the stage, static activation ranges of
 the stage are observed (provisionally: the final ranges are observed on the finished model), and
 its quantized outputs feed the next one: errors do not compound unseen, and no activations are
-stored between stages. A recurrent layer is treated matrix by matrix (:mod:`.matrices`): its statistics
+stored between stages. With a :class:`~squeezer.distributed.Reducer` over several processes, each runs its
+own share of the batches and every statistic (:func:`.stats.reduce_stats`, the observers'
+:func:`~squeezer.quant.observers.reduce_observers`) is combined before it is used, so every process
+quantizes the stage identically. A recurrent layer is treated matrix by matrix (:mod:`.matrices`): its statistics
 are one :class:`LayerStats` per matrix, recorded through its step-by-step recurrence.
 """
 
@@ -22,15 +25,18 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration import Batch, call_model, with_progress
+from ..distributed import LOCAL, Reducer
 from ..memory import release_free_memory
 from ..modules import QuantEmbedding, QuantLinear, QuantRecurrent, quant_layers
 from ..modules.base import QuantMixin
 from ..modules.layers import QuantEmbeddingBag
+from ..modules.recurrent import StateObservers
 from .base import Algorithm
 from .matrices import matrix_views, record_matrix_inputs
 from ..quant.metrics import ErrorStats
+from ..quant.observers import Observer, reduce_observers
 from ..quant.rotation import rotate
-from .stats import SAMPLE_ROWS, LayerStats, input_rows
+from .stats import SAMPLE_ROWS, LayerStats, input_rows, reduce_stats
 
 
 class _StageDone(Exception):
@@ -90,9 +96,10 @@ def _run_prefix(model: nn.Module, layers: dict[str, QuantMixin], batches: list[B
 
 
 def collect_stats(model: nn.Module, layers: dict[str, QuantMixin], batches: list[Batch],
-                  max_rows: int = SAMPLE_ROWS) -> dict[str, LayerStats | dict[str, LayerStats]]:
+                  max_rows: int = SAMPLE_ROWS, reducer: Reducer = LOCAL) -> dict[str, LayerStats | dict[str, LayerStats]]:
     """Input statistics of ``layers`` over ``batches`` (smoothed inputs, as the weight sees them),
-    keeping up to ``max_rows`` sampled rows per layer; a recurrent layer's are per matrix (name -> stats)."""
+    keeping up to ``max_rows`` sampled rows per layer; a recurrent layer's are per matrix (name -> stats).
+    ``reducer``: combined over its processes, each of which ran its own ``batches``."""
     stats: dict[str, Any] = {name: {} if isinstance(l, QuantRecurrent) else None for name, l in layers.items()}
 
     def visit(name: str, layer: nn.Module, args: tuple) -> None:
@@ -101,21 +108,45 @@ def collect_stats(model: nn.Module, layers: dict[str, QuantMixin], batches: list
             return
         rows = input_rows(layer, layer.smooth(args[0]))
         if stats[name] is None:
-            stats[name] = LayerStats(rows.shape[1], max_rows=max_rows)
+            stats[name] = LayerStats(rows.shape[1], max_rows=max_rows, seed=reducer.rank)
         stats[name].update(rows)
 
     _run_prefix(model, layers, batches, visit)
+    for name, layer in layers.items():
+        if isinstance(layer, QuantRecurrent):
+            reduced = {m: reduce_stats(stats[name].get(m), reducer, max_rows) for m in layer.matrix_names}
+            stats[name] = {m: s for m, s in reduced.items() if s is not None}
+        else:
+            stats[name] = reduce_stats(stats[name], reducer, max_rows)
     return stats
 
 
-def observe_stage(model: nn.Module, layers: dict[str, QuantMixin], batches: list[Batch]) -> None:
+def observers_of(layers: dict[str, QuantMixin]) -> list[Observer]:
+    """The activation observers of ``layers`` in a fixed order (a recurrent layer's: one per static grid)."""
+    out: list[Observer] = []
+    for layer in layers.values():
+        observer = layer.act_observer
+        if isinstance(observer, StateObservers):
+            out.extend(observer.observers.values())
+        elif observer is not None:
+            out.append(observer)
+    return out
+
+
+def observe_stage(model: nn.Module, layers: dict[str, QuantMixin], batches: list[Batch],
+                  reducer: Reducer = LOCAL) -> None:
     """Static activation ranges of a just-quantized stage, so that later stages see quantized inputs."""
     static = {n: l for n, l in layers.items() if l.act_observer is not None}
     if not static:
         return
     for layer in static.values():
         layer.mode = "observe"
-    _run_prefix(model, static, batches, lambda *_: None, after=True)
+
+    def observe() -> None:
+        _run_prefix(model, static, batches, lambda *_: None, after=True)
+
+    observe()
+    reduce_observers(observers_of(static), reducer, observe)
     for layer in static.values():
         layer.freeze_activation()
         layer.reset_observer()
@@ -137,9 +168,11 @@ def _measure(layer: QuantMixin, original: Tensor, stats: LayerStats | None) -> N
         layer.output_error.update(reference, layer._op(layer.quantize_input(layer.smooth(raw)), layer.quantized_weight()))
 
 
-def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], progress: bool = True) -> list[str]:
+def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], progress: bool = True,
+                  reducer: Reducer = LOCAL) -> list[str]:
     """Apply ``algorithm`` stage by stage; returns the layers it treated (others keep RTN: embeddings and embedding
-    bags; a recurrent layer is treated when the algorithm applies to one of its matrices)."""
+    bags; a recurrent layer is treated when the algorithm applies to one of its matrices). ``reducer``: this
+    process's ``batches`` are its share, and statistics are combined over the reducer's processes."""
     all_layers = quant_layers(model)
     targets = [n for n, l in all_layers.items() if _applies(algorithm, l)]
     groups = stages(model, targets)
@@ -148,7 +181,7 @@ def run_algorithm(model: nn.Module, algorithm: Algorithm, batches: list[Batch], 
     for layer in (l for n, l in all_layers.items() if n not in targets):
         layer.mode = "simulate"
     for group in with_progress(groups, algorithm.name, progress):
-        _quantize_stage(model, algorithm, {n: all_layers[n] for n in group}, batches)
+        _quantize_stage(model, algorithm, {n: all_layers[n] for n in group}, batches, reducer)
     return targets
 
 
@@ -168,15 +201,16 @@ def _quantize_layer(algorithm: Algorithm, layer: QuantMixin, stats: LayerStats |
             algorithm.quantize_layer(view, (stats or {}).get(name))
 
 
-def _quantize_stage(model: nn.Module, algorithm: Algorithm, layers: dict[str, QuantMixin], batches: list[Batch]) -> None:
+def _quantize_stage(model: nn.Module, algorithm: Algorithm, layers: dict[str, QuantMixin], batches: list[Batch],
+                    reducer: Reducer) -> None:
     """One stage: statistics, the algorithm, activation ranges, errors; its statistics and float
     weights are freed on return, before the next stage collects its own."""
-    stats = (collect_stats(model, layers, batches, algorithm.sample_rows) if algorithm.needs_stats
+    stats = (collect_stats(model, layers, batches, algorithm.sample_rows, reducer) if algorithm.needs_stats
              else {n: None for n in layers})
     originals = {name: layer.weight.detach().clone() for name, layer in layers.items()}
     for name, layer in layers.items():
         _quantize_layer(algorithm, layer, stats[name])
-    observe_stage(model, layers, batches)
+    observe_stage(model, layers, batches, reducer)
     for name, layer in layers.items():
         _measure(layer, originals.pop(name), stats[name])
     for layer in layers.values():

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import Reducer
 from ..quant.rotation import rotate
 
 
@@ -49,12 +50,24 @@ class LayerStats:
         self.count += rows.shape[0]
         # bottom-k sampling: every row gets a uniform key, the max_rows smallest keys are kept, so the
         # sample is uniform over all rows seen, whatever the chunking; rows stay in arrival order
-        keys = torch.cat([self._keys, torch.rand(rows.shape[0], generator=self._generator)])
-        pool = torch.cat([self.sample, rows])
+        self._keep_smallest(torch.cat([self._keys, torch.rand(rows.shape[0], generator=self._generator)]),
+                            torch.cat([self.sample, rows]))
+
+    def _keep_smallest(self, keys: Tensor, pool: Tensor) -> None:
+        """Keep the ``max_rows`` rows of ``pool`` with the smallest ``keys``, in ``pool`` order."""
         if pool.shape[0] > self.max_rows:
             keep = keys.topk(self.max_rows, largest=False).indices.sort().values
             pool, keys = pool[keep], keys[keep]
         self.sample, self._keys = pool, keys
+
+    def reduce(self, reducer: Reducer) -> None:
+        """Combine, in place, the statistics every process of ``reducer`` gathered on its own rows: sums and
+        count summed, ``max |x|`` maximised, samples merged by their keys (the bottom-k sample of all rows,
+        uniform when each process drew its keys from its own seed)."""
+        self.xtx, self.sum, self.abs_sum = reducer.sum(self.xtx), reducer.sum(self.sum), reducer.sum(self.abs_sum)
+        self.abs_max = reducer.max(self.abs_max)
+        self.count = int(reducer.sum(torch.tensor(float(self.count))))
+        self._keep_smallest(torch.cat(reducer.gather(self._keys)), torch.cat(reducer.gather(self.sample)))
 
     def _copy(self) -> "LayerStats":
         """A shallow copy: the same tensors until the caller replaces them."""
@@ -98,6 +111,20 @@ class LayerStats:
 
     def mean_abs(self) -> Tensor:
         return (self.abs_sum / max(self.count, 1)).float()
+
+
+def reduce_stats(stats: LayerStats | None, reducer: Reducer, max_rows: int = SAMPLE_ROWS) -> LayerStats | None:
+    """``stats`` combined over the processes of ``reducer`` (see :meth:`LayerStats.reduce`); a process whose
+    share never reached the layer (``None``) takes part with empty statistics; ``None`` when no process saw it."""
+    if not reducer.active:
+        return stats
+    columns = int(reducer.max(torch.tensor(0.0 if stats is None else float(stats.xtx.shape[0]))))
+    if not columns:
+        return None
+    if stats is None:
+        stats = LayerStats(columns, max_rows=max_rows, seed=reducer.rank)
+    stats.reduce(reducer)
+    return stats
 
 
 def input_rows(layer: nn.Module, x: Tensor) -> Tensor:

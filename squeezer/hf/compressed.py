@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..io.atomic import atomic_directory
 from ..quant.core import QTensor, dequantize
 from ..quant.spec import PerChannel, PerGroup, PerTensor, QuantSpec
-from .folder import HFFolder, PretrainedResult, selected
+from .folder import TRANSPOSED_WEIGHTS, HFFolder, PretrainedResult, selected
 from .stream import SafetensorsStream
 from .weights import groups_fit, quantize_weight
 
@@ -59,9 +59,14 @@ class CompressedWriter:
     time (:meth:`shard`, :meth:`add_quantized`, :meth:`add_kept`), then :meth:`finish` writes config.json with
     ``quantization_config``, the index and the source folder's other files (tokenizer, ...)."""
 
-    def __init__(self, cfg: QuantConfig, folder: Path) -> None:
+    def __init__(self, source: HFFolder, cfg: QuantConfig, folder: Path) -> None:
         from compressed_tensors.compressors import BaseCompressor
 
+        if source.model_type in TRANSPOSED_WEIGHTS:
+            raise ConfigError(f"{source.path}: model_type {source.model_type!r} holds its Linear layers as Conv1D "
+                              "modules, which compressed-tensors does not quantize (nn.Linear / nn.Embedding only), "
+                              "so transformers cannot load such a folder; use format 'gguf' or, with calib, "
+                              "'squeezer'")
         if cfg.activation is not None:
             raise ConfigError(f"preset {cfg.name!r} quantizes activations; the compressed-tensors output holds "
                               "weight-only presets")
@@ -115,7 +120,7 @@ def write_compressed(source: HFFolder, cfg: QuantConfig, out: Path, include: str
                      result: PretrainedResult) -> None:
     """Write ``out`` with round-to-nearest codes: one output shard per input shard."""
     with atomic_directory(out) as tmp:
-        writer = CompressedWriter(cfg, tmp)
+        writer = CompressedWriter(source, cfg, tmp)
         for shard in source.shards:
             writer.shard(shard.name)
             for name, shape, floating in source.infos(shard):

@@ -16,8 +16,8 @@ from ..errors import ModelError
 BLOCK_LINEAR = r"\.(layers|h|blocks)\.\d+\..*\.weight$"
 """Default selection: 2-D weights inside numbered transformer blocks (embeddings, ``lm_head`` and norms,
 which are outside the blocks or 1-D, stay in their own dtype)."""
-TRANSPOSED_TYPES = frozenset({"gpt2"})
-"""Model types that store Linear weights as ``(in, out)`` (``Conv1D``): not read here yet."""
+TRANSPOSED_WEIGHTS = {"gpt2": r"\.(c_attn|c_proj|c_fc)\.weight$"}
+"""Per model type, the weights stored as ``(in, out)`` (transformers' ``Conv1D``, ``y = x W + b``)."""
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,17 @@ class HFFolder:
         shards = tuple(sorted(path.glob("*.safetensors")))
         if not shards:
             raise ModelError(f"{path} holds no .safetensors shard (other weight formats are not read)")
-        model_type = config.get("model_type")
-        if model_type in TRANSPOSED_TYPES:
-            raise ModelError(f"{path}: model_type {model_type!r} stores Linear weights transposed (Conv1D); "
-                             f"not supported by squeezer.hf yet")
         return cls(path, config, shards)
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    def transposed(self, name: str) -> bool:
+        """Whether the weight ``name`` is stored ``(in, out)`` (a ``Conv1D``): its Linear weight ``(out, in)`` is
+        the transpose."""
+        pattern = TRANSPOSED_WEIGHTS.get(self.model_type)
+        return pattern is not None and re.search(pattern, name) is not None
 
     def infos(self, shard: Path) -> Iterator[tuple[str, tuple[int, ...], bool]]:
         """``(name, shape, floating)`` of each tensor of ``shard``, from its header alone (no data read)."""

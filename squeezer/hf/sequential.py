@@ -122,10 +122,12 @@ class _Sink:
         elif format == "squeezer":
             self.file = BlockCheckpointWriter(tmp, cfg.name)
         else:
-            self.file = CompressedWriter(cfg, tmp)
+            self.file = CompressedWriter(source, cfg, tmp)
 
     def _planned(self, name: str, shape: tuple[int, ...]) -> bool:
-        return name in self.skeleton.linear_weights and groups_fit(shape, self.cfg.weight)
+        """Whether the stored weight ``name`` of ``shape`` goes out as codes (a ``Conv1D``'s shape is transposed)."""
+        linear = shape[::-1] if self.skeleton.source.transposed(name) else shape
+        return name in self.skeleton.linear_weights and groups_fit(linear, self.cfg.weight)
 
     def block(self, i: int, stage: BlockStage) -> None:
         """Write block ``i``: its quantized Linear weights as codes, every other tensor as stored."""

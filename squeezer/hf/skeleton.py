@@ -85,7 +85,8 @@ class Skeleton:
         prefix, blocks = _block_list(model, config_file)
         shard_of = {name: shard for shard in source.shards for name, _, _ in source.infos(shard)}
         skeleton = cls(source, model, blocks, prefix, shard_of, frozenset())
-        linear = (f"{prefix}.{name}.weight" for name, m in blocks.named_modules() if isinstance(m, nn.Linear))
+        linear = (f"{prefix}.{name}.weight" for name, m in blocks.named_modules()
+                  if isinstance(m, nn.Linear) or source.transposed(f"{prefix}.{name}.weight"))
         skeleton.linear_weights = frozenset(skeleton.stored_name(n) for n in linear if skeleton._stored(n))
         return skeleton
 
@@ -133,7 +134,8 @@ class Skeleton:
         for name, _ in list(self.model.named_parameters()):
             if before_blocks and name.startswith(f"{self.prefix}."):
                 return
-            if not name.startswith(f"{self.prefix}."):
+            tied = getattr(self.model.config, "tie_word_embeddings", False) and not self._stored(name)
+            if not name.startswith(f"{self.prefix}.") and not tied:  # a tied head follows tie_weights()
                 stored = self.stored_name(name)
                 assign(self.model, name, self.source.tensor(self.shard_of[stored], stored).to(dtype))
 

@@ -17,7 +17,7 @@ from ..modules.layers import OwnForward, QuantConvTranspose, QuantEmbeddingBag, 
 from ..modules.recurrent import QuantRecurrent
 from ..modules.swap import ensure_deployable
 from ..transform import attach_report, working_copy
-from .base import KernelPath, LinearProblem, PackedWeight
+from .base import ONE_BYTE, KernelPath, LinearProblem, PackedWeight
 from .paths import PATHS
 from .recurrent import FusedRecurrent, PackedRecurrent, fused_recurrence, matrix_pins
 from .runtime import PackedConv, PackedEmbedding, PackedEmbeddingBag, PackedLinear
@@ -105,7 +105,8 @@ weight, and a warning when it runs without an integer kernel."""
 def linear_problem(layer: QuantMixin) -> LinearProblem:
     """The linear problem of a quantized linear layer: its packed weight, bias, scheme and input transforms."""
     bias = None if layer.bias is None else layer.bias.detach()
-    return LinearProblem(PackedWeight.from_qtensor(layer.weight_qtensor()), bias, layer.scheme, layer.act_qparams,
+    # codes as they are: PackedLinear.build holds them once, in its kernels' layout (or bit-packed)
+    return LinearProblem(PackedWeight.from_qtensor(layer.weight_qtensor(), ONE_BYTE), bias, layer.scheme, layer.act_qparams,
                          layer.input_scale, layer.rotation_matrix())
 
 

@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..quant.core import fake_quantize, uniform_qparams
+from ..quant.core import code_dtype, fake_quantize, uniform_qparams
 from ..quant.formats import integer_types
-from ..quant.spec import PerTensor, PerToken
-from .base import KernelPath, LinearProblem, available
+from ..quant.spec import PerTensor, PerToken, QuantSpec
+from .base import ONE_BYTE, CodeLayout, KernelPath, LinearProblem, available
 
 INT8_CHANNEL = frozenset({"int8-channel"})
 WEIGHT_ONLY = frozenset({"none"})
@@ -58,12 +58,14 @@ TENSOR_8BIT = frozenset(f"{mode}-tensor-{t}" for mode in ("dynamic", "static") f
 
 
 def _int8_codes(problem: LinearProblem) -> Tensor:
-    return problem.weight.qtensor().codes.to(torch.int8).contiguous()
+    """The int8 ``(N, K)`` codes: the weight's own ``data`` when it is held :class:`OneByte` (no copy)."""
+    return problem.weight.codes().to(torch.int8).contiguous()
 
 
 class IntMM(KernelPath):
     name = "int_mm"
     weights = INT8_CHANNEL
+    layout = ONE_BYTE
     activations = (TOKEN_8BIT - {"dynamic-token-uint8-sym"}) | TENSOR_8BIT
 
     @staticmethod
@@ -153,10 +155,15 @@ class FbgemmDynamic(KernelPath):
     def run(self, state: Any, x: Tensor) -> Tensor:
         return torch.ops.quantized.linear_dynamic(x if x.dtype == torch.float32 else x.float(), state, False)
 
+    def held(self, state: Any) -> list[Tensor]:
+        """fbgemm's prepacked weight is opaque: counted as its unpacked int8 weight (same size) and bias."""
+        return [t for t in torch.ops.quantized.linear_unpack(state) if t is not None]
+
 
 class Int8WeightBF16(KernelPath):
     name = "int8_weight_bf16"
     weights = INT8_CHANNEL
+    layout = ONE_BYTE
     activations = WEIGHT_ONLY
 
     def eligible(self, problem: LinearProblem, m: int) -> bool:
@@ -198,9 +205,62 @@ class Int8CodesBF16(IntMM):
         return y if state["bias"] is None else y.add_(state["bias"])
 
 
+def _int4pack(codes: Tensor) -> Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+
+
+class Int4Cpu(CodeLayout):
+    """``aten._convert_weight_to_int4pack_for_cpu``'s uint8 ``(N, K / 2)`` (read on this torch build): rows in
+    blocks of ``B`` (``B``: 32 with AVX2, 64 with AVX-512); per block and column ``k``, ``B / 2`` bytes whose low
+    nibbles are rows ``0 .. B/2 - 1`` and high nibbles rows ``B/2 .. B - 1``; the last ``N mod B`` rows two per
+    byte (low nibble first) per ``k``. The layout moves codes by position only, so ``hold`` checks that inverse
+    once per ``(N mod 64, K)`` on random codes of ``(128 + N mod 64, K)`` (same tails, same ``K``) and keeps the
+    kernel's tensor only where it returns them exactly (``B``: the first that does)."""
+
+    name = "int4_cpu"
+    BLOCKS = (32, 64)
+
+    def __init__(self) -> None:
+        self._blocks: dict[tuple[int, int], int | None] = {}
+
+    def _block(self, n: int, k: int) -> int | None:
+        key = (n % 64, k)
+        if key not in self._blocks:
+            probe = torch.randint(0, 16, (128 + key[0], k), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+            data = _int4pack(probe)
+            self._blocks[key] = next((b for b in self.BLOCKS if torch.equal(self._unpack(data, probe.shape, b), probe)),
+                                     None)
+        return self._blocks[key]
+
+    def hold(self, codes: Tensor, spec: QuantSpec) -> Tensor | None:
+        if spec.is_codebook or spec.bits != 4 or spec.qmin != 0 or codes.dim() != 2 or codes.shape[0] % 2 \
+                or self._block(*codes.shape) is None:
+            return None
+        return _int4pack(codes)
+
+    def codes(self, data: Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> Tensor:
+        return self._unpack(data, shape, self._block(*shape)).to(code_dtype(spec))
+
+    @staticmethod
+    def _unpack(data: Tensor, shape: tuple[int, ...], block: int) -> Tensor:
+        """uint8 codes ``(N, K)`` of ``data`` for row blocks of ``block``."""
+        (n, k), flat = shape, data.reshape(-1)
+        full = n // block * block
+        head = flat[: full * k // 2].reshape(n // block, k, block // 2)
+        rows = torch.cat((head & 15, head >> 4), dim=2).transpose(1, 2).reshape(full, k)
+        if full == n:
+            return rows
+        tail = flat[full * k // 2:].reshape(k, (n - full) // 2)
+        return torch.cat((rows, torch.stack((tail & 15, tail >> 4), -1).reshape(k, n - full).t()))
+
+
+INT4_CPU = Int4Cpu()
+
+
 class Int4WeightBF16(KernelPath):
     name = "int4_weight_bf16"
     GROUPS = (32, 64, 128, 256)
+    layout = INT4_CPU
     weights = frozenset({"uint4-group"})
     activations = WEIGHT_ONLY
 
@@ -212,12 +272,13 @@ class Int4WeightBF16(KernelPath):
                 and available("_weight_int4pack_mm_for_cpu"))
 
     def prepare(self, problem: LinearProblem) -> dict[str, Any]:
-        qt = problem.weight.qtensor()
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qt.codes.to(torch.int32).contiguous(), 2)
-        scale = qt.qparams.scale.float()                        # (N, K / g)
-        zero = (8 - qt.qparams.zero_point.float()) * scale      # float zero of the (q - 8) s + z form
+        weight = problem.weight
+        packed = weight.data if weight.layout is INT4_CPU else _int4pack(weight.codes())
+        qp = weight.qparams
+        scale = qp.scale.float()                        # (N, K / g)
+        zero = (8 - qp.zero_point.float()) * scale      # float zero of the (q - 8) s + z form
         scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-        return {"w": packed, "group": qt.spec.granularity.size, "sz": scales_zeros, "bias": problem.bias}
+        return {"w": packed, "group": weight.spec.granularity.size, "sz": scales_zeros, "bias": problem.bias}
 
     def run(self, state: dict[str, Any], x: Tensor) -> Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), state["w"], state["group"], state["sz"])

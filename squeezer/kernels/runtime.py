@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from ..quant.core import QParams, QTensor, dequantize
 from ..quant.formats import unsupported_format
 from ..quant.rotation import rotate
 from ..quant.spec import PerChannel, PerGroup, PerTensor
-from .base import KernelPath, LinearProblem, PackedWeight, supported_formats
+from .base import BIT_PACKED, ONE_BYTE, KernelPath, LinearProblem, PackedWeight, storage_bytes, supported_formats
 from .paths import PATHS
 from .select import BUCKETS, bucket_label, bucket_of
 
@@ -55,7 +55,9 @@ class PackedLinear:
                               f"{problem.out_features}x{problem.in_features} weights on {empty} rows")
         choice = choose(problem)
         by_name = {p.name: p for p in paths}
-        return cls(problem, choice, {name: by_name[name].prepare(problem) for name in set(choice)}, by_name)
+        chosen = [by_name[name] for name in dict.fromkeys(choice)]
+        problem = replace(problem, weight=held_once(problem.weight, chosen))
+        return cls(problem, choice, {p.name: p.prepare(problem) for p in chosen}, by_name)
 
     def __post_init__(self) -> None:
         # (run, state) per bucket, resolved once: the call below is on the hot path.
@@ -83,13 +85,23 @@ class PackedLinear:
         return {bucket_label(b): name for b, name in enumerate(self.choice)}
 
     def nbytes(self) -> int:
-        """Bytes held at run time: the packed weight (for fallback / saving) + chosen states."""
-        total = self.weight.nbytes
-        for state in self.states.values():
-            if isinstance(state, dict):
-                total += sum(t.numel() * t.element_size() for t in state.values()
-                             if isinstance(t, Tensor) and t is not self.problem.bias)
-        return total
+        """Bytes held at run time: the storages of the packed weight and of every chosen state, each once (a
+        state that reads the weight's own codes adds nothing for them); the bias is the layer's parameter."""
+        bias = self.problem.bias
+        held = [*self.weight.tensors(), *(t for name, state in self.states.items()
+                                          for t in self.paths[name].held(state))]
+        skip = None if bias is None else bias.untyped_storage().data_ptr()
+        return storage_bytes(t for t in held if t.untyped_storage().data_ptr() != skip)
+
+
+def held_once(weight: PackedWeight, chosen: list[KernelPath]) -> PackedWeight:
+    """``weight`` held in the layout of the first chosen path that reads its codes as they are (so that path's
+    state and the weight share one copy), else bit-packed (fallbacks and saving derive the codes from it)."""
+    for path in chosen:
+        held = None if path.layout is None else weight.relaid(path.layout)
+        if held is not None:
+            return held
+    return weight.relaid(BIT_PACKED)
 
 
 @dataclass
@@ -145,7 +157,8 @@ class PackedEmbedding:
         per_row = qt.spec.mapping == "uniform" and isinstance(g, PerChannel) and g.axis in (0, -2)
         scale = qp.scale.reshape(-1, 1).float() if per_row else None
         zero = qp.zero_point.reshape(-1, 1).float() if per_row and qp.zero_point is not None else None
-        return cls(layer, PackedWeight.from_qtensor(qt), qt.codes.contiguous(), scale, zero)
+        weight = PackedWeight.from_qtensor(qt, ONE_BYTE)  # the gathered codes are the weight's one copy
+        return cls(layer, weight, weight.data, scale, zero)
 
     def __call__(self, idx: Tensor) -> Tensor:
         rows = idx.reshape(-1)
@@ -169,5 +182,4 @@ class PackedEmbedding:
         return {"all": "gather_rows"}
 
     def nbytes(self) -> int:
-        extra = 0 if self.row_zero is None else self.row_zero.numel() * self.row_zero.element_size()  # float copy
-        return self.codes.numel() * self.codes.element_size() + self.weight.nbytes - self.weight.packed.numel() + extra
+        return storage_bytes([*self.weight.tensors(), *(t for t in (self.row_scale, self.row_zero) if t is not None)])

@@ -27,12 +27,14 @@ piecewise-linear CDF ``F``. ``|x|`` has CDF ``F(t) - F(-t)``, so it needs no sec
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from scipy.special import rel_entr
 from torch import Tensor
 
+from ..distributed import Reducer
 from ..errors import ConfigError, DataError
 from .blocks import to_blocks
 from .core import QParams, representable_range, uniform_qparams
@@ -93,9 +95,36 @@ class Observer:
     def _range(self) -> tuple[Tensor, Tensor]:
         return self.lo, self.hi
 
+    def reduce(self, reducer: Reducer) -> bool:
+        """Combine what every process of ``reducer`` observed on its own batches; True when the batches must
+        be observed once more and ``reduce`` called again (see :func:`reduce_observers`). An observer whose
+        state depends on the order of the batches cannot be combined: a ``ConfigError`` names it."""
+        if not reducer.active:
+            return False
+        raise ConfigError(f"observer {type(self).__name__} depends on the order of the calibration batches and "
+                          "cannot be combined across processes: use minmax, percentile, mse or entropy")
+
+    def _reduce_range(self, reducer: Reducer) -> bool:
+        """``lo <- min_r lo_r``, ``hi <- max_r hi_r`` (a process that saw nothing takes part with +-inf);
+        False when no process saw data."""
+        size = int(reducer.max(torch.tensor(-1.0 if self.lo is None else float(self.lo.numel()))))
+        if size < 0:
+            return False
+        shape = () if isinstance(self.spec.granularity, PerTensor) else (size,)
+        lo = torch.full(shape, float("inf")) if self.lo is None else self.lo
+        hi = torch.full(shape, float("-inf")) if self.hi is None else self.hi
+        self.lo, self.hi = reducer.min(lo), reducer.max(hi)
+        return True
+
 
 class MinMaxObserver(Observer):
     """Running minimum and maximum (per channel for a ``PerChannel`` spec)."""
+
+    def reduce(self, reducer: Reducer) -> bool:
+        """The min / max over all processes' batches, exactly."""
+        if reducer.active:
+            self._reduce_range(reducer)
+        return False
 
     def _merge(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         return torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
@@ -126,6 +155,7 @@ class HistogramObserver(Observer):
             raise ConfigError(f"bins must be an integer >= 2, got {bins!r}")
         self.bins = bins
         self.counts = np.zeros(bins)
+        self._common_range = False  # the range was agreed across processes: counts only
 
     def edges(self) -> np.ndarray:
         """The ``bins + 1`` bin edges over the seen range."""
@@ -147,6 +177,8 @@ class HistogramObserver(Observer):
         return np.diff(cum)
 
     def _observe(self, x: Tensor) -> None:
+        if self._common_range:
+            x = x.clamp(float(self.lo), float(self.hi))
         lo, hi = x.amin(), x.amax()
         if self.lo is None:
             self.lo, self.hi = lo, hi
@@ -157,6 +189,21 @@ class HistogramObserver(Observer):
             self.lo, self.hi = lo, hi
         hist = torch.histc(x.double(), self.bins, float(self.lo), float(self.hi))
         self.counts = self.counts + hist.cpu().numpy()
+
+    def reduce(self, reducer: Reducer) -> bool:
+        """Two rounds: first agree on the range (min / max over processes) and restart the counts (True: observe
+        the batches again, on that fixed range); then sum the counts. The result is the histogram of all
+        processes' values over the common range, whatever the split (counts are whole numbers: sums are exact)."""
+        if not reducer.active:
+            return False
+        if self._common_range:
+            self.counts = reducer.sum(torch.from_numpy(self.counts)).numpy()
+            return False
+        if not self._reduce_range(reducer):
+            return False
+        self._common_range = True
+        self.counts = np.zeros(self.bins)
+        return True
 
     def _range(self) -> tuple[Tensor, Tensor]:
         if self.lo == self.hi:  # a single value: nothing to clip
@@ -262,6 +309,16 @@ OBSERVERS: dict[str, type[Observer]] = {
     "mse": MSEObserver,
     "entropy": EntropyObserver,
 }
+
+
+def reduce_observers(observers: list[Observer], reducer: Reducer, observe_again: Callable[[], None]) -> None:
+    """Combine ``observers`` (the same list, in the same order, on every process of ``reducer``) across the
+    processes; ``observe_again()`` runs this process's batches through them once more when one asks for it."""
+    again = [observer for observer in observers if observer.reduce(reducer)]
+    if again:
+        observe_again()
+        for observer in again:
+            observer.reduce(reducer)
 
 
 def make_observer(name: str, spec: QuantSpec, **kwargs) -> Observer:

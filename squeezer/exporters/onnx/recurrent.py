@@ -1,9 +1,15 @@
 """Recurrent layers (:class:`~squeezer.modules.QuantRecurrent`) in ONNX.
 
-* weight-only: torch's own ``LSTM`` / ``GRU`` / ``RNN`` ops with the dequantized matrices ``W^`` as float
-  initializers (ONNX has no integer form of these ops' weights; a warning says so). Every torch option
-  maps onto them (layers, bidirectional, batch_first, a given initial state) but ``proj_size``, which
-  ONNX's ``LSTM`` lacks: refused by name.
+* weight-only: ONNX's ``LSTM`` / ``GRU`` (``linear_before_reset=1``, torch's GRU) / ``RNN`` ops, one node per
+  layer (:func:`_layers_symbolic`), whose ``W (D, G H, in)`` and ``R (D, G H, H)`` are ``DequantizeLinear`` of
+  squeezer's codes (:func:`~squeezer.exporters.onnx.nodes.dequantize_codes`: int8 / uint8 initializers, one
+  code per byte also at 4 bits, scales per tensor / gate row / group, zero points where asymmetric) in ONNX's
+  gate order (:data:`ONNX_GATES`); the biases ``B (D, 2 G H)`` stay float. Grouped codes are dequantized on
+  their ``(rows x groups, group)`` view, one scale per group (no float expansion is stored). Matrices with
+  other codes (codebooks, more than 8 bits, another axis) are written as torch's op on the dequantized
+  matrices ``W^`` (float initializers, :func:`dequantized_twin`; a warning says so). Every torch option maps
+  onto them (layers, bidirectional, batch_first, a given initial state) but ``proj_size``, which ONNX's
+  ``LSTM`` lacks: refused by name.
 * dynamic int8 LSTM (``w8a8``, ``w8a8-tensor``): one ``com.microsoft.DynamicQuantizeLSTM`` per layer
   (:func:`lstm_tensors`) holding squeezer's int8 codes of ``W_ih`` / ``W_hh`` (per gate row or per
   matrix) and their scales. ONNX Runtime quantizes the activations itself: the input sequence as one
@@ -12,7 +18,7 @@
   The codes are stored as uint8 ``q + 128`` with zero point 128 so that its GEMMs are u8 x u8
   (exact on every CPU; a u8 x s8 GEMM saturates int16 pair sums on x86 without VNNI).
 * dynamic GRU / RNN: ONNX Runtime has no dynamic quantized op for them; written as weight-only
-  (the ``GRU`` / ``RNN`` op on ``W^``, float activations), with a warning.
+  (the ``GRU`` / ``RNN`` op on ``DequantizeLinear`` of the codes, float activations), with a warning.
 * static activations (``w8a8-static``): the step loop unrolled for the example's sequence length (the file
   takes that length only; a warning says so), traced through
   :func:`~squeezer.modules.recurrent_steps.run_recurrent` with :class:`StaticOnnxOps`: each product
@@ -38,12 +44,12 @@ from ...errors import ConfigError
 from ...modules import QuantLSTM, QuantRecurrent, quant_layers
 from ...modules.base import QuantMixin
 from ...modules.recurrent_steps import run_recurrent
-from ...quant.core import QTensor
+from ...quant.core import QTensor, rows_qparams
 from ...quant.formats import INT8_WEIGHTS, weight_format
 from ...quant.spec import PerChannel, PerTensor
 from ..base import ExportReport
 from ..qdq_recurrent import StateGrid, float_skeleton, static_state_grids
-from .nodes import const, matmul_integer_u8, scalar, uint8_codes
+from .nodes import carries_codes, const, dequantize_codes, matmul_integer_u8, scalar, uint8_codes
 
 ONNX_GATES = {"LSTM": [0, 3, 1, 2], "GRU": [1, 0, 2], "RNN": [0]}
 """ONNX's gate order as indices of torch's: LSTM torch ``i f g o`` -> ONNX ``i o f c``; GRU ``r z n`` -> ``z r h``."""
@@ -58,6 +64,25 @@ def _gate_rows(t: Tensor, gates: list[int]) -> Tensor:
 def _per_row(qt: QTensor) -> Tensor:
     """The matrix's scale per row ``(G H,)`` (a per-matrix scale repeated)."""
     return qt.qparams.scale.float().reshape(-1).expand(qt.codes.shape[0]).contiguous()
+
+
+def _gate_order(qt: QTensor, gates: list[int]) -> QTensor | None:
+    """``qt``'s rows in ONNX's gate order (codes and their parameters); None when its parameters are not per row."""
+    rows = _gate_rows(torch.arange(qt.codes.shape[0]), gates)
+    qparams = rows_qparams(qt.qparams, qt.spec.granularity, rows)
+    return None if qparams is None else QTensor(qt.codes[rows], qparams, qt.spec)
+
+
+def _suffixes(layer: QuantRecurrent) -> list[str]:
+    return ["", "_reverse"] if layer.bidirectional else [""]
+
+
+def _onnx_bias(layer: QuantRecurrent, index: int, gates: list[int]) -> Tensor | None:
+    """ONNX's ``B (D, 2 G H)`` of layer ``index``: ``[b_ih, b_hh]`` per direction in ONNX's gate order, or None."""
+    if not layer.bias:
+        return None
+    return torch.stack([torch.cat([_gate_rows(getattr(layer, f"{b}_l{index}{s}").detach().float(), gates)
+                                   for b in ("bias_ih", "bias_hh")]) for s in _suffixes(layer)])
 
 
 @dataclass
@@ -77,18 +102,13 @@ def lstm_tensors(layer: QuantLSTM, index: int) -> LstmTensors:
     """Layer ``index``'s matrices in ONNX's layout: gates ``i o f c``, transposed, directions stacked."""
     qts = layer.matrix_qtensors()
     gates = ONNX_GATES["LSTM"]
-    suffixes = ["", "_reverse"] if layer.bidirectional else [""]
     codes = lambda name: torch.stack([uint8_codes(_gate_rows(qts[f"{name}_l{index}{s}"].codes, gates)).t()  # noqa: E731
-                                      for s in suffixes])
+                                      for s in _suffixes(layer)])
     scales = lambda name: torch.stack([_gate_rows(_per_row(qts[f"{name}_l{index}{s}"]), gates)  # noqa: E731
-                                       for s in suffixes])
-    bias = None
-    if layer.bias:
-        bias = torch.stack([torch.cat([_gate_rows(getattr(layer, f"{b}_l{index}{s}").detach().float(), gates)
-                                       for b in ("bias_ih", "bias_hh")]) for s in suffixes])
+                                       for s in _suffixes(layer)])
     w_scale = scales("weight_ih")
     return LstmTensors(codes("weight_ih").contiguous(), codes("weight_hh").contiguous(), w_scale, scales("weight_hh"),
-                       torch.full(w_scale.shape, 128, dtype=torch.uint8), bias)
+                       torch.full(w_scale.shape, 128, dtype=torch.uint8), _onnx_bias(layer, index, gates))
 
 
 def _ints(g: Any, values: list[int]) -> Any:
@@ -102,51 +122,114 @@ def _absent(g: Any) -> Any:
     return value
 
 
-def _lstm_symbolic(g: Any, x: Any, h0: Any, c0: Any, layer: QuantLSTM) -> tuple[Any, Any, Any]:
-    """``num_layers`` ``DynamicQuantizeLSTM`` nodes, each output ``Y (T, D, N, H)`` reshaped to the next
-    input ``(T, N, D H)``; ``batch_first`` by transposes around them; ``h_n`` / ``c_n`` concatenated."""
-    d, hidden = 2 if layer.bidirectional else 1, layer.hidden_size
+LayerNodes = Callable[[Any, Any, int, list[Any]], tuple[Any, ...]]
+"""``(g, x (T, N, in), layer index, initial states (h[, c]) of that layer) -> (Y (T, D, N, H), h_n[, c_n])``."""
+
+
+def _layers_symbolic(g: Any, x: Any, states: list[Any], layer: QuantRecurrent, nodes: LayerNodes) -> tuple[Any, ...]:
+    """``num_layers`` recurrent nodes (``nodes``), each output ``Y (T, D, N, H)`` reshaped to the next input
+    ``(T, N, D H)``; ``batch_first`` by transposes around them; the final states concatenated over layers.
+    ``states``: the given initial states ``(L D, N, H)`` (h, and c for an LSTM), None where not given."""
+    d = len(_suffixes(layer))
     if layer.batch_first:
         x = g.op("Transpose", x, perm_i=[1, 0, 2])
-    hs, cs = [], []
+    finals: list[list[Any]] = [[] for _ in states]
     for k in range(layer.num_layers):
-        t = lstm_tensors(layer, k)
-        state = []
-        for s in (h0, c0):
-            state.append(_absent(g) if s is None else g.op("Slice", s, _ints(g, [k * d]), _ints(g, [(k + 1) * d]), _ints(g, [0])))
-        inputs = [x, const(g, t.w), const(g, t.r), _absent(g) if t.bias is None else const(g, t.bias),
-                  _absent(g), *state,
-                  _absent(g), const(g, t.w_scale), const(g, t.zero), const(g, t.r_scale), const(g, t.zero)]
-        y, h, c = g.op("com.microsoft::DynamicQuantizeLSTM", *inputs, hidden_size_i=hidden,
-                       direction_s="bidirectional" if d == 2 else "forward", outputs=3)
-        x = g.op("Reshape", g.op("Transpose", y, perm_i=[0, 2, 1, 3]), _ints(g, [0, 0, d * hidden]))
-        hs.append(h)
-        cs.append(c)
+        initial = [_absent(g) if s is None else
+                   g.op("Slice", s, _ints(g, [k * d]), _ints(g, [(k + 1) * d]), _ints(g, [0])) for s in states]
+        y, *ends = nodes(g, x, k, initial)
+        x = g.op("Reshape", g.op("Transpose", y, perm_i=[0, 2, 1, 3]), _ints(g, [0, 0, -1]))
+        for parts, end in zip(finals, ends):
+            parts.append(end)
     if layer.batch_first:
         x = g.op("Transpose", x, perm_i=[1, 0, 2])
-    concat = lambda parts: parts[0] if len(parts) == 1 else g.op("Concat", *parts, axis_i=0)  # noqa: E731
-    return x, concat(hs), concat(cs)
+    return x, *(p[0] if len(p) == 1 else g.op("Concat", *p, axis_i=0) for p in finals)
 
 
-class _DynamicLstmOp(torch.autograd.Function):
-    """Runs squeezer's LSTM for tracing; ``symbolic`` writes its ``DynamicQuantizeLSTM`` nodes."""
+def _direction(layer: QuantRecurrent) -> str:
+    return "bidirectional" if layer.bidirectional else "forward"
+
+
+def _dynamic_lstm_nodes(layer: QuantLSTM) -> LayerNodes:
+    """One ``DynamicQuantizeLSTM`` per layer on :func:`lstm_tensors`."""
+
+    def nodes(g: Any, x: Any, k: int, initial: list[Any]) -> tuple[Any, ...]:
+        t = lstm_tensors(layer, k)
+        inputs = [x, const(g, t.w), const(g, t.r), _absent(g) if t.bias is None else const(g, t.bias),
+                  _absent(g), *initial,
+                  _absent(g), const(g, t.w_scale), const(g, t.zero), const(g, t.r_scale), const(g, t.zero)]
+        return g.op("com.microsoft::DynamicQuantizeLSTM", *inputs, hidden_size_i=layer.hidden_size,
+                    direction_s=_direction(layer), outputs=3)
+
+    return nodes
+
+
+def _dequantized_nodes(layer: QuantRecurrent, qts: dict[str, QTensor]) -> LayerNodes:
+    """One ONNX ``LSTM`` / ``GRU`` / ``RNN`` per layer whose ``W`` / ``R`` are ``DequantizeLinear`` of the codes
+    ``qts`` already in ONNX's gate order (:func:`~squeezer.exporters.onnx.nodes.dequantize_codes`, one per
+    matrix and direction, stacked to ``(D, G H, K)``); ``B`` float."""
+    op = layer.float_class.__name__.upper()
+    attrs: dict[str, Any] = {"hidden_size_i": layer.hidden_size, "direction_s": _direction(layer)}
+    if op == "GRU":
+        attrs["linear_before_reset_i"] = 1  # torch's n = tanh(W_in x + b_in + r (W_hn h + b_hn))
+    if op == "RNN":
+        attrs["activations_s"] = [layer.nonlinearity.capitalize()] * len(_suffixes(layer))
+
+    def stacked(g: Any, name: str) -> Any:
+        parts = [g.op("Reshape", dequantize_codes(g, qts[f"{name}{s}"]), _ints(g, [1, *qts[f"{name}{s}"].codes.shape]))
+                 for s in _suffixes(layer)]
+        return parts[0] if len(parts) == 1 else g.op("Concat", *parts, axis_i=0)
+
+    def nodes(g: Any, x: Any, k: int, initial: list[Any]) -> tuple[Any, ...]:
+        bias = _onnx_bias(layer, k, ONNX_GATES[op])
+        inputs = [x, stacked(g, f"weight_ih_l{k}"), stacked(g, f"weight_hh_l{k}"),
+                  _absent(g) if bias is None else const(g, bias), _absent(g), *initial]
+        return g.op(op, *inputs, outputs=len(initial) + 1, **attrs)
+
+    return nodes
+
+
+class _RecurrentOp(torch.autograd.Function):
+    """Runs squeezer's layer for tracing; ``symbolic`` writes its nodes (:func:`_layers_symbolic`)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, h0: Tensor | None, c0: Tensor | None,  # type: ignore[override]
-                layer: QuantLSTM) -> tuple[Tensor, Tensor, Tensor]:
+                layer: QuantRecurrent, nodes: LayerNodes) -> tuple[Tensor, ...]:
         tracing = torch._C._get_tracing_state()
         torch._C._set_tracing_state(None)  # the symbolic below stands for this computation
         try:
             with torch.no_grad():
-                y, (h, c) = type(layer).forward(layer, x, None if h0 is None else (h0, c0))
-            return y.detach(), h.detach(), c.detach()
+                hx = h0 if h0 is None or not isinstance(layer, QuantLSTM) else (h0, c0)
+                y, ends = type(layer).forward(layer, x, hx)
+            return tuple(t.detach() for t in (y, *(ends if isinstance(ends, tuple) else (ends,))))
         finally:
             torch._C._set_tracing_state(tracing)
 
     @staticmethod
-    def symbolic(g: Any, x: Any, h0: Any, c0: Any, layer: QuantLSTM) -> tuple[Any, Any, Any]:
+    def symbolic(g: Any, x: Any, h0: Any, c0: Any, layer: QuantRecurrent, nodes: LayerNodes) -> tuple[Any, ...]:
         none = lambda v: v is None or (hasattr(v, "node") and v.node().mustBeNone())  # noqa: E731
-        return _lstm_symbolic(g, x, None if none(h0) else h0, None if none(c0) else c0, layer)
+        states = [h0, c0] if isinstance(layer, QuantLSTM) else [h0]
+        return _layers_symbolic(g, x, [None if none(s) else s for s in states], layer, nodes)
+
+
+def _op_forward(layer: QuantRecurrent, nodes: LayerNodes) -> Callable[..., Any]:
+    """The layer's ``forward(input, hx)`` as one :class:`_RecurrentOp` writing ``nodes``."""
+    lstm = isinstance(layer, QuantLSTM)
+
+    def forward(input: Tensor, hx: Any = None) -> Any:
+        h0, c0 = (None, None) if hx is None else (hx if lstm else (hx, None))
+        y, *ends = _RecurrentOp.apply(input, h0, c0, layer, nodes)
+        return y, (tuple(ends) if lstm else ends[0])
+
+    return forward
+
+
+def _onnx_codes(layer: QuantRecurrent) -> dict[str, QTensor] | None:
+    """The layer's matrices in ONNX's gate order when :func:`~squeezer.exporters.onnx.nodes.dequantize_codes` can
+    carry every one of them, else None."""
+    gates = ONNX_GATES[layer.float_class.__name__.upper()]
+    ordered = {n: _gate_order(qt, gates) for n, qt in layer.matrix_qtensors().items()}
+    return ordered if all(qt is not None and carries_codes(qt) for qt in ordered.values()) else None
 
 
 def _dynamic_int8_lstm(layer: QuantMixin) -> bool:
@@ -178,18 +261,19 @@ def recurrent_forward(layer: QuantRecurrent, name: str, report: ExportReport) ->
         report.warnings.append(f"layer {name!r}: ONNX Runtime's DynamicQuantizeLSTM quantizes the input sequence "
                                "and each h_(t-1) as one asymmetric uint8 tensor, not with squeezer's "
                                f"{layer.act_spec and layer.act_spec.describe()} activations")
-
-        def forward(input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> Any:
-            h0, c0 = (None, None) if hx is None else hx
-            y, h, c = _DynamicLstmOp.apply(input, h0, c0, layer)
-            return y, (h, c)
-
-        return forward
-    report.layers[name] = f"{cell} (dequantized {layer.weight_spec.describe()} weights)"
-    report.warnings.append(f"layer {name!r}: recurrent weights have no ONNX integer form; stored as float")
+        return _op_forward(layer, _dynamic_lstm_nodes(layer))
     if mode == "dynamic":
         report.warnings.append(f"layer {name!r}: ONNX Runtime has no dynamic quantized {cell}; its activations run "
                                "in float (squeezer's dynamic activation quantization is not in the file)")
+    qts = _onnx_codes(layer)
+    if qts is not None:
+        dtypes = sorted({str(qt.codes.dtype).removeprefix("torch.") for qt in qts.values()})
+        report.layers[name] = (f"{cell} (DequantizeLinear of {'/'.join(dtypes)} codes of "
+                               f"{layer.weight_spec.describe()}, float biases)")
+        return _op_forward(layer, _dequantized_nodes(layer, qts))
+    report.layers[name] = f"{cell} (dequantized {layer.weight_spec.describe()} weights)"
+    report.warnings.append(f"layer {name!r}: recurrent weights of this format (codebook, more than 8 bits or not per "
+                           "tensor / row / group) have no ONNX integer form here; stored as float")
     return dequantized_twin(layer).forward  # a method, not a module (which would become a submodule)
 
 
