@@ -176,7 +176,7 @@ def float_layers(q: nn.Module) -> str:
 
 
 def squeezer_rows(task: Task, work: Path, name: str) -> list[Row]:
-    """``name`` quantized, packed (PyTorch) and, for a preset of :data:`EXPORTED`, exported to its format."""
+    """``name`` quantized, packed (PyTorch) and, for a preset of :data:`EXPORTED`, exported to each of its formats."""
     row = Row(f"squeezer {name}", "PyTorch", "squeezer")
     rows = [row]
     try:

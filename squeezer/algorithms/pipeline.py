@@ -96,7 +96,8 @@ def _run_prefix(model: nn.Module, layers: dict[str, QuantMixin], batches: list[B
 
 
 def collect_stats(model: nn.Module, layers: dict[str, QuantMixin], batches: list[Batch],
-                  max_rows: int = SAMPLE_ROWS, reducer: Reducer = LOCAL) -> dict[str, LayerStats | dict[str, LayerStats]]:
+                  max_rows: int = SAMPLE_ROWS,
+                  reducer: Reducer = LOCAL) -> dict[str, LayerStats | dict[str, LayerStats]]:
     """Input statistics of ``layers`` over ``batches`` (smoothed inputs, as the weight sees them),
     keeping up to ``max_rows`` sampled rows per layer; a recurrent layer's are per matrix (name -> stats).
     ``reducer``: combined over its processes, each of which ran its own ``batches``."""

@@ -4,6 +4,7 @@ A linear layer's input rows are ``x (n, K)``; a convolution's are its im2col pat
 ``(n, C_in/groups * kh * kw)`` (first group), matching ``W.reshape(out, -1)``. Kept: ``X^T X``
 (for the GPTQ Hessian ``H = 2 X^T X / n``), column sums, mean |x|, max |x|, and up to
 ``max_rows`` rows sampled uniformly at random from all rows seen (for output-error searches).
+Processes that each saw a share of the rows combine theirs with :func:`reduce_stats`.
 """
 
 from __future__ import annotations

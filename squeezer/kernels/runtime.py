@@ -1,7 +1,9 @@
 """Packed runtimes: what a quantized layer calls in ``packed`` mode.
 
 * linear: ``x (..., K)`` is flattened to ``(m, K)`` and sent to the path chosen for ``m``'s
-  bucket; only the chosen paths' prepared weights are kept. A layer whose format no given path
+  bucket; only the chosen paths' prepared weights are kept, and the codes are held once: in the layout
+  of a chosen path that reads them as they are (int8 ``(N, K)``, the int4 CPU kernel's tensor), from
+  which fallbacks and saving recover them exactly, else bit-packed (:func:`held_once`). A layer whose format no given path
   supports is refused (:func:`squeezer.quant.formats.unsupported_format`), as is one that some bucket
   has no eligible path for (its shape).
 * conv: the packed weight is reconstructed per call and convolved in fp32 (no integer conv
