@@ -109,7 +109,7 @@ def test_asymmetric_per_token_runs_as_symmetric_rows_with_a_warning(tmp_path, ml
 def test_cnn_static_full_integer_hides_int8_io(tmp_path, cnn, cnn_batches):
     from ai_edge_litert.interpreter import Interpreter
 
-    q = squeezer.quantize(cnn, "w8a8-static", calib=cnn_batches)
+    q = squeezer.quantize(cnn, "w8a8-static", calib=cnn_batches, fold_bn=False)  # conv1's BatchNorm stays a node
     path = tmp_path / "cnn.tflite"
     report = export(q, cnn_batches[0][:1], path, calib=cnn_batches)  # default: all-int8 graph
     interpreter = Interpreter(model_path=str(path))
@@ -269,3 +269,53 @@ def test_channel_scales_recover_folded_factors():
     off[1, 0, 0] += 0.01 * abs(off[1, 0, 0]) + 1e-3  # not q * c in channel 1
     assert channel_scales(off, codes, 0) is None
     assert channel_scales(-values, codes, 0) is None  # scales must be positive
+
+
+def _conv_bn_relu6_net() -> torch.nn.Module:
+    """Stem conv -> BN -> ReLU6 -> depthwise conv -> BN -> ReLU6 -> pooling -> linear, with norm gains of 2-6 so
+    that the convolutions' outputs reach past 6 before the ReLU6."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU6(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.weight.uniform_(2, 6)
+            bn.bias.uniform_(-1, 3)
+    return model.eval()
+
+
+@pytest.mark.slow
+@needs_tflite
+def test_conv_bn_relu6_output_grid_is_taken_after_the_activation(tmp_path, monkeypatch):
+    """With its norm folded, a convolution followed by ReLU6 has no grid of its own before the activation: the
+    stem's output goes straight onto the next layer's input grid, the depthwise one (then pooling) gets an own
+    grid on [0, 6] (TFLite's fused RELU6); the file is closer to squeezer's simulation than with min-max grids
+    on the pre-activation outputs."""
+    from squeezer.exporters import qdq
+    from squeezer.exporters.tflite import convert
+
+    model = _conv_bn_relu6_net()
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.rand(16, 3, 12, 12, generator=g) * 2 - 1 for _ in range(4)]
+    x = torch.rand(64, 3, 12, 12, generator=g) * 2 - 1
+    q = squeezer.quantize(model, "w8a8-static", calib=calib, progress=False)
+    with torch.no_grad():
+        sim = q(x)
+
+    def exported(name: str) -> tuple[dict[str, str], float]:
+        path = tmp_path / f"{name}.tflite"
+        report = export(q, x[:1], path, calib=calib)
+        _assert_file_holds_squeezers_integers(path, q)
+        return {w.split("'")[1]: w for w in report.warnings}, _rel(squeezer.runtime.load(path)(x), sim)
+
+    warned, error = exported("fused")
+    assert sorted(warned) == ["3", "8"]  # '0' reuses layer '3''s input grid; '3' is followed by pooling
+    assert f"scale {6 / 255:.3g}, zero point -128 (range [0, 6] after the activation" in warned["3"]
+    monkeypatch.setattr(convert, "CLIPS", {})  # min-max grids on the convolutions' outputs, before their ReLU6
+    monkeypatch.setattr(qdq, "identity_norm", lambda module: False)
+    warned, unfused_error = exported("unfused")
+    assert sorted(warned) == ["0", "3", "8"] and "range [-" in warned["3"]
+    assert error < unfused_error

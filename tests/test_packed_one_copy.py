@@ -15,7 +15,8 @@ from squeezer.quant.spec import QuantSpec
 
 
 class Stack(nn.Module):
-    """Shapes every int8 / int4 kernel takes (K % 128 == 0, N % 16 == 0), one odd N for a tail block."""
+    """Shapes every int8 / int4 kernel takes (K % 128 == 0, N % 16 == 0); 112 rows leave a tail after the int4
+    layout's 32- or 64-row blocks."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -68,13 +68,29 @@ INT8_ASYM = QuantSpec(bits=8, symmetric=False, signed=True, granularity=PerTenso
 ROW_INT8 = "dynamic-token-int8"  # what TFLite's dynamic-range kernels do to each input row: s = max|x_row| / 127
 _ATEN = torch.ops.aten
 # ops through which an int8 grid passes unchanged (TFLite keeps their input's quantization)
-PASS_THROUGH = {_ATEN.relu.default, _ATEN.relu_.default, _ATEN.view.default, _ATEN.reshape.default,
+PASS_THROUGH = {_ATEN.view.default, _ATEN.reshape.default,
                 _ATEN.flatten.using_ints, _ATEN.squeeze.dim, _ATEN.unsqueeze.default, _ATEN.permute.default,
                 _ATEN.transpose.int, _ATEN.max_pool1d.default, _ATEN.max_pool2d.default, _ATEN.clone.default,
                 _ATEN.contiguous.default, _ATEN.dropout.default}
 NONLINEARITY_INPUTS = {"RNN_TANH": frozenset({"gates"}), "RNN_RELU": frozenset({"gates"})}
 """Recurrent states consumed directly by a TANH / RELU, whose TFLite kernel refuses an int16 input with a float output."""
 GEMMS = {_ATEN.linear.default, _ATEN.conv1d.default, _ATEN.conv2d.default}
+INF = float("inf")
+CLIPS = {_ATEN.relu.default: (0.0, None), _ATEN.relu_.default: (0.0, None), _ATEN.relu6.default: (0.0, 6.0),
+         _ATEN.hardtanh.default: (-1.0, 1.0), _ATEN.hardtanh_.default: (-1.0, 1.0), _ATEN.clamp.default: (None, None)}
+"""Clipping ops that a converter fuses into the int8 kernel before them (RELU, RELU6, ...) -> their default
+bounds ``(lo, hi)`` (None: unbounded), which the op's own arguments after its input replace."""
+
+
+def _clip_range(node: Any) -> tuple[float, float] | None:
+    """``[lo, hi]`` that the clipping op ``node`` maps its input into (``relu``: [0, inf), ``nn.ReLU6``: [0, 6]),
+    or None for any other op, or bounds that are not numbers."""
+    if node.target not in CLIPS:
+        return None
+    lo, hi = (*node.args[1:3], *CLIPS[node.target][len(node.args) - 1:])
+    if not all(b is None or isinstance(b, (int, float)) for b in (lo, hi)):
+        return None
+    return -INF if lo is None else float(lo), INF if hi is None else float(hi)
 
 
 def _weight_buffer(ep: Any, node: Any) -> str | None:
@@ -84,27 +100,50 @@ def _weight_buffer(ep: Any, node: Any) -> str | None:
     return ep.graph_signature.inputs_to_buffers.get(node.name)
 
 
-def _requantized(ep: Any) -> set[str]:
-    """Layers of an exported QDQ model whose output reaches an input quantizer through ``PASS_THROUGH``
-    ops, each with a single user; named by their weight buffer (``<layer>.weight``)."""
+@dataclass(frozen=True)
+class OutputPath:
+    """Where a layer's output goes in an exported QDQ model: ``requantized`` when it reaches an input quantizer
+    through :data:`PASS_THROUGH` and clipping ops (:data:`CLIPS`), each with a single user; ``clip``: the
+    range ``[lo, hi]`` those clipping ops leave (``(-inf, inf)`` for none)."""
+
+    requantized: bool
+    clip: tuple[float, float]
+
+
+UNTRACED = OutputPath(False, (-INF, INF))
+"""The :class:`OutputPath` of a layer :func:`_output_paths` does not follow (not in :data:`GEMMS`)."""
+
+
+def _output_paths(ep: Any) -> dict[str, OutputPath]:
+    """:class:`OutputPath` of each layer of an exported QDQ model, named by its weight buffer (``<layer>.weight``)."""
     quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
-    found = set()
+    found = {}
     for node in ep.graph.nodes:
         if node.target not in GEMMS:
             continue
-        user = node
-        while len(user.users) == 1 and next(iter(user.users)).target in PASS_THROUGH:
-            user = next(iter(user.users))
+        user, lo, hi = node, -INF, INF
+        while len(user.users) == 1:
+            after = next(iter(user.users))
+            clip = _clip_range(after)
+            if clip is None and after.target not in PASS_THROUGH:
+                break
+            if clip is not None:
+                lo, hi = max(lo, clip[0]), min(hi, clip[1])
+            user = after
         name = _weight_buffer(ep, node.args[1]) or ""
-        if len(user.users) == 1 and next(iter(user.users)).target == quantize and name.endswith("weight"):
-            found.add(name.removesuffix("weight").removesuffix("."))
+        if name.endswith("weight"):
+            requantized = len(user.users) == 1 and next(iter(user.users)).target == quantize
+            found[name.removesuffix("weight").removesuffix(".")] = OutputPath(requantized, (lo, hi))
     return found
 
 
-def _output_grids(model: nn.Module, names: list[str], batches: list[Any]) -> dict[str, tuple[float, int, float, float]]:
-    """``(scale, zero, lo, hi)``: int8 asymmetric min-max grid of each named layer's output over ``batches``."""
+def _output_grids(model: nn.Module, clips: dict[str, tuple[float, float]],
+                  batches: list[Any]) -> dict[str, tuple[float, int, float, float]]:
+    """``(scale, zero, lo, hi)``: int8 asymmetric min-max grid of each named layer's output over ``batches``,
+    after the clipping ops that follow it: ``[lo, hi] = clamp([min y, max y], *clips[name])`` (ReLU6: within
+    [0, 6]), so that the converter fuses them into the layer's kernel, whose output grid is then TFLite's own."""
     ranges: dict[str, list[Tensor]] = {}
-    layers = {n: model.get_submodule(n) for n in names}
+    layers = {n: model.get_submodule(n) for n in clips}
     hooks = [layer.register_forward_hook(lambda _m, _i, y, n=n: ranges.setdefault(n, []).append(y.detach().aminmax()))
              for n, layer in layers.items()]
     was_training = model.training
@@ -119,8 +158,8 @@ def _output_grids(model: nn.Module, names: list[str], batches: list[Any]) -> dic
             hook.remove()
     grids = {}
     for name, seen in ranges.items():
-        lo = torch.stack([s.min for s in seen]).min()
-        hi = torch.stack([s.max for s in seen]).max()
+        lo = torch.stack([s.min for s in seen]).min().clamp(*clips[name])
+        hi = torch.stack([s.max for s in seen]).max().clamp(*clips[name])
         qp = uniform_qparams(lo, hi, INT8_ASYM)
         grids[name] = (float(qp.scale), int(qp.zero_point), float(lo), float(hi))
     return grids
@@ -225,9 +264,9 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: Path, options: Tf
     float_ops: dict[str, Any] = {}
     if mode == "static":
         with torch.no_grad():
-            requantized = _requantized(torch.export.export(qmodel, args, kwargs))
+            paths = _output_paths(torch.export.export(qmodel, args, kwargs))
         own = [n for n, m in qmodel.named_modules() if isinstance(m, QdqLayer) and m.scale is not None
-               and n not in requantized and activation_mode(layers[n]) == "static"]
+               and not paths.get(n, UNTRACED).requantized and activation_mode(layers[n]) == "static"]
         if own and unquantized_outputs == "int8" and calib is None:
             report.warnings.append(f"layer(s) {', '.join(map(repr, own))}: no calib given, so no range for an int8 "
                                    "output grid of their own (example_inputs alone would give a grid that clips "
@@ -236,10 +275,12 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: Path, options: Tf
             float_ops = {name: int8_weight(layers[name]) for name in own}
             own = []
         batches = [example_inputs] + ([] if not own else check_batches(calib))
-        for name, (scale, zero, lo, hi) in _output_grids(model, own, batches).items():
+        clips = {name: paths.get(name, UNTRACED).clip for name in own}
+        for name, (scale, zero, lo, hi) in _output_grids(model, clips, batches).items():
             qmodel.get_submodule(name).output_grid = (scale, zero)
+            after = "" if clips[name] == UNTRACED.clip else " after the activation that follows it, fused into its kernel"
             report.warnings.append(f"layer {name!r}: TFLite's int8 kernel needs an output grid; output quantized "
-                                   f"with scale {scale:.3g}, zero point {zero} (range [{lo:.3g}, {hi:.3g}] over "
+                                   f"with scale {scale:.3g}, zero point {zero} (range [{lo:.3g}, {hi:.3g}]{after}, over "
                                    f"{len(batches)} batch(es)), not part of squeezer's model")
     config = None
     if layers:  # the quantizer only picks the converter's q / dq mode: the graph already holds squeezer's q / dq
