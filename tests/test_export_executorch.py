@@ -110,7 +110,8 @@ def test_weight_only_linear_runs_in_xnnpack_or_exactly_on_request(tmp_path, mlp,
 
 @needs_executorch
 def test_cnn_static_is_exact(tmp_path, cnn, cnn_batches):
-    q = squeezer.quantize(cnn, "w8a8-static", calib=cnn_batches)
+    # the batch norm kept between conv1 and its ReLU keeps every conv on portable kernels, codes stored as they are
+    q = squeezer.quantize(cnn, "w8a8-static", calib=cnn_batches, fold_bn=False)
     path = tmp_path / "cnn.pte"
     export(q, cnn_batches[0][:1], path)
     _assert_file_holds_squeezers_integers(path, q)

@@ -287,7 +287,6 @@ def _conv_bn_relu6_net() -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.slow
 @needs_tflite
 def test_conv_bn_relu6_output_grid_is_taken_after_the_activation(tmp_path, monkeypatch):
     """With its norm folded, a convolution followed by ReLU6 has no grid of its own before the activation: the

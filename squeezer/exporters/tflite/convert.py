@@ -11,10 +11,12 @@ output channel, ``quantized_dimension`` following TFLite's layout). Two modes, b
   int8 symmetric per token this quantization is not squeezer's: a warning names the layer.
 * static layers (``w8a8-static``): full integer; int8 tensors between layers on squeezer's
   activation grids; biases int32 at scale ``S_x S_w`` (TFLite's rule). An int8 kernel needs an output
-  grid: a layer whose output reaches the next layer's input quantizer only through ReLU, reshapes
-  or max-pooling gets that grid (the same values as squeezer); any other (e.g. the last layer) runs
-  in the int8 kernel with its output quantized over its min-max range on ``example_inputs`` and
-  ``calib`` (TFLite's full-integer convention, what int8-only accelerators need; not part of
+  grid: a layer whose output reaches the next layer's input quantizer only through ReLU / ReLU6 / clamp,
+  reshapes, max-pooling or a folded (identity) batch norm gets that grid (the same values as squeezer;
+  the converter fuses the activation); any other (e.g. the last layer) runs in the int8 kernel with its
+  output quantized over its min-max range on ``example_inputs`` and ``calib``, taken after the
+  activations that follow it (ReLU6: within [0, 6], the grid TFLite's own converter gives a fused RELU6)
+  (TFLite's full-integer convention, what int8-only accelerators need; not part of
   squeezer's model: a warning names the layer and the grid), or with ``unquantized_outputs="float"``
   or without ``calib`` (the example alone is no range: one row gives a single value) as a float op
   on its dequantized int8 input and squeezer's ``W^`` (no grid squeezer did not choose; its
