@@ -1,5 +1,5 @@
 """The ``squeezer`` command line: ``demo``, ``quantize``, ``info``, ``export``, ``compress``, ``search``,
-``report``, ``pretrained``. It parses flags and prints; the work is the library's.
+``report``, ``pretrained``, ``lm-eval``. It parses flags and prints; the work is the library's.
 
 Importing this module stays light (typer, rich): torch and squeezer's modules that need it are
 imported inside the command that uses them, so ``squeezer --help`` answers at once. The choices the
