@@ -186,7 +186,14 @@ def train_fraud_model(seed: int = 0, task: FraudTask | None = None, epochs: int 
     arguments return identical weights. The model is returned in eval mode."""
     task = make_fraud_task(seed) if task is None else task
     torch.manual_seed(seed)
-    model = FraudMLP(task.x_train.shape[1])
+    return fit_scorer(FraudMLP(task.x_train.shape[1]), task, seed, epochs, lr, BATCH_SIZE, weight_decay=weight_decay)
+
+
+def fit_scorer(model: nn.Module, task: FraudTask, seed: int, epochs: int, lr: float, batch_size: int,
+               weight_decay: float = 0.0, clip_norm: float | None = None) -> nn.Module:
+    """Train ``model`` (logits of ``task.x_train``) with Adam on ``BCEWithLogitsLoss``, positives weighted by
+    ``sqrt(n_neg / n_pos)`` against the imbalance, mini-batches shuffled from ``seed``, gradients clipped at
+    ``clip_norm`` when given. Returned in eval mode."""
     pos = float(task.y_train.sum())
     pos_weight = torch.tensor(((len(task.y_train) - pos) / max(pos, 1.0)) ** 0.5)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
@@ -194,9 +201,11 @@ def train_fraud_model(seed: int = 0, task: FraudTask | None = None, epochs: int 
     shuffle = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
-        for batch in torch.randperm(len(task.y_train), generator=shuffle).split(BATCH_SIZE):
+        for batch in torch.randperm(len(task.y_train), generator=shuffle).split(batch_size):
             optimizer.zero_grad()
             loss_fn(model(task.x_train[batch]), task.y_train[batch]).backward()
+            if clip_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             optimizer.step()
     return model.eval()
 

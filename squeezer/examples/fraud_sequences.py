@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..task_metrics import roc_auc
-from .fraud import AMOUNT_MU, CATEGORY_P, MERCHANTS, ONLINE_P, FraudTask, pr_auc
+from .fraud import AMOUNT_MU, CATEGORY_P, MERCHANTS, ONLINE_P, FraudTask, fit_scorer, pr_auc
 
 FEATURES = (("log_amount", "hour_sin", "hour_cos", "log_gap_h")
             + tuple(f"merchant={m}" for m in MERCHANTS) + ("foreign", "country_switch", "online"))
@@ -201,19 +201,8 @@ def train_sequence_model(kind: str = "lstm", seed: int = 0, task: SequenceTask |
     arguments return identical weights. Returned in eval mode."""
     task = make_sequence_task(seed) if task is None else task
     torch.manual_seed(seed)
-    model = make_scorer(kind, task.x_train.shape[-1], hidden)
-    pos = float(task.y_train.sum())
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(((len(task.y_train) - pos) / max(pos, 1.0)) ** 0.5))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    shuffle = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(task.y_train), generator=shuffle).split(BATCH_SIZE):
-            optimizer.zero_grad()
-            loss_fn(model(task.x_train[batch]), task.y_train[batch]).backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-    return model.eval()
+    return fit_scorer(make_scorer(kind, task.x_train.shape[-1], hidden), task, seed, epochs, lr, BATCH_SIZE,
+                      clip_norm=1.0)
 
 
 def evaluate(scores_or_model: nn.Module | Tensor | np.ndarray, task: SequenceTask) -> dict[str, float]:
