@@ -84,7 +84,7 @@ def test_honest_look_alikes_exist(streams):
 
 def test_split_is_stratified_and_standardised(task):
     assert len(task.y_train) + len(task.y_test) == N
-    assert task.y_test.mean() == pytest.approx(task.y_train.mean(), abs=0.01)
+    assert float(task.y_test.mean()) == pytest.approx(float(task.y_train.mean()), abs=0.01)
     flat = task.x_train.reshape(-1, task.x_train.shape[-1])
     np.testing.assert_allclose(flat.mean(0).numpy(), 0.0, atol=1e-4)
     np.testing.assert_allclose(flat.std(0).numpy(), 1.0, atol=1e-2)
