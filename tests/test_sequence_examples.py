@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from squeezer.examples import fraud
 from squeezer.examples import fraud_sequences as fs
 from squeezer.examples import risk_warning as rw
 from squeezer.task_metrics import roc_auc
@@ -103,7 +104,7 @@ def test_training_is_seeded(task):
 def test_a_small_recurrent_scorer_learns_what_the_last_step_cannot(task, kind):
     model = fs.train_sequence_model(kind, task=task, epochs=4, hidden=16)
     last = fs.train_sequence_model("last", task=task, epochs=4, hidden=16)
-    seq_auc, last_auc = fs.evaluate(model, task)["roc_auc"], fs.evaluate(last, task)["roc_auc"]
+    seq_auc, last_auc = fraud.evaluate(model, task)["roc_auc"], fraud.evaluate(last, task)["roc_auc"]
     assert seq_auc > 0.8 and seq_auc > last_auc + 0.05
     assert isinstance(model.rnn, torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)
     assert model(task.x_test[:3]).shape == (3,)

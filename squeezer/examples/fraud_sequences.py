@@ -39,8 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..task_metrics import roc_auc
-from .fraud import AMOUNT_MU, CATEGORY_P, MERCHANTS, ONLINE_P, FraudTask, fit_scorer, pr_auc
+from .fraud import AMOUNT_MU, CATEGORY_P, MERCHANTS, ONLINE_P, FraudTask, fit_scorer
 
 FEATURES = (("log_amount", "hour_sin", "hour_cos", "log_gap_h")
             + tuple(f"merchant={m}" for m in MERCHANTS) + ("foreign", "country_switch", "online"))
@@ -204,13 +203,3 @@ def train_sequence_model(kind: str = "lstm", seed: int = 0, task: SequenceTask |
     return fit_scorer(make_scorer(kind, task.x_train.shape[-1], hidden), task, seed, epochs, lr, BATCH_SIZE,
                       clip_norm=1.0)
 
-
-def evaluate(scores_or_model: nn.Module | Tensor | np.ndarray, task: SequenceTask) -> dict[str, float]:
-    """Test-split ``{"roc_auc", "pr_auc"}`` of a model (called under ``torch.no_grad()``) or of its test-set
-    scores (one per test stream, in order)."""
-    if isinstance(scores_or_model, nn.Module):
-        with torch.no_grad():
-            scores = scores_or_model(task.x_test)
-    else:
-        scores = scores_or_model
-    return {"roc_auc": roc_auc(scores, task.y_test), "pr_auc": pr_auc(scores, task.y_test)}
