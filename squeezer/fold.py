@@ -5,10 +5,13 @@ With the norm's gain ``g = gamma / sqrt(var + eps)`` (per output channel ``c``),
 
     W'_c = g_c W_c,        b'_c = g_c (b_c - mean_c) + beta_c
 
-so ``conv'(x) = bn(conv(x))``. The norm stays in the model as an identity (``gamma = 1``, ``beta = 0``,
-``mean = 0``, ``var = 1 - eps``), so the model's state-dict keys, and a checkpoint's, do not change. Folding
-matters for deployed int8 graphs, whose every convolution output is put on an int8 grid: unfolded, that grid
-sits before the norm and a channel with a near-zero variance (gains of 50 in pretrained nets) multiplies its
+so ``conv'(x) = bn(conv(x))``, and the norm is replaced by :class:`FoldedNorm` (an ``nn.Identity`` naming the
+convolution it went into): its entries leave the state dict, the convolution gains a ``bias`` when it had none,
+and a checkpoint records the pairs so that loading folds the freshly built float model the same way
+(:func:`refold`).
+
+Folding matters for deployed int8 graphs, whose every convolution output is put on an int8 grid: unfolded, that
+grid sits before the norm and a channel with a near-zero variance (gains of 50 in pretrained nets) multiplies its
 rounding error by ``g``; folded, the grid is on the normalised output. Per-channel weight grids are unchanged
 by the fold (each channel's grid scales with ``g_c``).
 
@@ -26,6 +29,9 @@ import torch
 import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import ModelError
+from .modules.swap import set_child
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PROBE_TOLERANCE = 1e-4  # relative: the fold's float rounding is ~1e-7
@@ -80,8 +86,24 @@ def _probe(conv: nn.Module) -> torch.Tensor:
     return torch.randn(1, conv.in_channels, *sizes, generator=gen).to(conv.weight)
 
 
+class FoldedNorm(nn.Identity):
+    """The identity that stands where a batch norm was folded into the convolution ``conv`` (a module name)."""
+
+    def __init__(self, conv: str) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def extra_repr(self) -> str:
+        return f"conv={self.conv!r}"
+
+
+def folded_norms(model: nn.Module) -> dict[str, str]:
+    """``{norm: conv}``: each :class:`FoldedNorm` of ``model`` and the convolution its norm was folded into."""
+    return {name: m.conv for name, m in model.named_modules() if isinstance(m, FoldedNorm)}
+
+
 def fold_pair(conv: nn.Module, bn: _BatchNorm) -> None:
-    """``W <- g W``, ``b <- g (b - mean) + beta`` in place (float64 arithmetic), then ``bn`` made an identity."""
+    """``W <- g W``, ``b <- g (b - mean) + beta`` in place on ``conv`` (float64 arithmetic); ``bn`` is unchanged."""
     with torch.no_grad():
         gain = bn.weight.double() if bn.affine else torch.ones_like(bn.running_var, dtype=torch.float64)
         gain = gain / (bn.running_var.double() + bn.eps).sqrt()
@@ -94,11 +116,6 @@ def fold_pair(conv: nn.Module, bn: _BatchNorm) -> None:
             conv.bias = nn.Parameter(new_bias)
         else:
             conv.bias.copy_(new_bias)
-        bn.running_mean.zero_()
-        bn.running_var.fill_(1 - bn.eps)
-        if bn.affine:
-            bn.weight.fill_(1)
-            bn.bias.zero_()
 
 
 def _own_forward(conv: nn.Module) -> bool:
@@ -108,20 +125,19 @@ def _own_forward(conv: nn.Module) -> bool:
 
 
 def _fold_checked(conv: nn.Module, bn: _BatchNorm) -> str | None:
-    """Fold; for a subclass with its own forward, check ``conv'(x) = bn(conv(x))`` on a probe and undo a
-    mismatch. Returns why the pair was left, else None."""
+    """Fold into ``conv``; for a subclass with its own forward, check ``conv'(x) = bn(conv(x))`` on a probe and
+    undo a mismatch. Returns why the pair was left, else None."""
     if not _own_forward(conv):
         fold_pair(conv, bn)
         return None
     saved_conv = {k: v.detach().clone() for k, v in conv.state_dict().items()}
-    saved_bn = {k: v.detach().clone() for k, v in bn.state_dict().items()}
     had_bias = conv.bias is not None
     try:
         with torch.no_grad():
             x = _probe(conv)
             expected = bn(conv(x))
             fold_pair(conv, bn)
-            got = bn(conv(x))
+            got = conv(x)
         error = ((got - expected).norm() / expected.norm().clamp_min(1e-12)).item()
         why = f"its own forward is not linear in the weight (probe error {error:.2g})"
     except Exception as exc:  # noqa: BLE001 - a forward we cannot probe: leave the pair as it was
@@ -131,12 +147,12 @@ def _fold_checked(conv: nn.Module, bn: _BatchNorm) -> str | None:
     if not had_bias:
         conv.bias = None
     conv.load_state_dict(saved_conv)
-    bn.load_state_dict(saved_bn)
     return why
 
 
 def fold_batchnorm(model: nn.Module) -> FoldReport:
-    """Fold every foldable eval-mode norm of ``model`` into its convolution, in place (see module docstring)."""
+    """Fold every foldable eval-mode norm of ``model`` into its convolution, each norm replaced by a
+    :class:`FoldedNorm`, in place (see module docstring)."""
     report = FoldReport()
     try:
         pairs = conv_bn_pairs(model)
@@ -148,7 +164,29 @@ def fold_batchnorm(model: nn.Module) -> FoldReport:
         conv, bn = modules[conv_name], modules[bn_name]
         why = _foldable(conv, bn) or _fold_checked(conv, bn)
         if why is None:
+            set_child(model, bn_name, FoldedNorm(conv_name))
             report.folded.append((conv_name, bn_name))
         else:
             report.left.append((conv_name, bn_name, why))
     return report
+
+
+def refold(model: nn.Module, norms: dict[str, str]) -> None:
+    """The structure :func:`fold_batchnorm` gave a model, in place on a fresh float ``model``: each norm of
+    ``norms`` (``{norm: conv}``, :func:`folded_norms`) replaced by a :class:`FoldedNorm`, its convolution given a
+    zero ``bias`` when it has none (the folded values are loaded afterwards, e.g. from a checkpoint). A name that
+    is not a batch norm / convolution of ``model`` is a :class:`ModelError`."""
+    for norm_name, conv_name in norms.items():
+        for name, kind, what in ((norm_name, _BatchNorm, "batch norm"), (conv_name, _CONVS, "convolution")):
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ModelError(f"folded norm {norm_name!r} into {conv_name!r}: the model has no module "
+                                 f"{name!r}") from None
+            if not isinstance(module, kind):
+                raise ModelError(f"folded norm {norm_name!r} into {conv_name!r}: module {name!r} of the model is "
+                                 f"{type(module).__name__}, not a {what}")
+        conv = model.get_submodule(conv_name)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
+        set_child(model, norm_name, FoldedNorm(conv_name))

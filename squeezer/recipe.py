@@ -124,7 +124,7 @@ def model_size(model: nn.Module) -> tuple[int, int, int]:
     """``(params, non-zero params, bytes)``: quantized layers count their packed weights; pruning
     masks count in non-zero params (dense storage: bytes do not shrink with unstructured sparsity)."""
     qlayers = quant_layers(model)
-    packed = {f"{name}.weight": layer.weight_qtensor() for name, layer in qlayers.items()}
+    packed = {f"{name}.{key}": qt for name, layer in qlayers.items() for key, qt in layer.weight_qtensors().items()}
     params = nonzero = size = 0
     masked = ".parametrizations.weight.original"
     for name, p in model.named_parameters():

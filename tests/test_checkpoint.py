@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -13,7 +14,9 @@ from hypothesis import strategies as st
 import squeezer
 from squeezer import ModelError, QuantSpec
 from squeezer.io.atomic import atomic_directory
-from squeezer.io.checkpoint import MANIFEST, TENSORS
+from squeezer.fold import FoldedNorm, folded_norms
+from squeezer.io.checkpoint import MANIFEST, TENSORS, read_manifest
+from squeezer.io.manifest import digest
 from squeezer.quant.packing import pack_codes, unpack_codes
 from squeezer.quant.core import quantize
 
@@ -73,6 +76,30 @@ def test_cnn_and_embedding_round_trip(tmp_path, cnn, cnn_batches):
     loaded = squeezer.load(tmp_path / "text", model=TextModel)
     ids = torch.randint(1, 100, (2, 5))
     assert torch.equal(q(ids, torch.ones(2, 5)), loaded(ids, torch.ones(2, 5)))
+
+
+def test_folded_norms_are_recorded_and_refolded_on_load(tmp_path, cnn, cnn_batches):
+    """The norm folded into ``conv1`` is gone from the checkpoint; loading folds the fresh float model the same way,
+    also when the convolution stayed in float (its new bias included)."""
+    for ignore in ((), ("conv1",)):
+        config = dataclasses.replace(squeezer.PRESETS["w8a8-static"], ignore=ignore)
+        q = squeezer.quantize(cnn, config, calib=cnn_batches, progress=False)
+        squeezer.save(q, tmp_path / "cnn")
+        assert read_manifest(tmp_path / "cnn")["folded_norms"] == {"bn": "conv1"}
+        loaded = squeezer.load(tmp_path / "cnn", model=SmallCNN())
+        assert isinstance(loaded.bn, FoldedNorm) and folded_norms(loaded) == {"bn": "conv1"}
+        with torch.no_grad():
+            assert torch.equal(q(cnn_batches[0]), loaded(cnn_batches[0]))
+    no_norm = SmallCNN()
+    no_norm.bn = torch.nn.Identity()
+    with pytest.raises(ModelError, match="folded norm 'bn' into 'conv1': module 'bn' of the model is Identity, not a"):
+        squeezer.load(tmp_path / "cnn", model=no_norm)
+    manifest = json.loads((tmp_path / "cnn" / MANIFEST).read_text())  # forged, the digest re-sealed
+    manifest["folded_norms"]["conv2"] = "conv1"
+    manifest["sha256"] = digest(manifest, tmp_path / "cnn" / TENSORS)
+    (tmp_path / "cnn" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="folded_norms must be one norm per convolution"):
+        squeezer.load(tmp_path / "cnn", model=SmallCNN())
 
 
 @pytest.fixture

@@ -293,7 +293,6 @@ def test_conv_bn_relu6_output_grid_is_taken_after_the_activation(tmp_path, monke
     stem's output goes straight onto the next layer's input grid, the depthwise one (then pooling) gets an own
     grid on [0, 6] (TFLite's fused RELU6); the file is closer to squeezer's simulation than with min-max grids
     on the pre-activation outputs."""
-    from squeezer.exporters import qdq
     from squeezer.exporters.tflite import convert
 
     model = _conv_bn_relu6_net()
@@ -314,7 +313,77 @@ def test_conv_bn_relu6_output_grid_is_taken_after_the_activation(tmp_path, monke
     assert sorted(warned) == ["3", "8"]  # '0' reuses layer '3''s input grid; '3' is followed by pooling
     assert f"scale {6 / 255:.3g}, zero point -128 (range [0, 6] after the activation" in warned["3"]
     monkeypatch.setattr(convert, "CLIPS", {})  # min-max grids on the convolutions' outputs, before their ReLU6
-    monkeypatch.setattr(qdq, "identity_norm", lambda module: False)
     warned, unfused_error = exported("unfused")
     assert sorted(warned) == ["0", "3", "8"] and "range [-" in warned["3"]
     assert error < unfused_error
+
+
+class _ResidualNet(torch.nn.Module):
+    """stem -> [branch, skip] -> branch + skip -> head: the stem's output feeds the branch and the addition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.stem(x)
+        return self.head(self.branch(skip) + skip)
+
+
+def _activation_grids(path) -> set[tuple[float, int]]:
+    """``(scale, zero point)`` of every per-tensor int8 tensor of a TFLite file that is not a constant."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    grids = set()
+    for d in Interpreter(model_path=str(path)).get_tensor_details():
+        q = d["quantization_parameters"]
+        if d["dtype"] == np.int8 and len(q["scales"]) == 1 and not _is_constant(path, d["index"]):
+            grids.add((round(float(q["scales"][0]), 7), int(q["zero_points"][0])))
+    return grids
+
+
+def _calibrated_output_grid(model, name: str, batches) -> tuple[float, int]:
+    """The int8 asymmetric min-max grid of layer ``name``'s output over ``batches``: ``s = (hi - lo) / 255``,
+    ``z = -128 - round(lo / s)``, with ``lo <= 0 <= hi``."""
+    seen = []
+    hook = model.get_submodule(name).register_forward_hook(lambda _m, _i, y: seen.append(y.detach()))
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    hook.remove()
+    y = torch.cat(seen)
+    lo, hi = min(float(y.min()), 0.0), max(float(y.max()), 0.0)
+    scale = (hi - lo) / 255
+    return round(scale, 7), -128 - round(lo / scale)
+
+
+@needs_tflite
+def test_residual_grids_are_squeezers_or_calibrated(tmp_path):
+    """Every activation grid of a residual CNN's file comes from the calibration data: the stem's output, read by
+    the branch and by the addition, sits on the branch's input grid (no grid of its own, no requantization); the
+    addition's output on the head's input grid; the branch's and the head's outputs, which no squeezer layer
+    quantizes, on the min-max range those layers' outputs reach on the calibration batches."""
+    from squeezer.exporters.qdq import static_input_grid
+
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = _ResidualNet().eval()
+    calib = [torch.randn(8, 3, 10, 10, generator=g) for _ in range(4)]
+    x = torch.randn(32, 3, 10, 10, generator=g)
+    q = squeezer.quantize(model, "w8a8-static", calib=calib, progress=False)
+    path = tmp_path / "residual.tflite"
+    report = export(q, x[:1], path, calib=calib)
+    assert sorted(w.split("'")[1] for w in report.warnings) == ["branch", "head"]  # the stem reuses squeezer's grid
+    inputs = {name: static_input_grid(q.get_submodule(name), name, "TFLite") for name in ("stem", "branch", "head")}
+    squeezers = {(round(s, 7), z) for s, z in inputs.values()}
+    calibrated = {_calibrated_output_grid(q, name, calib) for name in ("branch", "head")}  # not the example
+    found = _activation_grids(path)
+    close = lambda a, b: a[1] == b[1] and abs(a[0] - b[0]) <= 1e-6 * b[0]  # noqa: E731
+    assert all(any(close(f, e) for e in squeezers | calibrated) for f in found), (found, squeezers, calibrated)
+    assert all(any(close(f, e) for f in found) for e in squeezers | calibrated)
+    _assert_file_holds_squeezers_integers(path, q)
+    with torch.no_grad():
+        sim = q(x)
+    assert _rel(squeezer.runtime.load(path)(x), sim) < 0.05

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import squeezer
-from squeezer.fold import FoldReport, fold_batchnorm
+from squeezer.fold import FoldedNorm, FoldReport, fold_batchnorm, folded_norms
 from squeezer.quant.core import compute_qparams, fake_quantize
 from squeezer.quant.spec import PerTensor, QuantSpec
 
@@ -45,7 +45,7 @@ def _net(first: type[nn.Conv2d] = PadFirstConv) -> nn.Module:
     return net.eval()
 
 
-def test_folding_is_exact_in_float_and_keeps_the_state_dict_keys() -> None:
+def test_folding_is_exact_in_float_and_replaces_each_norm_by_an_identity() -> None:
     net = _net()
     x = torch.randn(4, 4, 10, 10)
     with torch.no_grad():
@@ -55,8 +55,9 @@ def test_folding_is_exact_in_float_and_keeps_the_state_dict_keys() -> None:
         after = net(x)
     assert report.folded == [("0", "1"), ("3", "4")] and report.untraced is None
     assert ((after - before).norm() / before.norm()).item() < 1e-5
-    assert set(net.state_dict()) == keys | {"0.bias"}
-    assert torch.equal(net[1].running_mean, torch.zeros(8))
+    assert set(net.state_dict()) == {k for k in keys if not k.startswith(("1.", "4."))} | {"0.bias"}
+    assert isinstance(net[1], FoldedNorm) and isinstance(net[1], nn.Identity)
+    assert folded_norms(net) == {"1": "0", "4": "3"}
 
 
 def test_a_conv_whose_forward_is_not_linear_in_its_weight_is_left() -> None:
@@ -67,7 +68,7 @@ def test_a_conv_whose_forward_is_not_linear_in_its_weight_is_left() -> None:
         report = fold_batchnorm(net)
         after = net(x)
     assert [p[:2] for p in report.left] == [("0", "1")] and "not linear" in report.left[0][2]
-    assert report.folded == [("3", "4")]
+    assert report.folded == [("3", "4")] and isinstance(net[1], nn.BatchNorm2d) and net[0].bias is None
     assert ((after - before).norm() / before.norm()).item() < 1e-5  # the refused pair was restored
 
 
@@ -92,13 +93,14 @@ def test_a_grid_on_the_folded_output_is_not_amplified_by_the_norm() -> None:
     with torch.no_grad():
         ref = unfolded[1](unfolded[0](x))
         err = lambda y: ((y - ref).norm() / ref.norm()).item()  # noqa: E731
-        assert err(folded[1](on_grid(folded[0](x)))) < 0.5 * err(unfolded[1](on_grid(unfolded[0](x))))
+        assert err(on_grid(folded[0](x))) < 0.5 * err(unfolded[1](on_grid(unfolded[0](x))))
 
 
 def test_quantize_folds_by_default_and_reports_it() -> None:
     net = _net()
     q = squeezer.quantize(net, "w8", progress=False)
     assert squeezer.report_of(q, FoldReport).folded == [("0", "1"), ("3", "4")]
-    assert net[1].running_var[0] == 0  # the input model is untouched
+    assert folded_norms(q) == {"1": "0", "4": "3"}
+    assert net[1].running_var[0] == 0 and folded_norms(net) == {}  # the input model is untouched
     kept = squeezer.quantize(net, "w8", progress=False, fold_bn=False)
     assert torch.equal(kept[1].running_var, net[1].running_var)

@@ -3,6 +3,8 @@ TFLite's integer LSTM has them), calibration, checkpoints and QAT through the re
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -10,8 +12,12 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import squeezer
 from squeezer.config import QuantConfig
-from squeezer.io.checkpoint import load, save, verify
+from safetensors.torch import load_file
+
+from squeezer.io.checkpoint import MANIFEST, TENSORS, load, read_manifest, save, verify
+from squeezer.io.manifest import digest
 from squeezer.modules import QuantRecurrent, set_mode
+from squeezer.recipe import model_size
 from squeezer.modules.recurrent import STATE16, INT16_STATES
 from squeezer.modules.recurrent_steps import STATE_NAMES, FloatOps, layer_keys, run_recurrent
 from squeezer.quant.core import QParams, fake_quantize
@@ -68,7 +74,7 @@ class _DynamicReference(FloatOps):
 def test_dynamic_quantizes_input_and_hidden_state(kind: str, preset: str) -> None:
     model, x, _ = _model(kind)
     q = squeezer.quantize(model, preset, progress=False)
-    assert q.rnn.quantized_states == ("x", "h") and q.rnn.act_qparams is None
+    assert q.rnn.quantized_states == ("x", "h") and q.rnn.state_qparams == {} and q.rnn.activations_calibrated
     with torch.no_grad():
         want = run_recurrent(q.rnn, _DynamicReference(q.rnn, q.rnn.act_spec), x)[0]
         torch.testing.assert_close(q(x), want, rtol=0, atol=1e-6)
@@ -111,7 +117,7 @@ def test_static_calibration_stores_a_grid_for_every_state(kind: str) -> None:
                 torch.testing.assert_close(float(top), absmax[key, state], rtol=1e-5, atol=0)
         else:
             assert layer.state_spec(state) == layer.act_spec and layer.act_spec.bits == 8
-    assert layer.act_qparams.scale.shape == (len(layer.state_grids()),)
+    assert layer.activations_calibrated and layer.act_qparams is None
 
 
 @pytest.mark.parametrize("kind", ["lstm-proj", "gru-2", "rnn-relu-bi"])
@@ -131,23 +137,37 @@ def test_every_static_grid_is_used(kind: str) -> None:
 def test_static_needs_calibration() -> None:
     model, x, calib = _model("gru-2")
     q = squeezer.quantize(model, "w8a8-static", calib=calib, progress=False)
-    q.rnn.act_qparams = None
-    assert q.rnn.state_qparams == {}
+    q.rnn.state_qparams = {}
+    assert not q.rnn.activations_calibrated
     with pytest.raises(RuntimeError, match="calibration"):
         q(x)
 
 
-def test_act_qparams_round_trip_and_count_check() -> None:
+def test_checkpoint_holds_each_state_grid_by_name_and_checks_them(tmp_path) -> None:
     model, x, calib = _model("lstm-2-bi")
     q = squeezer.quantize(model, "w8a8-static", calib=calib, progress=False)
+    save(q, tmp_path / "ckpt")
+    names = [f"{key}.{state}" for key, state in q.rnn.state_grids()]
+    assert read_manifest(tmp_path / "ckpt")["layers"]["rnn"]["states"] == names
+    stored = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert not any(k.startswith("rnn.act.") for k in stored)
+    for key, state in q.rnn.state_grids():
+        qp = q.rnn.state_qparams[key][state]
+        assert torch.equal(stored[f"rnn.state.{key}.{state}.scale"], qp.scale)
+        assert (f"rnn.state.{key}.{state}.zero_point" in stored) == (qp.zero_point is not None)
     with torch.no_grad():
-        base = q(x)
-        flat = q.rnn.act_qparams
-        q.rnn.act_qparams = None
-        q.rnn.act_qparams = flat
-        torch.testing.assert_close(q(x), base, rtol=0, atol=0)
-    with pytest.raises(squeezer.errors.ModelError, match="activation grids"):
-        q.rnn.act_qparams = QParams(flat.scale[:3], flat.zero_point[:3])
+        torch.testing.assert_close(load(tmp_path / "ckpt", lambda: _model("lstm-2-bi")[0])(x), q(x), rtol=0, atol=0)
+    manifest = json.loads((tmp_path / "ckpt" / MANIFEST).read_text())  # one grid left out, the digest re-sealed
+    manifest["layers"]["rnn"]["states"].remove("l1_reverse.c")
+    manifest["sha256"] = digest(manifest, tmp_path / "ckpt" / TENSORS)
+    (tmp_path / "ckpt" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(squeezer.errors.ModelError, match=r"state grids.*missing \['l1_reverse.c'\]"):
+        load(tmp_path / "ckpt", lambda: _model("lstm-2-bi")[0])
+    manifest["layers"]["rnn"]["states"].append("l0.q")
+    manifest["sha256"] = digest(manifest, tmp_path / "ckpt" / TENSORS)
+    (tmp_path / "ckpt" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(squeezer.errors.ModelError, match=r"states name must be <key>.<state>"):
+        verify(tmp_path / "ckpt")
 
 
 def test_static_packed_sequences_match_padded() -> None:
@@ -226,3 +246,11 @@ def test_qat_through_the_recurrence(mode: str) -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_model_size_counts_each_matrix_on_its_codes() -> None:
+    """``compress``'s size column reads every quantized parameter's codes: a recurrent layer's are per matrix."""
+    q = squeezer.quantize(_model("gru-2")[0], "w4g128", progress=False)
+    params, _, size = model_size(q)
+    floats = sum(p.numel() * p.element_size() for n, p in q.named_parameters() if not n.startswith("rnn.weight_"))
+    assert params == sum(p.numel() for p in q.parameters()) and size == floats + q.rnn.packed_nbytes()

@@ -259,3 +259,31 @@ def test_save_load_packed_activations_bit_identical(preset: str, tmp_path) -> No
     assert restored.rnn.state_qparams.keys() == q.rnn.state_qparams.keys()
     assert packed_kernels(restored) == packed_kernels(packed)
     assert _equal(_run(restored, x), _run(packed, x))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kernels", ["rule", "int_mm"])
+@pytest.mark.parametrize("kind", ["lstm-2-bi-batch_first", "gru-2-bi"])
+def test_compiled_loop_is_the_python_loop_bit_for_bit(kind: str, kernels: str, batch: int) -> None:
+    model, _ = _model(kind)
+    x = torch.randn(batch, 6, SIZE)
+    q = squeezer.quantize(model, "w8a8")
+    packed = squeezer.pack(q, kernels="rule" if kernels == "rule" else {"rnn": kernels})
+    runtime = packed.rnn.runtime
+    assert all(runtime.compiled_loop(key, batch) is not None for key in ("l0", "l0_reverse", "l1", "l1_reverse"))
+    state = (torch.randn(4, batch, SIZE), torch.randn(4, batch, SIZE))
+    hx = state if kind.startswith("lstm") else state[0]
+    for args in ((x,), (x, hx), (x[0],)):  # batched, a given state, unbatched
+        python_loop = run_recurrent(packed.rnn, runtime, *args)
+        assert _equal(_run(packed, *args), python_loop)
+    assert 0 < _rel(_run(packed, x), _run(q, x)) < 1e-2  # the kernels' bf16 / int8 codes, as the Python loop
+
+
+@pytest.mark.parametrize("preset", ACTIVATIONS)
+@pytest.mark.parametrize("kind", ["lstm-proj", "gru-2-bi", "rnn-relu-bi"])
+def test_compiled_loop_only_where_it_is_the_python_loop(kind: str, preset: str) -> None:
+    model, x = _model(kind)
+    runtime = squeezer.pack(_quantize(model, x, preset)).rnn.runtime
+    compiled = runtime.compiled_loop("l0", 1) is not None
+    assert compiled == (kind == "gru-2-bi" and preset == "w8a8")  # w8a8 LSTM / GRU without proj_size only
+    assert runtime.compiled_loop("l0", 1, torch.float64) is None  # fp64 states: the Python loop

@@ -77,3 +77,19 @@ def test_task_metric_before_and_after_in_the_summary(report: QuantReport) -> Non
     assert data["summary"]["before"]["task"] == {"accuracy": 0.9}
     assert data["summary"]["after"]["task"] == {"accuracy": 0.875}
     assert "<td>task.accuracy</td>" in render_html(data)
+
+
+def test_folded_norms_and_bias_correction_are_reported() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4)).eval()
+    calib = [torch.randn(4, 3, 10, 10)]
+    q = squeezer.quantize(net, "w8", calib=calib, progress=False, correct_bias=True)
+    report = squeezer.report_of(q, QuantReport)
+    assert report.folded_norms == {"1": "0", "4": "3"} and report.bias_corrected
+    assert report.to_dict()["folded_norms"] == {"1": "0", "4": "3"} and report.to_dict()["bias_corrected"] is True
+    line = "batch norms folded: 1 into 0, 4 into 3; convolution biases corrected for their mean output shift"
+    assert report.float_changes() == line and line in report.table().caption
+    assert quant_report_data(report)["about"]["before quantizing"] == line
+    plain = squeezer.report_of(squeezer.quantize(net, "w8", progress=False, fold_bn=False), QuantReport)
+    assert plain.float_changes() is None and plain.to_dict()["folded_norms"] == {} and not plain.bias_corrected
+    assert "before quantizing" not in quant_report_data(plain)["about"]

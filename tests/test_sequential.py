@@ -283,3 +283,27 @@ def test_gpt2_conv1d_blocks_stream_into_squeezer_checkpoints_and_gguf(tmp_path, 
     d = qt.qparams.scale.to(torch.float16).float().reshape(qt.shape[0], -1, 1)
     want = (qt.codes.float().reshape(qt.shape[0], -1, 32) * d).reshape(qt.shape)  # (out, in): the transpose
     assert torch.equal(torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(qt.shape), want)
+
+
+def test_each_block_runs_its_calibration_inputs_twice(llama, calib, tmp_path, monkeypatch):
+    """The streamed path measures no errors: per block, one batch to check the fit, the statistics pass and the
+    pass whose outputs feed the next block (no float reference, no compare passes)."""
+    from squeezer.hf.skeleton import BlockStage
+
+    calls = []
+    forward = BlockStage.forward
+    monkeypatch.setattr(BlockStage, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    quantize_pretrained(llama, "w4g128-gptq", tmp_path / "out", calib=calib)
+    assert len(calls) == 2 * (1 + 2 * len(calib))
+
+
+def test_quantize_without_measuring_gives_the_same_weights_and_no_errors(calib):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    batches = [c.float() for c in calib]
+    measured = squeezer.quantize(model, "w4g128-gptq", calib=batches, progress=False)
+    lean = squeezer.quantize(model, "w4g128-gptq", calib=batches, progress=False, measure=False)
+    for name, layer in quant_layers(measured).items():
+        assert torch.equal(quant_layers(lean)[name].quantized_weight(), layer.quantized_weight()), name
+    assert squeezer.report_of(lean).model_output_error is None
+    assert squeezer.report_of(measured).model_output_error is not None

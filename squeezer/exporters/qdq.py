@@ -246,26 +246,15 @@ DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 """Modules that are the identity in eval mode (left out of exported QDQ graphs by :func:`qdq_model`)."""
 
 
-def identity_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is an eval-mode batch norm computing the identity (``mean = 0``, ``var + eps = 1``,
-    ``gamma = 1``, ``beta = 0``: what batch-norm folding leaves in place of a norm folded into its convolution)."""
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_mean is None:
-        return False
-    affine = [] if not module.affine else [module.weight - 1, module.bias]
-    return all(bool((t == 0).all()) for t in [module.running_mean, *affine]) and bool(
-        ((module.running_var + module.eps - 1).abs() <= 1e-6).all())
-
-
 def qdq_model(model: nn.Module, make: Callable[[str, QuantMixin], nn.Module]) -> nn.Module:
     """A copy of ``model`` (in eval mode) whose quantized layers are replaced by ``make(name, layer)``;
-    other modules are copied, the quantized layers themselves are not. Dropout modules and folded batch norms
-    (:func:`identity_norm`) become ``nn.Identity`` (what they compute in eval mode), so that none is left as a
-    node between a layer and its activation or the next input quantizer, where it would keep a runtime from
-    fusing them into an int8 kernel."""
+    other modules are copied, the quantized layers themselves are not. Dropout modules become ``nn.Identity``
+    (what they compute in eval mode), so that none is left as a node between a layer and its activation or the
+    next input quantizer, where it would keep a runtime from fusing them into an int8 kernel."""
     memo: dict[int, Any] = {id(layer): make(name, layer) for name, layer in quant_layers(model).items()}
     copied = copy.deepcopy(model, memo).eval()
     for parent in list(copied.modules()):
         for child_name, child in parent.named_children():
-            if isinstance(child, DROPOUTS) or identity_norm(child):
+            if isinstance(child, DROPOUTS):
                 setattr(parent, child_name, nn.Identity())
     return copied

@@ -33,7 +33,7 @@ StateGrids = dict[str, dict[str, StateGrid]]
 def static_state_grids(layer: QuantRecurrent, name: str) -> StateGrids:
     """The layer's calibrated state grids on signed codes: an unsigned 8-bit grid (codes 0..255, zero ``Z``)
     as int8 ``[-128, 127]`` with zero ``Z - 128`` (the same real values)."""
-    if layer.act_qparams is None:
+    if not layer.activations_calibrated:
         raise ConfigError(f"layer {name!r}: static activations are not calibrated")
     grids: StateGrids = {}
     for key, states in layer.state_qparams.items():

@@ -4,6 +4,13 @@ The scheme and the packing are the compressed-tensors library's own (``Quantizat
 ``QuantizationScheme`` / ``QuantizationConfig``; the ``int-quantized`` compressor for 8 bits, ``pack-quantized``
 below). Codes use the library's signed convention: an asymmetric squeezer grid (unsigned codes ``q`` and
 zero point ``Z`` in ``[0, 2^b - 1]``) is shifted to ``q - 2^(b-1)``, ``Z - 2^(b-1)``; ``(q - Z) * S`` is unchanged.
+
+``pack-quantized`` packs an asymmetric group / channel zero point ``(N, G)`` into int32 rows ``(ceil(N b / 32), G)``,
+which is what vLLM and the library's ``decompress`` read. transformers sets up such a model on meta tensors, where
+compressed-tensors leaves that parameter unpacked ``(N, G)``, so its load stops on the shape. Those folders carry
+the ``dequantize`` flag of transformers' ``CompressedTensorsConfig`` in ``quantization_config`` (:func:`load_flags`):
+transformers then decompresses each weight with the library's own ``decompress`` while loading (a dense model
+with ``(q - Z) * S``), and other readers ignore the key.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +30,9 @@ from ..quant.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from .folder import TRANSPOSED_WEIGHTS, HFFolder, PretrainedResult, selected
 from .stream import SafetensorsStream
 from .weights import groups_fit, quantize_weight
+
+if TYPE_CHECKING:
+    from compressed_tensors.quantization import QuantizationArgs
 
 
 def quantization_args(spec: QuantSpec, preset: str):
@@ -40,6 +51,15 @@ def quantization_args(spec: QuantSpec, preset: str):
     if not 1 <= spec.bits <= 8:
         raise ConfigError(f"preset {preset!r}: {spec.bits}-bit weights have no compressed-tensors format (1..8)")
     return QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, **strategy)
+
+
+def load_flags(fmt: str, args: QuantizationArgs) -> dict[str, bool]:
+    """The transformers loading options ``quantization_config`` carries for ``fmt`` / ``args``: ``dequantize`` where
+    ``pack-quantized`` packs the zero point (asymmetric, a strategy in the library's ``PACK_ZP_STRATS``)."""
+    from compressed_tensors.compressors.pack_quantized.base import PACK_ZP_STRATS
+
+    packed_zero_point = fmt == "pack-quantized" and not args.symmetric and args.strategy in PACK_ZP_STRATS
+    return {"dequantize": True} if packed_zero_point else {}
 
 
 def _state(qt: QTensor) -> dict[str, torch.Tensor]:
@@ -108,7 +128,7 @@ class CompressedWriter:
         scheme = QuantizationScheme(targets=self.targets, weights=self.args, format=self.fmt)
         qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format=self.fmt,
                                      quantization_status="compressed")
-        config = {**source.config, "quantization_config": qconfig.to_dict()}
+        config = {**source.config, "quantization_config": {**qconfig.to_dict(), **load_flags(self.fmt, self.args)}}
         (self.folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
         (self.folder / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": self.weight_map}, indent=2))
@@ -118,14 +138,15 @@ class CompressedWriter:
 
 def write_compressed(source: HFFolder, cfg: QuantConfig, out: Path, include: str, ignore: tuple[str, ...],
                      result: PretrainedResult) -> None:
-    """Write ``out`` with round-to-nearest codes: one output shard per input shard."""
+    """Write ``out`` with round-to-nearest codes: one output shard per input shard (routers kept as stored)."""
     with atomic_directory(out) as tmp:
         writer = CompressedWriter(source, cfg, tmp)
         for shard in source.shards:
             writer.shard(shard.name)
             for name, shape, floating in source.infos(shard):
                 tensor = source.tensor(shard, name)
-                if not (selected(name, shape, floating, include, ignore) and groups_fit(shape, cfg.weight)):
+                if not (selected(name, shape, floating, include, ignore) and groups_fit(shape, cfg.weight)
+                        and not source.router(name)):
                     writer.add_kept(name, tensor)
                     result.kept.append(name)
                     continue

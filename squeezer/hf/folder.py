@@ -18,6 +18,10 @@ BLOCK_LINEAR = r"\.(layers|h|blocks)\.\d+\..*\.weight$"
 which are outside the blocks or 1-D, stay in their own dtype)."""
 TRANSPOSED_WEIGHTS = {"gpt2": r"\.(c_attn|c_proj|c_fc)\.weight$"}
 """Per model type, the weights stored as ``(in, out)`` (transformers' ``Conv1D``, ``y = x W + b``)."""
+ROUTER_WEIGHTS = {"mixtral": r"\.block_sparse_moe\.gate\.weight$",
+                  "qwen2_moe": r"\.mlp\.(gate|shared_expert_gate)\.weight$"}
+"""Per model type, the mixture-of-experts routers (expert scores, the shared expert's sigmoid gate): kept in float,
+as transformers loads them (no quantized module takes their place) and as their few rows decide every token's path."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,11 @@ class HFFolder:
         """Whether the weight ``name`` is stored ``(in, out)`` (a ``Conv1D``): its Linear weight ``(out, in)`` is
         the transpose."""
         pattern = TRANSPOSED_WEIGHTS.get(self.model_type)
+        return pattern is not None and re.search(pattern, name) is not None
+
+    def router(self, name: str) -> bool:
+        """Whether the stored weight ``name`` is a mixture-of-experts router (:data:`ROUTER_WEIGHTS`)."""
+        pattern = ROUTER_WEIGHTS.get(self.model_type)
         return pattern is not None and re.search(pattern, name) is not None
 
     def infos(self, shard: Path) -> Iterator[tuple[str, tuple[int, ...], bool]]:
@@ -91,7 +100,8 @@ def selected(name: str, shape: tuple[int, ...], floating: bool, include: str, ig
 class PretrainedResult:
     """What was written: the output path, the quantized tensor names and the ones kept as they were; with
     calibration, whether hidden states were spilled to disk, the most blocks held in memory at once, and the
-    experts that received too few calibration tokens and kept round-to-nearest."""
+    experts that received too few calibration tokens and kept round-to-nearest; the mixture-of-experts routers
+    kept in float (also in ``kept``)."""
 
     out: Path
     format: str
@@ -101,3 +111,4 @@ class PretrainedResult:
     spilled: bool = False
     peak_live_blocks: int = 0
     rtn_fallback: list[str] = field(default_factory=list)
+    float_routers: list[str] = field(default_factory=list)

@@ -10,7 +10,9 @@ The file is laid out as llama.cpp's own converter lays it out (:class:`LlamaCppL
 ``gguf``'s ``TensorNameMap`` (``blk.N.attn_q.weight``, ``token_embd.weight``, ...), the architecture's
 hyperparameters under ``<arch>.*``, the vocabulary under ``tokenizer.ggml.*``; Llama's Q / K rows permuted
 per head from Hugging Face's rotate-half order to llama.cpp's interleaved one (row ``h, 2, d/2 -> h, d/2, 2``,
-codes and block scales move with their row); GPT-2's ``Conv1D`` weights transposed to ``(out, in)`` first.
+codes and block scales move with their row); GPT-2's ``Conv1D`` weights transposed to ``(out, in)`` first, and
+its token embedding also written as the output matrix ``output.weight`` (tied in the model; llama.cpp's GPT-2
+graph reads both).
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ class LlamaCppLayout:
                              f"{self.arch_name!r}")
         return name
 
+    def names_of(self, hf_name: str) -> list[str]:
+        """Every llama.cpp name the stored tensor ``hf_name`` is written under (GPT-2's tied embedding twice)."""
+        name = self.name(hf_name)
+        return [name, "output.weight"] if self.arch_name == "gpt2" and name == "token_embd.weight" else [name]
+
     def rows(self, hf_name: str, n: int) -> torch.Tensor | None:
         """Llama's Q / K row permutation of a tensor of ``n`` rows, else None."""
         c = self.source.config
@@ -125,7 +132,11 @@ class LlamaCppLayout:
     def _write_vocab(self, writer, vocab_size: int) -> None:
         """The folder's ``tokenizer.json`` vocabulary as a BPE (``gpt2``) vocabulary: tokens by id (padded to
         ``vocab_size`` with unused ``[PAD<i>]`` entries), special tokens as control tokens, merges and special ids
-        through ``gguf.SpecialVocab``. A folder without ``tokenizer.json`` gets no vocabulary."""
+        through ``gguf.SpecialVocab``, and the pre-tokenizer llama.cpp applies before the merges (``gpt-2``: GPT-2's
+        regex, for a byte-level pre-tokenizer that splits by it; else ``default``). A folder without
+        ``tokenizer.json`` gets no vocabulary."""
+        import json
+
         import gguf
         from tokenizers import Tokenizer
 
@@ -133,13 +144,15 @@ class LlamaCppLayout:
         if not path.exists():
             return
         tokenizer = Tokenizer.from_file(str(path))
+        pre = json.loads(path.read_text()).get("pre_tokenizer") or {}
         by_id = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
         special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
         tokens = [by_id.get(i, f"[PAD{i}]") for i in range(max(vocab_size, len(by_id)))]
         kinds = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL if i in by_id
                  else gguf.TokenType.UNUSED for i, t in enumerate(tokens)]
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")
+        writer.add_tokenizer_pre("gpt-2" if pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                                 else "default")
         writer.add_token_list(tokens)
         writer.add_token_types(kinds)
         bpe = type(tokenizer.model).__name__ == "BPE"
@@ -171,18 +184,18 @@ class GGUFOut:
 
     def plan(self, name: str, shape: tuple[int, ...], quantized: bool) -> None:
         """Tensor ``name`` (its stored shape; a ``Conv1D`` weight's is ``(in, out)``) comes next, as blocks when
-        ``quantized``."""
+        ``quantized``, under each of its llama.cpp names."""
         import gguf
 
         shape = shape[::-1] if self.source.transposed(name) else shape
-        gguf_name = self.layout.name(name)
-        if quantized:
-            stored = gguf.quant_shape_to_byte_shape(shape, self.qtype)
-            self.writer.add_tensor_info(gguf_name, stored, np.dtype(np.uint8), int(np.prod(stored)),
-                                        raw_dtype=self.qtype)
-        else:
-            self.writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
-        self.order.append(name)
+        for gguf_name in self.layout.names_of(name):
+            if quantized:
+                stored = gguf.quant_shape_to_byte_shape(shape, self.qtype)
+                self.writer.add_tensor_info(gguf_name, stored, np.dtype(np.uint8), int(np.prod(stored)),
+                                            raw_dtype=self.qtype)
+            else:
+                self.writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
+            self.order.append(name)
 
     def __enter__(self) -> "GGUFOut":
         return self
@@ -195,16 +208,17 @@ class GGUFOut:
 
     def write(self, name: str, data: torch.Tensor | QTensor) -> None:
         """The data of tensor ``name``: a float tensor as stored (written F32) or the codes of its Linear weight
-        ``(out, in)`` (written as blocks)."""
+        ``(out, in)`` (written as blocks), once per llama.cpp name it was planned under."""
         if self.order[self._next] != name:
             raise ModelError(f"GGUF output: tensor {name!r} comes out of order (expected {self.order[self._next]!r})")
-        self._next += 1
         if isinstance(data, QTensor):
             array = blocks(data, self.qtype.name)
         else:
             array = (data.t() if self.source.transposed(name) else data).float().contiguous().numpy()
         rows = self.layout.rows(name, array.shape[0])
-        self.writer.write_tensor_data(array if rows is None else array[rows.numpy()])
+        while self._next < len(self.order) and self.order[self._next] == name:
+            self.writer.write_tensor_data(array if rows is None else array[rows.numpy()])
+            self._next += 1
 
     def __exit__(self, kind, *_: object) -> None:
         try:

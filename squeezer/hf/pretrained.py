@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..config import PRESETS, QuantConfig
 from ..errors import ConfigError, excerpt
@@ -38,7 +39,7 @@ def resolve_preset(preset: str) -> QuantConfig:
 def quantize_pretrained(folder: str | Path, preset: str, out: str | Path, format: str = "compressed-tensors",
                         include: str = BLOCK_LINEAR, ignore: tuple[str, ...] = (), calib: Sequence | None = None,
                         seq_len: int = 512, n_samples: int = 128, max_hidden_bytes: int = 1 << 30,
-                        min_expert_tokens: int = 16) -> PretrainedResult:
+                        min_expert_tokens: int = 16, distributed: bool | Any = False) -> PretrainedResult:
     """Quantize the Linear weights of a Hugging Face folder.
 
     Without ``calib``: a data-free preset, one tensor at a time; ``include`` (regex) picks the 2-D weights to
@@ -48,7 +49,11 @@ def quantize_pretrained(folder: str | Path, preset: str, out: str | Path, format
     at a time (:mod:`squeezer.hf.sequential`; hidden states above ``max_hidden_bytes`` spilled to disk); the
     blocks' Linear layers are quantized, tensors outside the blocks are written as stored; experts of a
     mixture-of-experts block that receive fewer than ``min_expert_tokens`` calibration tokens keep
-    round-to-nearest (``result.rtn_fallback``).
+    round-to-nearest (``result.rtn_fallback``), shared experts are quantized as dense MLPs, and routers stay in
+    float on both paths (``result.float_routers``). ``distributed`` (with ``calib``; ``True`` for the default group
+    of an initialised ``torch.distributed``, or a process group): ``calib`` is this process's share of the
+    calibration samples, each block's statistics are combined over the group before it is quantized
+    (:func:`squeezer.quantize`'s ``distributed``), and process 0 alone writes ``out``.
     ``format``: ``compressed-tensors`` (a folder ``out`` that transformers and vLLM load; weight-only presets
     without input scales), ``gguf`` (a file ``out``; the grids of presets ``q8_0`` / ``q4_0`` only) or, with
     ``calib``, ``squeezer`` (a folder of squeezer checkpoints, one per block, for every preset:
@@ -60,11 +65,16 @@ def quantize_pretrained(folder: str | Path, preset: str, out: str | Path, format
     if calib is not None:
         cfg = resolve_config(preset)
         batches = token_batches(calib, source.path, int(source.config.get("vocab_size", 1 << 62)), seq_len, n_samples)
-        return quantize_sequential(source, cfg, batches, Path(out), format, result, max_hidden_bytes, min_expert_tokens)
+        return quantize_sequential(source, cfg, batches, Path(out), format, result, max_hidden_bytes, min_expert_tokens,
+                                   distributed)
+    if distributed not in (False, None):
+        raise ConfigError("distributed=... shares calibration samples between processes: pass calib=... (model-free "
+                          "quantization runs in one process)", argument="distributed")
     if format == "squeezer":
         raise ConfigError("format 'squeezer' (one squeezer checkpoint per block) is written by calibrated "
                           "quantization: pass calib=...", argument="calib")
     cfg = resolve_preset(preset)
     write = write_gguf if format == "gguf" else write_compressed
     write(source, cfg, Path(out), include, tuple(ignore), result)
+    result.float_routers = [name for name in result.kept if source.router(name)]
     return result

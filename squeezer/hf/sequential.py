@@ -5,9 +5,12 @@ embeddings) are read from the shards and the calibration batches run until the f
 captured (hidden states ``(B, T, H)`` and the keyword arguments it takes: attention mask, position
 embeddings, ...; the same for every block). Then for block ``i``: its weights are read, it is quantized by
 :func:`squeezer.quantize` on those inputs as one stage (its layers' statistics gathered in one pass, as the
-in-memory pipeline does for each child of a model's block list), its outputs *from the quantized block* become block ``i + 1``'s inputs, its tensors are written out and
-the block is dropped. Hidden states are kept for one depth (:class:`.hidden.HiddenStore`: a block's inputs and
-outputs, spilled to disk when together above ``max_hidden_bytes``; the keyword arguments stay in memory).
+in-memory pipeline does for each child of a model's block list; no error measurement, so the passes over the
+inputs are that one, the static presets' range pass, and a mixture-of-experts block's token count), its outputs
+*from the quantized block* become block ``i + 1``'s inputs, its tensors are written out and the block is dropped.
+With ``distributed``, each process runs its share of the samples and the statistics are combined per block.
+Hidden states are kept for one depth (:class:`.hidden.HiddenStore`: a block's inputs and outputs, spilled to
+disk when together above ``max_hidden_bytes``; the keyword arguments stay in memory).
 Tensors outside the blocks (embeddings, final norm, ``lm_head``) are written as they are stored: the
 preset applies to the blocks' Linear layers (in GGUF, to those whose rows split into its blocks of 32).
 """
@@ -19,13 +22,16 @@ import re
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..api import quantize
 from ..config import QuantConfig
+from ..distributed import Reducer, make_reducer
 from ..errors import ConfigError, ModelError
 from ..io.atomic import atomic_directory
 from ..memory import release_free_memory
@@ -170,6 +176,11 @@ class _Sink:
             self.file.add_kept(name, source.tensor(shard, name))
         (self.result.quantized if layer is not None else self.result.kept).append(name)
 
+    def close(self) -> None:
+        """Write the tensors outside the blocks, then the output's index and config."""
+        self.outside()
+        self.finish()
+
     def finish(self) -> None:
         if self.format == "squeezer":
             self.file.finish(self.skeleton.source, self.skeleton.prefix)
@@ -182,10 +193,16 @@ def _live_blocks(blocks: nn.ModuleList) -> int:
 
 
 def quantize_sequential(source: HFFolder, cfg: QuantConfig, batches: list[Tensor], out: Path, format: str,
-                        result: PretrainedResult, max_hidden_bytes: int, min_expert_tokens: int) -> PretrainedResult:
-    """Quantize ``source`` with ``cfg`` on token batches ``(B, T)``, block by block, into ``out`` (see module)."""
+                        result: PretrainedResult, max_hidden_bytes: int, min_expert_tokens: int,
+                        distributed: bool | Any = False) -> PretrainedResult:
+    """Quantize ``source`` with ``cfg`` on token batches ``(B, T)``, block by block, into ``out`` (see module).
+    ``distributed`` (``True`` or a process group, as :func:`squeezer.quantize` takes it): ``batches`` are this
+    process's share; each block's statistics and expert token counts are combined over the processes, so every
+    process quantizes each block identically; process 0 alone writes ``out``, and every process returns once it
+    is written (the others' ``result`` lists no written tensor)."""
+    reducer = make_reducer(distributed)
     skeleton = Skeleton.build(source)
-    spill_dir = out.parent / f".{out.name}.hidden"
+    spill_dir = out.parent / (f".{out.name}.hidden-{reducer.rank}" if reducer.active else f".{out.name}.hidden")
     stores: list[HiddenStore] = []
     try:
         skeleton.load_outside(torch.float32, before_blocks=True)
@@ -195,57 +212,86 @@ def quantize_sequential(source: HFFolder, cfg: QuantConfig, batches: list[Tensor
         outputs = HiddenStore(inputs.shapes, max_hidden_bytes // 2, spill_dir)
         stores.append(outputs)
         result.spilled = inputs.spilled
-        if format == "gguf":
-            _run(skeleton, cfg, inputs, outputs, kwargs, _Sink(skeleton, cfg, None, out, format, result), result,
-                 min_expert_tokens)
+        run = partial(_run, skeleton, cfg, inputs, outputs, kwargs, result=result,
+                      min_expert_tokens=min_expert_tokens, reducer=reducer)
+        if reducer.rank != 0:
+            run(None)
+        elif format == "gguf":
+            run(lambda: _Sink(skeleton, cfg, None, out, format, result))
         else:
             with atomic_directory(out) as tmp:
-                _run(skeleton, cfg, inputs, outputs, kwargs, _Sink(skeleton, cfg, tmp, out, format, result), result,
-                     min_expert_tokens)
+                run(lambda: _Sink(skeleton, cfg, tmp, out, format, result))
     finally:
         for store in stores:
             store.close()
         if spill_dir.exists() and not any(spill_dir.iterdir()):
             spill_dir.rmdir()
+    reducer.barrier()
     return result
 
 
+def _together(reducer: Reducer, step: Callable[[], Any] | None) -> Any:
+    """``step()`` where there is one (process 0's writes; ``None`` elsewhere), then every process learns whether it
+    failed: its error is raised there and a :class:`ModelError` on the others, so that none waits for a collective
+    that will not come."""
+    error, value = None, None
+    try:
+        value = None if step is None else step()
+    except Exception as exc:  # re-raised below, once every process knows
+        error = exc
+    failed = reducer.max(torch.tensor([float(error is not None)])).item() > 0
+    if error is not None:
+        raise error
+    if failed:
+        raise ModelError("process 0 failed to write the output (its error says why); this process stops with it")
+    return value
+
+
 def _run(skeleton: Skeleton, cfg: QuantConfig, inputs: HiddenStore, outputs: HiddenStore, kwargs: list[dict],
-         sink: _Sink, result: PretrainedResult, min_expert_tokens: int) -> None:
-    with sink.file if sink.format == "gguf" else nullcontext():
+         make_sink: Callable[[], _Sink] | None, result: PretrainedResult, min_expert_tokens: int,
+         reducer: Reducer) -> None:
+    """Each block in turn: quantized on ``inputs``, its outputs into ``outputs`` (the next block's inputs), written
+    to the sink ``make_sink()`` makes (``None``: a process that writes nothing)."""
+    sink = _together(reducer, make_sink)
+    with sink.file if sink is not None and sink.format == "gguf" else nullcontext():
         for i, block in enumerate(skeleton.blocks):
             skeleton.load(block, f"{skeleton.prefix}.{i}", torch.float32)
             result.peak_live_blocks = max(result.peak_live_blocks, _live_blocks(skeleton.blocks))
             stage = BlockStage(block).eval()
             calib = [{"hidden_states": inputs[j], **kwargs[j]} for j in range(len(inputs))]
-            _quantize_block(stage, cfg, calib, min_expert_tokens,
+            _quantize_block(stage, cfg, calib, min_expert_tokens, skeleton.float_linears(i), reducer,
                             lambda n: result.rtn_fallback.append(f"{skeleton.prefix}.{i}.{n}"))
+            result.float_routers += [n for n in skeleton.block_names(i) if skeleton.source.router(n)]
             with torch.no_grad():
                 for j, batch in enumerate(calib):
                     outputs[j] = stage(**batch)
-            sink.block(i, stage)
+            _together(reducer, None if sink is None else partial(sink.block, i, stage))
             skeleton.release(i)
             del block, stage, calib
             release_free_memory()
             inputs, outputs = outputs, inputs
-        sink.outside()
-        sink.finish()
+        _together(reducer, None if sink is None else sink.close)
 
 
 def _quantize_block(stage: BlockStage, cfg: QuantConfig, calib: list[dict], min_expert_tokens: int,
-                    fallback: Callable[[str], None]) -> None:
-    """:func:`squeezer.quantize` of one block on its inputs; experts that receive fewer than ``min_expert_tokens``
-    calibration tokens are left out of it and quantized with round-to-nearest on the same grid (each one
-    reported to ``fallback`` by its name in the block)."""
+                    keep_float: list[str], reducer: Reducer, fallback: Callable[[str], None]) -> None:
+    """:func:`squeezer.quantize` of one block on its inputs, without error measurement (``measure=False``: the
+    passes over ``calib`` are the statistics, and the activation ranges of static presets) and without batch-norm
+    folding (a transformer block has none: no graph trace); the Linear layers ``keep_float`` (names in the block:
+    routers) stay float. Experts that receive fewer than ``min_expert_tokens``
+    calibration tokens (summed over ``reducer``'s processes) are left out of it and quantized with
+    round-to-nearest on the same grid (each one reported to ``fallback`` by its name in the block)."""
     def run() -> None:
         with torch.no_grad():
             for batch in calib:
                 stage(**batch)
 
-    counts = expert_tokens(stage.block, run) if any(isinstance(m, Expert) for m in stage.modules()) else {}
+    counts = expert_tokens(stage.block, run, reducer) if any(isinstance(m, Expert) for m in stage.modules()) else {}
     few = [name for name, count in counts.items() if count < min_expert_tokens]
-    ignore = tuple(rf"^block\.{re.escape(name)}\." for name in few)
-    quantize(stage, replace(cfg, ignore=(*cfg.ignore, *ignore)), calib=calib, inplace=True, progress=False)
+    ignore = (*(rf"^block\.{re.escape(name)}\." for name in few),
+              *(rf"^block\.{re.escape(name)}$" for name in keep_float))
+    quantize(stage, replace(cfg, ignore=(*cfg.ignore, *ignore)), calib=calib, inplace=True, progress=False,
+             fold_bn=False, distributed=reducer, measure=False)
     rtn = replace(cfg, algorithm="rtn", algorithm_options={})
     for name in few:
         quantize(stage.block.get_submodule(name), rtn, inplace=True, progress=False)

@@ -58,7 +58,8 @@ class Skeleton:
     prefix: str
     shard_of: dict[str, Path]
     linear_weights: frozenset[str]
-    """Shard names of the weights of the blocks' ``nn.Linear`` layers (those a preset quantizes)."""
+    """Shard names of the weights of the blocks' ``nn.Linear`` layers that a preset quantizes (routers stay float:
+    :meth:`.folder.HFFolder.router`)."""
 
     @classmethod
     def build(cls, source: HFFolder) -> "Skeleton":
@@ -87,7 +88,8 @@ class Skeleton:
         skeleton = cls(source, model, blocks, prefix, shard_of, frozenset())
         linear = (f"{prefix}.{name}.weight" for name, m in blocks.named_modules()
                   if isinstance(m, nn.Linear) or source.transposed(f"{prefix}.{name}.weight"))
-        skeleton.linear_weights = frozenset(skeleton.stored_name(n) for n in linear if skeleton._stored(n))
+        stored = (skeleton.stored_name(n) for n in linear if skeleton._stored(n))
+        skeleton.linear_weights = frozenset(n for n in stored if not source.router(n))
         return skeleton
 
     def stored_name(self, name: str) -> str:
@@ -104,6 +106,12 @@ class Skeleton:
         for model_part, stored_part in STORED_NAMES.get(self.source.config.get("model_type"), ()):
             names.append(names[-1].replace(model_part, stored_part))
         return [c for n in names for c in (n, f"{base}.{n}", n.removeprefix(f"{base}."))]
+
+    def float_linears(self, i: int) -> list[str]:
+        """The ``nn.Linear`` layers of block ``i`` kept in float (routers), by their names in the block."""
+        block = self.blocks[i]
+        return [name for name, m in block.named_modules() if isinstance(m, nn.Linear)
+                and self.source.router(self.stored_name(f"{self.prefix}.{i}.{name}.weight"))]
 
     def block_names(self, i: int) -> list[str]:
         """The shard names of block ``i``'s tensors."""

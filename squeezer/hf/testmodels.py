@@ -1,9 +1,10 @@
-"""Hugging Face model folders made by code: Llama-, Qwen2-, GPT-2- and Mixtral-shaped decoders from
-transformers configs with seeded random weights, and a word-level tokenizer that loads offline.
+"""Hugging Face model folders made by code: Llama-, Qwen2-, GPT-2-, Mixtral- and Qwen2-MoE-shaped decoders from
+transformers configs with seeded random weights, and a tokenizer that loads offline (:data:`TOKENIZERS`).
 
-The tokenizer's vocabulary is :data:`WORDS` plus ``w<i>`` fillers up to the model's vocabulary size, so a
-text written with those words tokenises to known ids (``AutoTokenizer.from_pretrained(folder)``; transformers maps
-the ``qwen2`` model type to its own tokenizer class, which does not read this one)."""
+The word-level tokenizer's vocabulary is :data:`WORDS` plus ``w<i>`` fillers up to the model's vocabulary size,
+so a text written with those words tokenises to known ids (``AutoTokenizer.from_pretrained(folder)``;
+transformers maps the ``qwen2`` model type to its own tokenizer class, which does not read this one). The
+byte-level BPE tokenizer (GPT-2's scheme, with merges) is the one llama.cpp accepts in a GGUF file."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ SIZES: dict[str, dict[str, int]] = {
 STREAMED_SIZES = ("7b", "13b")
 """Sizes written one tensor at a time (:func:`write_random_folder`): larger than this machine's memory."""
 
-ARCHITECTURES = ("llama", "qwen2", "gpt2", "mixtral")
+ARCHITECTURES = ("llama", "qwen2", "gpt2", "mixtral", "qwen2_moe")
 
 
 def _config(arch: str, size: dict[str, int]):
@@ -45,6 +46,10 @@ def _config(arch: str, size: dict[str, int]):
                                        vocab_size=size["vocab_size"], n_positions=512, bos_token_id=0, eos_token_id=0)
     if arch == "mixtral":
         return transformers.MixtralConfig(**size, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen2_moe":  # routed experts half the dense width, one shared expert of the full width
+        return transformers.Qwen2MoeConfig(**size, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=size["intermediate_size"] // 2,
+                                           shared_expert_intermediate_size=size["intermediate_size"])
     config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
     return config_class(**size)
 
@@ -61,30 +66,63 @@ def word_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]")
 
 
+def bpe_tokenizer(vocab_size: int, seed: int = 0):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` (GPT-2's pre-tokenizer and byte-to-character map) of at most
+    ``vocab_size`` tokens: ``<|endoftext|>`` (id 0, beginning / end / unknown), the characters of the bytes of
+    printable ASCII, ``\\n`` and U+010A (whose UTF-8 bytes llama.cpp's loader tokenises to find the newline
+    token), then merges learned from 400 lines of :data:`WORDS` drawn from ``seed``."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = byte_level.pre_tokenize_str("".join(map(chr, range(32, 127))) + "\n\u010a")
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer, tokenizer.decoder = byte_level, decoders.ByteLevel()
+    end = "<|endoftext|>"
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[end], show_progress=False,
+                                  initial_alphabet=sorted(set("".join(piece for piece, _ in alphabet))))
+    tokenizer.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=end, eos_token=end, unk_token=end)
+
+
+TOKENIZERS = {"word": word_tokenizer, "bpe": bpe_tokenizer}
+"""Tokenizers by name, each made from the model's vocabulary size."""
+
+
 def make_model_folder(folder: str | Path, arch: str = "llama", size: str = "tiny", seed: int = 0,
-                      dtype: torch.dtype = torch.float32, max_shard_size: str = "2GB") -> Path:
+                      dtype: torch.dtype = torch.float32, max_shard_size: str = "2GB",
+                      tokenizer: str = "word", initializer_range: float = 0.02) -> Path:
     """Write a ``arch``-shaped model of ``size`` (:data:`SIZES`) with weights drawn from ``seed`` to ``folder``:
-    config, safetensors shards (split at ``max_shard_size``) and the word tokenizer. Returns ``folder``.
-    Sizes in :data:`STREAMED_SIZES` go through :func:`write_random_folder`."""
+    config, safetensors shards (split at ``max_shard_size``) and the ``tokenizer`` (:data:`TOKENIZERS`). Returns
+    ``folder``. Matrices are drawn from ``N(0, initializer_range^2)`` (transformers' initialisation): at 0.02
+    attention is nearly uniform, at 0.1 it follows the query-key products. Sizes in :data:`STREAMED_SIZES` go
+    through :func:`write_random_folder` (at 0.02)."""
     import transformers
 
     if arch not in ARCHITECTURES:
         raise ConfigError(f"architecture {excerpt(arch)} is not made here; choose from {', '.join(ARCHITECTURES)}")
     if size not in SIZES:
         raise ConfigError(f"size {excerpt(size)} is not known; choose from {', '.join(SIZES)}")
+    if tokenizer not in TOKENIZERS:
+        raise ConfigError(f"tokenizer {excerpt(tokenizer)} is not made here; choose from {', '.join(TOKENIZERS)}")
     folder = Path(folder)
     if size in STREAMED_SIZES:
-        return write_random_folder(folder, arch, size, seed, dtype)
+        return write_random_folder(folder, arch, size, seed, dtype, tokenizer=tokenizer)
     torch.manual_seed(seed)
     config = _config(arch, SIZES[size])
+    config.initializer_range = initializer_range
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
     model.save_pretrained(folder, max_shard_size=max_shard_size)
-    word_tokenizer(config.vocab_size).save_pretrained(folder)
+    TOKENIZERS[tokenizer](config.vocab_size).save_pretrained(folder)
     return folder
 
 
 def write_random_folder(folder: Path, arch: str, size: str, seed: int = 0, dtype: torch.dtype = torch.float16,
-                        shard_bytes: int = 2 << 30) -> Path:
+                        shard_bytes: int = 2 << 30, tokenizer: str = "word") -> Path:
     """A model folder written one tensor at a time, whatever its size: shapes from the weightless skeleton, each
     weight drawn from ``N(0, 0.02^2)`` (norm weights 1) with its own seed and appended to a shard of at most
     ``shard_bytes``; memory holds one tensor. Llama and Qwen2 only (their module names are the stored names)."""
@@ -121,5 +159,5 @@ def write_random_folder(folder: Path, arch: str, size: str, seed: int = 0, dtype
     writer.close()
     config.save_pretrained(folder)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    word_tokenizer(config.vocab_size).save_pretrained(folder)
+    TOKENIZERS[tokenizer](config.vocab_size).save_pretrained(folder)
     return folder

@@ -2,9 +2,13 @@
 
 Tensors per quantized layer ``L``: ``L.weight.codes`` (uint8, bit-packed), ``L.weight.scale``,
 ``L.weight.zero_point``, ``L.weight.levels`` (when present), ``L.act.scale`` / ``L.act.zero_point``
-(static activations). Every other entry of the state dict is stored as is. The manifest holds
+(static activations); a recurrent layer: ``L.<matrix>.codes`` ... per weight matrix and, static, each state grid by
+name, ``L.state.<key>.<state>.scale`` / ``.zero_point`` (``key`` = ``l0``, ``l0_reverse``, ...; the manifest's
+``states`` lists them). Every other entry of the state dict is stored as is. The manifest holds
 the format version, each layer's scheme (:class:`LayerScheme`) and weight shape (a recurrent layer: each matrix's
 shape, and ``matrix_specs``, the spec of each matrix whose spec is not the scheme's), the versions that wrote it,
+``folded_norms``: ``{norm: conv}`` of the batch norms folded into convolutions (:mod:`squeezer.fold`; loading folds
+the given float model the same way before any tensor goes in),
 ``kernels``: the kernel path(s) of each packed layer (:func:`squeezer.kernels.packed_kernels`, empty for an
 unpacked model), which ``load(packed=True)`` packs with again, and ``sha256``: the digest of the manifest's
 other fields and the tensor file together (:mod:`squeezer.io.manifest`). No pickle is involved on either side.
@@ -30,10 +34,11 @@ from torch import nn
 
 from ..version import __version__
 from ..errors import ModelError, SqueezerError
+from ..fold import folded_norms, refold
 from ..kernels import pack, packed_kernels
 from ..modules.attention import unfuse
 from ..modules.layers import quantized_class_for
-from ..modules.recurrent import QuantRecurrent
+from ..modules.recurrent import QuantRecurrent, static_state_spec
 from ..modules.swap import ensure_deployable, set_child
 from ..quant.blocks import to_blocks
 from ..quant.core import QParams, QTensor, code_dtype, dequantize
@@ -57,9 +62,16 @@ def _qparam_tensors(prefix: str, qp: QParams, spec: QuantSpec) -> dict[str, torc
     return out
 
 
-def _weight_keys(layer: nn.Module) -> tuple[str, ...]:
-    """The state-dict keys a layer's codes replace: ``weight``, or each matrix of a recurrent layer."""
-    return layer.matrix_names if isinstance(layer, QuantRecurrent) else ("weight",)
+def _state_grids(layer: QuantRecurrent) -> dict[str, tuple[QParams, QuantSpec]]:
+    """``{"<key>.<state>": (grid, spec)}``: each static state grid of ``layer`` (:meth:`QuantRecurrent.state_grids`
+    order) that is calibrated, its scale and zero point as single values."""
+    grids = {}
+    for key, state in layer.state_grids():
+        qp = layer.state_qparams.get(key, {}).get(state)
+        if qp is not None:
+            zero = None if qp.zero_point is None else qp.zero_point.reshape(())
+            grids[f"{key}.{state}"] = (QParams(qp.scale.reshape(()), zero), layer.state_spec(state))
+    return grids
 
 
 def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -67,12 +79,13 @@ def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None =
     layers = ensure_deployable(model, "save")
     tensors: dict[str, torch.Tensor] = {}
     manifest_layers: dict[str, Any] = {}
-    skip = {f"{name}.{key}" for name, layer in layers.items() for key in _weight_keys(layer)}
+    codes = {name: layer.weight_qtensors() for name, layer in layers.items()}
+    skip = {f"{name}.{key}" for name, qtensors in codes.items() for key in qtensors}
     for key, value in model.state_dict().items():
         if key not in skip:
             tensors[key] = value.detach().contiguous()
     for name, layer in layers.items():
-        qtensors = layer.matrix_qtensors() if isinstance(layer, QuantRecurrent) else {"weight": layer.weight_qtensor()}
+        qtensors = codes[name]
         shape = [sum(qt.codes.numel() for qt in qtensors.values())] if isinstance(layer, QuantRecurrent) \
             else list(qtensors["weight"].shape)
         for key, qt in qtensors.items():
@@ -90,13 +103,19 @@ def save(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None =
             own = {k: qt.spec.to_dict() for k, qt in qtensors.items() if qt.spec != layer.scheme.weight}
             if own:
                 manifest_layers[name]["matrix_specs"] = own
+            grids = _state_grids(layer)
+            for grid, (qp, spec) in grids.items():
+                tensors.update(_qparam_tensors(f"{name}.state.{grid}", qp, spec))
+            if grids:
+                manifest_layers[name]["states"] = list(grids)
         if layer.input_rotation > 1:
             manifest_layers[name]["input_rotation"] = layer.input_rotation
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
+    norms = folded_norms(model)
     manifest = json.loads(json.dumps({  # as load will parse it: the digest covers exactly that
         "format": FORMAT, "format_version": FORMAT_VERSION, "squeezer_version": __version__,
         "torch_version": torch.__version__, "layers": manifest_layers,
-        "kernels": packed_kernels(model), **(extra or {}),
+        "kernels": packed_kernels(model), **({"folded_norms": norms} if norms else {}), **(extra or {}),
     }))
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / TENSORS))
@@ -214,13 +233,29 @@ class _Tensors:
         specs = matrix_specs(info, scheme)
         return {key: self.weight(name, specs[key], tuple(shape), key) for key, shape in shapes.items()}
 
+    def refuse_activation(self, name: str) -> None:
+        """No ``<name>.act.*`` tensor may be present."""
+        for part in ("scale", "zero_point", "levels"):
+            self.refuse(f"{name}.act.{part}")
+
     def activation(self, name: str, scheme: LayerScheme) -> QParams | None:
         """Static activation parameters: present exactly when the scheme's activations are static."""
         if scheme.activation_mode != "static":
-            for part in ("scale", "zero_point", "levels"):
-                self.refuse(f"{name}.act.{part}")
+            self.refuse_activation(name)
             return None
         return self.qparams(f"{name}.act", scheme.activation, None)
+
+    def states(self, name: str, scheme: LayerScheme, grids: list[str]) -> dict[str, dict[str, QParams]]:
+        """A recurrent layer's state grids ``{key: {state: QParams}}`` from ``<name>.state.<key>.<state>``, one
+        value each on its own spec (:func:`~squeezer.modules.recurrent.static_state_spec`), for each of ``grids``
+        (the manifest's ``states``); such a layer has no ``act`` tensors."""
+        self.refuse_activation(name)
+        out: dict[str, dict[str, QParams]] = {}
+        for grid in grids:
+            key, state = grid.split(".")
+            spec = static_state_spec(state, scheme.activation)
+            out.setdefault(key, {})[state] = self.qparams(f"{name}.state.{grid}", spec, ())
+        return out
 
     def input_scale(self, name: str, in_features: int) -> torch.Tensor | None:
         scale = self.take(f"{name}.input_scale", required=False)
@@ -239,9 +274,13 @@ def verify(directory: str | Path) -> dict[str, Any]:
     and every stored float finite. Returns the manifest; :class:`ModelError` on the first problem."""
     manifest, schemes, tensors = _verified(Path(directory))
     for name, scheme in schemes.items():
-        shape = tuple(manifest["layers"][name]["shape"])
-        tensors.weights(name, scheme, manifest["layers"][name])
-        tensors.activation(name, scheme)
+        info = manifest["layers"][name]
+        shape = tuple(info["shape"])
+        tensors.weights(name, scheme, info)
+        if "matrices" in info:
+            tensors.states(name, scheme, info.get("states", []))
+        else:
+            tensors.activation(name, scheme)
         tensors.input_scale(name, shape[1] if len(shape) > 1 else 1)
     for key in list(tensors.left):
         tensors.take(key, tensors.left[key].dtype)
@@ -287,7 +326,16 @@ def _restore_layer(model: nn.Module, name: str, info: dict[str, Any], scheme: La
     input_scale = tensors.input_scale(name, shape[1] if len(shape) > 1 else 1)
     if input_scale is not None:
         new.input_scale = input_scale
-    new.act_qparams = tensors.activation(name, scheme)
+    if isinstance(new, QuantRecurrent):
+        own_grids = [f"{key}.{state}" for key, state in new.state_grids()]
+        theirs = set(info.get("states", []))
+        missing, extra = sorted(set(own_grids) - theirs), sorted(theirs - set(own_grids))
+        if missing or extra:
+            raise ModelError(f"checkpoint layer {name!r} does not hold the state grids of the model's layer: missing "
+                             f"{missing[:5]}, unexpected {extra[:5]}")
+        new.state_qparams = tensors.states(name, scheme, own_grids)
+    else:
+        new.act_qparams = tensors.activation(name, scheme)
     set_child(model, name, new)
 
 
@@ -314,6 +362,7 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module], pack
     manifest, schemes, tensors = _verified(directory)
     if not isinstance(model, nn.Module):
         model = model()
+    refold(model, manifest.get("folded_norms", {}))
     unfuse(model)  # attention modules over child linear layers, as swap_layers left them
     for name, info in manifest["layers"].items():
         _restore_layer(model, name, info, schemes[name], tensors)

@@ -23,8 +23,8 @@ from .digest import update_from_file
 
 FORMAT = "squeezer-checkpoint"
 FORMAT_VERSION = 3  # 3: the digest covers the manifest; 2: per-layer "scheme" (LayerScheme)
-# An optional layer field (a recurrent layer's "matrix_specs") keeps the version: validation refuses unknown
-# fields, so a reader that predates one refuses such a checkpoint by name instead of misreading it.
+# An optional layer field (a recurrent layer's "matrix_specs", "states") keeps the version: validation refuses
+# unknown fields, so a reader that predates one refuses such a checkpoint by name instead of misreading it.
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_DEPTH = 32
 MAX_NUMBER_CHARS = 40
@@ -36,11 +36,15 @@ _WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 _EXAMPLE_KINDS = ("tensor", "tuple", "dict")
 _EXAMPLE_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 MAX_EXAMPLE_ELEMENTS = 1 << 24
-_LAYER_KEYS = {"type", "shape", "dtype", "scheme", "input_rotation", "matrices", "matrix_specs"}
+_LAYER_KEYS = {"type", "shape", "dtype", "scheme", "input_rotation", "matrices", "matrix_specs", "states"}
 _MATRIX_NAME = re.compile(r"weight_(ih|hh|hr)_l[0-9]{1,4}(_reverse)?")
 """A recurrent layer's weight matrix (``matrices``: name -> 2-D shape; ``shape`` is their total size;
 ``matrix_specs``, optional: name -> the weight spec of a matrix whose spec is not the scheme's, mixed precision
 inside the layer)."""
+_STATE_GRID = re.compile(r"l[0-9]{1,4}(_reverse)?\.(x|h|m|gates|candidate|c)")
+"""A recurrent layer's static state grid, ``<key>.<state>`` (``states``: the names of its stored grids)."""
+_MODULE_NAME = re.compile(r"[^.]{1,200}(\.[^.]{1,200}){0,63}")
+"""A module's dotted name in a model (``folded_norms``: norm -> convolution)."""
 
 
 def canonical(manifest: dict[str, Any]) -> bytes:
@@ -153,6 +157,29 @@ def _check_matrix_specs(info: dict[str, Any], path: Path, where: str) -> None:
             raise ModelError(f"checkpoint manifest {path}: {where}[{matrix!r}]: {exc}") from None
 
 
+def _check_states(info: dict[str, Any], scheme: LayerScheme, path: Path, where: str) -> None:
+    """``states``: distinct ``<key>.<state>`` names, given only with the layer's matrices and static activations."""
+    states = info["states"]
+    _expect("matrices" in info and scheme.activation_mode == "static", path, where,
+            "given only with the matrices of a layer with static activations", states)
+    _expect(isinstance(states, list) and len(states) > 0 and all(isinstance(s, str) for s in states)
+            and len(set(states)) == len(states), path, where, "a list of distinct state grid names", states)
+    for grid in states:
+        _expect(_STATE_GRID.fullmatch(grid) is not None, path, f"{where} name",
+                "<key>.<state> (key l<k> or l<k>_reverse; state x, h, m, gates, candidate or c)", grid)
+
+
+def _check_folded_norms(norms: Any, path: Path) -> None:
+    """``folded_norms``: a mapping of module names, each norm to the convolution it was folded into (at most one
+    norm per convolution)."""
+    _expect(isinstance(norms, dict) and len(norms) > 0, path, "folded_norms", "a mapping of norm -> convolution", norms)
+    for norm, conv in norms.items():
+        for name in (norm, conv):
+            _expect(isinstance(name, str) and _MODULE_NAME.fullmatch(name) is not None, path,
+                    f"folded_norms[{norm!r:.80}]", "module names", name)
+    _expect(len(set(norms.values())) == len(norms), path, "folded_norms", "one norm per convolution", norms)
+
+
 def matrix_specs(info: dict[str, Any], scheme: LayerScheme) -> dict[str, QuantSpec]:
     """The weight spec of each of a validated layer entry's keys: ``weight``, or each of its ``matrices``,
     on its own ``matrix_specs`` entry or else the scheme's weight spec."""
@@ -186,9 +213,12 @@ def _check_layer(name: str, info: Any, path: Path) -> LayerScheme:
     if scheme.get("activation") is not None:
         _check_spec_types(scheme["activation"], path, f"{where}.scheme.activation")
     try:
-        return LayerScheme.from_dict(scheme)
+        parsed = LayerScheme.from_dict(scheme)
     except SqueezerError as exc:
         raise ModelError(f"checkpoint manifest {path}: {where}.scheme: {exc}") from None
+    if "states" in info:
+        _check_states(info, parsed, path, f"{where}.states")
+    return parsed
 
 
 def _check_kernels(kernels: Any, layers: dict[str, Any], path: Path) -> None:
@@ -230,6 +260,8 @@ def validate(manifest: Any, path: Path) -> dict[str, LayerScheme]:
     _expect(isinstance(layers, dict) and len(layers) > 0, path, "layers", "a non-empty mapping", layers)
     schemes = {name: _check_layer(name, info, path) for name, info in layers.items()}
     _check_kernels(manifest.get("kernels", {}), layers, path)
+    if "folded_norms" in manifest:
+        _check_folded_norms(manifest["folded_norms"], path)
     if "example_inputs" in manifest:
         _check_example(manifest["example_inputs"], path)
     if "model_factory" in manifest:

@@ -209,7 +209,7 @@ def pack(model: nn.Module, kernels: Kernels = "rule", paths: tuple[KernelPath, .
     for name, layer in layers.items():
         if layer.is_packed:
             continue
-        if layer.scheme.activation_mode == "static" and layer.act_qparams is None:
+        if not layer.activations_calibrated:
             raise ConfigError(f"layer {name!r}: static activations are not calibrated; quantize with calib=... first")
         runtime, warning = packers[name](name, layer, context)
         if name in pins and not isinstance(runtime, PackedLinear) and pins[name] != _kernel_names(runtime):

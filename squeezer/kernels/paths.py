@@ -40,7 +40,7 @@ Each path states the formats it runs as name sets (``weights`` / ``activations``
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,39 @@ TENSOR_8BIT = frozenset(f"{mode}-tensor-{t}" for mode in ("dynamic", "static") f
 def _int8_codes(problem: LinearProblem) -> Tensor:
     """The int8 ``(N, K)`` codes: the weight's own ``data`` when it is held :class:`OneByte` (no copy)."""
     return problem.weight.codes().to(torch.int8).contiguous()
+
+
+# The symmetric per-token int8 math of ``int_mm`` / ``int8_codes_bf16``, as TorchScript-compatible functions:
+# the paths' ``run`` and the compiled recurrent step loops (``recurrent_loops``) call these same functions.
+
+
+def symmetric_token_codes(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes and scales of ``x (m, K)`` float32, symmetric int8 per row: ``s_x = max(max_k |x_k| / 127, 1e-12)``
+    ``(m, 1)`` and ``q = clamp(round(x / s_x), -127, 127)`` ``(m, K)``, integers held as float32."""
+    s_x = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+    return torch.clamp(torch.round(x / s_x), -127, 127), s_x
+
+
+def int8_codes_bf16_product(q: Tensor, w: Tensor, ones: Tensor) -> Tensor:
+    """``q W^T`` float32 ``(m, N)`` of integer codes ``q (m, K)`` (``|q| <= 256``: exact in bf16) and int8 ``w (N, K)``
+    by ``aten._weight_int8pack_mm`` on bf16 codes with unit scales ``ones (N,)`` (fp32 sums, output rounded to bf16)."""
+    return torch.ops.aten._weight_int8pack_mm(q.to(torch.bfloat16), w, ones).float()
+
+
+def int_mm_product(q: Tensor, w_t: Tensor) -> Tensor:
+    """``q W^T`` int32 ``(m, N)`` of int8 ``q (m, K)`` and ``w_t = W^T (K, N)`` by ``torch._int_mm``, which needs more
+    than 16 rows: ``m <= 16`` rows are zero-padded to 17 and the product cut back to ``m``."""
+    m = q.shape[0]
+    if m <= 16:
+        q = F.pad(q, [0, 0, 0, 17 - m])
+    return torch._int_mm(q, w_t)[:m]
+
+
+def rescale(y: Tensor, s_x: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``y s_x s_w + b`` in place on the float32 accumulator ``y (m, N)``: ``s_x (m, 1)``, ``s_w (1, N)``,
+    ``b (N,)``."""
+    y.mul_(s_x).mul_(scale)
+    return y if bias is None else y.add_(bias)
 
 
 class IntMM(KernelPath):
@@ -116,21 +149,17 @@ class IntMM(KernelPath):
 
     def run(self, state: dict[str, Any], x: Tensor) -> Tensor:
         x = x.float()
-        m = x.shape[0]
         x_zero = None
         if state["general"]:
             q, s_x, x_zero = self._general_codes(state, x)
         else:
-            s_x = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
-            q = torch.clamp(torch.round(x / s_x), -127, 127).to(torch.int8)
-        if m <= 16:
-            q = F.pad(q, (0, 0, 0, 17 - m))
-        acc = torch._int_mm(q, state["w_t"])[:m]
+            q, s_x = symmetric_token_codes(x)
+            q = q.to(torch.int8)
+        acc = int_mm_product(q, state["w_t"])
         if x_zero is not None:  # acc -= z (x) colsum: a rank-1 update in place, exact in int32
-            acc.addr_(x_zero.reshape(-1).expand(m), state["colsum"], alpha=-1)
-        y = acc.float()  # in place from here: each (m, N) temporary is a full pass over memory
-        y.mul_(s_x).mul_(state["scale"])
-        return y if state["bias"] is None else y.add_(state["bias"])
+            acc.addr_(x_zero.reshape(-1).expand(x.shape[0]), state["colsum"], alpha=-1)
+        # in place from here: each (m, N) temporary is a full pass over memory
+        return rescale(acc.float(), s_x, state["scale"], state["bias"])
 
 
 class FbgemmDynamic(KernelPath):
@@ -198,11 +227,8 @@ class Int8CodesBF16(IntMM):
             if x_zero is not None:  # q - z in [-255, 255]: exact in bf16
                 q = q.float().sub_(x_zero)
         else:
-            s_x = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
-            q = torch.clamp(torch.round(x / s_x), -127, 127)
-        y = torch.ops.aten._weight_int8pack_mm(q.to(torch.bfloat16), state["w"], state["ones"]).float()
-        y.mul_(s_x).mul_(state["scale"])
-        return y if state["bias"] is None else y.add_(state["bias"])
+            q, s_x = symmetric_token_codes(x)
+        return rescale(int8_codes_bf16_product(q, state["w"], state["ones"]), s_x, state["scale"], state["bias"])
 
 
 def _int4pack(codes: Tensor) -> Tensor:
@@ -213,9 +239,10 @@ class Int4Cpu(CodeLayout):
     """``aten._convert_weight_to_int4pack_for_cpu``'s uint8 ``(N, K / 2)`` (read on this torch build): rows in
     blocks of ``B`` (``B``: 32 with AVX2, 64 with AVX-512); per block and column ``k``, ``B / 2`` bytes whose low
     nibbles are rows ``0 .. B/2 - 1`` and high nibbles rows ``B/2 .. B - 1``; the last ``N mod B`` rows two per
-    byte (low nibble first) per ``k``. The layout moves codes by position only, so ``hold`` checks that inverse
-    once per ``(N mod 64, K)`` on random codes of ``(128 + N mod 64, K)`` (same tails, same ``K``) and keeps the
-    kernel's tensor only where it returns them exactly (``B``: the first that does)."""
+    byte (low nibble first) per ``k``. ``hold`` writes that layout itself (a few byte passes, no int32 copy of the
+    codes); the layout moves codes by position only, so ``hold`` checks it once per ``(N mod 64, K)`` on random
+    codes of ``(128 + N mod 64, K)`` (same tails, same ``K``): the first ``B`` whose layout is byte for byte the
+    kernel's and whose inverse returns the codes exactly, and holds nothing (None) where no ``B`` does."""
 
     name = "int4_cpu"
     BLOCKS = (32, 64)
@@ -228,18 +255,30 @@ class Int4Cpu(CodeLayout):
         if key not in self._blocks:
             probe = torch.randint(0, 16, (128 + key[0], k), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
             data = _int4pack(probe)
-            self._blocks[key] = next((b for b in self.BLOCKS if torch.equal(self._unpack(data, probe.shape, b), probe)),
-                                     None)
+            self._blocks[key] = next((b for b in self.BLOCKS if torch.equal(self._pack(probe, b), data)
+                                      and torch.equal(self._unpack(data, probe.shape, b), probe)), None)
         return self._blocks[key]
 
     def hold(self, codes: Tensor, spec: QuantSpec) -> Tensor | None:
-        if spec.is_codebook or spec.bits != 4 or spec.qmin != 0 or codes.dim() != 2 or codes.shape[0] % 2 \
-                or self._block(*codes.shape) is None:
+        if spec.is_codebook or spec.bits != 4 or spec.qmin != 0 or codes.dim() != 2 or codes.shape[0] % 2:
             return None
-        return _int4pack(codes)
+        block = self._block(*codes.shape)
+        return None if block is None else self._pack(codes.to(torch.uint8), block)
 
     def codes(self, data: Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> Tensor:
         return self._unpack(data, shape, self._block(*shape)).to(code_dtype(spec))
+
+    @staticmethod
+    def _pack(codes: Tensor, block: int) -> Tensor:
+        """The layout of uint8 codes ``(N, K)`` (values 0..15) for row blocks of ``block``: ``(N, K / 2)`` uint8."""
+        n, k = codes.shape
+        full = n // block * block
+        head = codes[:full].reshape(n // block, 2, block // 2, k)
+        body = (head[:, 0] | (head[:, 1] << 4)).transpose(1, 2).reshape(-1)  # (n / B, k, B / 2)
+        if full == n:
+            return body.reshape(n, k // 2)
+        tail = codes[full:].t().reshape(k, (n - full) // 2, 2)
+        return torch.cat((body, (tail[..., 0] | (tail[..., 1] << 4)).reshape(-1))).reshape(n, k // 2)
 
     @staticmethod
     def _unpack(data: Tensor, shape: tuple[int, ...], block: int) -> Tensor:

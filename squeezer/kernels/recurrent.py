@@ -24,6 +24,12 @@ dynamic grid re-derived from ``fq(h)``, equal up to float rounding: 1e-8 relativ
 for ``w8a8-static``, the int16 grids of ``gates``, ``candidate`` and ``c``, fake-quantized in fp32: the
 elementwise gate arithmetic runs in fp32 on the states' integer grids, not on integer kernels.
 
+Compiled loops: where :mod:`squeezer.kernels.recurrent_loops` reproduces a direction's Python loop op for op
+(``w8a8``: an LSTM without ``proj_size`` or a GRU, ``W_hh`` at the batch's rows bucket on ``int8_codes_bf16`` or
+``int_mm``), :meth:`PackedRecurrent.compiled_loop` gives ``run_recurrent`` that TorchScript loop, the same
+kernels and results bit for bit without the Python dispatch of each step's ~20 small ops (a packed sequence
+whose batch shrinks, and every other scheme, run the Python loop).
+
 Kernel names: :meth:`PackedRecurrent.describe` lists ``{"<matrix> <bucket>": path}``, matrices in torch's
 order; a pin of the layer (:func:`squeezer.pack`'s ``kernels``) is one path name for every matrix and bucket,
 or that list of names (what :func:`squeezer.kernels.packed_kernels` returns), spread by :func:`matrix_pins`.
@@ -54,13 +60,14 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..modules.recurrent import QuantRecurrent
-from ..modules.recurrent_steps import cell_kind, run_recurrent
+from ..modules.recurrent_steps import DirectionLoop, cell_kind, run_recurrent
 from ..quant.core import QTensor
 from ..quant.packing import code_offset
 from ..quant.spec import PerChannel, PerGroup, PerTensor
 from .base import LinearProblem, PackedWeight
+from .recurrent_loops import HiddenKernel, gru_loop, hidden_kernel, lstm_loop
 from .runtime import PackedLinear
-from .select import BUCKETS, bucket_label
+from .select import BUCKETS, bucket_label, bucket_of
 
 LinearBuilder = Callable[[str, LinearProblem], tuple[PackedLinear, "str | None"]]
 """``(name, problem) -> (runtime, warning)``: :meth:`squeezer.kernels.pack.PackContext.linear`."""
@@ -162,6 +169,27 @@ class PackedRecurrent:
         self._ih, self._hh, self._hr = by_kind["ih"], by_kind["hh"], by_kind["hr"]
         self._hooked = frozenset(self.layer.quantized_states) - kernel_quantized(cell_kind(self.layer))
         self._quantize_state = self.layer.quantize_state
+        self._loops = self._compiled_loops()
+
+    def _compiled_loops(self) -> dict[tuple[str, int], DirectionLoop]:
+        """``(key, bucket) -> loop``: :mod:`~squeezer.kernels.recurrent_loops`' compiled loop where it computes
+        what the Python loop computes: an LSTM without ``proj_size`` or a GRU, dynamic activations, ``W_hh``'s
+        path at the bucket one of its kernels (:func:`hidden_kernel`)."""
+        kind, layer = cell_kind(self.layer), self.layer
+        if kind not in ("LSTM", "GRU") or layer.proj_size or layer.scheme.activation_mode != "dynamic":
+            return {}
+        loops: dict[tuple[str, int], DirectionLoop] = {}
+        for key, runtime in self._hh.items():
+            for bucket in range(len(BUCKETS)):
+                hk = hidden_kernel(runtime, bucket)
+                if hk is not None:
+                    loops[key, bucket] = _lstm_direction(hk) if kind == "LSTM" else _gru_direction(hk)
+        return loops
+
+    def compiled_loop(self, key: str, batch: int, dtype: torch.dtype = torch.float32) -> DirectionLoop | None:
+        """The compiled loop of direction ``key`` at ``batch`` rows of ``dtype``, or None (the Python loop runs;
+        the compiled loops hold fp32 states, as the kernels compute)."""
+        return self._loops.get((key, bucket_of(batch))) if dtype == torch.float32 else None
 
     # ------------------------------------------------------------------ StepOps
     def input_projection(self, key: str, x: Tensor) -> Tensor:
@@ -182,7 +210,7 @@ class PackedRecurrent:
 
     # ------------------------------------------------------------------ runtime
     def __call__(self, input: Any, hx: Any = None) -> Any:
-        return run_recurrent(self.layer, self, input, hx)
+        return run_recurrent(self.layer, self, input, hx, self.compiled_loop if self._loops else None)
 
     @property
     def weights(self) -> dict[str, PackedWeight]:
@@ -200,6 +228,14 @@ class PackedRecurrent:
 
     def nbytes(self) -> int:
         return sum(runtime.nbytes() for runtime in self.linears.values())
+
+
+def _lstm_direction(hk: HiddenKernel) -> DirectionLoop:
+    return lambda x, h, c, reverse: lstm_loop(hk, x, h, c, reverse)
+
+
+def _gru_direction(hk: HiddenKernel) -> DirectionLoop:
+    return lambda x, h, c, reverse: (*gru_loop(hk, x, h, reverse), None)
 
 
 def unpacker(weight: PackedWeight) -> Callable[[], Tensor]:

@@ -124,6 +124,11 @@ class QuantMixin:
             self.act_qparams = self.act_observer.qparams()
 
     @property
+    def activations_calibrated(self) -> bool:
+        """Whether every grid the activations need is fixed: always, except static ones before calibration."""
+        return self.scheme.activation_mode != "static" or self.act_qparams is not None
+
+    @property
     def is_packed(self) -> bool:
         return self.runtime is not None
 
@@ -159,6 +164,10 @@ class QuantMixin:
         if self.is_packed:
             return self.runtime.weight.qtensor()
         return quantize(self.weight.detach(), self.weight_spec, self.ensured_weight_qparams())
+
+    def weight_qtensors(self) -> dict[str, Any]:
+        """The integer codes (``QTensor``) of each quantized parameter by its name in the layer: ``weight``."""
+        return {"weight": self.weight_qtensor()}
 
     def quantize_input(self, x: Tensor) -> Tensor:
         spec = self.act_spec

@@ -21,9 +21,9 @@ options), whose state hooks fake-quantize (STE) the layer's states, :meth:`Quant
   the gate pre-activations ``gates``, a GRU's ``candidate`` and the cell state ``c`` on symmetric int16
   (:data:`STATE16`, min-max; the cell state's scale a power of two), TFLite's integer LSTM scheme.
   :attr:`QuantRecurrent.state_qparams` holds the grids, ``{key: {state: QParams}}`` (``key`` = ``l0``,
-  ``l0_reverse``, ...); ``act_qparams`` is None until they are calibrated, then all of them in
-  :meth:`QuantRecurrent.state_grids` order (scale ``(n,)``, zero point ``(n,)`` when the scheme's activations
-  are asymmetric, 0 for the symmetric int16 grids); assigning it (a checkpoint's) splits it back.
+  ``l0_reverse``, ...), each on its own spec (:func:`static_state_spec`); a checkpoint stores each by name. The
+  one input grid of other layers (``act_qparams``) stays None: ``activations_calibrated`` says whether every
+  state grid is fixed.
 
 Other activation schemes are refused (:func:`activation_refusal`); :func:`squeezer.modules.swap_layers`
 leaves such a layer in float with that reason.
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..errors import ConfigError, DataError, ModelError
+from ..errors import ConfigError, DataError
 from ..quant.core import QParams, QTensor, compute_qparams, fake_quantize, quantize
 from ..quant.observers import Observer, make_observer
 from ..quant.scheme import LayerScheme
@@ -58,6 +58,11 @@ STATE16 = QuantSpec(bits=16, symmetric=True, signed=True, granularity=PerTensor(
 """The grid of the static int16 states: symmetric, per tensor."""
 INT16_STATES = frozenset({"gates", "candidate", "c"})
 """The static states on :data:`STATE16`: gate pre-activations, a GRU's candidate, the cell state."""
+
+
+def static_state_spec(state: str, activation: QuantSpec) -> QuantSpec:
+    """The grid spec of static ``state``: :data:`STATE16` for :data:`INT16_STATES`, else ``activation``."""
+    return STATE16 if state in INT16_STATES else activation
 
 
 def activation_refusal(scheme: LayerScheme) -> str | None:
@@ -181,7 +186,11 @@ class QuantRecurrent(QuantMixin):
         return sum(qt.nbytes() for qt in self.matrix_qtensors().values())
 
     def weight_qtensor(self) -> QTensor:
-        raise TypeError(f"{type(self).__name__} has one QTensor per matrix: use matrix_qtensors()")
+        raise TypeError(f"{type(self).__name__} has one QTensor per matrix: use weight_qtensors()")
+
+    def weight_qtensors(self) -> dict[str, QTensor]:
+        """Each matrix's codes by its name (:meth:`matrix_qtensors`)."""
+        return self.matrix_qtensors()
 
     def set_matrices(self, qtensors: dict[str, QTensor]) -> None:
         """Adopt stored codes: each ``W = dequantize(codes)`` on its own parameters (a checkpoint's)."""
@@ -274,8 +283,8 @@ class QuantRecurrent(QuantMixin):
         return tuple(s for s in STATE_NAMES[self.rnn_mode] if s != "m" or self.proj_size)
 
     def state_spec(self, state: str) -> QuantSpec:
-        """The grid spec of ``state``: :data:`STATE16` for the static int16 states, else the activation spec."""
-        return STATE16 if state in INT16_STATES and self.scheme.activation_mode == "static" else self.act_spec
+        """The grid spec of ``state``: :func:`static_state_spec` for static activations, else the activation spec."""
+        return static_state_spec(state, self.act_spec) if self.scheme.activation_mode == "static" else self.act_spec
 
     def state_grids(self) -> list[tuple[str, str]]:
         """``(key, state)`` of every static grid: keys in torch's order, states in the step loop's."""
@@ -312,34 +321,9 @@ class QuantRecurrent(QuantMixin):
         self.state_qparams = grids
 
     @property
-    def act_qparams(self) -> QParams | None:  # type: ignore[override]
-        """Every static grid in :meth:`state_grids` order, ``scale (n,)`` and ``zero_point (n,)`` (asymmetric
-        activations; 0 for the symmetric int16 grids); None until calibrated (or not static)."""
-        grids = [self.state_qparams.get(key, {}).get(state) for key, state in self.state_grids()]
-        if not grids or any(g is None for g in grids):
-            return None
-        scale = torch.stack([g.scale.reshape(()) for g in grids])
-        if self.act_spec.symmetric:
-            return QParams(scale)
-        zero = lambda g: torch.zeros((), dtype=torch.int32) if g.zero_point is None else g.zero_point  # noqa: E731
-        return QParams(scale, torch.stack([zero(g).reshape(()).to(torch.int32) for g in grids]))
-
-    @act_qparams.setter
-    def act_qparams(self, qparams: QParams | None) -> None:
-        """Adopt the grids of :attr:`act_qparams`'s form (a checkpoint's); None forgets them."""
-        if qparams is None:
-            self.state_qparams = {}
-            return
-        grids = self.state_grids()
-        if qparams.scale.numel() != len(grids):
-            raise ModelError(f"{type(self).__name__}: {qparams.scale.numel()} activation grids given, "
-                             f"{len(grids)} expected ({len(grids) and ', '.join(f'{k}.{s}' for k, s in grids)})")
-        state_qparams: dict[str, dict[str, QParams]] = {}
-        for i, (key, state) in enumerate(grids):
-            symmetric = self.state_spec(state).symmetric or qparams.zero_point is None
-            zero = None if symmetric else qparams.zero_point.reshape(-1)[i].to(torch.int32)
-            state_qparams.setdefault(key, {})[state] = QParams(qparams.scale.reshape(-1)[i].float(), zero)
-        self.state_qparams = state_qparams
+    def activations_calibrated(self) -> bool:
+        """Whether :attr:`state_qparams` holds every grid of :meth:`state_grids` (none needed unless static)."""
+        return all(state in self.state_qparams.get(key, {}) for key, state in self.state_grids())
 
     def extra_repr(self) -> str:  # type: ignore[override]
         return f"{super().extra_repr()}, matrices={len(self.matrix_names)}"

@@ -19,10 +19,15 @@ input projection, ``h`` before the hidden projection (so ``h0`` too), ``gates`` 
 nonlinearities, ``m`` before the output projection — except ``c``, hooked where it is stored (``c0`` and each
 ``c_t``), so the cell state carried from step to step is the hooked one. The layer's outputs ``y_t`` and
 ``h_n`` are the unhooked ``h_t``. A hook returns its value quantized (or as is, :class:`FloatOps`).
+
+A caller may hand :func:`run_recurrent` a :data:`LoopFinder`: a direction whose steps all hold the whole batch
+then runs the finder's loop (one call for all ``T`` steps, e.g. TorchScript) instead of the Python loop, which
+it must equal bit for bit (the packed runtime's compiled loops: :mod:`squeezer.kernels.recurrent_loops`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -36,6 +41,15 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 STATE_NAMES = {"LSTM": ("x", "h", "gates", "c", "m"), "GRU": ("x", "h", "gates", "candidate"),
                "RNN_TANH": ("x", "h", "gates"), "RNN_RELU": ("x", "h", "gates")}
 """Torch's cell kind -> the names its steps pass to :meth:`StepOps.state` (``m``: LSTM with ``proj_size`` only)."""
+
+
+DirectionLoop = Callable[[Tensor, Tensor, "Tensor | None", bool], "tuple[Tensor, Tensor, Tensor | None]"]
+"""``(X (T, B, G H), h (B, H_out), c (B, H) or None, reverse) -> (y (T B, H_out), h_T, c_T)``: the steps of one
+direction in one call, computing exactly what the Python loop of :func:`run_recurrent` computes with the same
+:class:`StepOps` (a compiled loop: :mod:`squeezer.kernels.recurrent_loops`)."""
+LoopFinder = Callable[[str, int, torch.dtype], "DirectionLoop | None"]
+"""``(key, batch, dtype) -> DirectionLoop or None``: the compiled loop of direction ``key`` at ``batch`` rows of
+``dtype`` (the input projection's), if any."""
 
 
 class StepOps(Protocol):
@@ -122,13 +136,20 @@ def _rnn_step(ops: StepOps, key: str, x_t: Tensor, h: Tensor, relu: bool) -> Ten
 
 
 def _direction(layer: nn.RNNBase, kind: str, ops: StepOps, key: str, data: Tensor, sizes: list[int],
-               h: Tensor, c: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+               h: Tensor, c: Tensor | None, reverse: bool,
+               loops: LoopFinder | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """One layer and direction over the steps: ``data`` (N, in) step-major (step ``t`` holds ``sizes[t]`` rows,
-    the first ones of the batch), ``h`` (B, H_out), ``c`` (B, H) -> ``(y (N, H_out), h_n, c_n)``."""
-    steps = ops.input_projection(key, ops.state("x", key, data)).split(sizes)  # x_t: views, one call
+    the first ones of the batch), ``h`` (B, H_out), ``c`` (B, H) -> ``(y (N, H_out), h_n, c_n)``; the loop of
+    ``loops(key, B, dtype)`` when every step holds the whole batch and it gives one."""
+    projected = ops.input_projection(key, ops.state("x", key, data))  # every x_t in one call
     batch, proj = h.shape[0], layer.proj_size > 0
     if c is not None:
         c = ops.state("c", key, c)
+    whole = loops is not None and bool(sizes) and all(n == batch for n in sizes)
+    loop = loops(key, batch, projected.dtype) if whole else None
+    if loop is not None:
+        return loop(projected.reshape(len(sizes), batch, -1), h, c, reverse)
+    steps = projected.split(sizes)  # x_t: views
     outputs: list[Tensor] = list(steps)
     for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
         n, x_t = sizes[t], steps[t]
@@ -164,9 +185,11 @@ def _initial_state(layer: nn.RNNBase, kind: str, hx: Any, data: Tensor, batch: i
     return states[0], (states[1] if kind == "LSTM" else None)
 
 
-def run_recurrent(layer: nn.RNNBase, ops: StepOps, input: Tensor | PackedSequence, hx: Any = None) -> Any:
+def run_recurrent(layer: nn.RNNBase, ops: StepOps, input: Tensor | PackedSequence, hx: Any = None,
+                  loops: LoopFinder | None = None) -> Any:
     """The torch layer's result, ``(output, h_n)`` (LSTM: ``(output, (h_n, c_n))``), with its products and
-    states computed by ``ops``: one input projection per layer and direction over all steps, a loop over steps.
+    states computed by ``ops``: one input projection per layer and direction over all steps, a loop over steps
+    (a direction's compiled loop where ``loops`` gives one: :data:`LoopFinder`).
     ``layer`` supplies the cell kind, sizes and options (``training`` for the dropout between layers)."""
     kind = cell_kind(layer)
     packed = isinstance(input, PackedSequence)
@@ -189,7 +212,7 @@ def run_recurrent(layer: nn.RNNBase, ops: StepOps, input: Tensor | PackedSequenc
         for d in range(per_layer):
             i = k * per_layer + d
             y, h, c = _direction(layer, kind, ops, keys[i], data, sizes, h0[i], None if c0 is None else c0[i],
-                                 reverse=d == 1)
+                                 d == 1, loops)
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)

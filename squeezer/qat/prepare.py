@@ -192,12 +192,13 @@ def prepare_qat(
     """``model`` quantized (a copy unless ``inplace``) and ready for quantization-aware training (train
     mode, ``simulate``, float weights requiring grad); see the module docstring for the options.
 
-    ``config``: as for :func:`squeezer.quantize`; ``calib`` is required for static activations.
+    ``config``: as for :func:`squeezer.quantize`; ``calib`` is required for static activations. Batch norms stay
+    (training updates their statistics; ``freeze_bn_after``): none is folded into its convolution.
     Train it with any loop (``squeezer.training.fit`` or your own), then call :func:`convert`.
     """
     _check_steps("freeze_observers_after", freeze_observers_after)
     _check_steps("freeze_bn_after", freeze_bn_after)
-    qmodel = quantize(model, config, calib=calib, inplace=inplace, progress=False)
+    qmodel = quantize(model, config, calib=calib, inplace=inplace, progress=False, fold_bn=False)
     layers = quant_layers(qmodel)
     batchnorms = [m for m in qmodel.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if freeze_bn_after is not None and not batchnorms:
@@ -220,7 +221,7 @@ def prepare_qat(
             layer.weight_fake_quant = LearnedScaleQuantizer(layer.weight_spec, layer.weight_qparams)
             state.learned.append(f"{name}.weight")
         observer = None
-        if layer.act_qparams is not None and recurrent:
+        if recurrent and layer.state_qparams:
             observer = _StateRanges(layer)
         elif layer.act_qparams is not None and learnable_scales:
             layer.act_fake_quant = LearnedScaleQuantizer(layer.act_spec, layer.act_qparams, per_sample=True)

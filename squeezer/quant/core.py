@@ -148,7 +148,7 @@ def _codebook_qparams(b: Blocks, spec: QuantSpec) -> QParams:
 
 
 def _block_error(b: Blocks, spec: QuantSpec, qp: QParams) -> float:
-    err = (_dequantize_blocks(_quantize_blocks(b, spec, qp), spec, qp) - b.data) ** 2
+    err = (_dequantize_blocks(_codebook_codes(b, spec, qp), spec, qp) - b.data) ** 2
     if b.mask is not None:
         err = err * b.mask
     return float(err.sum())
@@ -171,15 +171,60 @@ def compute_qparams(
 
 
 # ----------------------------------------------------------------------------- quantize
-def _quantize_blocks(b: Blocks, spec: QuantSpec, qp: QParams) -> Tensor:
-    scale = qp.scale.reshape(-1, 1).to(b.data.device)
-    if spec.mapping == "uniform":
-        zero = 0 if qp.zero_point is None else qp.zero_point.reshape(-1, 1).to(b.data.device)
-        return torch.clamp(torch.round(b.data / scale) + zero, spec.qmin, spec.qmax)
+SLICE = 1 << 18
+"""Elements per slice of :func:`_uniform_codes`: its float temporary (1 MiB in fp32) stays in cache, and few slices
+mean few thread pool rounds."""
+_EXACT_IN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _uniform_codes(data: Tensor, spec: QuantSpec, qp: QParams, dtype: torch.dtype | None = None,
+                   dequantize: bool = False) -> Tensor:
+    """Codes ``q = clip(round(x / S) + Z, qmin, qmax)`` of blocks ``data (B, n)`` (``x = data.float()``, ``S``, ``Z``
+    of ``B`` values), or with ``dequantize`` ``x^ = (q - Z) S``, as ``(B, n)`` in ``dtype`` (default: the float dtype
+    ``x / S + Z`` computes in, ``D``; another dtype gets the values cast as ``.to(dtype)`` casts them).
+
+    One pass: slice by slice (about :data:`SLICE` elements) each step runs in place on one ``D`` buffer (or on the
+    output itself when it is ``D``), so no full-size float temporary is made; every step is the same elementwise op
+    in the same dtype as ``torch.clamp(torch.round(x / S) + Z, qmin, qmax)``, so the codes are bit-identical to it.
+    """
+    scale = qp.scale.reshape(-1, 1).to(data.device)
+    zero = None if qp.zero_point is None else qp.zero_point.reshape(-1, 1).to(data.device)
+    work = torch.promote_types(torch.float32, scale.dtype)
+    if zero is not None:
+        work = torch.promote_types(work, zero.dtype)
+    out = torch.empty(data.shape, dtype=dtype or work, device=data.device)
+    blocks, n = data.shape
+    cols = max(1, min(n, SLICE))
+    rows = max(1, SLICE // cols)
+    buffer = None if out.dtype == work else torch.empty(min(rows, blocks), cols, dtype=work, device=data.device)
+    for r in range(0, blocks, rows):
+        s = scale[r:r + rows]
+        z = None if zero is None else zero[r:r + rows]
+        for c in range(0, n, cols):
+            part = data[r:r + rows, c:c + cols]
+            # bf16 / fp16 -> fp32 is exact inside the division; other dtypes are rounded to fp32 first, as x.float()
+            part = part if part.dtype in _EXACT_IN_FLOAT32 else part.float()
+            target = out[r:r + rows, c:c + cols]
+            t = target if buffer is None else buffer[: part.shape[0], : part.shape[1]]
+            torch.div(part, s, out=t).round_()
+            if z is not None:
+                t.add_(z)
+            t.clamp_(spec.qmin, spec.qmax)
+            if dequantize:
+                if z is not None:
+                    t.sub_(z)
+                t.mul_(s)
+            if buffer is not None:
+                target.copy_(t)  # the same cast as .to(dtype)
+    return out
+
+
+def _codebook_codes(b: Blocks, spec: QuantSpec, qp: QParams) -> Tensor:
+    """Codes of fp32 blocks under a codebook mapping: the nearest level (ternary: by the threshold)."""
     if spec.mapping == "ternary":
         delta = _ternary_threshold(b)
         return torch.where(b.data.abs() > delta, torch.sign(b.data) + 1, torch.ones_like(b.data)).long()
-    return L.nearest_code(b.data / scale, qp.levels.to(b.data.device))
+    return L.nearest_code(b.data / qp.scale.reshape(-1, 1).to(b.data.device), qp.levels.to(b.data.device))
 
 
 def _dequantize_blocks(codes: Tensor, spec: QuantSpec, qp: QParams) -> Tensor:
@@ -193,9 +238,13 @@ def _dequantize_blocks(codes: Tensor, spec: QuantSpec, qp: QParams) -> Tensor:
 def quantize(x: Tensor, spec: QuantSpec, qparams: QParams | None = None) -> QTensor:
     """Quantize ``x`` to integer codes; parameters are computed from ``x`` when not given."""
     qp = qparams if qparams is not None else compute_qparams(x, spec)
-    b = to_blocks(x.detach().float(), spec.granularity)
-    codes = _quantize_blocks(b, spec, qp)
-    return QTensor(from_blocks(codes, x.shape, spec.granularity).to(code_dtype(spec)), qp, spec)
+    if spec.mapping == "uniform":  # straight into the code dtype, from x's own dtype
+        b = to_blocks(x.detach(), spec.granularity)
+        codes = _uniform_codes(b.data, spec, qp, code_dtype(spec))
+    else:
+        b = to_blocks(x.detach().float(), spec.granularity)
+        codes = _codebook_codes(b, spec, qp).to(code_dtype(spec))
+    return QTensor(from_blocks(codes, x.shape, spec.granularity).contiguous(), qp, spec)
 
 
 def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -250,12 +299,17 @@ class _FakeQuantize(torch.autograd.Function):
 def fake_quantize(x: Tensor, spec: QuantSpec, qparams: QParams | None = None) -> Tensor:
     """``dequantize(quantize(x))`` in ``x``'s dtype, differentiable with the clipped STE."""
     qp = qparams if qparams is not None else compute_qparams(x, spec)
-    b = to_blocks(x.detach().float(), spec.granularity)
-    x_hat_blocks = _dequantize_blocks(_quantize_blocks(b, spec, qp), spec, qp)
-    x_hat = from_blocks(x_hat_blocks, x.shape, spec.granularity).to(x.dtype)
+    if spec.mapping == "uniform":
+        b = to_blocks(x.detach(), spec.granularity)
+        x_hat_blocks = _uniform_codes(b.data, spec, qp, x.dtype, dequantize=True)
+    else:
+        b = to_blocks(x.detach().float(), spec.granularity)
+        x_hat_blocks = _dequantize_blocks(_codebook_codes(b, spec, qp), spec, qp)
+    x_hat = from_blocks(x_hat_blocks, x.shape, spec.granularity).to(x.dtype).contiguous()
     if not x.requires_grad:
         return x_hat
     lo, hi = representable_range(spec, qp)
     lo_b, hi_b = lo.reshape(-1, 1).to(x.device), hi.reshape(-1, 1).to(x.device)
-    inside = from_blocks((b.data >= lo_b) & (b.data <= hi_b), x.shape, spec.granularity)
+    data = b.data.float()
+    inside = from_blocks((data >= lo_b) & (data <= hi_b), x.shape, spec.granularity)
     return _FakeQuantize.apply(x, x_hat, inside.to(x.dtype))

@@ -33,7 +33,8 @@ def _percent(share: float | None) -> str | None:
 
 
 def quant_report_data(report: QuantReport, task: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
-    """Report data of a ``quantize`` run: ``about``, ``headline``, ``summary``, ``layers``, ``config``.
+    """Report data of a ``quantize`` run: ``about`` (with ``before quantizing``: the batch norms folded and biases
+    corrected, when any), ``headline``, ``summary``, ``layers``, ``config``.
 
     ``task``: ``{metric name: {"before": float model's value, "after": quantized model's}}`` (``--eval``).
     Bits per weight before = ``8 * float weight bytes / #quantized weights``; the SQNRs exist only after.
@@ -56,8 +57,14 @@ def quant_report_data(report: QuantReport, task: dict[str, dict[str, float]] | N
                 "share_of_model_params": _percent(r["param_share"]), "skipped": r["reason"]} for r in d["skipped"]]
     name = report.config.get("name", "custom")
     return {"title": f"squeezer quantize: {report.model_class or 'model'}, {name}",
-            "about": about(report.model_class, preset=name), "headline": report.headline(),
+            "about": about(report.model_class, preset=name, **_float_changes(report)), "headline": report.headline(),
             "summary": {"before": before, "after": after}, "layers": layers, "config": d["config"]}
+
+
+def _float_changes(report: QuantReport) -> dict[str, str]:
+    """``{"before quantizing": ...}`` (:meth:`QuantReport.float_changes`), empty when nothing was changed."""
+    changes = report.float_changes()
+    return {} if changes is None else {"before quantizing": changes}
 
 
 def _layer_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,9 @@ cosine of ``W^`` vs ``W``) and, with calibration data, the layer's output error 
 isolation (float input, quantized layer vs float layer). Model totals count every parameter;
 a layer left in float is listed with its share ``params / model_params`` of the model, and the
 float share of the whole model is ``1 - sum(quantized weights) / model_params`` (biases, norms and
-skipped layers): :meth:`QuantReport.float_warning` speaks up when it is more than half.
+skipped layers): :meth:`QuantReport.float_warning` speaks up when it is more than half. What was done to the
+float model before its layers were quantized (batch norms folded into convolutions, output biases corrected) is
+one more line, :meth:`QuantReport.float_changes`, and the JSON fields ``folded_norms`` / ``bias_corrected``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ class QuantReport:
     calibration_batches: int = 0
     model_class: str = ""
     model_params: int = 0
+    folded_norms: dict[str, str] = field(default_factory=dict)
+    """``{norm: conv}``: the batch norms folded into convolutions before quantization (:mod:`squeezer.fold`)."""
+    bias_corrected: bool = False
+    """Whether each convolution's mean output shift on the calibration data was folded into its bias
+    (``correct_bias=True``)."""
 
     @property
     def weight_bytes_before(self) -> int:
@@ -118,6 +125,16 @@ class QuantReport:
         return (f"{share:.1%} of the model's {self.model_params:,} parameters stay float"
                 + (f"; largest float layers: {named}" if named else ""))
 
+    def float_changes(self) -> str | None:
+        """``batch norms folded: bn1 into conv1, ...; convolution biases corrected for their mean output shift``, or
+        None when neither."""
+        parts = []
+        if self.folded_norms:
+            parts.append("batch norms folded: " + ", ".join(f"{n} into {c}" for n, c in self.folded_norms.items()))
+        if self.bias_corrected:
+            parts.append("convolution biases corrected for their mean output shift")
+        return "; ".join(parts) or None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
@@ -141,6 +158,8 @@ class QuantReport:
             },
             "layers": [asdict(layer) for layer in self.layers],
             "skipped": [{**asdict(s), "param_share": self.param_share(s.params)} for s in self.skipped],
+            "folded_norms": dict(self.folded_norms),
+            "bias_corrected": self.bias_corrected,
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -170,5 +189,6 @@ class QuantReport:
             share = self.param_share(s.params)
             t.add_row(_display_name(s.name), f"float ({s.reason})", f"{s.params:,}" + ("" if share is None else f" ({share:.1%})"),
                       "", "", "", "", "", "")
-        t.caption = self.headline()
+        changes = self.float_changes()
+        t.caption = self.headline() + ("" if changes is None else f"\n{changes}")
         return t

@@ -13,8 +13,10 @@ output channel, ``quantized_dimension`` following TFLite's layout). Two modes, b
   activation grids; biases int32 at scale ``S_x S_w`` (TFLite's rule). An int8 kernel needs an output
   grid: a layer whose output reaches the next layer's input quantizer only through ReLU / ReLU6 / clamp,
   reshapes, max-pooling or a folded (identity) batch norm gets that grid (the same values as squeezer;
-  the converter fuses the activation); any other (e.g. the last layer) runs in the int8 kernel with its
-  output quantized over its min-max range on ``example_inputs`` and ``calib``, taken after the
+  the converter fuses the activation); so does one whose output also goes elsewhere (e.g. into a residual
+  addition): squeezer's grid of that tensor, so the next layer reads it with no requantization; any other
+  (e.g. the last layer, a branch into an addition) runs in the int8 kernel with its
+  output quantized over its min-max range on ``calib`` (the calibration data alone), taken after the
   activations that follow it (ReLU6: within [0, 6], the grid TFLite's own converter gives a fused RELU6)
   (TFLite's full-integer convention, what int8-only accelerators need; not part of
   squeezer's model: a warning names the layer and the grid), or with ``unquantized_outputs="float"``
@@ -104,16 +106,26 @@ def _weight_buffer(ep: Any, node: Any) -> str | None:
 
 @dataclass(frozen=True)
 class OutputPath:
-    """Where a layer's output goes in an exported QDQ model: ``requantized`` when it reaches an input quantizer
-    through :data:`PASS_THROUGH` and clipping ops (:data:`CLIPS`), each with a single user; ``clip``: the
-    range ``[lo, hi]`` those clipping ops leave (``(-inf, inf)`` for none)."""
+    """Where a layer's output goes in an exported QDQ model, followed through :data:`PASS_THROUGH` and clipping
+    ops (:data:`CLIPS`) while each has a single user: ``requantized`` when it then reaches an input quantizer
+    alone; ``clip``: the range ``[lo, hi]`` those clipping ops leave (``(-inf, inf)`` for none); ``shared``: the
+    ``(scale, zero)`` of the one input grid among several users (e.g. the next layer and a residual addition),
+    whose real range lies within ``clip``, else None."""
 
     requantized: bool
     clip: tuple[float, float]
+    shared: tuple[float, int] | None = None
 
 
 UNTRACED = OutputPath(False, (-INF, INF))
 """The :class:`OutputPath` of a layer :func:`_output_paths` does not follow (not in :data:`GEMMS`)."""
+
+
+def _grid_within(grid: tuple[float, int], clip: tuple[float, float]) -> bool:
+    """Whether the int8 grid ``(scale, zero)`` spans ``[scale (-128 - zero), scale (127 - zero)]`` inside ``clip``,
+    so that putting a layer's output on it before the clipping ops equals putting the clipped output on it."""
+    scale, zero = grid
+    return clip[0] <= scale * (-128 - zero) and scale * (127 - zero) <= clip[1]
 
 
 def _output_paths(ep: Any) -> dict[str, OutputPath]:
@@ -134,8 +146,12 @@ def _output_paths(ep: Any) -> dict[str, OutputPath]:
             user = after
         name = _weight_buffer(ep, node.args[1]) or ""
         if name.endswith("weight"):
-            requantized = len(user.users) == 1 and next(iter(user.users)).target == quantize
-            found[name.removesuffix("weight").removesuffix(".")] = OutputPath(requantized, (lo, hi))
+            grids = {(float(u.args[1]), int(u.args[2])) for u in user.users if u.target == quantize}
+            requantized = len(user.users) == 1 and len(grids) == 1
+            shared = next(iter(grids)) if len(user.users) > 1 and len(grids) == 1 else None
+            if shared is not None and not _grid_within(shared, (lo, hi)):
+                shared = None
+            found[name.removesuffix("weight").removesuffix(".")] = OutputPath(requantized, (lo, hi), shared)
     return found
 
 
@@ -269,6 +285,10 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: Path, options: Tf
             paths = _output_paths(torch.export.export(qmodel, args, kwargs))
         own = [n for n, m in qmodel.named_modules() if isinstance(m, QdqLayer) and m.scale is not None
                and not paths.get(n, UNTRACED).requantized and activation_mode(layers[n]) == "static"]
+        shared = {n: paths[n].shared for n in own if paths.get(n, UNTRACED).shared is not None}
+        for name, grid in shared.items():  # squeezer's grid of that tensor: no requantization before the next layer
+            qmodel.get_submodule(name).output_grid = grid
+        own = [n for n in own if n not in shared]
         if own and unquantized_outputs == "int8" and calib is None:
             report.warnings.append(f"layer(s) {', '.join(map(repr, own))}: no calib given, so no range for an int8 "
                                    "output grid of their own (example_inputs alone would give a grid that clips "
@@ -276,7 +296,7 @@ def export_tflite(model: nn.Module, example_inputs: Any, path: Path, options: Tf
         if unquantized_outputs == "float" or calib is None:
             float_ops = {name: int8_weight(layers[name]) for name in own}
             own = []
-        batches = [example_inputs] + ([] if not own else check_batches(calib))
+        batches = check_batches(calib) if own else []  # the calibration data alone, as squeezer's own grids
         clips = {name: paths.get(name, UNTRACED).clip for name in own}
         for name, (scale, zero, lo, hi) in _output_grids(model, clips, batches).items():
             qmodel.get_submodule(name).output_grid = (scale, zero)
