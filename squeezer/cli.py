@@ -589,6 +589,8 @@ def pretrained_cmd(
     if result.rtn_fallback:
         console.print(f"experts with too few calibration tokens, kept round-to-nearest: "
                       f"{', '.join(result.rtn_fallback)}", highlight=False)
+    if result.float_routers:
+        console.print(f"mixture-of-experts routers kept in float: {', '.join(result.float_routers)}", highlight=False)
 
 
 @app.command("lm-eval")

@@ -175,7 +175,7 @@ def refold(model: nn.Module, norms: dict[str, str]) -> None:
     """The structure :func:`fold_batchnorm` gave a model, in place on a fresh float ``model``: each norm of
     ``norms`` (``{norm: conv}``, :func:`folded_norms`) replaced by a :class:`FoldedNorm`, its convolution given a
     zero ``bias`` when it has none (the folded values are loaded afterwards, e.g. from a checkpoint). A name that
-    is not a batch norm / convolution of ``model`` is a :class:`ModelError`."""
+    is not a batch norm / convolution of ``model`` is a :class:`ModelError`, raised before ``model`` changes."""
     for norm_name, conv_name in norms.items():
         for name, kind, what in ((norm_name, _BatchNorm, "batch norm"), (conv_name, _CONVS, "convolution")):
             try:
@@ -186,6 +186,7 @@ def refold(model: nn.Module, norms: dict[str, str]) -> None:
             if not isinstance(module, kind):
                 raise ModelError(f"folded norm {norm_name!r} into {conv_name!r}: module {name!r} of the model is "
                                  f"{type(module).__name__}, not a {what}")
+    for norm_name, conv_name in norms.items():
         conv = model.get_submodule(conv_name)
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))

@@ -15,7 +15,7 @@ import squeezer
 from squeezer import ModelError, QuantSpec
 from squeezer.io.atomic import atomic_directory
 from squeezer.fold import FoldedNorm, folded_norms
-from squeezer.io.checkpoint import MANIFEST, TENSORS, read_manifest
+from squeezer.io.checkpoint import MANIFEST, TENSORS, read_manifest, verify
 from squeezer.io.manifest import digest
 from squeezer.quant.packing import pack_codes, unpack_codes
 from squeezer.quant.core import quantize
@@ -122,6 +122,17 @@ def test_tampered_tensor_file(saved):
     (saved / TENSORS).write_bytes(bytes(data))
     with pytest.raises(ModelError, match="corrupt"):
         squeezer.load(saved, model=MLP)
+
+
+def test_a_version_3_checkpoint_is_refused_by_version(saved):
+    """Version 4 moved static recurrent state grids and folded batch norms out of the state dict."""
+    manifest = json.loads((saved / MANIFEST).read_text())
+    assert manifest["format_version"] == 4
+    manifest["format_version"] = 3
+    manifest["sha256"] = digest(manifest, saved / TENSORS)
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=r"format version 3 is not supported \(this squeezer reads version 4\)"):
+        verify(saved)
 
 
 def test_wrong_format_version_and_corrupt_manifest(saved):

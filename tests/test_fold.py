@@ -4,12 +4,14 @@ norm's gain from multiplying the rounding error of a grid placed on the convolut
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import squeezer
-from squeezer.fold import FoldedNorm, FoldReport, fold_batchnorm, folded_norms
+from squeezer.errors import ModelError
+from squeezer.fold import FoldedNorm, FoldReport, fold_batchnorm, folded_norms, refold
 from squeezer.quant.core import compute_qparams, fake_quantize
 from squeezer.quant.spec import PerTensor, QuantSpec
 
@@ -58,6 +60,14 @@ def test_folding_is_exact_in_float_and_replaces_each_norm_by_an_identity() -> No
     assert set(net.state_dict()) == {k for k in keys if not k.startswith(("1.", "4."))} | {"0.bias"}
     assert isinstance(net[1], FoldedNorm) and isinstance(net[1], nn.Identity)
     assert folded_norms(net) == {"1": "0", "4": "3"}
+
+
+def test_refold_checks_every_pair_before_changing_the_model() -> None:
+    net = _net()
+    keys, types = set(net.state_dict()), [type(m) for m in net]
+    with pytest.raises(ModelError, match=r"module '2' of the model is ReLU, not a convolution"):
+        refold(net, {"1": "0", "4": "2"})  # the first pair is good, the second is not
+    assert set(net.state_dict()) == keys and [type(m) for m in net] == types
 
 
 def test_a_conv_whose_forward_is_not_linear_in_its_weight_is_left() -> None:

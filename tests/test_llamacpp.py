@@ -32,7 +32,7 @@ from squeezer.causal_lm import greedy_generate  # noqa: E402
 from squeezer.config import PRESETS  # noqa: E402
 from squeezer.errors import ConfigError, DataError, ModelError  # noqa: E402
 from squeezer.hf import gguf_file, quantize_pretrained  # noqa: E402
-from squeezer.hf.llamacpp import LlamaCpp  # noqa: E402
+from squeezer.hf.llamacpp import LlamaCpp, require_avx2  # noqa: E402
 from squeezer.hf.testmodels import make_model_folder  # noqa: E402
 from squeezer.hf.weights import quantize_weight  # noqa: E402
 from squeezer.quant.core import dequantize  # noqa: E402
@@ -113,5 +113,24 @@ def test_llama_cpp_refusals_name_the_file(folders, tmp_path):
     with LlamaCpp(out, n_ctx=16, threads=1) as llama:
         with pytest.raises(ConfigError, match="exceed the context of 16"):
             llama.generate(list(range(10)), 8)
+        assert len(llama.generate(list(range(10)), 7).ids) == 7, "the last token is never decoded: 16 fit"
         with pytest.raises(DataError, match=r"must lie in \[0, 256\)"):
             llama.generate([300], 1)
+
+
+def test_an_unclosed_model_is_freed_when_collected(folders, tmp_path):
+    out = quantize_pretrained(folders["llama"], "q8_0", tmp_path / "m.gguf", format="gguf").out
+    llama = LlamaCpp(out, n_ctx=16, threads=1)
+    freed = llama._finalizer
+    assert freed.alive
+    del llama
+    assert not freed.alive, "dropping the last reference frees llama.cpp's context and model"
+
+
+def test_a_cpu_without_avx2_is_refused_before_loading(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx\n")
+    with pytest.raises(ConfigError, match="needs a CPU with AVX2.*no avx2 flag"):
+        require_avx2(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n")
+    require_avx2(cpuinfo)

@@ -82,13 +82,10 @@ def test_experts_short_of_tokens_fall_back_to_rtn_and_the_shared_expert_does_not
 
 
 def test_compressed_tensors_output_loads_in_transformers_with_squeezers_logits(folder, calib, tmp_path):
-    from transformers import CompressedTensorsConfig
-
     quantize_pretrained(folder, PRESET, tmp_path / "ct", calib=calib)
     quantize_pretrained(folder, PRESET, tmp_path / "sq", calib=calib, format="squeezer")
-    # transformers fuses the experts on load: it takes their codes dequantized (dequantize=True)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "ct", quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    # transformers fuses the experts on load: the folder's config asks for their codes dequantized
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
     ours = load_pretrained(tmp_path / "sq")
     plain = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     tokens = torch.arange(20)[None] * 5 % 256
@@ -104,3 +101,15 @@ def test_model_free_keeps_the_routers_float(folder, tmp_path):
     assert len(result.quantized) == 2 * (4 + 3 + 4 * 3)
     source, written = _stored(folder), _stored(tmp_path / "out")
     assert all(torch.equal(written[n], source[n]) for n in ROUTERS)
+
+
+def test_cli_lists_the_routers_kept_in_float(folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from squeezer import cli
+
+    done = CliRunner().invoke(cli.app, ["pretrained", "--hf", str(folder), "--preset", "q4_0", "--out",
+                                        str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    listed = done.output.split("routers kept in float:")[1].replace("\n", " ")
+    assert sorted(name.strip() for name in listed.split(",")) == sorted(ROUTERS)

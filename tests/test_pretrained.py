@@ -185,11 +185,36 @@ def test_gpt2_conv1d_weights_are_quantized_as_their_transpose(tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
+def test_gpt2_output_matrix_is_its_own_lm_head_when_untied_else_the_embedding(tmp_path):
+    import transformers
+
+    tied = make_model_folder(tmp_path / "tied", "gpt2")
+    config = transformers.AutoConfig.from_pretrained(tied)
+    config.tie_word_embeddings = False
+    torch.manual_seed(1)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "untied")
+    for folder, source in [(tied, "transformer.wte.weight"), (tmp_path / "untied", "lm_head.weight")]:
+        original = _float_weights(folder)
+        out = quantize_pretrained(folder, "q8_0", tmp_path / f"{folder.name}.gguf", format="gguf").out
+        outputs = [t for t in gguf.GGUFReader(str(out)).tensors if t.name == "output.weight"]
+        assert len(outputs) == 1, folder.name
+        assert torch.equal(torch.from_numpy(outputs[0].data.copy()).reshape(original[source].shape),
+                           original[source]), folder.name
+    assert ("lm_head.weight" in original
+            and not torch.equal(original["lm_head.weight"], original["transformer.wte.weight"]))
+
+
 def test_q4_0_grid_is_symmetric_with_codes_in_minus_7_to_7(llama):
     w = _float_weights(llama)["model.layers.0.mlp.down_proj.weight"]
     qt = quantize_weight("w", w, PRESETS["q4_0"].weight, torch.float16)
     assert qt.codes.min() >= -7 and qt.codes.max() <= 7 and qt.qparams.scale.shape == (64, 4)
     assert torch.equal(qt.qparams.scale, qt.qparams.scale.half().float()), "scales are fp16 values"
+
+
+def test_streamed_sizes_refuse_an_initializer_range(tmp_path):
+    with pytest.raises(ConfigError, match="size '7b' .*initializer_range=0.1 is not supported"):
+        make_model_folder(tmp_path / "big", "llama", size="7b", initializer_range=0.1)
+    assert not (tmp_path / "big").exists()
 
 
 def test_memory_holds_at_most_two_source_tensors_at_a_time(llama, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import squeezer
 from squeezer.config import QuantConfig
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from squeezer.io.checkpoint import MANIFEST, TENSORS, load, read_manifest, save, verify
 from squeezer.io.manifest import digest
@@ -167,6 +167,19 @@ def test_checkpoint_holds_each_state_grid_by_name_and_checks_them(tmp_path) -> N
     manifest["sha256"] = digest(manifest, tmp_path / "ckpt" / TENSORS)
     (tmp_path / "ckpt" / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(squeezer.errors.ModelError, match=r"states name must be <key>.<state>"):
+        verify(tmp_path / "ckpt")
+
+
+def test_verify_refuses_a_static_layer_without_its_state_grids(tmp_path) -> None:
+    model, _, calib = _model("gru-2")
+    save(squeezer.quantize(model, "w8a8-static", calib=calib, progress=False), tmp_path / "ckpt")
+    tensors = load_file(str(tmp_path / "ckpt" / TENSORS))  # the grids and their names left out, the digest re-sealed
+    save_file({k: v for k, v in tensors.items() if not k.startswith("rnn.state.")}, str(tmp_path / "ckpt" / TENSORS))
+    manifest = json.loads((tmp_path / "ckpt" / MANIFEST).read_text())
+    del manifest["layers"]["rnn"]["states"]
+    manifest["sha256"] = digest(manifest, tmp_path / "ckpt" / TENSORS)
+    (tmp_path / "ckpt" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(squeezer.errors.ModelError, match=r"layer 'rnn'.states must be the state grids"):
         verify(tmp_path / "ckpt")
 
 

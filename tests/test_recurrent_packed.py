@@ -14,6 +14,7 @@ from squeezer.io.checkpoint import load, save
 from squeezer.kernels import PackReport, packed_kernels
 from squeezer.kernels import PATHS
 from squeezer.kernels.base import PackedWeight
+from squeezer.kernels import recurrent as recurrent_kernels
 from squeezer.kernels.recurrent import FUSED, FUSED_NOTE, FusedRecurrent, PackedRecurrent, matrix_pins, unpacker
 from squeezer.quant.core import quantize
 from squeezer.quant.spec import PerChannel, PerGroup, PerTensor, QuantSpec
@@ -264,18 +265,24 @@ def test_save_load_packed_activations_bit_identical(preset: str, tmp_path) -> No
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("kernels", ["rule", "int_mm"])
 @pytest.mark.parametrize("kind", ["lstm-2-bi-batch_first", "gru-2-bi"])
-def test_compiled_loop_is_the_python_loop_bit_for_bit(kind: str, kernels: str, batch: int) -> None:
+def test_compiled_loop_is_the_python_loop_bit_for_bit(kind: str, kernels: str, batch: int, monkeypatch) -> None:
     model, _ = _model(kind)
     x = torch.randn(batch, 6, SIZE)
     q = squeezer.quantize(model, "w8a8")
     packed = squeezer.pack(q, kernels="rule" if kernels == "rule" else {"rnn": kernels})
     runtime = packed.rnn.runtime
     assert all(runtime.compiled_loop(key, batch) is not None for key in ("l0", "l0_reverse", "l1", "l1_reverse"))
+    loop_name = "lstm_loop" if kind.startswith("lstm") else "gru_loop"
+    compiled, calls = getattr(recurrent_kernels, loop_name), []
+    monkeypatch.setattr(recurrent_kernels, loop_name, lambda *a: calls.append(1) or compiled(*a))
     state = (torch.randn(4, batch, SIZE), torch.randn(4, batch, SIZE))
     hx = state if kind.startswith("lstm") else state[0]
     for args in ((x,), (x, hx), (x[0],)):  # batched, a given state, unbatched
         python_loop = run_recurrent(packed.rnn, runtime, *args)
+        assert not calls  # the reference is the Python loop ...
         assert _equal(_run(packed, *args), python_loop)
+        assert len(calls) == 4  # ... the packed layer runs each of its 4 directions on the compiled loop
+        calls.clear()
     assert 0 < _rel(_run(packed, x), _run(q, x)) < 1e-2  # the kernels' bf16 / int8 codes, as the Python loop
 
 

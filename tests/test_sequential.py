@@ -21,6 +21,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 import squeezer  # noqa: E402
 from squeezer import cli  # noqa: E402
+from squeezer.distributed import Reducer  # noqa: E402
 from squeezer.errors import ConfigError, DataError, ModelError  # noqa: E402
 from squeezer.hf import quantize_pretrained  # noqa: E402
 from squeezer.hf.calib_text import tokenize_texts  # noqa: E402
@@ -307,3 +308,36 @@ def test_quantize_without_measuring_gives_the_same_weights_and_no_errors(calib):
         assert torch.equal(quant_layers(lean)[name].quantized_weight(), layer.quantized_weight()), name
     assert squeezer.report_of(lean).model_output_error is None
     assert squeezer.report_of(measured).model_output_error is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class _FirstOfTwo(Reducer):
+    """Process 0 of 2 whose reductions return its own input, recording each one."""
+
+    active: bool = True
+    seen: list = dataclasses.field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        return 2
+
+    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        self.seen.append(t.tolist())
+        return t
+
+
+@pytest.mark.parametrize("format, preset", [("compressed-tensors", "w8-gptq"), ("gguf", "q8_0")])
+def test_process_0_failing_to_open_the_output_tells_the_others(llama, calib, tmp_path, format, preset):
+    out = tmp_path / "taken"
+    if format == "gguf":
+        out.mkdir()  # a GGUF output is one file
+    else:
+        out.write_text("not a directory")
+    reducer = _FirstOfTwo()
+    with pytest.raises(DataError, match="is a directory|is not a directory"):
+        quantize_pretrained(llama, preset, out, calib=calib, format=format, distributed=reducer)
+    assert reducer.seen == [[1.0]], "the failed opening is shared before any block's statistics"

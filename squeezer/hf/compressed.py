@@ -8,7 +8,8 @@ zero point ``Z`` in ``[0, 2^b - 1]``) is shifted to ``q - 2^(b-1)``, ``Z - 2^(b-
 ``pack-quantized`` packs an asymmetric group / channel zero point ``(N, G)`` into int32 rows ``(ceil(N b / 32), G)``,
 which is what vLLM and the library's ``decompress`` read. transformers sets up such a model on meta tensors, where
 compressed-tensors leaves that parameter unpacked ``(N, G)``, so its load stops on the shape. Those folders carry
-the ``dequantize`` flag of transformers' ``CompressedTensorsConfig`` in ``quantization_config`` (:func:`load_flags`):
+the ``dequantize`` flag of transformers' ``CompressedTensorsConfig`` in ``quantization_config`` (:func:`load_flags`;
+mixture-of-experts folders too, whose experts transformers fuses on load):
 transformers then decompresses each weight with the library's own ``decompress`` while loading (a dense model
 with ``(q - Z) * S``), and other readers ignore the key.
 """
@@ -28,6 +29,7 @@ from ..io.atomic import atomic_directory
 from ..quant.core import QTensor, dequantize
 from ..quant.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from .folder import TRANSPOSED_WEIGHTS, HFFolder, PretrainedResult, selected
+from .moe import STORED_NAMES
 from .stream import SafetensorsStream
 from .weights import groups_fit, quantize_weight
 
@@ -53,13 +55,15 @@ def quantization_args(spec: QuantSpec, preset: str):
     return QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, **strategy)
 
 
-def load_flags(fmt: str, args: QuantizationArgs) -> dict[str, bool]:
-    """The transformers loading options ``quantization_config`` carries for ``fmt`` / ``args``: ``dequantize`` where
-    ``pack-quantized`` packs the zero point (asymmetric, a strategy in the library's ``PACK_ZP_STRATS``)."""
+def load_flags(fmt: str, args: QuantizationArgs, model_type: str | None) -> dict[str, bool]:
+    """The transformers loading options ``quantization_config`` carries for ``fmt`` / ``args`` and the folder's
+    ``model_type``: ``dequantize`` where ``pack-quantized`` packs the zero point (asymmetric, a strategy in the
+    library's ``PACK_ZP_STRATS``), and for mixture-of-experts models (:data:`.moe.STORED_NAMES`: transformers fuses
+    their experts on load, so it takes their weights dequantized)."""
     from compressed_tensors.compressors.pack_quantized.base import PACK_ZP_STRATS
 
     packed_zero_point = fmt == "pack-quantized" and not args.symmetric and args.strategy in PACK_ZP_STRATS
-    return {"dequantize": True} if packed_zero_point else {}
+    return {"dequantize": True} if packed_zero_point or model_type in STORED_NAMES else {}
 
 
 def _state(qt: QTensor) -> dict[str, torch.Tensor]:
@@ -128,7 +132,8 @@ class CompressedWriter:
         scheme = QuantizationScheme(targets=self.targets, weights=self.args, format=self.fmt)
         qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format=self.fmt,
                                      quantization_status="compressed")
-        config = {**source.config, "quantization_config": {**qconfig.to_dict(), **load_flags(self.fmt, self.args)}}
+        flags = load_flags(self.fmt, self.args, source.model_type)
+        config = {**source.config, "quantization_config": {**qconfig.to_dict(), **flags}}
         (self.folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
         (self.folder / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": self.weight_map}, indent=2))

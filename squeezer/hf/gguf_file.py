@@ -11,8 +11,8 @@ The file is laid out as llama.cpp's own converter lays it out (:class:`LlamaCppL
 hyperparameters under ``<arch>.*``, the vocabulary under ``tokenizer.ggml.*``; Llama's Q / K rows permuted
 per head from Hugging Face's rotate-half order to llama.cpp's interleaved one (row ``h, 2, d/2 -> h, d/2, 2``,
 codes and block scales move with their row); GPT-2's ``Conv1D`` weights transposed to ``(out, in)`` first, and
-its token embedding also written as the output matrix ``output.weight`` (tied in the model; llama.cpp's GPT-2
-graph reads both).
+its token embedding also written as the output matrix ``output.weight`` when the folder stores no ``lm_head.weight``
+of its own (tied in the model; llama.cpp's GPT-2 graph reads both).
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ class LlamaCppLayout:
         self.arch_name = gguf.MODEL_ARCH_NAMES[self.arch]
         self.blocks = c["n_layer"] if self.arch_name == "gpt2" else c["num_hidden_layers"]
         self.names = gguf.get_tensor_name_map(self.arch, self.blocks)
+        self.tied_output = self.arch_name == "gpt2" and not any(
+            name == "lm_head.weight" for shard in source.shards for name, _, _ in source.infos(shard))
 
     def name(self, hf_name: str) -> str:
         """llama.cpp's name of the stored tensor ``hf_name``."""
@@ -92,7 +94,7 @@ class LlamaCppLayout:
     def names_of(self, hf_name: str) -> list[str]:
         """Every llama.cpp name the stored tensor ``hf_name`` is written under (GPT-2's tied embedding twice)."""
         name = self.name(hf_name)
-        return [name, "output.weight"] if self.arch_name == "gpt2" and name == "token_embd.weight" else [name]
+        return [name, "output.weight"] if self.tied_output and name == "token_embd.weight" else [name]
 
     def rows(self, hf_name: str, n: int) -> torch.Tensor | None:
         """Llama's Q / K row permutation of a tensor of ``n`` rows, else None."""

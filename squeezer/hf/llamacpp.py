@@ -7,6 +7,9 @@ token ``t_{i+1} = argmax_v logits_i[v]`` over llama.cpp's own next-token logits,
 ids and the times. :meth:`LlamaCpp.tokenize` is llama.cpp's tokenizer of the file's vocabulary (loading checks
 it: a ``gpt2`` vocabulary needs its merges, a pre-tokenizer name it knows and a newline token).
 
+The GGUF file must be trusted (for instance one squeezer wrote): llama.cpp's own parser reads it, native code
+that is not hardened against hostile files. The bundled build uses AVX2, which loading checks the CPU has.
+
 gpt4all's own Python API (``GPT4All`` / ``LLModel``) loads the same files but takes text only and hands back
 generated ids without logits, so the C API is called here.
 
@@ -17,7 +20,9 @@ version :data:`GPT4ALL_VERSION` this module is written for.
 from __future__ import annotations
 
 import ctypes
+import sys
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +33,7 @@ from ..errors import ConfigError, DataError, ModelError
 
 GPT4ALL_VERSION = "2.8.2"
 LIBRARY = "libllamamodel-mainline-kompute.so"
-"""The bundled llama.cpp build that runs on the CPU when no GPU is asked for."""
+"""The bundled llama.cpp build that runs on the CPU when no GPU is asked for (it uses AVX2)."""
 
 
 class _ModelParams(ctypes.Structure):
@@ -73,6 +78,26 @@ def _log(level: int, text: bytes, _: int) -> None:
     del _log_lines[:-50]
 
 
+def _free(lib: ctypes.CDLL, handles: dict[str, int]) -> None:
+    """Free the llama.cpp ``context`` then ``model`` that ``handles`` still holds (each once)."""
+    if handles.get("context"):
+        lib.llama_free(handles.pop("context"))
+    if handles.get("model"):
+        lib.llama_free_model(handles.pop("model"))
+
+
+def require_avx2(cpuinfo: Path = Path("/proc/cpuinfo")) -> None:
+    """A :class:`ConfigError` on Linux when ``cpuinfo``'s ``flags`` lack ``avx2`` (the bundled build would die
+    on an illegal instruction); elsewhere nothing is checked."""
+    if not sys.platform.startswith("linux") or not cpuinfo.exists():
+        return
+    flags = {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
+             for flag in line.split(":", 1)[1].split()}
+    if "avx2" not in flags:
+        raise ConfigError(f"the llama.cpp build {LIBRARY} bundled in gpt4all needs a CPU with AVX2; "
+                          f"{cpuinfo} lists no avx2 flag")
+
+
 def _load_library() -> ctypes.CDLL:
     """The bundled llama.cpp, its signatures declared and its backend started once."""
     global _library
@@ -88,6 +113,7 @@ def _load_library() -> ctypes.CDLL:
     if installed != GPT4ALL_VERSION:
         raise ConfigError(f"gpt4all {installed} is installed; its bundled llama.h is read here as that of "
                           f"gpt4all {GPT4ALL_VERSION}: pip install gpt4all=={GPT4ALL_VERSION}")
+    require_avx2()
     package = Path(find_spec("gpt4all").origin).parent  # located, not imported: its import loads other libraries
     lib = ctypes.CDLL(str(package / "llmodel_DO_NOT_MODIFY" / "build" / LIBRARY))
     signatures = {
@@ -127,15 +153,11 @@ class Generation:
     prefill_s: float
     decode_s: float
 
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Generated tokens per second after the prompt: ``(n - 1) / decode_s``."""
-        return (len(self.ids) - 1) / self.decode_s if self.decode_s > 0 else float("inf")
-
 
 class LlamaCpp:
     """The GGUF file ``path`` loaded in llama.cpp on the CPU with a context of ``n_ctx`` tokens, run by
-    ``threads`` threads; a context manager (:meth:`close` frees it)."""
+    ``threads`` threads; a context manager (:meth:`close` frees it; so does garbage collection of an unclosed
+    one)."""
 
     def __init__(self, path: str | Path, n_ctx: int = 512, threads: int = 2) -> None:
         self.lib = _load_library()
@@ -146,12 +168,15 @@ class LlamaCpp:
         _log_lines.clear()
         self.model = self.lib.llama_load_model_from_file(str(self.path).encode(),
                                                           self.lib.llama_model_default_params())
+        self._handles = {"model": self.model}
+        self._finalizer = weakref.finalize(self, _free, self.lib, self._handles)
         if not self.model:
             raise ModelError(f"llama.cpp cannot load {self.path}: {self._log_excerpt()}")
         params = self.lib.llama_context_default_params()
         params.n_ctx, params.n_batch = n_ctx, n_ctx  # any prompt that fits the context is one decode call
         params.n_threads, params.n_threads_batch = threads, threads
         self.context = self.lib.llama_new_context_with_model(self.model, params)
+        self._handles["context"] = self.context
         if not self.context:
             self.close()
             raise ModelError(f"llama.cpp cannot make a context of {n_ctx} tokens for {self.path}: "
@@ -183,12 +208,14 @@ class LlamaCpp:
         return np.ctypeslib.as_array(self.lib.llama_get_logits(self.context), shape=(self.vocab,)).copy()
 
     def generate(self, prompt: Sequence[int], n: int) -> Generation:
-        """Greedy decoding of ``n`` tokens after the token ids ``prompt``, from an empty cache."""
+        """Greedy decoding of ``n`` tokens after the token ids ``prompt``, from an empty cache (the cache holds the
+        prompt and the first ``n - 1`` new tokens: the last one is never decoded)."""
         prompt = [int(t) for t in prompt]
         if not prompt or n < 1:
             raise ConfigError(f"greedy generation needs prompt token ids and n >= 1 (got {len(prompt)} ids, n={n})")
-        if len(prompt) + n > self.n_ctx:
-            raise ConfigError(f"{len(prompt)} prompt tokens + {n} new ones exceed the context of {self.n_ctx}")
+        if len(prompt) + n - 1 > self.n_ctx:
+            raise ConfigError(f"{len(prompt)} prompt tokens + {n - 1} new ones to decode (of {n}) exceed the context "
+                              f"of {self.n_ctx}")
         if not all(0 <= t < self.vocab for t in prompt):
             raise DataError(f"prompt token ids must lie in [0, {self.vocab}) for {self.path}")
         self.lib.llama_kv_cache_clear(self.context)
@@ -204,12 +231,8 @@ class LlamaCpp:
 
     def close(self) -> None:
         """Free the context and the model (idempotent)."""
-        if getattr(self, "context", None):
-            self.lib.llama_free(self.context)
-            self.context = None
-        if getattr(self, "model", None):
-            self.lib.llama_free_model(self.model)
-            self.model = None
+        self._finalizer()
+        self.context = self.model = None
 
     def __enter__(self) -> "LlamaCpp":
         return self

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -112,20 +112,23 @@ def _codes(name: str, layer: QuantMixin, scale_dtype: torch.dtype | None) -> QTe
 
 
 class _Sink:
-    """Where the quantized tensors go: a compressed-tensors folder, a GGUF file or squeezer's block checkpoints."""
+    """Where the quantized tensors go: a compressed-tensors folder, a GGUF file or squeezer's block checkpoints,
+    opened in ``output`` (closing it without error commits ``out``)."""
 
-    def __init__(self, skeleton: Skeleton, cfg: QuantConfig, tmp: Path | None, out: Path, format: str,
+    def __init__(self, skeleton: Skeleton, cfg: QuantConfig, output: ExitStack, out: Path, format: str,
                  result: PretrainedResult) -> None:
         self.skeleton, self.cfg, self.result, self.format = skeleton, cfg, result, format
         source = skeleton.source
         if format == "gguf":
-            self.file = GGUFOut(source, cfg, out)
+            self.file = output.enter_context(GGUFOut(source, cfg, out))
             names = [n for i in range(len(skeleton.blocks)) for n in skeleton.block_names(i)]
             for name in names + skeleton.outside_names():
                 shape = source.infos_of(skeleton.shard_of[name], name)[0]
                 self.file.plan(name, shape, self._planned(name, shape))
             self.file.start()
-        elif format == "squeezer":
+            return
+        tmp = output.enter_context(atomic_directory(out))
+        if format == "squeezer":
             self.file = BlockCheckpointWriter(tmp, cfg.name)
         else:
             self.file = CompressedWriter(source, cfg, tmp)
@@ -199,7 +202,8 @@ def quantize_sequential(source: HFFolder, cfg: QuantConfig, batches: list[Tensor
     ``distributed`` (``True`` or a process group, as :func:`squeezer.quantize` takes it): ``batches`` are this
     process's share; each block's statistics and expert token counts are combined over the processes, so every
     process quantizes each block identically; process 0 alone writes ``out``, and every process returns once it
-    is written (the others' ``result`` lists no written tensor)."""
+    is committed (the others' ``result`` lists no written tensor), or raises once its opening, a write or its
+    commit failed."""
     reducer = make_reducer(distributed)
     skeleton = Skeleton.build(source)
     spill_dir = out.parent / (f".{out.name}.hidden-{reducer.rank}" if reducer.active else f".{out.name}.hidden")
@@ -212,28 +216,24 @@ def quantize_sequential(source: HFFolder, cfg: QuantConfig, batches: list[Tensor
         outputs = HiddenStore(inputs.shapes, max_hidden_bytes // 2, spill_dir)
         stores.append(outputs)
         result.spilled = inputs.spilled
-        run = partial(_run, skeleton, cfg, inputs, outputs, kwargs, result=result,
-                      min_expert_tokens=min_expert_tokens, reducer=reducer)
-        if reducer.rank != 0:
-            run(None)
-        elif format == "gguf":
-            run(lambda: _Sink(skeleton, cfg, None, out, format, result))
-        else:
-            with atomic_directory(out) as tmp:
-                run(lambda: _Sink(skeleton, cfg, tmp, out, format, result))
+        with ExitStack() as output:  # left by an error: the partial output is removed, nothing committed
+            open_sink = None if reducer.rank != 0 else partial(_Sink, skeleton, cfg, output, out, format, result)
+            _run(skeleton, cfg, inputs, outputs, kwargs, open_sink, result=result,
+                 min_expert_tokens=min_expert_tokens, reducer=reducer)
+            committed = output.pop_all()
+        _together(reducer, None if reducer.rank != 0 else committed.close)
     finally:
         for store in stores:
             store.close()
         if spill_dir.exists() and not any(spill_dir.iterdir()):
             spill_dir.rmdir()
-    reducer.barrier()
     return result
 
 
 def _together(reducer: Reducer, step: Callable[[], Any] | None) -> Any:
-    """``step()`` where there is one (process 0's writes; ``None`` elsewhere), then every process learns whether it
-    failed: its error is raised there and a :class:`ModelError` on the others, so that none waits for a collective
-    that will not come."""
+    """``step()`` where there is one (process 0's opening, writes and commit of the output; ``None`` elsewhere),
+    then every process learns whether it failed: its error is raised there and a :class:`ModelError` on the
+    others, so that none waits for a collective that will not come."""
     error, value = None, None
     try:
         value = None if step is None else step()
@@ -251,26 +251,25 @@ def _run(skeleton: Skeleton, cfg: QuantConfig, inputs: HiddenStore, outputs: Hid
          make_sink: Callable[[], _Sink] | None, result: PretrainedResult, min_expert_tokens: int,
          reducer: Reducer) -> None:
     """Each block in turn: quantized on ``inputs``, its outputs into ``outputs`` (the next block's inputs), written
-    to the sink ``make_sink()`` makes (``None``: a process that writes nothing)."""
+    to the sink ``make_sink()`` opens (``None``: a process that writes nothing)."""
     sink = _together(reducer, make_sink)
-    with sink.file if sink is not None and sink.format == "gguf" else nullcontext():
-        for i, block in enumerate(skeleton.blocks):
-            skeleton.load(block, f"{skeleton.prefix}.{i}", torch.float32)
-            result.peak_live_blocks = max(result.peak_live_blocks, _live_blocks(skeleton.blocks))
-            stage = BlockStage(block).eval()
-            calib = [{"hidden_states": inputs[j], **kwargs[j]} for j in range(len(inputs))]
-            _quantize_block(stage, cfg, calib, min_expert_tokens, skeleton.float_linears(i), reducer,
-                            lambda n: result.rtn_fallback.append(f"{skeleton.prefix}.{i}.{n}"))
-            result.float_routers += [n for n in skeleton.block_names(i) if skeleton.source.router(n)]
-            with torch.no_grad():
-                for j, batch in enumerate(calib):
-                    outputs[j] = stage(**batch)
-            _together(reducer, None if sink is None else partial(sink.block, i, stage))
-            skeleton.release(i)
-            del block, stage, calib
-            release_free_memory()
-            inputs, outputs = outputs, inputs
-        _together(reducer, None if sink is None else sink.close)
+    for i, block in enumerate(skeleton.blocks):
+        skeleton.load(block, f"{skeleton.prefix}.{i}", torch.float32)
+        result.peak_live_blocks = max(result.peak_live_blocks, _live_blocks(skeleton.blocks))
+        stage = BlockStage(block).eval()
+        calib = [{"hidden_states": inputs[j], **kwargs[j]} for j in range(len(inputs))]
+        _quantize_block(stage, cfg, calib, min_expert_tokens, skeleton.float_linears(i), reducer,
+                        lambda n: result.rtn_fallback.append(f"{skeleton.prefix}.{i}.{n}"))
+        result.float_routers += [n for n in skeleton.block_names(i) if skeleton.source.router(n)]
+        with torch.no_grad():
+            for j, batch in enumerate(calib):
+                outputs[j] = stage(**batch)
+        _together(reducer, None if sink is None else partial(sink.block, i, stage))
+        skeleton.release(i)
+        del block, stage, calib
+        release_free_memory()
+        inputs, outputs = outputs, inputs
+    _together(reducer, None if sink is None else sink.close)
 
 
 def _quantize_block(stage: BlockStage, cfg: QuantConfig, calib: list[dict], min_expert_tokens: int,

@@ -100,7 +100,7 @@ def make_model_folder(folder: str | Path, arch: str = "llama", size: str = "tiny
     config, safetensors shards (split at ``max_shard_size``) and the ``tokenizer`` (:data:`TOKENIZERS`). Returns
     ``folder``. Matrices are drawn from ``N(0, initializer_range^2)`` (transformers' initialisation): at 0.02
     attention is nearly uniform, at 0.1 it follows the query-key products. Sizes in :data:`STREAMED_SIZES` go
-    through :func:`write_random_folder` (at 0.02)."""
+    through :func:`write_random_folder` (at 0.02 only: another ``initializer_range`` is a ConfigError)."""
     import transformers
 
     if arch not in ARCHITECTURES:
@@ -111,6 +111,9 @@ def make_model_folder(folder: str | Path, arch: str = "llama", size: str = "tiny
         raise ConfigError(f"tokenizer {excerpt(tokenizer)} is not made here; choose from {', '.join(TOKENIZERS)}")
     folder = Path(folder)
     if size in STREAMED_SIZES:
+        if initializer_range != 0.02:
+            raise ConfigError(f"size {size!r} is written tensor by tensor at initializer_range 0.02; "
+                              f"initializer_range={initializer_range} is not supported there")
         return write_random_folder(folder, arch, size, seed, dtype, tokenizer=tokenizer)
     torch.manual_seed(seed)
     config = _config(arch, SIZES[size])

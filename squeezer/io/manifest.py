@@ -22,8 +22,10 @@ from ..quant.spec import QuantSpec
 from .digest import update_from_file
 
 FORMAT = "squeezer-checkpoint"
-FORMAT_VERSION = 3  # 3: the digest covers the manifest; 2: per-layer "scheme" (LayerScheme)
-# An optional layer field (a recurrent layer's "matrix_specs", "states") keeps the version: validation refuses
+FORMAT_VERSION = 4
+# 4: a static recurrent layer's state grids as <layer>.state.<key>.<state>.* (manifest "states"), batch norms
+# folded out of the state dict ("folded_norms"); 3: the digest covers the manifest; 2: per-layer "scheme" (LayerScheme)
+# An optional layer field (a recurrent layer's "matrix_specs") keeps the version: validation refuses
 # unknown fields, so a reader that predates one refuses such a checkpoint by name instead of misreading it.
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_DEPTH = 32
@@ -216,6 +218,9 @@ def _check_layer(name: str, info: Any, path: Path) -> LayerScheme:
         parsed = LayerScheme.from_dict(scheme)
     except SqueezerError as exc:
         raise ModelError(f"checkpoint manifest {path}: {where}.scheme: {exc}") from None
+    static_recurrent = "matrices" in info and parsed.activation_mode == "static"
+    _expect("states" in info or not static_recurrent, path, f"{where}.states",
+            "the state grids of a recurrent layer with static activations", None)
     if "states" in info:
         _check_states(info, parsed, path, f"{where}.states")
     return parsed
