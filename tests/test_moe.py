@@ -20,7 +20,7 @@ from squeezer.hf.testmodels import make_model_folder  # noqa: E402
 from squeezer.modules import quant_layers  # noqa: E402
 from squeezer.quant.core import compute_qparams, dequantize, quantize  # noqa: E402
 from squeezer.resolve import resolve_config  # noqa: E402
-from tests.test_sequential import _decompressed, _stored  # noqa: E402
+from tests.test_sequential import _decompressed, _stored, assert_loads_with_logits  # noqa: E402
 
 PRESET = "q4_0-gptq"  # 4-bit symmetric: the packed layout transformers dequantizes into its fused experts
 EXPERTS = [f"model.layers.{b}.mlp.experts.{e}" for b in range(2) for e in range(4)]
@@ -85,14 +85,7 @@ def test_compressed_tensors_output_loads_in_transformers_with_squeezers_logits(f
     quantize_pretrained(folder, PRESET, tmp_path / "ct", calib=calib)
     quantize_pretrained(folder, PRESET, tmp_path / "sq", calib=calib, format="squeezer")
     # transformers fuses the experts on load: the folder's config asks for their codes dequantized
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
-    ours = load_pretrained(tmp_path / "sq")
-    plain = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    tokens = torch.arange(20)[None] * 5 % 256
-    with torch.no_grad():
-        theirs, expected, float_logits = loaded(tokens).logits, ours(tokens).logits, plain(tokens).logits
-    assert torch.allclose(theirs, expected, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(theirs, float_logits, atol=1e-3), "the weights were quantized"
+    assert_loads_with_logits(tmp_path / "ct", load_pretrained(tmp_path / "sq"), folder, float_tolerance=1e-3)
 
 
 def test_model_free_keeps_the_routers_float(folder, tmp_path):
