@@ -244,44 +244,27 @@ def gguf_paths(folder: Path) -> dict[str, Path]:
     return {row: WORK / f"{folder.name}.{row.split('-')[1]}-q4_0.gguf" for row in GGUF_ROWS}
 
 
-def hf_names(folder: Path) -> dict[str, str]:
-    """llama.cpp's tensor name -> the folder's tensor name."""
-    from squeezer.hf.folder import HFFolder
-    from squeezer.hf.gguf_file import LlamaCppLayout
+class FolderTensors:
+    """The folder's tensors by llama.cpp name (one ``HFFolder`` and one ``LlamaCppLayout``, shard headers read once):
+    ``hf[name]`` the folder's name, :meth:`tensor` its fp32 values, :meth:`rows` llama.cpp's Q / K row order."""
 
-    source = HFFolder.open(folder)
-    layout = LlamaCppLayout(source)
-    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"] if (
-        folder / "model.safetensors.index.json").exists() else None
-    names = list(index) if index else _safetensors_names(folder / "model.safetensors")
-    return {layout.name(n): n for n in names}
+    def __init__(self, folder: Path) -> None:
+        from squeezer.hf.folder import HFFolder
+        from squeezer.hf.gguf_file import LlamaCppLayout
 
+        self.source = HFFolder.open(folder)
+        self.layout = LlamaCppLayout(self.source)
+        self.shard_of = {n: shard for shard in self.source.shards for n, _, _ in self.source.infos(shard)}
+        self.hf = {self.layout.name(n): n for n in self.shard_of}
 
-def _safetensors_names(path: Path) -> list[str]:
-    from safetensors import safe_open
+    def tensor(self, name: str):
+        """The tensor of llama.cpp name ``name`` in fp32, in the folder's row order."""
+        hf_name = self.hf[name]
+        return self.source.tensor(self.shard_of[hf_name], hf_name).float()
 
-    with safe_open(str(path), "pt") as f:
-        return list(f.keys())
-
-
-def row_order(folder: Path, hf_name: str, n: int):
-    """llama.cpp's Q / K row order of tensor ``hf_name`` (None for other tensors)."""
-    from squeezer.hf.folder import HFFolder
-    from squeezer.hf.gguf_file import LlamaCppLayout
-
-    return LlamaCppLayout(HFFolder.open(folder)).rows(hf_name, n)
-
-
-def folder_tensor(folder: Path, name: str):
-    """The folder's tensor ``name`` in fp32."""
-    from safetensors import safe_open
-
-    shards = sorted(folder.glob("*.safetensors"))
-    for shard in shards:
-        with safe_open(str(shard), "pt") as f:
-            if name in f.keys():
-                return f.get_tensor(name).float()
-    raise KeyError(name)
+    def rows(self, name: str, n: int):
+        """llama.cpp's row order of the ``n`` rows of tensor ``name`` (None: the folder's order)."""
+        return self.layout.rows(self.hf[name], n)
 
 
 def write_ggufs(folder: Path) -> dict[str, Path]:
@@ -303,12 +286,12 @@ def write_ggufs(folder: Path) -> dict[str, Path]:
         partial = theirs.with_name(theirs.name + ".partial")
         shutil.copyfile(ours, partial)
         reader = gguf.GGUFReader(partial, "r+")
-        names = hf_names(folder)
+        tensors = FolderTensors(folder)
         for tensor in reader.tensors:
             if tensor.tensor_type != gguf.GGMLQuantizationType.Q4_0:
                 continue
-            weight = folder_tensor(folder, names[tensor.name])
-            rows = row_order(folder, names[tensor.name], weight.shape[0])
+            weight = tensors.tensor(tensor.name)
+            rows = tensors.rows(tensor.name, weight.shape[0])
             weight = weight if rows is None else weight[rows]
             tensor.data[...] = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q4_0)
         reader.data.flush()
@@ -324,7 +307,7 @@ def gguf_error_row(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     paths = write_ggufs(folder)
-    names = hf_names(folder)
+    tensors = FolderTensors(folder)
     model = load_model(folder, "float32")
     params = dict(model.named_parameters())
     ids = token_ids(model.config.vocab_size, args.prompt + args.tokens).unsqueeze(0)
@@ -337,8 +320,8 @@ def gguf_error_row(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
             if tensor.tensor_type != gguf.GGMLQuantizationType.Q4_0:
                 continue
             weight = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
-            rows = row_order(folder, names[tensor.name], weight.shape[0])
-            target = params[names[tensor.name]]
+            rows = tensors.rows(tensor.name, weight.shape[0])
+            target = params[tensors.hf[tensor.name]]
             with torch.no_grad():
                 if rows is None:
                     target.copy_(weight)
